@@ -1,0 +1,1 @@
+"""fleet-payouts: pays taxi fleet companies the money they have earned, exactly once."""

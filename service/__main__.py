@@ -1,0 +1,5 @@
+"""`python -m service` is `fleet-payouts`."""
+
+from service.cli import main
+
+main()

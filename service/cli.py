@@ -1,0 +1,150 @@
+"""`fleet-payouts`: subcommands only; the logic lives in the modules they call."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from service import settings as settings_module
+from service.settings import ConfigError, Settings
+
+
+def _settings(*, require_database: bool = True) -> Settings:
+    try:
+        return settings_module.load(os.environ, require_database=require_database)
+    except ConfigError as exc:
+        print(f"fleet-payouts: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _database_url() -> str:
+    try:
+        return settings_module.database_url(os.environ)
+    except ConfigError as exc:
+        print(f"fleet-payouts: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    from service import migrate
+
+    applied = asyncio.run(migrate.migrate(_database_url()))
+    print(
+        f"migrate: applied {len(applied)} migration(s)"
+        + (f": {', '.join(applied)}" if applied else "")
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service import observability
+    from service.web.app import create_app
+
+    settings = _settings()
+    observability.setup(settings, "api")
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=30,
+    )
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from service import observability
+    from service.worker.run import run_worker
+
+    settings = _settings()
+    observability.setup(settings, "worker")
+    asyncio.run(run_worker(settings, concurrency=args.concurrency, metrics_port=args.metrics_port))
+
+
+def cmd_emulator(args: argparse.Namespace) -> None:
+    from service.billing import emulator
+
+    emulator.run(args.host, args.port)
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    from service import dev
+
+    raise SystemExit(dev.run(port=args.port, billing_port=args.billing_port))
+
+
+def cmd_parks_import(args: argparse.Namespace) -> None:
+    from service import registry
+
+    raise SystemExit(asyncio.run(registry.import_csv(_database_url(), args.file)))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from service import bench
+
+    raise SystemExit(bench.main(args.only))
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError("a TCP port is 1-65535")
+    return value
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fleet-payouts", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("migrate", help="bring the database schema to the current version")
+    s.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("serve", help="run the HTTP API")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=_port, default=8080)
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("worker", help="run a queue worker (periodic tasks included)")
+    s.add_argument("--concurrency", type=_positive, default=10)
+    s.add_argument("--metrics-port", type=_port, default=None)
+    s.set_defaults(func=cmd_worker)
+
+    s = sub.add_parser("billing-emulator", help="run the Billing emulator (a test double)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=_port, default=8081)
+    s.set_defaults(func=cmd_emulator)
+
+    s = sub.add_parser("dev", help="the whole system on this machine, no set-up")
+    s.add_argument("--port", type=_port, default=8080)
+    s.add_argument("--billing-port", type=_port, default=8081)
+    s.set_defaults(func=cmd_dev)
+
+    s = sub.add_parser("parks", help="park registry tools")
+    parks_sub = s.add_subparsers(dest="parks_command", required=True)
+    i = parks_sub.add_parser("import", help="register or update parks from a CSV file")
+    i.add_argument(
+        "file", help="CSV with park_id[,instant_payouts_enabled,periodic_payouts_enabled]"
+    )
+    i.set_defaults(func=cmd_parks_import)
+
+    s = sub.add_parser("bench", help="run the benchmarks and print figures against baselines")
+    s.add_argument("--only", choices=["instant", "periodic"], default=None)
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    args.func(args)

@@ -1,0 +1,137 @@
+"""Payout rules and the payout state machine: plain values, no I/O.
+
+Everything here is testable without a database; the database enforces the
+same invariants again (see migrations/0001_schema.sql), because three hosts
+run this code at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from datetime import datetime, timedelta
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
+
+CENT = Decimal("0.01")
+# numeric(18,2) in the schema: sixteen integer digits is more money than exists.
+MAX_MONEY = Decimal("9999999999999999.99")
+
+_MONEY_RE = re.compile(r"^(0|[1-9][0-9]{0,15})(\.[0-9]{1,2})?$")
+_PARK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_VISIBLE_ASCII_RE = re.compile(r"^[\x21-\x7e]+$")
+
+
+class Kind(enum.StrEnum):
+    INSTANT = "instant"
+    PERIODIC = "periodic"
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.SKIPPED})
+IN_FLIGHT_STATUSES = frozenset({Status.PENDING, Status.PROCESSING})
+
+# The only moves a payout may make; a trigger in the schema refuses the rest.
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.PENDING: frozenset({Status.PROCESSING}),
+    Status.PROCESSING: frozenset({Status.PROCESSING, *FINAL_STATUSES}),
+    Status.SUCCEEDED: frozenset(),
+    Status.FAILED: frozenset(),
+    Status.SKIPPED: frozenset(),
+}
+
+
+def can_transition(old: Status, new: Status) -> bool:
+    return new in TRANSITIONS[old]
+
+
+def parse_money(raw: str) -> Decimal:
+    """A positive decimal string with at most 2 fractional digits, or ValueError."""
+    if not isinstance(raw, str) or not _MONEY_RE.match(raw):
+        raise ValueError("amount must be a decimal string with at most 2 fractional digits")
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise ValueError("amount is not a decimal") from None
+    if value <= 0:
+        raise ValueError("amount must be positive")
+    return value.quantize(CENT)
+
+
+def format_money(value: Decimal) -> str:
+    return str(value.quantize(CENT))
+
+
+def is_park_id(value: str) -> bool:
+    return bool(_PARK_ID_RE.match(value))
+
+
+def is_visible_ascii(value: str, max_len: int) -> bool:
+    return 0 < len(value) <= max_len and bool(_VISIBLE_ASCII_RE.match(value))
+
+
+def payout_amount(available: Decimal, max_amount: Decimal, requested: Decimal | None) -> Decimal:
+    """What one payout moves: all that is available, capped by the limit and the request.
+
+    Rounded down to the cent, so we never order a fraction of a cent more than
+    Billing reported.
+    """
+    amount = min(available, max_amount)
+    if requested is not None:
+        amount = min(amount, requested)
+    return max(amount, Decimal(0)).quantize(CENT, rounding=ROUND_DOWN)
+
+
+@dataclasses.dataclass(frozen=True)
+class Availability:
+    """Whether the "Pay out now" button is live, and if not, why and until when."""
+
+    available: bool
+    reason: str | None
+    next_available_at: datetime | None
+
+
+def instant_availability(
+    *,
+    enabled: bool,
+    in_flight: bool,
+    last_counted_instant_at: datetime | None,
+    cooldown: timedelta,
+    now: datetime,
+) -> Availability:
+    """Decide the button's state in the same order the request path checks the rules."""
+    if not enabled:
+        return Availability(False, "instant_payouts_disabled", None)
+    if in_flight:
+        return Availability(False, "payout_in_progress", None)
+    if last_counted_instant_at is not None:
+        next_at = last_counted_instant_at + cooldown
+        if next_at > now:
+            return Availability(False, "cooldown_active", next_at)
+    return Availability(True, None, None)
+
+
+def next_periodic_payout_at(
+    *,
+    enabled: bool,
+    registered_at: datetime,
+    last_succeeded_at: datetime | None,
+    last_periodic_attempt_at: datetime | None,
+    period: timedelta,
+) -> datetime | None:
+    """The moment the park becomes due, by the rule of SPEC section 2."""
+    if not enabled:
+        return None
+    anchor = max(t for t in (registered_at, last_succeeded_at, last_periodic_attempt_at) if t)
+    return anchor + period

@@ -1,0 +1,209 @@
+"""The instant payout request: one transaction from the button to the queue.
+
+Lock the park row, check the rules, insert the payout with its audit entry
+and defer its job on the same connection; commit. Refusals roll all of that
+back and are then audited in a transaction of their own, so accepted and
+refused presses alike stay on record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg.errors
+
+from service import audit, db, payouts
+from service.domain import Availability, instant_availability
+from service.settings import Settings
+from service.worker import tasks
+
+ACTION = "payout.instant.request"
+
+
+class Refused(Exception):
+    """The request breaks a rule; `code` is the API error code."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        details: dict[str, Any] | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details or {}
+        self.retry_after = retry_after
+
+
+@dataclasses.dataclass(frozen=True)
+class InstantRequest:
+    park_id: str
+    user_id: str
+    idempotency_key: str
+    request_id: str
+    amount: Decimal | None
+
+    @property
+    def fingerprint(self) -> str:
+        """What "the same body" means for a replay: the normalised amount."""
+        body = {"amount": str(self.amount) if self.amount is not None else None}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Accepted:
+    payout: payouts.Row
+    replay: bool
+
+
+async def request_instant(conn: db.Conn, settings: Settings, req: InstantRequest) -> Accepted:
+    """Accept the request (new or replayed) or raise Refused; audits either way."""
+    try:
+        async with conn.transaction():
+            return await _decide_and_enqueue(conn, settings, req)
+    except Refused as refusal:
+        await _audit_refusal(conn, req, refusal)
+        raise
+    except psycopg.errors.UniqueViolation as exc:
+        # The park row lock makes this unreachable; the unique indexes are the
+        # backstop if someone writes payouts without taking it.
+        conflict = Refused("payout_in_progress", "another payout for this park is in flight")
+        await _audit_refusal(conn, req, conflict)
+        raise conflict from exc
+
+
+async def _decide_and_enqueue(conn: db.Conn, settings: Settings, req: InstantRequest) -> Accepted:
+    park = await db.fetch_one(
+        conn,
+        payouts.Q["instant_check"],
+        park_id=req.park_id,
+        idempotency_key=req.idempotency_key,
+    )
+    if park is None:
+        raise Refused("park_not_found", f"park {req.park_id} is not registered")
+
+    if park["existing_id"] is not None:
+        if park["existing_fingerprint"] != req.fingerprint:
+            raise Refused(
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with a different request body",
+            )
+        existing = await payouts.get(conn, park["existing_id"])
+        assert existing is not None
+        await audit.write(conn, _entry(req, "ok", existing["id"], {"replay": True}))
+        return Accepted(existing, replay=True)
+
+    now = datetime.now(UTC)
+    limit = settings.payout_max_amount
+    if req.amount is not None and req.amount > limit and park["instant_payouts_enabled"]:
+        raise Refused(
+            "amount_above_limit",
+            f"one payout moves at most {settings.payout_max_amount}",
+            details={"max_amount": str(settings.payout_max_amount)},
+        )
+    decision = instant_availability(
+        enabled=park["instant_payouts_enabled"],
+        in_flight=park["in_flight"],
+        last_counted_instant_at=park["last_counted_instant_at"],
+        cooldown=settings.instant_cooldown,
+        now=now,
+    )
+    if not decision.available:
+        raise _refusal(decision, now)
+
+    payout_id = uuid.uuid4()
+    job_id = await tasks.execute_payout.configure(connection=conn).defer_async(
+        payout_id=str(payout_id)
+    )
+    row = await db.fetch_one(
+        conn,
+        payouts.Q["insert_instant"],
+        id=payout_id,
+        park_id=req.park_id,
+        idempotency_key=req.idempotency_key,
+        request_fingerprint=req.fingerprint,
+        requested_by=req.user_id,
+        request_id=req.request_id,
+        requested_amount=req.amount,
+        max_amount=settings.payout_max_amount,
+        job_id=job_id,
+        details={
+            "idempotency_key": req.idempotency_key,
+            "requested_amount": str(req.amount) if req.amount is not None else None,
+        },
+    )
+    assert row is not None
+    return Accepted(row, replay=False)
+
+
+def _refusal(decision: Availability, now: datetime) -> Refused:
+    if decision.reason == "instant_payouts_disabled":
+        return Refused("instant_payouts_disabled", "instant payouts are switched off for this park")
+    if decision.reason == "payout_in_progress":
+        return Refused("payout_in_progress", "a payout for this park is already in flight")
+    assert decision.reason == "cooldown_active" and decision.next_available_at is not None
+    wait = decision.next_available_at - now
+    return Refused(
+        "cooldown_active",
+        "an instant payout was made recently; try again later",
+        details={"next_available_at": decision.next_available_at},
+        retry_after=max(1, _ceil_seconds(wait)),
+    )
+
+
+def _ceil_seconds(delta: timedelta) -> int:
+    whole = int(delta.total_seconds())
+    return whole + (1 if delta.total_seconds() > whole else 0)
+
+
+def _entry(
+    req: InstantRequest, outcome: str, payout_id: uuid.UUID | None, details: dict[str, Any]
+) -> audit.Entry:
+    return audit.Entry(
+        actor_type="user",
+        actor_id=req.user_id,
+        park_id=req.park_id,
+        action=ACTION,
+        outcome=outcome,
+        request_id=req.request_id,
+        payout_id=payout_id,
+        details={
+            "idempotency_key": req.idempotency_key,
+            "requested_amount": str(req.amount) if req.amount is not None else None,
+            **details,
+        },
+    )
+
+
+async def _audit_refusal(conn: db.Conn, req: InstantRequest, refusal: Refused) -> None:
+    details = {
+        k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in refusal.details.items()
+    }
+    async with conn.transaction():
+        await audit.write(conn, _entry(req, refusal.code, None, details))
+
+
+async def availability(conn: db.Conn, settings: Settings, park_id: str) -> Availability | None:
+    """The button's state for a park, or None if the park is not registered."""
+    async with conn.transaction():
+        park = await db.fetch_one(
+            conn, payouts.Q["instant_check"], park_id=park_id, idempotency_key=""
+        )
+    if park is None:
+        return None
+    return instant_availability(
+        enabled=park["instant_payouts_enabled"],
+        in_flight=park["in_flight"],
+        last_counted_instant_at=park["last_counted_instant_at"],
+        cooldown=settings.instant_cooldown,
+        now=datetime.now(UTC),
+    )

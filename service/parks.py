@@ -1,0 +1,40 @@
+"""The park registry: SQL for the parks table family."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from service import db
+
+Q = db.queries("parks")
+
+
+async def upsert(
+    conn: db.Conn,
+    park_id: str,
+    *,
+    instant: bool | None,
+    periodic: bool | None,
+    params: dict[str, Any] | None,
+) -> tuple[dict[str, Any], bool]:
+    """Register or update a park; returns the row and whether it was created."""
+    row = await db.fetch_one(
+        conn, Q["upsert"], park_id=park_id, instant=instant, periodic=periodic, params=params
+    )
+    assert row is not None  # INSERT ... ON CONFLICT DO UPDATE always returns the row
+    created = bool(row.pop("created"))
+    return row, created
+
+
+async def get(conn: db.Conn, park_id: str) -> dict[str, Any] | None:
+    return await db.fetch_one(conn, Q["get"], park_id=park_id)
+
+
+async def lock(conn: db.Conn, park_id: str) -> dict[str, Any] | None:
+    """Lock the park row until the transaction ends, or None if no such park."""
+    return await db.fetch_one(conn, Q["lock"], park_id=park_id)
+
+
+async def mark_paid(conn: db.Conn, park_id: str, at: datetime) -> None:
+    await db.execute(conn, Q["mark_paid"], park_id=park_id, at=at)

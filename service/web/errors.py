@@ -1,0 +1,87 @@
+"""The one JSON error shape, and the translation of everything else into it.
+
+{"code": "cooldown_active", "message": "human readable", "details": {...}}
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+logger = logging.getLogger(__name__)
+
+# Status of each code this API can answer with; handlers name the code only.
+STATUS: dict[str, int] = {
+    "invalid_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "instant_payouts_disabled": 403,
+    "not_found": 404,
+    "park_not_found": 404,
+    "payout_not_found": 404,
+    "method_not_allowed": 405,
+    "payout_in_progress": 409,
+    "amount_above_limit": 422,
+    "idempotency_key_reused": 422,
+    "cooldown_active": 429,
+    "internal_error": 500,
+    "unavailable": 503,
+}
+
+
+class ApiError(Exception):
+    """An error answered to the client with a stable code."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = STATUS[code]
+        self.message = message
+        self.details = details or {}
+        self.headers = headers or {}
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(
+        {"code": error.code, "message": error.message, "details": error.details},
+        status_code=error.status,
+        headers=error.headers,
+    )
+
+
+async def on_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return error_response(ApiError("method_not_allowed", "method not allowed here"))
+    if exc.status_code == 404:
+        return error_response(ApiError("not_found", "no such endpoint"))
+    return error_response(ApiError("invalid_request", str(exc.detail)))
+
+
+async def on_unexpected(request: Request, exc: Exception) -> Response:
+    # Logged with the traceback (and sent to Sentry by its integration);
+    # the client gets the shape it knows and the request id to quote.
+    logger.exception("unhandled error", extra={"request_id": request.headers.get("x-request-id")})
+    return error_response(ApiError("internal_error", "internal error; quote the X-Request-Id"))
+
+
+EXCEPTION_HANDLERS = {
+    ApiError: on_api_error,
+    HTTPException: on_http_error,
+    Exception: on_unexpected,
+}

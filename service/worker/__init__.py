@@ -1,0 +1,1 @@
+"""The procrastinate worker: the queue app, its tasks and the worker process."""

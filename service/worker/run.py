@@ -1,0 +1,125 @@
+"""`fleet-payouts worker`: the worker process, periodic tasks included.
+
+Each process owns one pool (shared with procrastinate), one Billing client
+and its share of the global Billing budget, recomputed from the live worker
+count in procrastinate_workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from procrastinate import JobContext
+
+from service import db, maintenance, periodic
+from service.billing.client import BillingClient, Budget, live_workers
+from service.execution import Deps
+from service.settings import Settings
+from service.worker import tasks
+from service.worker.app import app
+
+logger = logging.getLogger(__name__)
+
+# Recovery runs often: a stalled payout is found within this plus the
+# stall threshold. Housekeeping (partitions, old jobs) runs hourly.
+MAINTENANCE_CRON = "* * * * * */15"
+HOUSEKEEPING_CRON = "17 * * * *"
+# Finished jobs are kept a week for support, then deleted so the queue
+# table stays small; payouts and audit_log keep the history.
+KEEP_FINISHED_JOBS_HOURS = 24 * 7
+GAUGE_SECONDS = 15.0
+BUDGET_SECONDS = 10.0
+
+
+@app.task(name="periodic_scan", queue=tasks.QUEUE_MAINTENANCE, pass_context=True)
+async def periodic_scan(context: JobContext, timestamp: int) -> None:
+    """Create periodic payouts for every park due now (timestamp is informational)."""
+    await periodic.scan(tasks.deps_of(context))
+
+
+@app.task(name="maintenance", queue=tasks.QUEUE_MAINTENANCE, pass_context=True)
+async def maintenance_task(context: JobContext, timestamp: int) -> None:
+    """Requeue stalled jobs and re-drive payouts whose job is gone."""
+    deps = tasks.deps_of(context)
+    await maintenance.recover_stalled_jobs(app, deps)
+    await maintenance.redrive_orphans(deps)
+
+
+@app.task(name="housekeeping", queue=tasks.QUEUE_MAINTENANCE, pass_context=True)
+async def housekeeping(context: JobContext, timestamp: int) -> None:
+    """Audit partitions ahead, and old finished jobs out of the queue table."""
+    await maintenance.ensure_partitions(tasks.deps_of(context))
+    await app.job_manager.delete_old_jobs(nb_hours=KEEP_FINISHED_JOBS_HOURS)
+
+
+def register_periodic(settings: Settings) -> None:
+    """Periodic tasks whose schedule comes from settings are registered at start-up."""
+    registry = app.periodic_registry.periodic_tasks
+    if ("periodic_scan", "") in registry:
+        return
+    app.periodic(cron=settings.periodic_scan_cron)(periodic_scan)
+    app.periodic(cron=MAINTENANCE_CRON)(maintenance_task)
+    app.periodic(cron=HOUSEKEEPING_CRON)(housekeeping)
+
+
+async def _every(seconds: float, what: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        try:
+            await what()
+        except Exception:
+            logger.exception("background refresh failed")
+        await asyncio.sleep(seconds)
+
+
+@contextlib.asynccontextmanager
+async def worker_deps(settings: Settings, *, concurrency: int) -> AsyncIterator[Deps]:
+    pool = db.make_pool(settings.database_url, name="worker", min_size=2, max_size=concurrency + 4)
+    await pool.open(wait=True)
+    budget = Budget(settings.billing_rps)
+    billing = BillingClient(
+        settings.billing_url,
+        token=settings.billing_token,
+        timeout=settings.billing_timeout_seconds,
+        budget=budget,
+    )
+    deps = Deps(pool=pool, billing=billing, settings=settings)
+
+    async def refresh_budget() -> None:
+        async with pool.connection() as conn:
+            budget.set_share(await live_workers(conn))
+
+    background = [
+        asyncio.create_task(_every(BUDGET_SECONDS, refresh_budget)),
+        asyncio.create_task(_every(GAUGE_SECONDS, lambda: maintenance.refresh_gauges(pool))),
+    ]
+    try:
+        yield deps
+    finally:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await billing.aclose()
+        await pool.close()
+
+
+async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int | None) -> None:
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port)
+    tasks.RETRY.cap_seconds = settings.retry_backoff_cap_seconds
+    register_periodic(settings)
+    async with (
+        worker_deps(settings, concurrency=concurrency) as deps,
+        app.open_async(pool=deps.pool),
+    ):
+        await app.run_worker_async(
+            concurrency=concurrency,
+            additional_context={"deps": deps},
+            fetch_job_polling_interval=settings.worker_poll_seconds,
+            shutdown_graceful_timeout=settings.shutdown_grace_seconds,
+            install_signal_handlers=True,
+        )

@@ -1,0 +1,151 @@
+-- insert_instant --
+-- The accepted instant payout and its audit entry, in one statement.
+WITH created AS (
+    INSERT INTO payouts (id, park_id, kind, idempotency_key, request_fingerprint, requested_by,
+                         request_id, requested_amount, max_amount, job_id)
+    VALUES (%(id)s, %(park_id)s, 'instant', %(idempotency_key)s, %(request_fingerprint)s,
+            %(requested_by)s, %(request_id)s, %(requested_amount)s, %(max_amount)s, %(job_id)s)
+    RETURNING *
+), entry AS (
+    INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, request_id,
+                           payout_id, details)
+    SELECT 'user', requested_by, park_id, 'payout.instant.request', 'ok', request_id, id,
+           %(details)s
+    FROM created
+)
+SELECT * FROM created
+
+-- instant_check --
+-- Lock the park row (every decision about one park's payouts is serialised
+-- on it) and read all the request path needs, in one round trip.
+SELECT k.*,
+       (SELECT x.id FROM payouts x
+        WHERE x.park_id = k.park_id AND x.idempotency_key = %(idempotency_key)s) AS existing_id,
+       (SELECT x.request_fingerprint FROM payouts x
+        WHERE x.park_id = k.park_id AND x.idempotency_key = %(idempotency_key)s) AS existing_fingerprint,
+       EXISTS (SELECT 1 FROM payouts x
+               WHERE x.park_id = k.park_id AND x.status IN ('pending', 'processing')) AS in_flight,
+       (SELECT max(x.created_at) FROM payouts x
+        WHERE x.park_id = k.park_id AND x.kind = 'instant'
+          AND x.status NOT IN ('failed', 'skipped')) AS last_counted_instant_at
+FROM parks k
+WHERE k.park_id = %(park_id)s
+FOR UPDATE OF k
+
+-- set_job --
+-- Remember which procrastinate job drives the payout, for the completer.
+UPDATE payouts SET job_id = %(job_id)s WHERE id = %(id)s AND status IN ('pending', 'processing')
+
+-- get --
+-- One payout by id.
+SELECT * FROM payouts WHERE id = %(id)s
+
+-- get_for_park --
+-- One payout by id, only if it belongs to the park (else "not found").
+SELECT * FROM payouts WHERE id = %(id)s AND park_id = %(park_id)s
+
+-- get_by_key --
+-- The payout created with this Idempotency-Key, if any.
+SELECT * FROM payouts WHERE park_id = %(park_id)s AND idempotency_key = %(idempotency_key)s
+
+-- list_page --
+-- Newest first, keyset pagination on (created_at, id).
+SELECT * FROM payouts
+WHERE park_id = %(park_id)s
+  AND (%(after_created_at)s::timestamptz IS NULL
+       OR (created_at, id) < (%(after_created_at)s::timestamptz, %(after_id)s::uuid))
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s
+
+-- in_flight --
+-- The park's payout that is pending or processing, if any.
+SELECT * FROM payouts
+WHERE park_id = %(park_id)s AND status IN ('pending', 'processing')
+
+-- last_counted_instant --
+-- The newest instant payout that still counts for the cooldown.
+SELECT created_at FROM payouts
+WHERE park_id = %(park_id)s AND kind = 'instant' AND status NOT IN ('failed', 'skipped')
+ORDER BY created_at DESC
+LIMIT 1
+
+-- take --
+-- A worker takes the payout: pending -> processing, one more attempt, with
+-- the park's Billing params. No row: the payout is final (or gone).
+UPDATE payouts p SET status = 'processing', attempts = p.attempts + 1
+FROM parks k
+WHERE p.id = %(id)s AND k.park_id = p.park_id AND p.status IN ('pending', 'processing')
+RETURNING p.*, k.params AS park_params
+
+-- record_order --
+-- Recovery point: from this commit on, the order may reach Billing. Only the
+-- run that sets ordered_at orders; a concurrent run finds no row and settles.
+UPDATE payouts
+SET available = %(available)s, amount = %(amount)s, currency = %(currency)s,
+    billing_params = %(billing_params)s, ordered_at = now()
+WHERE id = %(id)s AND status = 'processing' AND ordered_at IS NULL
+RETURNING *
+
+-- clear_order --
+-- Billing refused the order for good (insufficient_funds): it moved nothing,
+-- so the balance may be re-read and a new order placed under the same key.
+UPDATE payouts
+SET available = NULL, amount = NULL, ordered_at = NULL
+WHERE id = %(id)s AND status = 'processing' AND ordered_at = %(ordered_at)s
+RETURNING *
+
+-- finish --
+-- processing -> succeeded | failed | skipped, the park's clock and the
+-- system audit entry, in one statement: they commit together or not at all,
+-- in one round trip. No row: another run of the job finished it first.
+WITH done AS (
+    UPDATE payouts
+    SET status = %(status)s,
+        billing_payout_id = %(billing_payout_id)s,
+        failure_code = %(failure_code)s,
+        failure_message = %(failure_message)s,
+        available = coalesce(%(available)s, available),
+        currency = coalesce(%(currency)s, currency),
+        completed_at = now()
+    WHERE id = %(id)s AND status = 'processing'
+    RETURNING *
+), paid AS (
+    UPDATE parks SET last_payout_at = greatest(parks.last_payout_at, done.completed_at)
+    FROM done
+    WHERE parks.park_id = done.park_id AND done.status = 'succeeded'
+), entry AS (
+    INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, payout_id, details)
+    SELECT 'system', 'worker', park_id, 'payout.' || status, %(outcome)s, id, %(details)s
+    FROM done
+)
+SELECT * FROM done
+
+-- note_transient --
+-- Keep the last transient problem visible to support while retries go on.
+UPDATE payouts SET failure_message = %(failure_message)s
+WHERE id = %(id)s AND status = 'processing'
+
+-- instant_parks --
+-- The product metric: distinct parks with a succeeded instant payout per window.
+SELECT
+    count(DISTINCT park_id) FILTER (WHERE completed_at > now() - interval '1 day') AS d1,
+    count(DISTINCT park_id) FILTER (WHERE completed_at > now() - interval '7 days') AS d7,
+    count(DISTINCT park_id) AS d30
+FROM payouts
+WHERE kind = 'instant' AND status = 'succeeded' AND completed_at > now() - interval '30 days'
+
+-- oldest_in_flight_seconds --
+-- Age of the oldest payout still pending or processing.
+SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS seconds
+FROM payouts WHERE status IN ('pending', 'processing')
+
+-- orphans --
+-- In-flight payouts whose job is gone or finished: the completer re-drives them.
+SELECT p.id, p.park_id, p.kind FROM payouts p
+LEFT JOIN procrastinate_jobs j ON j.id = p.job_id
+WHERE p.status IN ('pending', 'processing')
+  AND p.updated_at < now() - make_interval(secs => %(min_age_seconds)s)
+  AND (j.id IS NULL OR j.status NOT IN ('todo', 'doing'))
+ORDER BY p.created_at
+LIMIT %(limit)s
+FOR UPDATE OF p SKIP LOCKED

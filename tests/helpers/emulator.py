@@ -1,0 +1,120 @@
+"""Run the Billing emulator as a real subprocess, as the service meets it in production.
+
+A subprocess (rather than an in-process app) means the tests go through real sockets,
+real timeouts and a real SIGTERM, which is what the fault injection is about.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 5.0
+_PORT_ATTEMPTS = 3
+
+
+class EmulatorStartError(RuntimeError):
+    """The emulator did not answer in time, or exited before answering."""
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (the OS picks it; someone may still race us)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _child_env(env: dict[str, str] | None) -> dict[str, str]:
+    """Inherit our environment, minus a stray BILLING_TOKEN, plus ``env`` on top.
+
+    A BILLING_TOKEN exported in a developer's shell would otherwise silently turn on
+    auth and fail every test that did not ask for it.
+    """
+    child = {k: v for k, v in os.environ.items() if k != "BILLING_TOKEN"}
+    path = child.get("PYTHONPATH")
+    child["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)
+    child.update(env or {})
+    return child
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], base_url: str, log: Path) -> None:
+    """Poll ``/admin/stats`` until it answers, the process dies, or the deadline passes."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with httpx.Client(base_url=base_url, timeout=1.0) as client:
+        while True:
+            if proc.poll() is not None:
+                raise EmulatorStartError(
+                    f"emulator exited with {proc.returncode}:\n{log.read_text(errors='replace')}"
+                )
+            try:
+                if client.get("/admin/stats").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise EmulatorStartError(
+                    f"emulator not ready after {START_TIMEOUT_S}s:\n"
+                    f"{log.read_text(errors='replace')}"
+                )
+            time.sleep(0.02)  # poll interval, not synchronisation
+
+
+@contextlib.contextmanager
+def run_emulator(port: int | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Start the emulator on ``port`` (a free one if None) and yield its base URL.
+
+    When the port was picked for us and another process grabbed it first, we retry with
+    a new one. The process is stopped with SIGTERM (then SIGKILL) on exit.
+    """
+    attempts = 1 if port is not None else _PORT_ATTEMPTS
+    with tempfile.TemporaryDirectory(prefix="billing-emulator-") as tmp:
+        log = Path(tmp) / "output.log"
+        for attempt in range(attempts):
+            chosen = port if port is not None else free_port()
+            base_url = f"http://127.0.0.1:{chosen}"
+            cmd = [
+                sys.executable,
+                "-m",
+                "service.billing.emulator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(chosen),
+            ]
+            with log.open("wb") as out:
+                proc = subprocess.Popen(
+                    cmd, cwd=REPO_ROOT, env=_child_env(env), stdout=out, stderr=subprocess.STDOUT
+                )
+            try:
+                try:
+                    _wait_ready(proc, base_url, log)
+                except EmulatorStartError:
+                    if attempt + 1 < attempts and proc.poll() is not None:
+                        continue  # most likely lost the port race: try another port
+                    raise
+                yield base_url
+                return
+            finally:
+                _stop(proc)
