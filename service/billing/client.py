@@ -242,11 +242,12 @@ def _payout(data: dict[str, Any]) -> BillingPayout:
         raise Transient(f"Billing sent a malformed payout: {exc}") from exc
 
 
-async def live_workers(conn: Any) -> int:
+async def live_workers(conn: Any, within_seconds: float) -> int:
     """How many procrastinate workers sent a heartbeat recently (all hosts)."""
     cur = await conn.execute(
         "SELECT count(*) AS n FROM procrastinate_workers "
-        "WHERE last_heartbeat > now() - interval '30 seconds'"
+        "WHERE last_heartbeat > now() - make_interval(secs => %s)",
+        (within_seconds,),
     )
     row = await cur.fetchone()
     return int(row["n"]) if row else 1

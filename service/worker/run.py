@@ -89,7 +89,7 @@ async def worker_deps(settings: Settings, *, concurrency: int) -> AsyncIterator[
 
     async def refresh_budget() -> None:
         async with pool.connection() as conn:
-            budget.set_share(await live_workers(conn))
+            budget.set_share(await live_workers(conn, settings.stalled_job_seconds))
 
     background = [
         asyncio.create_task(_every(BUDGET_SECONDS, refresh_budget)),
@@ -122,4 +122,8 @@ async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int 
             fetch_job_polling_interval=settings.worker_poll_seconds,
             shutdown_graceful_timeout=settings.shutdown_grace_seconds,
             install_signal_handlers=True,
+            # A worker is declared dead after stalled_job_seconds without a
+            # heartbeat: beat six times as often, so only a dead one is.
+            update_heartbeat_interval=settings.stalled_job_seconds / 6,
+            stalled_worker_timeout=settings.stalled_job_seconds,
         )

@@ -1,0 +1,32 @@
+# The two commands a newcomer needs: `make dev` (the whole system) and
+# `make test` (lint, types, the suite). Both set up .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup dev test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+dev: $(STAMP)
+	$(VENV)/bin/fleet-payouts dev
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check service tests
+	$(VENV)/bin/ruff format --check service tests
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/fleet-payouts bench
+
+clean:
+	rm -rf $(VENV) .fleet-payouts .pytest_cache .mypy_cache .ruff_cache *.egg-info

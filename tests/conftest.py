@@ -1,0 +1,171 @@
+"""Shared fixtures: a real PostgreSQL started by the suite, one migrated
+template database, and a fresh clone of it for every test that asks.
+
+`TEST_DATABASE_URL` points the suite at an existing server instead (its
+user must be allowed to CREATE DATABASE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from service import db, migrate
+from service.settings import Settings
+from tests.helpers.emulator import run_emulator
+
+TEMPLATE = f"fp_template_{os.getpid()}"
+_counter = itertools.count()
+
+API_TOKEN = "test-api-token-0123456789"
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+def with_dbname(url: str, name: str) -> str:
+    params = conninfo_to_dict(url)
+    params["dbname"] = name
+    return make_conninfo(**params)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """A PostgreSQL server for the whole session: TEST_DATABASE_URL, or our own."""
+    given = os.environ.get("TEST_DATABASE_URL")
+    if given:
+        yield given
+        return
+    from service.pgembed import EmbeddedPostgres
+
+    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="fp-test-pg-"))
+    base.chmod(0o755)
+    pg = EmbeddedPostgres(base / "data", fast_unsafe=True)
+    try:
+        yield pg.start()
+    finally:
+        pg.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def template_url(pg_server_url: str) -> Iterator[str]:
+    """A database migrated once; tests clone it (CREATE DATABASE ... TEMPLATE)."""
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}"')
+        conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
+    url = with_dbname(pg_server_url, TEMPLATE)
+    asyncio.run(migrate.migrate(url))
+    yield url
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
+
+
+def create_database(server_url: str, *, template: str | None) -> str:
+    name = f"fp_test_{os.getpid()}_{next(_counter)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        suffix = f' TEMPLATE "{template}"' if template else ""
+        conn.execute(f'CREATE DATABASE "{name}"{suffix}')
+    return with_dbname(server_url, name)
+
+
+def drop_database(server_url: str, url: str) -> None:
+    name = conninfo_to_dict(url)["dbname"]
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_url(pg_server_url: str, template_url: str) -> Iterator[str]:
+    """A fresh, migrated database for this test alone."""
+    url = create_database(pg_server_url, template=TEMPLATE)
+    yield url
+    drop_database(pg_server_url, url)
+
+
+@pytest.fixture
+def empty_db_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh database with no schema at all (for migration tests)."""
+    url = create_database(pg_server_url, template="template0")
+    yield url
+    drop_database(pg_server_url, url)
+
+
+@pytest.fixture
+async def conn(db_url: str) -> AsyncIterator[db.Conn]:
+    c = await db.connect(db_url, name="test")
+    async with c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def emulator_url() -> Iterator[str]:
+    with run_emulator() as url:
+        yield url
+
+
+@pytest.fixture
+def billing_url(emulator_url: str) -> str:
+    """The session's emulator, reset to an empty state for this test."""
+    import httpx
+
+    httpx.post(f"{emulator_url}/admin/reset").raise_for_status()
+    return emulator_url
+
+
+def make_settings(
+    db_url: str, billing_url: str = "http://127.0.0.1:9", **overrides: object
+) -> Settings:
+    values: dict[str, object] = {
+        "database_url": db_url,
+        "billing_url": billing_url,
+        "billing_token": None,
+        "api_tokens": (API_TOKEN,),
+        "admin_tokens": (ADMIN_TOKEN,),
+        "payout_period": timedelta(days=7),
+        "instant_cooldown": timedelta(hours=24),
+        "payout_max_amount": Decimal("100000.00"),
+        "billing_rps": 100.0,
+        "periodic_scan_cron": "*/5 * * * *",
+        "sentry_dsn": None,
+        "log_level": "INFO",
+        "billing_timeout_seconds": 2.0,
+        "retry_backoff_cap_seconds": 1.0,
+        "worker_poll_seconds": 0.5,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def service_env(db_url: str, billing_url: str, **overrides: str) -> dict[str, str]:
+    """Environment for service processes started by e2e tests."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PAYOUT_", "BILLING_", "INSTANT_", "PERIODIC_", "SENTRY_"))
+    }
+    env.update(
+        {
+            "DATABASE_URL": db_url,
+            "BILLING_URL": billing_url,
+            "API_TOKENS": API_TOKEN,
+            "ADMIN_TOKENS": ADMIN_TOKEN,
+            "BILLING_RPS": "200",
+            "BILLING_TIMEOUT_SECONDS": "1",
+            "RETRY_BACKOFF_CAP_SECONDS": "1",
+            "WORKER_POLL_SECONDS": "0.5",
+            "STALLED_JOB_SECONDS": "5",
+            "LOG_LEVEL": "INFO",
+        }
+    )
+    env.update(overrides)
+    return env
