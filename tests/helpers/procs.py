@@ -98,8 +98,8 @@ class Cluster:
         url = f"http://127.0.0.1:{port}"
         wait_for(
             lambda: (
-                proc.alive()
-                and httpx.get(f"{url}/ping", timeout=1).status_code == 200
+                (proc.alive()
+                and httpx.get(f"{url}/ping", timeout=1).status_code == 200)
                 or _dead(proc)
             ),
             what=f"API on {url}",

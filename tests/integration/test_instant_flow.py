@@ -18,7 +18,7 @@ def client(db_url: str) -> Iterator[TestClient]:
 
 
 def test_accepted_press_is_queued_and_audited(client: TestClient) -> None:
-    """A press for an enabled park answers 202 with a pending payout and leaves an ok audit entry."""
+    """A press for an enabled park answers 202, a pending payout, and an ok audit entry."""
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}", "X-User-Id": "admin-1"}
     r = client.put("/v1/parks/p1", json={"instant_payouts_enabled": True}, headers=admin)
     assert 201 == r.status_code, r.text
