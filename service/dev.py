@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -97,43 +97,53 @@ def run(*, port: int, billing_port: int) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    try:
-        with database() as url:
-            applied = asyncio.run(migrate.migrate(url))
-            say(f"migrations applied: {len(applied)}")
-            billing_url = f"http://127.0.0.1:{billing_port}"
-            env = {
-                **os.environ,
-                "DATABASE_URL": url,
-                "BILLING_URL": os.environ.get("BILLING_URL", billing_url),
-                "API_TOKENS": os.environ.get("API_TOKENS", DEV_API_TOKEN),
-                "ADMIN_TOKENS": os.environ.get("ADMIN_TOKENS", DEV_ADMIN_TOKEN),
-                "PERIODIC_SCAN_CRON": os.environ.get("PERIODIC_SCAN_CRON", "* * * * *"),
-            }
-
-            def spawn(*args: str) -> subprocess.Popen[bytes]:
-                # Own session: Ctrl-C reaches only us, and we stop children in order.
-                proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-                    [sys.executable, "-m", "service", *args], env=env, start_new_session=True
-                )
-                children.append(proc)
-                return proc
-
-            emulator = spawn("billing-emulator", "--port", str(billing_port))
-            wait_http(f"{billing_url}/admin/stats", emulator)
-            asyncio.run(seed(url, billing_url))
-            api = spawn("serve", "--port", str(port))
-            spawn("worker", "--concurrency", "4")
-            wait_http(f"http://127.0.0.1:{port}/ping", api)
-            print_help(port, billing_port, env)
-            while not stopping and all(c.poll() is None for c in children):
-                time.sleep(0.2)
-            for child in children:
-                if child.poll() is not None and not stopping:
-                    say(f"a process exited with {child.returncode}; stopping everything")
-    finally:
-        stop(children)
+    with database() as url:
+        try:
+            serve_all(url, port, billing_port, children, lambda: stopping)
+        finally:
+            # Children first: they need the database to shut down cleanly.
+            stop(children)
     return 0
+
+
+def serve_all(
+    url: str,
+    port: int,
+    billing_port: int,
+    children: list[subprocess.Popen[bytes]],
+    stopping: Callable[[], bool],
+) -> None:
+    applied = asyncio.run(migrate.migrate(url))
+    say(f"migrations applied: {len(applied)}")
+    billing_url = f"http://127.0.0.1:{billing_port}"
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "BILLING_URL": os.environ.get("BILLING_URL", billing_url),
+        "API_TOKENS": os.environ.get("API_TOKENS", DEV_API_TOKEN),
+        "ADMIN_TOKENS": os.environ.get("ADMIN_TOKENS", DEV_ADMIN_TOKEN),
+        "PERIODIC_SCAN_CRON": os.environ.get("PERIODIC_SCAN_CRON", "* * * * *"),
+    }
+
+    def spawn(*args: str) -> subprocess.Popen[bytes]:
+        # Own session: Ctrl-C reaches only us, and we stop children in order.
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "service", *args], env=env, start_new_session=True
+        )
+        children.append(proc)
+        return proc
+
+    emulator = spawn("billing-emulator", "--port", str(billing_port))
+    wait_http(f"{billing_url}/admin/stats", emulator)
+    asyncio.run(seed(url, billing_url))
+    api = spawn("serve", "--port", str(port))
+    spawn("worker", "--concurrency", "4")
+    wait_http(f"http://127.0.0.1:{port}/ping", api)
+    print_help(port, billing_port, env)
+    while not stopping() and all(c.poll() is None for c in children):
+        time.sleep(0.2)
+    if not stopping():
+        say("a process exited on its own; stopping everything")
 
 
 def stop(children: list[subprocess.Popen[bytes]]) -> None:

@@ -194,10 +194,7 @@ async def _audit_refusal(conn: db.Conn, req: InstantRequest, refusal: Refused) -
 
 async def availability(conn: db.Conn, settings: Settings, park_id: str) -> Availability | None:
     """The button's state for a park, or None if the park is not registered."""
-    async with conn.transaction():
-        park = await db.fetch_one(
-            conn, payouts.Q["instant_check"], park_id=park_id, idempotency_key=""
-        )
+    park = await db.fetch_one(conn, payouts.Q["availability"], park_id=park_id)
     if park is None:
         return None
     return instant_availability(

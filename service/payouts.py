@@ -20,12 +20,6 @@ async def get(conn: db.Conn, payout_id: UUID, *, park_id: str | None = None) -> 
     return await db.fetch_one(conn, Q["get_for_park"], id=payout_id, park_id=park_id)
 
 
-async def get_by_key(conn: db.Conn, park_id: str, idempotency_key: str) -> Row | None:
-    return await db.fetch_one(
-        conn, Q["get_by_key"], park_id=park_id, idempotency_key=idempotency_key
-    )
-
-
 async def page(
     conn: db.Conn, park_id: str, *, limit: int, after: tuple[datetime, UUID] | None
 ) -> list[Row]:
@@ -37,15 +31,6 @@ async def page(
         after_created_at=after[0] if after else None,
         after_id=after[1] if after else None,
     )
-
-
-async def in_flight(conn: db.Conn, park_id: str) -> Row | None:
-    return await db.fetch_one(conn, Q["in_flight"], park_id=park_id)
-
-
-async def last_counted_instant_at(conn: db.Conn, park_id: str) -> datetime | None:
-    row = await db.fetch_one(conn, Q["last_counted_instant"], park_id=park_id)
-    return row["created_at"] if row else None
 
 
 async def take(conn: db.Conn, payout_id: UUID) -> Row | None:

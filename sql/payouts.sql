@@ -36,6 +36,17 @@ FOR UPDATE OF k
 -- Remember which procrastinate job drives the payout, for the completer.
 UPDATE payouts SET job_id = %(job_id)s WHERE id = %(id)s AND status IN ('pending', 'processing')
 
+-- availability --
+-- What draws the button: the same facts as instant_check, read without a lock.
+SELECT k.instant_payouts_enabled,
+       EXISTS (SELECT 1 FROM payouts x
+               WHERE x.park_id = k.park_id AND x.status IN ('pending', 'processing')) AS in_flight,
+       (SELECT max(x.created_at) FROM payouts x
+        WHERE x.park_id = k.park_id AND x.kind = 'instant'
+          AND x.status NOT IN ('failed', 'skipped')) AS last_counted_instant_at
+FROM parks k
+WHERE k.park_id = %(park_id)s
+
 -- get --
 -- One payout by id.
 SELECT * FROM payouts WHERE id = %(id)s
@@ -43,10 +54,6 @@ SELECT * FROM payouts WHERE id = %(id)s
 -- get_for_park --
 -- One payout by id, only if it belongs to the park (else "not found").
 SELECT * FROM payouts WHERE id = %(id)s AND park_id = %(park_id)s
-
--- get_by_key --
--- The payout created with this Idempotency-Key, if any.
-SELECT * FROM payouts WHERE park_id = %(park_id)s AND idempotency_key = %(idempotency_key)s
 
 -- list_page --
 -- Newest first, keyset pagination on (created_at, id).
@@ -56,18 +63,6 @@ WHERE park_id = %(park_id)s
        OR (created_at, id) < (%(after_created_at)s::timestamptz, %(after_id)s::uuid))
 ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s
-
--- in_flight --
--- The park's payout that is pending or processing, if any.
-SELECT * FROM payouts
-WHERE park_id = %(park_id)s AND status IN ('pending', 'processing')
-
--- last_counted_instant --
--- The newest instant payout that still counts for the cooldown.
-SELECT created_at FROM payouts
-WHERE park_id = %(park_id)s AND kind = 'instant' AND status NOT IN ('failed', 'skipped')
-ORDER BY created_at DESC
-LIMIT 1
 
 -- take --
 -- A worker takes the payout: pending -> processing, one more attempt, with

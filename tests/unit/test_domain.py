@@ -1,0 +1,233 @@
+"""Payout rules and the state machine of service/domain.py: plain values, no I/O."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from service.domain import (
+    Availability,
+    Status,
+    can_transition,
+    instant_availability,
+    next_periodic_payout_at,
+    parse_money,
+    payout_amount,
+)
+
+T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+K = timedelta(hours=24)
+N = timedelta(days=7)
+
+
+# --- parse_money ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("1", "1.00"),
+        ("1.5", "1.50"),
+        ("1.50", "1.50"),
+        ("0.01", "0.01"),
+        ("100000.00", "100000.00"),
+    ],
+)
+def test_parse_money_accepts_decimal_strings(raw: str, expected: str) -> None:
+    """A positive decimal string with at most two fractional digits parses to cents."""
+    value = parse_money(raw)
+    assert Decimal(expected) == value
+    assert expected == str(value)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "0",
+        "0.00",
+        "-1",
+        "1.234",
+        "1e3",
+        " 1",
+        "1 ",
+        "1\n",
+        "\uff11",  # FULLWIDTH DIGIT ONE
+        "NaN",
+        "Infinity",
+        "+1",
+        "01",
+        "1.",
+        ".5",
+        "1,5",
+    ],
+)
+def test_parse_money_rejects_malformed_strings(raw: str) -> None:
+    """Anything but a plain positive decimal with at most two fractional digits is a ValueError."""
+    with pytest.raises(ValueError):
+        parse_money(raw)
+
+
+@pytest.mark.parametrize("raw", [1, 1.5, Decimal("1.00"), None, b"1"])
+def test_parse_money_rejects_non_strings(raw: object) -> None:
+    """Money must arrive as a string: numbers, bytes and None are ValueError."""
+    with pytest.raises(ValueError):
+        parse_money(raw)  # type: ignore[arg-type]
+
+
+# --- payout_amount ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("available", "max_amount", "requested", "expected"),
+    [
+        ("500.00", "1000.00", None, "500.00"),  # everything available
+        ("5000.00", "1000.00", None, "1000.00"),  # capped by the limit
+        ("5000.00", "1000.00", "100.00", "100.00"),  # capped by the request
+        ("50.00", "1000.00", "100.00", "50.00"),  # the balance is below the request
+        ("5000.00", "100.00", "1000.00", "100.00"),  # the limit is below the request
+    ],
+)
+def test_payout_amount_is_the_smallest_of_balance_limit_and_request(
+    available: str, max_amount: str, requested: str | None, expected: str
+) -> None:
+    """One payout moves min(available, limit, requested amount if given)."""
+    req = Decimal(requested) if requested is not None else None
+    assert Decimal(expected) == payout_amount(Decimal(available), Decimal(max_amount), req)
+
+
+def test_payout_amount_rounds_down_to_the_cent() -> None:
+    """A balance with fractions of a cent is paid out rounded down, never up."""
+    amount = payout_amount(Decimal("10.999"), Decimal("1000.00"), None)
+    assert Decimal("10.99") == amount
+    assert "10.99" == str(amount)
+
+
+@pytest.mark.parametrize("available", ["0", "-0.01", "-250.00", "0.009"])
+def test_payout_amount_is_never_negative(available: str) -> None:
+    """A zero, negative or sub-cent balance yields a zero amount, never a negative one."""
+    assert Decimal("0.00") == payout_amount(Decimal(available), Decimal("1000.00"), None)
+
+
+# --- instant_availability ---------------------------------------------------------
+
+
+def test_instant_disabled_comes_before_every_other_reason() -> None:
+    """A park without the option is told so even while in flight and cooling down."""
+    result = instant_availability(
+        enabled=False,
+        in_flight=True,
+        last_counted_instant_at=T0,
+        cooldown=K,
+        now=T0 + timedelta(minutes=1),
+    )
+    assert Availability(False, "instant_payouts_disabled", None) == result
+
+
+def test_payout_in_progress_comes_before_cooldown() -> None:
+    """An in-flight payout is reported before an active cooldown."""
+    result = instant_availability(
+        enabled=True,
+        in_flight=True,
+        last_counted_instant_at=T0,
+        cooldown=K,
+        now=T0 + timedelta(minutes=1),
+    )
+    assert Availability(False, "payout_in_progress", None) == result
+
+
+def test_cooldown_reports_when_the_button_comes_back() -> None:
+    """During the cooldown, next_available_at is the last counted instant payout plus K."""
+    result = instant_availability(
+        enabled=True,
+        in_flight=False,
+        last_counted_instant_at=T0,
+        cooldown=K,
+        now=T0 + K - timedelta(seconds=1),
+    )
+    assert Availability(False, "cooldown_active", T0 + K) == result
+
+
+@pytest.mark.parametrize("elapsed", [K, K + timedelta(seconds=1), timedelta(days=30)])
+def test_cooldown_over_means_available(elapsed: timedelta) -> None:
+    """Once K has passed since the last counted instant payout, the button is live."""
+    result = instant_availability(
+        enabled=True,
+        in_flight=False,
+        last_counted_instant_at=T0,
+        cooldown=K,
+        now=T0 + elapsed,
+    )
+    assert Availability(True, None, None) == result
+
+
+def test_never_paid_instantly_means_available() -> None:
+    """An enabled park with nothing in flight and no instant payout yet is available."""
+    result = instant_availability(
+        enabled=True, in_flight=False, last_counted_instant_at=None, cooldown=K, now=T0
+    )
+    assert Availability(True, None, None) == result
+
+
+# --- next_periodic_payout_at ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("registered_at", "last_succeeded_at", "last_attempt_at", "anchor"),
+    [
+        (T0, None, None, T0),
+        (T0, T0 + timedelta(days=3), None, T0 + timedelta(days=3)),
+        (T0, None, T0 + timedelta(days=2), T0 + timedelta(days=2)),
+        (T0, T0 + timedelta(days=3), T0 + timedelta(days=5), T0 + timedelta(days=5)),
+        (T0, T0 + timedelta(days=6), T0 + timedelta(days=5), T0 + timedelta(days=6)),
+        (T0 + timedelta(days=9), T0 + timedelta(days=6), T0 + timedelta(days=5), T0 + timedelta(days=9)),
+    ],
+)
+def test_next_periodic_payout_is_the_latest_anchor_plus_the_period(
+    registered_at: datetime,
+    last_succeeded_at: datetime | None,
+    last_attempt_at: datetime | None,
+    anchor: datetime,
+) -> None:
+    """A park is due N after the greatest of registration, last success and last periodic attempt."""
+    result = next_periodic_payout_at(
+        enabled=True,
+        registered_at=registered_at,
+        last_succeeded_at=last_succeeded_at,
+        last_periodic_attempt_at=last_attempt_at,
+        period=N,
+    )
+    assert anchor + N == result
+
+
+def test_next_periodic_payout_is_none_when_disabled() -> None:
+    """A park with periodic payouts switched off is never due."""
+    result = next_periodic_payout_at(
+        enabled=False,
+        registered_at=T0,
+        last_succeeded_at=T0,
+        last_periodic_attempt_at=T0,
+        period=N,
+    )
+    assert result is None
+
+
+# --- can_transition ---------------------------------------------------------------
+
+ALLOWED = {
+    (Status.PENDING, Status.PROCESSING),
+    # A crashed worker's payout is taken again by the next run.
+    (Status.PROCESSING, Status.PROCESSING),
+    (Status.PROCESSING, Status.SUCCEEDED),
+    (Status.PROCESSING, Status.FAILED),
+    (Status.PROCESSING, Status.SKIPPED),
+}
+
+
+@pytest.mark.parametrize("old", list(Status))
+@pytest.mark.parametrize("new", list(Status))
+def test_can_transition_follows_the_lifecycle(old: Status, new: Status) -> None:
+    """Only pending->processing and processing->(processing|final) are moves; finals are frozen."""
+    assert ((old, new) in ALLOWED) == can_transition(old, new)

@@ -1,0 +1,150 @@
+"""service/settings.py: defaults from SPEC section 5, and refusals that name the variable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+
+from service.settings import ConfigError, load
+from tests.conftest import service_env
+from tests.helpers.emulator import REPO_ROOT
+
+BASE = {
+    "DATABASE_URL": "postgresql://fp:db-secret-pw@127.0.0.1:5432/fleet",
+    "BILLING_URL": "http://127.0.0.1:8081",
+}
+
+
+def env(**overrides: str) -> dict[str, str]:
+    return {**BASE, **overrides}
+
+
+def test_defaults_follow_the_spec() -> None:
+    """With only the two URLs set, every tunable takes its SPEC section 5 default."""
+    s = load(BASE)
+    assert timedelta(days=7) == s.payout_period
+    assert timedelta(hours=24) == s.instant_cooldown
+    assert Decimal("100000.00") == s.payout_max_amount
+    assert 10 == s.billing_rps
+    assert "*/5 * * * *" == s.periodic_scan_cron
+    assert "INFO" == s.log_level
+    assert s.billing_token is None
+    assert s.sentry_dsn is None
+    assert () == s.api_tokens
+    assert () == s.admin_tokens
+    assert BASE["DATABASE_URL"] == s.database_url
+    assert BASE["BILLING_URL"] == s.billing_url
+
+
+def test_fractional_period_and_cooldown_are_accepted() -> None:
+    """N and K accept fractions, so tests can run with seconds-long periods."""
+    s = load(env(PAYOUT_PERIOD_DAYS="0.0001", INSTANT_PAYOUT_COOLDOWN_HOURS="0.001"))
+    assert timedelta(days=0.0001) == s.payout_period
+    assert timedelta(hours=0.001) == s.instant_cooldown
+
+
+def test_six_field_cron_with_seconds_is_accepted() -> None:
+    """A six-field cron expression (seconds field included) is a valid PERIODIC_SCAN_CRON."""
+    s = load(env(PERIODIC_SCAN_CRON="* * * * * */10"))
+    assert "* * * * * */10" == s.periodic_scan_cron
+
+
+def test_tokens_are_split_on_commas() -> None:
+    """API_TOKENS and ADMIN_TOKENS are comma-separated lists, surrounding blanks ignored."""
+    s = load(
+        env(
+            API_TOKENS="api-token-aaaaaaaaaaaa, api-token-bbbbbbbbbbbb",
+            ADMIN_TOKENS="admin-token-cccccccccc",
+        )
+    )
+    assert ("api-token-aaaaaaaaaaaa", "api-token-bbbbbbbbbbbb") == s.api_tokens
+    assert ("admin-token-cccccccccc",) == s.admin_tokens
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PAYOUT_PERIOD_DAYS", "abc"),
+        ("PAYOUT_PERIOD_DAYS", "-1"),
+        ("PAYOUT_PERIOD_DAYS", "0"),
+        ("PAYOUT_PERIOD_DAYS", "nan"),
+        ("PAYOUT_PERIOD_DAYS", "inf"),
+        ("INSTANT_PAYOUT_COOLDOWN_HOURS", "x"),
+        ("PAYOUT_MAX_AMOUNT", "-5"),
+        ("PAYOUT_MAX_AMOUNT", "1.234"),
+        ("PAYOUT_MAX_AMOUNT", "abc"),
+        ("BILLING_RPS", "0"),
+        ("PERIODIC_SCAN_CRON", "not a cron"),
+        ("PERIODIC_SCAN_CRON", "* * *"),
+        ("BILLING_URL", "ftp://x"),
+        ("BILLING_URL", "http://"),
+        ("DATABASE_URL", "mysql://x"),
+        ("LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_bad_value_raises_config_error_naming_the_variable(variable: str, value: str) -> None:
+    """A malformed value stops start-up with a ConfigError whose message names the variable."""
+    with pytest.raises(ConfigError) as info:
+        load(env(**{variable: value}))
+    assert variable == info.value.variable
+    assert variable in str(info.value)
+
+
+@pytest.mark.parametrize("variable", ["BILLING_URL", "DATABASE_URL"])
+def test_missing_url_raises_config_error_naming_the_variable(variable: str) -> None:
+    """DATABASE_URL and BILLING_URL are required: without one, ConfigError names it."""
+    values = dict(BASE)
+    del values[variable]
+    with pytest.raises(ConfigError) as info:
+        load(values)
+    assert variable == info.value.variable
+    assert variable in str(info.value)
+
+
+@pytest.mark.parametrize("variable", ["API_TOKENS", "ADMIN_TOKENS"])
+def test_short_token_is_refused_without_echoing_it(variable: str) -> None:
+    """A too-short token is a ConfigError naming the variable but never the token itself."""
+    short = "tok3n-x"
+    with pytest.raises(ConfigError) as info:
+        load(env(**{variable: f"long-enough-token-0123456789,{short}"}))
+    assert variable == info.value.variable
+    assert variable in str(info.value)
+    assert short not in str(info.value)
+
+
+def test_repr_never_contains_secrets() -> None:
+    """repr/str of Settings shows no API, admin or Billing token, nor the database password."""
+    secrets = {
+        "API_TOKENS": "api-secret-token-111111",
+        "ADMIN_TOKENS": "admin-secret-token-22222",
+        "BILLING_TOKEN": "billing-secret-token-333",
+    }
+    s = load(env(**secrets))
+    assert (secrets["API_TOKENS"],) == s.api_tokens  # the tokens were really loaded
+    for text in (repr(s), str(s), f"{s}"):
+        for secret in [*secrets.values(), "db-secret-pw"]:
+            assert secret not in text
+
+
+def test_serve_with_bad_setting_exits_non_zero_naming_the_variable() -> None:
+    """`fleet-payouts serve` with PAYOUT_PERIOD_DAYS=abc exits quickly, non-zero, naming it."""
+    child_env = service_env(
+        "postgresql://postgres@127.0.0.1:1/nowhere",
+        "http://127.0.0.1:9",
+        PAYOUT_PERIOD_DAYS="abc",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve"],
+        env=child_env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert 0 != result.returncode
+    assert "PAYOUT_PERIOD_DAYS" in result.stderr
