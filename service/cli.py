@@ -79,15 +79,15 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
 
 def cmd_parks_import(args: argparse.Namespace) -> None:
-    from service import registry
+    from service.registry import import_csv
 
-    raise SystemExit(asyncio.run(registry.import_csv(_database_url(), args.file)))
+    raise SystemExit(asyncio.run(import_csv(_database_url(), args.file)))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from service import bench
+    from service.bench import main as bench_main
 
-    raise SystemExit(bench.main(args.only))
+    raise SystemExit(bench_main(args.only))
 
 
 def _port(raw: str) -> int:

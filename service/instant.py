@@ -121,9 +121,9 @@ async def _decide_and_enqueue(conn: db.Conn, settings: Settings, req: InstantReq
         raise _refusal(decision, now)
 
     payout_id = uuid.uuid4()
-    job_id = await tasks.execute_payout.configure(connection=conn).defer_async(
-        payout_id=str(payout_id)
-    )
+    job_id = await tasks.execute_payout.configure(
+        connection=conn, priority=tasks.PRIORITY_INSTANT
+    ).defer_async(payout_id=str(payout_id))
     row = await db.fetch_one(
         conn,
         payouts.Q["insert_instant"],

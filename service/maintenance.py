@@ -44,9 +44,9 @@ async def redrive_orphans(deps: Deps) -> int:
             conn, min_age_seconds=deps.settings.stalled_job_seconds, limit=ORPHAN_BATCH
         )
         for row in rows:
-            job_id = await tasks.execute_payout.configure(connection=conn).defer_async(
-                payout_id=str(row["id"])
-            )
+            job_id = await tasks.execute_payout.configure(
+                connection=conn, priority=tasks.payout_priority(row["kind"])
+            ).defer_async(payout_id=str(row["id"]))
             await payouts.set_job(conn, row["id"], job_id)
             logger.warning(
                 "payout %s had no live job; deferred job %s",

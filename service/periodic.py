@@ -96,7 +96,8 @@ async def create_batch(
             return 0
         payout_ids = [uuid.uuid4() for _ in locked]
         job_args: list[dict[str, JSONValue]] = [{"payout_id": str(p)} for p in payout_ids]
-        job_ids = await tasks.execute_payout.configure(connection=conn).batch_defer_async(*job_args)
+        deferrer = tasks.execute_payout.configure(connection=conn, priority=tasks.PRIORITY_PERIODIC)
+        job_ids = await deferrer.batch_defer_async(*job_args)
         known = [balances.get(p) for p in locked]
         await db.execute(
             conn,

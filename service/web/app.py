@@ -166,7 +166,7 @@ async def put_park(request: Request) -> Response:
     park_id = http.park_path(request)
     user_id = http.user_header(request)
     body = await http.json_object(
-        request, {"instant_payouts_enabled", "periodic_payouts_enabled", "params"}
+        request, {"instant_payouts_enabled", "periodic_payouts_enabled", "params"}, decimals=False
     )
     for flag in ("instant_payouts_enabled", "periodic_payouts_enabled"):
         if flag in body and not isinstance(body[flag], bool):
@@ -179,7 +179,7 @@ async def put_park(request: Request) -> Response:
             park_id,
             instant=body.get("instant_payouts_enabled"),
             periodic=body.get("periodic_payouts_enabled"),
-            params=_jsonable(body.get("params")),
+            params=body.get("params"),
         )
         await audit.write(
             conn,
@@ -190,21 +190,10 @@ async def put_park(request: Request) -> Response:
                 action="park.register" if created else "park.update",
                 outcome="ok",
                 request_id=http.request_id(request),
-                details={"changes": _jsonable(body)},
+                details={"changes": body},
             ),
         )
     return JSONResponse(park_json(row, settings), status_code=201 if created else 200)
-
-
-def _jsonable(value: Any) -> Any:
-    """Decimals parsed from the body go back to JSON as they came (strings)."""
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 async def get_park(request: Request) -> Response:

@@ -6,6 +6,7 @@ import base64
 import binascii
 import hmac
 import json
+import math
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -102,8 +103,14 @@ def park_path(request: Request) -> str:
     return park_id
 
 
-async def json_object(request: Request, allowed: set[str]) -> dict[str, Any]:
-    """The body as a JSON object with known fields only; empty body means {}."""
+async def json_object(
+    request: Request, allowed: set[str], *, decimals: bool = True
+) -> dict[str, Any]:
+    """The body as a JSON object with known fields only; empty body means {}.
+
+    With `decimals`, JSON numbers become Decimal, never float (money paths);
+    pass-through documents (park params) keep plain JSON numbers.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
         raise ApiError("invalid_request", f"body over {MAX_BODY_BYTES} bytes")
@@ -118,7 +125,9 @@ async def json_object(request: Request, allowed: set[str]) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw, parse_float=Decimal, parse_constant=_no_constant)
+        body = json.loads(
+            raw, parse_float=Decimal if decimals else _finite_float, parse_constant=_no_constant
+        )
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ApiError("invalid_request", "body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -127,6 +136,13 @@ async def json_object(request: Request, allowed: set[str]) -> dict[str, Any]:
     if unknown:
         raise ApiError("invalid_request", "unknown fields", {"fields": unknown[:10]})
     return body
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: valid JSON text, but not a storable number
+        raise ValueError(f"number out of range: {text[:20]}")
+    return value
 
 
 def _no_constant(name: str) -> None:

@@ -60,9 +60,10 @@ def register_periodic(settings: Settings) -> None:
     registry = app.periodic_registry.periodic_tasks
     if ("periodic_scan", "") in registry:
         return
-    app.periodic(cron=settings.periodic_scan_cron)(periodic_scan)
-    app.periodic(cron=MAINTENANCE_CRON)(maintenance_task)
-    app.periodic(cron=HOUSEKEEPING_CRON)(housekeeping)
+    urgent = tasks.PRIORITY_MAINTENANCE
+    app.periodic(cron=settings.periodic_scan_cron, priority=urgent)(periodic_scan)
+    app.periodic(cron=MAINTENANCE_CRON, priority=urgent)(maintenance_task)
+    app.periodic(cron=HOUSEKEEPING_CRON, priority=urgent)(housekeeping)
 
 
 async def _every(seconds: float, what: Callable[[], Awaitable[None]]) -> None:

@@ -25,6 +25,18 @@ logger = logging.getLogger(__name__)
 QUEUE_PAYOUTS = "payouts"
 QUEUE_MAINTENANCE = "maintenance"
 
+# Workers take the highest priority first. When 80,000 parks come due at
+# once their jobs take hours to drain through the Billing budget: a park
+# pressing "Pay out now" meanwhile must not wait behind them, and recovery
+# (stalled jobs) must not wait behind anything.
+PRIORITY_MAINTENANCE = 100
+PRIORITY_INSTANT = 50
+PRIORITY_PERIODIC = 0
+
+
+def payout_priority(kind: str) -> int:
+    return PRIORITY_INSTANT if kind == "instant" else PRIORITY_PERIODIC
+
 
 class PayoutRetry(BaseRetryStrategy):
     """Exponential backoff with jitter, capped, honouring Billing's Retry-After.

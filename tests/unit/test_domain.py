@@ -12,6 +12,8 @@ from service.domain import (
     Status,
     can_transition,
     instant_availability,
+    is_park_id,
+    is_visible_ascii,
     next_periodic_payout_at,
     parse_money,
     payout_amount,
@@ -182,7 +184,12 @@ def test_never_paid_instantly_means_available() -> None:
         (T0, None, T0 + timedelta(days=2), T0 + timedelta(days=2)),
         (T0, T0 + timedelta(days=3), T0 + timedelta(days=5), T0 + timedelta(days=5)),
         (T0, T0 + timedelta(days=6), T0 + timedelta(days=5), T0 + timedelta(days=6)),
-        (T0 + timedelta(days=9), T0 + timedelta(days=6), T0 + timedelta(days=5), T0 + timedelta(days=9)),
+        (
+            T0 + timedelta(days=9),
+            T0 + timedelta(days=6),
+            T0 + timedelta(days=5),
+            T0 + timedelta(days=9),
+        ),
     ],
 )
 def test_next_periodic_payout_is_the_latest_anchor_plus_the_period(
@@ -191,7 +198,7 @@ def test_next_periodic_payout_is_the_latest_anchor_plus_the_period(
     last_attempt_at: datetime | None,
     anchor: datetime,
 ) -> None:
-    """A park is due N after the greatest of registration, last success and last periodic attempt."""
+    """A park is due N after the latest of registration, last success and last periodic attempt."""
     result = next_periodic_payout_at(
         enabled=True,
         registered_at=registered_at,
@@ -231,3 +238,40 @@ ALLOWED = {
 def test_can_transition_follows_the_lifecycle(old: Status, new: Status) -> None:
     """Only pending->processing and processing->(processing|final) are moves; finals are frozen."""
     assert ((old, new) in ALLOWED) == can_transition(old, new)
+
+
+# --- identifiers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("park-alpha_1", True),
+        ("p" * 64, True),
+        ("", False),
+        ("p" * 65, False),
+        ("park alpha", False),
+        ("park\n", False),
+        ("park/1", False),
+    ],
+)
+def test_is_park_id(value: str, expected: bool) -> None:
+    """A park id is 1-64 letters, digits, '_' or '-', with nothing (not even a newline) after."""
+    assert expected == is_park_id(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("user-1", True),
+        ("u" * 128, True),
+        ("", False),
+        ("u" * 129, False),
+        ("a b", False),
+        ("user\n", False),
+        ("us\u00e9r", False),
+    ],
+)
+def test_is_visible_ascii(value: str, expected: bool) -> None:
+    """User ids and Idempotency-Keys are 1-128 visible ASCII characters and nothing else."""
+    assert expected == is_visible_ascii(value, 128)
