@@ -11,6 +11,8 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
+from psycopg import sql
+
 from service import db
 
 Q = db.queries("audit")
@@ -45,11 +47,36 @@ class Filters:
 async def page(
     conn: db.Conn, filters: Filters, *, limit: int, after: tuple[datetime, int] | None
 ) -> list[dict[str, Any]]:
-    return await db.fetch_all(
-        conn,
-        Q["list_page"],
-        **dataclasses.asdict(filters),
-        after_at=after[0] if after else None,
-        after_id=after[1] if after else None,
-        limit=limit,
-    )
+    """Newest first, keyset pagination on (at, id).
+
+    The WHERE clause names only the filters given: with `(x IS NULL OR ...)`
+    a cached generic plan could not pick the park or actor index, and this
+    table grows for years.
+    """
+    conditions: list[sql.Composable] = []
+    params: dict[str, Any] = {"limit": limit}
+    for column, op in (
+        ("park_id", "="),
+        ("actor_id", "="),
+        ("action", "="),
+        ("since", ">="),
+        ("until", "<"),
+    ):
+        value = getattr(filters, column)
+        if value is not None:
+            target = "at" if column in ("since", "until") else column
+            conditions.append(
+                sql.SQL("{} {} {}").format(
+                    sql.Identifier(target), sql.SQL(op), sql.Placeholder(column)
+                )
+            )
+            params[column] = value
+    if after is not None:
+        conditions.append(sql.SQL("(at, id) < (%(after_at)s, %(after_id)s)"))
+        params.update(after_at=after[0], after_id=after[1])
+    where = sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true")
+    query = sql.SQL(
+        "SELECT * FROM audit_log WHERE {} ORDER BY at DESC, id DESC LIMIT %(limit)s"
+    ).format(where)
+    cur = await conn.execute(query, params)
+    return await cur.fetchall()
