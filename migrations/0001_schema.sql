@@ -64,6 +64,10 @@ CREATE TABLE payouts (
     updated_at          timestamptz NOT NULL DEFAULT now(),
     completed_at        timestamptz,
 
+    -- An amount exists only beside the balance it was decided on.
+    CONSTRAINT payouts_amount_has_balance CHECK (
+        amount IS NULL OR available IS NOT NULL
+    ),
     CONSTRAINT payouts_amount_within_limits CHECK (
         amount > 0
         AND amount <= max_amount
@@ -114,6 +118,17 @@ CREATE INDEX payouts_in_flight_created ON payouts (created_at)
 -- changes, and a final payout is frozen: corrections are new rows, never edits.
 CREATE FUNCTION payouts_guard() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    IF TG_OP = 'INSERT' THEN
+        -- Every payout is born pending, with nothing ordered yet.
+        -- (An unknown status is left to the CHECK constraint to name.)
+        IF NEW.status IN ('processing', 'succeeded', 'failed', 'skipped')
+           OR NEW.ordered_at IS NOT NULL OR NEW.completed_at IS NOT NULL
+           OR NEW.billing_payout_id IS NOT NULL THEN
+            RAISE EXCEPTION 'a payout is created pending, with no order or outcome (payout %)', NEW.id
+                USING ERRCODE = 'integrity_constraint_violation';
+        END IF;
+        RETURN NEW;
+    END IF;
     IF TG_OP = 'DELETE' THEN
         RAISE EXCEPTION 'payouts are records: DELETE is refused (payout %)', OLD.id
             USING ERRCODE = 'integrity_constraint_violation';
@@ -152,7 +167,7 @@ BEGIN
 END
 $$;
 
-CREATE TRIGGER payouts_guard BEFORE UPDATE OR DELETE ON payouts
+CREATE TRIGGER payouts_guard BEFORE INSERT OR UPDATE OR DELETE ON payouts
     FOR EACH ROW EXECUTE FUNCTION payouts_guard();
 
 

@@ -58,7 +58,7 @@ def can_transition(old: Status, new: Status) -> bool:
 
 def parse_money(raw: str) -> Decimal:
     """A positive decimal string with at most 2 fractional digits, or ValueError."""
-    if not isinstance(raw, str) or not _MONEY_RE.match(raw):
+    if not isinstance(raw, str) or not _MONEY_RE.fullmatch(raw):
         raise ValueError("amount must be a decimal string with at most 2 fractional digits")
     try:
         value = Decimal(raw)
@@ -74,11 +74,11 @@ def format_money(value: Decimal) -> str:
 
 
 def is_park_id(value: str) -> bool:
-    return bool(_PARK_ID_RE.match(value))
+    return bool(_PARK_ID_RE.fullmatch(value))
 
 
 def is_visible_ascii(value: str, max_len: int) -> bool:
-    return 0 < len(value) <= max_len and bool(_VISIBLE_ASCII_RE.match(value))
+    return 0 < len(value) <= max_len and bool(_VISIBLE_ASCII_RE.fullmatch(value))
 
 
 def payout_amount(available: Decimal, max_amount: Decimal, requested: Decimal | None) -> Decimal:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 from service import db, migrate
 from service.settings import Settings
@@ -33,9 +33,13 @@ ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
 def with_dbname(url: str, name: str) -> str:
+    """The same server, another database, as a postgresql:// URL (what DATABASE_URL takes)."""
     params = conninfo_to_dict(url)
-    params["dbname"] = name
-    return make_conninfo(**params)  # type: ignore[arg-type]
+    user = params.get("user") or "postgres"
+    host = params.get("host") or "127.0.0.1"
+    port = params.get("port") or "5432"
+    password = f":{params['password']}" if params.get("password") else ""
+    return f"postgresql://{user}{password}@{host}:{port}/{name}"
 
 
 @pytest.fixture(scope="session")
