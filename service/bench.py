@@ -175,6 +175,14 @@ class Child:
     def tail(self, lines: int = 30) -> str:
         return _read_tail(self.log, lines)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process so far (Linux /proc; 0.0 elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 def _free_port() -> int:
     import socket
@@ -387,12 +395,15 @@ class Bench:
         await self._wait_http(child, f"{url}/ready")
         return child, url
 
-    async def worker(self, db_url: str, extra: dict[str, str] | None = None) -> Child:
+    async def worker(
+        self, db_url: str, extra: dict[str, str] | None = None, *, metrics_port: int | None = None
+    ) -> Child:
         self._counter += 1
+        args = [sys.executable, "-m", "service", "worker", "--concurrency", "10"]
+        if metrics_port is not None:
+            args += ["--metrics-port", str(metrics_port)]
         return await self.spawn(
-            f"worker-{self._counter}",
-            [sys.executable, "-m", "service", "worker", "--concurrency", "10"],
-            self.child_env(db_url, **(extra or {})),
+            f"worker-{self._counter}", args, self.child_env(db_url, **(extra or {}))
         )
 
     # the emulator's admin API
@@ -629,7 +640,9 @@ async def figure_instant_throughput(b: Bench) -> Figure:
         parks = iter([f"svc-{i}" for i in range(1, service_parks + 1)])
         async with _api_client(api_url) as client:
             await _press(client, parks, seconds=warmup)
+            cpu_before = api.cpu_seconds()
             presses = await _press(client, parks, seconds=seconds)
+            api_cpu = api.cpu_seconds() - cpu_before
         await b.stop(api)
         service_rps = presses.accepted / presses.seconds
         _note(f"service: {service_rps:.1f} req/s")
@@ -648,6 +661,9 @@ async def figure_instant_throughput(b: Bench) -> Figure:
         f"service: {presses.accepted:,} accepted (202) in {presses.seconds:.1f} s after a "
         f"{warmup:.1f} s warm-up; non-202: {presses.others}"
         + ("; RAN OUT OF PARKS" if presses.ran_out else ""),
+        f"API process CPU: {1000 * api_cpu / max(1, presses.accepted):.2f} ms per request, "
+        f"{100 * api_cpu / presses.seconds:.0f}% of one core (the bench's own HTTP client "
+        f"shares the {os.cpu_count()} CPUs with it and PostgreSQL)",
         f"pgbench: {pg.transactions:,} transactions ({pg.failed} failed) in {seconds} s, "
         f"{made:,} payouts written; script {script.name}: BEGIN; instant_check; defer_jobs; "
         "insert_instant; COMMIT",
@@ -700,6 +716,40 @@ async def _top_statements(obs: Conn, dbname: str, role: str, k: int) -> list[str
         f"{calls:>6} {calls / k:6.2f}/payout {'top ' if top else 'nest'} {query}"
         for calls, top, query in rows
     ]
+
+
+async def _top_by_time(obs: Conn, dbname: str, role: str) -> list[str]:
+    rows = await (
+        await obs.execute(
+            "SELECT s.calls, s.total_exec_time, s.mean_exec_time, "
+            "       left(regexp_replace(s.query, '\\s+', ' ', 'g'), 60) "
+            "FROM pg_stat_statements s "
+            "JOIN pg_database d ON d.oid = s.dbid JOIN pg_roles r ON r.oid = s.userid "
+            "WHERE d.datname = %s AND r.rolname = %s AND s.toplevel "
+            "ORDER BY s.total_exec_time DESC LIMIT 12",
+            (dbname, role),
+        )
+    ).fetchall()
+    return [
+        f"{calls:>6} calls {total:8.0f} ms total {mean:7.2f} ms mean  {query}"
+        for calls, total, mean, query in rows
+    ]
+
+
+_METRIC_RE = re.compile(
+    r"^fleet_payouts_billing_requests_total"
+    r'\{endpoint="([a-z_]+)",outcome="([a-z_]+)"\} ([0-9.e+]+)$',
+    re.MULTILINE,
+)
+
+
+async def _billing_calls_by_endpoint(metrics_url: str) -> dict[str, int]:
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(metrics_url)).text
+    calls: collections.Counter[str] = collections.Counter()
+    for endpoint, outcome, value in _METRIC_RE.findall(text):
+        calls[f"{endpoint}/{outcome}"] += int(float(value))
+    return {k: v for k, v in sorted(calls.items()) if v}
 
 
 async def figure_statements(b: Bench) -> Figure:
@@ -765,6 +815,15 @@ async def figure_statements(b: Bench) -> Figure:
             busy = max(window, done)
             total_top, total_all = await _statement_counts(obs, dbname, role)
             top = await _top_statements(obs, dbname, role, k) if b.verbose else []
+            timing = await (
+                await obs.execute(
+                    "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), "
+                    "       percentile_cont(0.95) WITHIN GROUP (ORDER BY d), max(d) "
+                    "FROM (SELECT extract(epoch FROM completed_at - created_at)::float8 AS d "
+                    "      FROM payouts) t"
+                )
+            ).fetchone()
+            assert timing is not None
         await b.stop_services()
     finally:
         await b.drop_db(url)
@@ -773,7 +832,9 @@ async def figure_statements(b: Bench) -> Figure:
     per_payout = (total_top - background) / k
     background_all = idle_all * busy / window
     details = [
-        f"{k} payouts: accepted and succeeded in {done:.1f} s; window {busy:.1f} s",
+        f"{k} payouts: accepted in {presses.seconds:.1f} s, all succeeded after {done:.1f} s "
+        f"(created -> succeeded: p50 {timing[0]:.2f} s, p95 {timing[1]:.2f} s, "
+        f"max {timing[2]:.2f} s); window {busy:.1f} s",
         f"total {total_top} top-level statements, background {background:.0f} "
         f"(idle {window:.1f} s: {idle_top}), (total - background) / {k} = {per_payout:.2f}",
         f"including statements nested in functions and triggers: "
@@ -940,24 +1001,30 @@ async def figure_billing_calls(b: Bench) -> Figure:
     n = max(20, round(1000 * b.scale))
     url = await b.create_db("billing")
     parks = [f"bl-{i}" for i in range(1, n + 1)]
+    dbname = _dbname(url)
+    metrics_port = _free_port()
     try:
         async with await _connect(url) as conn:
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             await conn.execute(
                 "INSERT INTO parks (park_id, registered_at) "
                 "SELECT 'bl-' || g, now() - interval '1 day' FROM generate_series(1, %s) g",
                 (n,),
             )
+            role = str(await _scalar(conn, "SELECT current_user"))
         await b.reset_emulator()
         await b.set_balances(parks, "500.00")
-        start = time.monotonic()
-        worker = await b.worker(
-            url,
-            {
-                "PERIODIC_SCAN_CRON": "* * * * * *",  # every second
-                "PAYOUT_PERIOD_DAYS": "0.01",  # 14.4 min: due now, not again during the run
-            },
-        )
-        async with await _connect(url) as obs:
+        async with await _connect(await b.observer_url(url)) as obs:
+            await obs.execute("SELECT pg_stat_statements_reset()")
+            start = time.monotonic()
+            worker = await b.worker(
+                url,
+                {
+                    "PERIODIC_SCAN_CRON": "* * * * * *",  # every second
+                    "PAYOUT_PERIOD_DAYS": "0.01",  # 14.4 min: due now, not again during the run
+                },
+                metrics_port=metrics_port,
+            )
 
             async def all_final() -> bool:
                 if not worker.alive:
@@ -977,7 +1044,10 @@ async def figure_billing_calls(b: Bench) -> Figure:
                     await obs.execute("SELECT status, count(*) FROM payouts GROUP BY 1 ORDER BY 1")
                 ).fetchall()
             )
+            slowest = await _top_by_time(obs, dbname, role) if b.verbose else []
         stats = await b.emulator_stats()
+        by_endpoint = await _billing_calls_by_endpoint(f"http://127.0.0.1:{metrics_port}/metrics")
+        worker_cpu = worker.cpu_seconds()
         await b.stop(worker)
     finally:
         await b.drop_db(url)
@@ -997,6 +1067,10 @@ async def figure_billing_calls(b: Bench) -> Figure:
         [
             f"payouts by status: {by_status}; all final {took:.1f} s after the worker "
             f"started (scan every second); Billing max {stats['max_rps_1s']} requests/s",
+            f"worker's Billing calls by endpoint/outcome: {by_endpoint}",
+            f"worker CPU: {1000 * worker_cpu / n:.1f} ms per payout ({worker_cpu:.1f} s)",
+            *(["top statements by time (worker, whole run):"] if slowest else []),
+            *(f"  {line}" for line in slowest),
         ],
     )
 

@@ -87,6 +87,9 @@ class _Run:
         self.params: dict[str, Any] = row["park_params"]
         self.id: UUID = row["id"]
         self.rereads_left = 1
+        # True once *this* run recorded the order: nothing can have reached
+        # Billing under the key yet, so there is nothing to settle first.
+        self.ordered_here = False
 
     async def drive(self) -> Status | None:
         while True:
@@ -111,7 +114,7 @@ class _Run:
                     available=available,
                     currency=currency,
                 )
-            await self._change(
+            self.ordered_here = await self._change(
                 "record_order",
                 available=available,
                 amount=amount,
@@ -125,7 +128,8 @@ class _Run:
         Returns None when the order was refused as stale and cleared, so the
         caller decides the amount again.
         """
-        found = await self.deps.billing.find_payout(str(self.id))
+        found = None if self.ordered_here else await self.deps.billing.find_payout(str(self.id))
+        self.ordered_here = False  # a retry within this run must settle first
         if found is None:
             try:
                 found = await self.deps.billing.order_payout(
@@ -163,7 +167,7 @@ class _Run:
         status = Status(self.row["status"])
         return status if status.is_final else None
 
-    async def _change(self, name: str, **params: Any) -> None:
+    async def _change(self, name: str, **params: Any) -> bool:
         """Apply a conditional state change; if it no longer applies, reload the row.
 
         It no longer applies when another run of this job (a stalled one that
@@ -171,10 +175,12 @@ class _Run:
         from there.
         """
         row = await payouts.change(self.conn, name, self.id, **params)
+        applied = row is not None
         if row is None:
             row = await payouts.get(self.conn, self.id)
             assert row is not None
         self.row = row
+        return applied
 
     async def finish(
         self, status: Status, outcome: str, details: dict[str, Any], **params: Any

@@ -10,6 +10,7 @@ payout job decides on meaning, not on status codes:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -80,15 +81,28 @@ class Budget:
         self.total_rps = total_rps
         self.share = 1
         self._limiter = AsyncLimiter(1, 1 / total_rps)
+        self._not_before = 0.0
 
-    def set_share(self, workers: int) -> None:
+    def hold(self, seconds: float) -> None:
+        """Send nothing for a while: a worker that just joined waits until the
+        others have recounted and shrunk their shares to make room for it."""
+        self._not_before = time.monotonic() + seconds
+
+    async def set_share(self, workers: int) -> None:
         workers = max(1, workers)
         if workers != self.share:
             logger.info("billing budget: %s workers share %s rps", workers, self.total_rps)
             self.share = workers
-            self._limiter = AsyncLimiter(1, workers / self.total_rps)
+            limiter = AsyncLimiter(1, workers / self.total_rps)
+            # A new bucket starts empty, i.e. with a token to spend at once;
+            # spend it now so that a change of share is never a burst.
+            await limiter.acquire()
+            self._limiter = limiter
 
     async def acquire(self) -> None:
+        wait = self._not_before - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
         await self._limiter.acquire()
 
 

@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from procrastinate import JobContext
+from procrastinate.worker import Worker
 
 from service import db, maintenance, periodic
 from service.billing.client import BillingClient, Budget, live_workers
@@ -31,7 +32,6 @@ HOUSEKEEPING_CRON = "17 * * * *"
 # table stays small; payouts and audit_log keep the history.
 KEEP_FINISHED_JOBS_HOURS = 24 * 7
 GAUGE_SECONDS = 15.0
-BUDGET_SECONDS = 10.0
 
 
 @app.task(name="periodic_scan", queue=tasks.QUEUE_MAINTENANCE, pass_context=True)
@@ -79,31 +79,28 @@ async def _every(seconds: float, what: Callable[[], Awaitable[None]]) -> None:
 async def worker_deps(settings: Settings, *, concurrency: int) -> AsyncIterator[Deps]:
     pool = db.make_pool(settings.database_url, name="worker", min_size=2, max_size=concurrency + 4)
     await pool.open(wait=True)
-    budget = Budget(settings.billing_rps)
     billing = BillingClient(
         settings.billing_url,
         token=settings.billing_token,
         timeout=settings.billing_timeout_seconds,
-        budget=budget,
+        budget=Budget(settings.billing_rps),
     )
-    deps = Deps(pool=pool, billing=billing, settings=settings)
-
-    async def refresh_budget() -> None:
-        async with pool.connection() as conn:
-            budget.set_share(await live_workers(conn, settings.stalled_job_seconds))
-
-    background = [
-        asyncio.create_task(_every(BUDGET_SECONDS, refresh_budget)),
-        asyncio.create_task(_every(GAUGE_SECONDS, lambda: maintenance.refresh_gauges(pool))),
-    ]
     try:
-        yield deps
+        yield Deps(pool=pool, billing=billing, settings=settings)
     finally:
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
         await billing.aclose()
         await pool.close()
+
+
+async def keep_budget_share(deps: Deps, worker: Worker) -> None:
+    """Recount live workers as often as they beat, so the shares add up to the budget.
+
+    Until our own worker has registered it is not in the count yet: count
+    it anyway, or we would start with another worker's share on top of ours.
+    """
+    async with deps.pool.connection() as conn:
+        live = await live_workers(conn, deps.settings.stalled_job_seconds)
+    await deps.billing.budget.set_share(live + (1 if worker.worker_id is None else 0))
 
 
 async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int | None) -> None:
@@ -113,11 +110,13 @@ async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int 
         start_http_server(metrics_port)
     tasks.RETRY.cap_seconds = settings.retry_backoff_cap_seconds
     register_periodic(settings)
+    heartbeat = settings.stalled_job_seconds / 6
     async with (
         worker_deps(settings, concurrency=concurrency) as deps,
         app.open_async(pool=deps.pool),
     ):
-        await app.run_worker_async(
+        worker = Worker(
+            app=app,
             concurrency=concurrency,
             additional_context={"deps": deps},
             fetch_job_polling_interval=settings.worker_poll_seconds,
@@ -125,6 +124,24 @@ async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int 
             install_signal_handlers=True,
             # A worker is declared dead after stalled_job_seconds without a
             # heartbeat: beat six times as often, so only a dead one is.
-            update_heartbeat_interval=settings.stalled_job_seconds / 6,
+            update_heartbeat_interval=heartbeat,
             stalled_worker_timeout=settings.stalled_job_seconds,
         )
+        # Recount at least every 2 s (a count on a tiny table): when a worker
+        # joins, the others shrink their shares within one recount, and the
+        # newcomer stays silent towards Billing until they have.
+        recount = min(heartbeat, 2.0)
+        deps.billing.budget.hold(1.5 * recount)
+        await keep_budget_share(deps, worker)
+        background = [
+            asyncio.create_task(_every(recount, lambda: keep_budget_share(deps, worker))),
+            asyncio.create_task(
+                _every(GAUGE_SECONDS, lambda: maintenance.refresh_gauges(deps.pool))
+            ),
+        ]
+        try:
+            await worker.run()  # type: ignore[no-untyped-call]  # procrastinate leaves it unannotated
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)

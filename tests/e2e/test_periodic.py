@@ -1,0 +1,325 @@
+"""Periodic payouts: the scan run by the workers' periodic task, end to end and in-process.
+
+Periods are seconds long (PAYOUT_PERIOD_DAYS as a fraction of a day) and the
+scan runs every second, so a few periods fit in one test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import urllib.parse
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
+
+from service import db, periodic
+from service.billing.client import BillingClient, Budget
+from service.execution import Deps
+from service.worker.app import app
+from tests.conftest import ADMIN_TOKEN, make_settings, service_env
+from tests.helpers.procs import cluster, wait_for
+
+pytestmark = pytest.mark.e2e
+
+EVERY_SECOND = "* * * * * */1"
+
+
+# --- helpers -----------------------------------------------------------------------
+
+
+def as_url(conninfo: str) -> str:
+    """The `db_url` fixture may be a libpq key=value string; DATABASE_URL must be a URL."""
+    if "://" in conninfo:
+        return conninfo
+    d = conninfo_to_dict(conninfo)
+    q = urllib.parse.quote
+    auth = q(str(d.get("user", "")), safe="")
+    if d.get("password"):
+        auth += ":" + q(str(d["password"]), safe="")
+    return f"postgresql://{auth}@{d.get('host', '127.0.0.1')}:{d.get('port', 5432)}/{d['dbname']}"
+
+
+def env(db_url: str, billing_url: str, period: timedelta, **overrides: str) -> dict[str, str]:
+    return service_env(
+        as_url(db_url),
+        billing_url,
+        PAYOUT_PERIOD_DAYS=str(period.total_seconds() / 86400),
+        PERIODIC_SCAN_CRON=EVERY_SECOND,
+        **overrides,
+    )
+
+
+@pytest.fixture
+def pg(db_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    """A plain autocommit connection to the test database, for polling and checks."""
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
+        yield c
+
+
+def rows(pg: psycopg.Connection[dict[str, Any]], sql: str, **params: Any) -> list[dict[str, Any]]:
+    return pg.execute(sql, params).fetchall()
+
+
+def register(api: str, park_id: str, *, periodic: bool = True) -> None:
+    r = httpx.put(
+        f"{api}/v1/parks/{park_id}",
+        json={"periodic_payouts_enabled": periodic},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "X-User-Id": "admin-1"},
+        timeout=10,
+    )
+    assert 201 == r.status_code, r.text
+
+
+def set_balance(billing: str, park_id: str, available: str) -> None:
+    r = httpx.put(
+        f"{billing}/admin/balances/{park_id}",
+        json={"available": available, "currency": "RUB"},
+        timeout=10,
+    )
+    assert 200 == r.status_code, r.text
+
+
+def periodic_payouts(
+    pg: psycopg.Connection[dict[str, Any]], park_ids: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Each park's periodic payouts, oldest first (parks without any map to [])."""
+    by_park: dict[str, list[dict[str, Any]]] = {p: [] for p in park_ids}
+    for r in rows(
+        pg,
+        "SELECT * FROM payouts WHERE kind = 'periodic' AND park_id = ANY(%(parks)s) "
+        "ORDER BY created_at, id",
+        parks=park_ids,
+    ):
+        by_park[r["park_id"]].append(r)
+    return by_park
+
+
+def succeeded_counts(pg: psycopg.Connection[dict[str, Any]], park_ids: list[str]) -> dict[str, int]:
+    return {
+        p: sum(1 for x in xs if x["status"] == "succeeded")
+        for p, xs in periodic_payouts(pg, park_ids).items()
+    }
+
+
+def spacing_violations(payouts: list[dict[str, Any]], period: timedelta) -> list[str]:
+    """Payouts created before the previous one's clock (its completion if it succeeded, its creation
+    otherwise) was a period old.
+    """
+    bad = []
+    for prev, nxt in itertools.pairwise(payouts):
+        anchor = prev["created_at"]
+        if prev["status"] == "succeeded":
+            anchor = max(anchor, prev["completed_at"])
+        if nxt["created_at"] < anchor + period:
+            bad.append(f"{nxt['id']} at {nxt['created_at']} < {anchor} + {period}")
+    return bad
+
+
+# --- end to end ------------------------------------------------------------------
+
+
+def test_due_parks_are_paid_once_per_period(
+    db_url: str, billing_url: str, tmp_path: Any, pg: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """With a 4 s period, each enabled park with money gets one periodic payout per period, a
+    zero-balance park is asked at most once per period, disabled parks never, and Billing sees
+    about one call per payout (one POST /v1/payouts each, plus one balances/select per batch).
+    """
+    period = timedelta(seconds=4)
+    paid = [f"per-{i:02d}" for i in range(10)]
+    disabled = ["off-1", "off-2"]
+    empty = "zero-1"
+    everyone = [*paid, *disabled, empty]
+    # The limit keeps money on the balances for the next period.
+    environ = env(db_url, billing_url, period, PAYOUT_MAX_AMOUNT="100.00")
+    with cluster(environ, tmp_path) as c:
+        api = c.api()
+        workers = [c.worker() for _ in range(3)]
+        wait_for(
+            lambda: rows(pg, "SELECT count(*) AS n FROM procrastinate_workers")[0]["n"] == 3,
+            timeout=30,
+            interval=0.1,
+            what="three workers to be registered",
+        )
+        for park in [*paid, *disabled]:
+            set_balance(billing_url, park, "1000.00")
+        set_balance(billing_url, empty, "0.00")
+        for park in everyone:
+            register(api, park, periodic=park not in disabled)
+
+        # Due one period after registration, paid within the next one.
+        first = wait_for(
+            lambda: (n := succeeded_counts(pg, paid)) and min(n.values()) >= 1 and n,
+            timeout=2 * period.total_seconds() + 3,
+            interval=0.2,
+            what="every enabled park's first periodic payout",
+        )
+        assert {p: 1 for p in paid} == first
+        second = wait_for(
+            lambda: (n := succeeded_counts(pg, paid)) and min(n.values()) >= 2 and n,
+            timeout=2 * period.total_seconds() + 3,
+            interval=0.2,
+            what="every enabled park's second periodic payout",
+        )
+        assert {p: 2 for p in paid} == second
+        for worker in workers:
+            worker.stop()
+
+        by_park = periodic_payouts(pg, everyone)
+        elapsed = rows(
+            pg,
+            "SELECT extract(epoch FROM now() - registered_at)::float8 AS s "
+            "FROM parks WHERE park_id = %(p)s",
+            p=empty,
+        )[0]["s"]
+        assert {p: [] for p in paid} == {p: spacing_violations(by_park[p], period) for p in paid}
+        assert {p: [] for p in disabled} == {p: by_park[p] for p in disabled}
+        skipped = by_park[empty]
+        assert len(skipped) >= 1
+        assert {"skipped"} == {x["status"] for x in skipped}
+        assert len(skipped) <= elapsed / period.total_seconds() + 1
+        assert [] == spacing_violations(skipped, period)
+        assert {"succeeded"} == {x["status"] for p in paid for x in by_park[p]}
+        assert {"100.00"} == {f"{x['amount']:.2f}" for p in paid for x in by_park[p]}
+
+        # One POST /v1/balances/select per scan batch (one batch transaction,
+        # so one created_at), then one POST /v1/payouts per payout with money.
+        created = [x for xs in by_park.values() for x in xs]
+        batches = len({x["created_at"] for x in created})
+        with_money = sum(1 for x in created if x["status"] == "succeeded")
+        requests = httpx.get(f"{billing_url}/admin/stats", timeout=10).json()["requests"]
+        assert requests <= with_money + batches + 2, (
+            f"{requests} Billing requests for {with_money} payouts in {batches} batches"
+        )
+
+
+def test_parks_due_during_an_outage_are_paid_when_a_worker_comes_back(
+    db_url: str, billing_url: str, tmp_path: Any, pg: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """Parks that became due while no worker ran are each paid once as soon as a worker starts,
+    though the ticks of the outage were missed.
+    """
+    period = timedelta(seconds=3)
+    parks = [f"late-{i:02d}" for i in range(12)]
+    with cluster(env(db_url, billing_url, period), tmp_path) as c:
+        api = c.api()
+        for i, park in enumerate(parks):
+            set_balance(billing_url, park, f"{200 + i}.00")
+            register(api, park)
+        # Two whole periods without a worker: several scan ticks are missed.
+        wait_for(
+            lambda: rows(
+                pg,
+                "SELECT bool_and(registered_at <= now() - 2 * %(p)s) AS due FROM parks",
+                p=period,
+            )[0]["due"],
+            timeout=30,
+            interval=0.2,
+            what="every park to be overdue",
+        )
+        assert {p: [] for p in parks} == periodic_payouts(pg, parks)
+        c.worker()
+
+        counts = wait_for(
+            lambda: (n := succeeded_counts(pg, parks)) and min(n.values()) >= 1 and n,
+            timeout=30,
+            interval=0.2,
+            what="every overdue park to be paid",
+        )
+
+        assert {p: 1 for p in parks} == counts
+        by_park = periodic_payouts(pg, parks)
+        assert {p: f"{200 + i}.00" for i, p in enumerate(parks)} == {
+            p: f"{by_park[p][0]['amount']:.2f}" for p in parks
+        }
+        transfers = httpx.get(f"{billing_url}/admin/payouts", timeout=10).json()["payouts"]
+        assert sorted(str(by_park[p][0]["id"]) for p in parks) == sorted(
+            t["idempotency_key"] for t in transfers
+        )
+
+
+# --- in-process ---------------------------------------------------------------------
+
+
+async def test_doubled_scan_tick_creates_each_payout_once(db_url: str, billing_url: str) -> None:
+    """Two scans at once, then a third after them, create exactly one periodic payout per due park
+    between them, and the third creates none.
+    """
+    parks = [f"tick-{i:02d}" for i in range(25)]
+    async with httpx.AsyncClient(base_url=billing_url) as billing_admin:
+        for park in parks:
+            r = await billing_admin.put(
+                f"/admin/balances/{park}", json={"available": "10.00", "currency": "RUB"}
+            )
+            r.raise_for_status()
+    settings = make_settings(db_url, billing_url, payout_period=timedelta(seconds=1))
+    pool = db.make_pool(db_url, name="test", min_size=2, max_size=6)
+    await pool.open(wait=True)
+    billing = BillingClient(billing_url, token=None, timeout=5, budget=Budget(100))
+    try:
+        async with pool.connection() as conn:
+            await conn.execute("INSERT INTO parks (park_id) SELECT unnest(%s::text[])", (parks,))
+            await conn.execute("UPDATE parks SET registered_at = now() - interval '1 hour'")
+        deps = Deps(pool=pool, billing=billing, settings=settings)
+        async with app.open_async(pool=pool):
+            together = await asyncio.gather(
+                periodic.scan(deps, batch_size=10), periodic.scan(deps, batch_size=10)
+            )
+            after = await periodic.scan(deps, batch_size=10)
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT park_id, count(*) AS n FROM payouts WHERE kind = 'periodic' "
+                "GROUP BY park_id"
+            )
+            counts = {r["park_id"]: r["n"] for r in await cur.fetchall()}
+    finally:
+        await billing.aclose()
+        await pool.close()
+
+    assert {p: 1 for p in parks} == counts
+    assert len(parks) == sum(r.created for r in together)
+    assert 0 == after.created
+
+
+async def test_doubled_batch_without_the_scan_lock_creates_each_payout_once(
+    db_url: str, billing_url: str
+) -> None:
+    """Two batch transactions for the same due parks at once (the scan's advisory lock bypassed)
+    create exactly one periodic payout per park: the row locks and due re-check decide.
+    """
+    parks = [f"dup-{i:02d}" for i in range(20)]
+    settings = make_settings(db_url, billing_url, payout_period=timedelta(seconds=1))
+    pool = db.make_pool(db_url, name="test", min_size=2, max_size=6)
+    await pool.open(wait=True)
+    billing = BillingClient(billing_url, token=None, timeout=5, budget=Budget(100))
+    try:
+        async with pool.connection() as conn:
+            await conn.execute("INSERT INTO parks (park_id) SELECT unnest(%s::text[])", (parks,))
+            await conn.execute("UPDATE parks SET registered_at = now() - interval '1 hour'")
+        deps = Deps(pool=pool, billing=billing, settings=settings)
+
+        async def one_batch() -> int:
+            async with pool.connection() as conn:
+                return await periodic.create_batch(conn, deps, parks, {})
+
+        async with app.open_async(pool=pool):
+            made = await asyncio.gather(one_batch(), one_batch())
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT park_id, count(*) AS n FROM payouts WHERE kind = 'periodic' "
+                "GROUP BY park_id"
+            )
+            counts = {r["park_id"]: r["n"] for r in await cur.fetchall()}
+    finally:
+        await billing.aclose()
+        await pool.close()
+
+    assert {p: 1 for p in parks} == counts
+    assert len(parks) == sum(made)

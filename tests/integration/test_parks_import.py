@@ -1,0 +1,174 @@
+"""`fleet-payouts parks import FILE.csv`, run as the real command against a real database."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
+
+from tests.helpers.emulator import REPO_ROOT
+
+HEADER = "park_id,instant_payouts_enabled,periodic_payouts_enabled\n"
+
+
+def as_url(conninfo: str) -> str:
+    """The `db_url` fixture may be a libpq key=value string; DATABASE_URL must be a URL."""
+    if "://" in conninfo:
+        return conninfo
+    d = conninfo_to_dict(conninfo)
+    q = urllib.parse.quote
+    auth = q(str(d.get("user", "")), safe="")
+    if d.get("password"):
+        auth += ":" + q(str(d["password"]), safe="")
+    return f"postgresql://{auth}@{d.get('host', '127.0.0.1')}:{d.get('port', 5432)}/{d['dbname']}"
+
+
+@pytest.fixture
+def pg(db_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
+        yield c
+
+
+def run_import(db_url: str, path: Path) -> subprocess.CompletedProcess[str]:
+    environ = {**os.environ, "DATABASE_URL": as_url(db_url)}
+    return subprocess.run(
+        [sys.executable, "-m", "service", "parks", "import", str(path)],
+        env=environ,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def write_csv(tmp_path: Path, name: str, lines: list[str]) -> Path:
+    path = tmp_path / name
+    path.write_text(HEADER + "".join(f"{line}\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def parks(pg: psycopg.Connection[dict[str, Any]]) -> dict[str, tuple[bool, bool]]:
+    return {
+        r["park_id"]: (r["instant_payouts_enabled"], r["periodic_payouts_enabled"])
+        for r in pg.execute("SELECT * FROM parks ORDER BY park_id").fetchall()
+    }
+
+
+def full_rows(pg: psycopg.Connection[dict[str, Any]]) -> list[dict[str, Any]]:
+    return pg.execute("SELECT * FROM parks ORDER BY park_id").fetchall()
+
+
+def import_entries(pg: psycopg.Connection[dict[str, Any]]) -> list[dict[str, Any]]:
+    return pg.execute(
+        "SELECT * FROM audit_log WHERE action = 'parks.import' ORDER BY at, id"
+    ).fetchall()
+
+
+FLAGS = {
+    "imp-1": (True, True),
+    "imp-2": (True, False),
+    "imp-3": (False, True),
+    "imp-4": (False, False),
+}
+FLAG_LINES = [f"{p},{str(i).lower()},{str(q).lower()}" for p, (i, q) in FLAGS.items()]
+
+
+def test_import_registers_parks_with_the_given_flags(
+    db_url: str, tmp_path: Path, pg: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """Importing a CSV registers every park in it with exactly the flags of its line."""
+    result = run_import(db_url, write_csv(tmp_path, "parks.csv", FLAG_LINES))
+
+    assert 0 == result.returncode, result.stderr
+    assert FLAGS == parks(pg)
+
+
+def test_reimporting_the_same_file_changes_nothing(
+    db_url: str, tmp_path: Path, pg: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """Running the same import twice succeeds and leaves every park row exactly as the first run
+    left it.
+    """
+    path = write_csv(tmp_path, "parks.csv", FLAG_LINES)
+    assert 0 == run_import(db_url, path).returncode
+    before = full_rows(pg)
+
+    result = run_import(db_url, path)
+
+    assert 0 == result.returncode, result.stderr
+    assert before == full_rows(pg)
+
+
+def test_empty_flag_keeps_the_existing_value(
+    db_url: str, tmp_path: Path, pg: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """An empty flag in the file leaves that flag of an existing park as it was, while a given flag
+    is updated.
+    """
+    assert 0 == run_import(db_url, write_csv(tmp_path, "first.csv", FLAG_LINES)).returncode
+
+    result = run_import(
+        db_url,
+        write_csv(tmp_path, "second.csv", ["imp-1,,false", "imp-2,false,", "imp-4,,"]),
+    )
+
+    assert 0 == result.returncode, result.stderr
+    assert {
+        "imp-1": (True, False),
+        "imp-2": (False, False),
+        "imp-3": (False, True),
+        "imp-4": (False, False),
+    } == parks(pg)
+
+
+@pytest.mark.parametrize(
+    "bad_line",
+    [
+        pytest.param("bad park!,true,true", id="bad-park-id"),
+        pytest.param("imp-9,maybe,true", id="flag-maybe"),
+    ],
+)
+def test_malformed_row_imports_nothing(
+    db_url: str, tmp_path: Path, pg: psycopg.Connection[dict[str, Any]], bad_line: str
+) -> None:
+    """A file with one malformed row (bad park id, or a flag that is not a boolean) exits non-zero
+    and imports none of its rows.
+    """
+    assert 0 == run_import(db_url, write_csv(tmp_path, "first.csv", ["imp-1,true,true"])).returncode
+    before = full_rows(pg)
+
+    result = run_import(
+        db_url, write_csv(tmp_path, "bad.csv", ["imp-1,false,false", "imp-5,true,true", bad_line])
+    )
+
+    assert 0 != result.returncode
+    assert before == full_rows(pg)
+    assert 1 == len(import_entries(pg))
+
+
+def test_import_is_audited(
+    db_url: str, tmp_path: Path, pg: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """An import writes one admin audit entry `parks.import` naming the file and the counts."""
+    assert 0 == run_import(db_url, write_csv(tmp_path, "first.csv", FLAG_LINES[:2])).returncode
+
+    result = run_import(
+        db_url, write_csv(tmp_path, "second.csv", ["imp-2,false,false", *FLAG_LINES[2:]])
+    )
+
+    assert 0 == result.returncode, result.stderr
+    entries = import_entries(pg)
+    assert 2 == len(entries)
+    last = entries[-1]
+    assert ("admin", "ok") == (last["actor_type"], last["outcome"])
+    assert {"file": "second.csv", "rows": 3, "created": 2, "updated": 1} == last["details"]
