@@ -16,7 +16,7 @@ migrated database. The Billing emulator, the API and the workers run as real
 subprocesses and are all stopped at the end.
 
 Environment: BENCH_SCALE (default 1.0) scales durations and park counts;
-BENCH_VERBOSE=1 lists the top statements of figure 2; BENCH_DURABLE=1 keeps
+BENCH_VERBOSE=1 lists the top statements of figures 2 and 4; BENCH_DURABLE=1 keeps
 fsync on in the embedded server; BENCH_FAIL_ON_MISS=1 exits 1 on any MISS.
 """
 
@@ -752,6 +752,19 @@ async def _billing_calls_by_endpoint(metrics_url: str) -> dict[str, int]:
     return {k: v for k, v in sorted(calls.items()) if v}
 
 
+async def _db_queries_sent(metrics_urls: Sequence[str]) -> float:
+    """fleet_payouts_db_queries_total summed over the processes' /metrics."""
+    total = 0.0
+    async with httpx.AsyncClient(timeout=5) as client:
+        for url in metrics_urls:
+            text = (await client.get(url)).text
+            total += sum(float(v) for v in _DB_QUERIES_RE.findall(text))
+    return total
+
+
+_DB_QUERIES_RE = re.compile(r"^fleet_payouts_db_queries_total\{[^}]*\} ([0-9.e+]+)$", re.MULTILINE)
+
+
 async def figure_statements(b: Bench) -> Figure:
     k = max(20, round(200 * b.scale))
     # 30 s: a whole number of every background period (heartbeats 10 s, gauges
@@ -773,7 +786,9 @@ async def figure_statements(b: Bench) -> Figure:
         await b.set_balances(parks, "1000.00")
         env = {"PERIODIC_SCAN_CRON": NEVER_CRON}
         _api, api_url = await b.api(url, env)
-        worker = await b.worker(url, env)
+        worker_metrics = _free_port()
+        worker = await b.worker(url, env, metrics_port=worker_metrics)
+        metrics = [f"{api_url}/metrics", f"http://127.0.0.1:{worker_metrics}/metrics"]
         async with await _connect(await b.observer_url(url)) as obs:
 
             async def worker_ready() -> bool:
@@ -785,11 +800,14 @@ async def figure_statements(b: Bench) -> Figure:
             await asyncio.sleep(min(3.0, window))  # start-up statements settle
 
             await obs.execute("SELECT pg_stat_statements_reset()")
+            sent_before = await _db_queries_sent(metrics)
             await asyncio.sleep(window)
             idle_top, idle_all = await _statement_counts(obs, dbname, role)
+            idle_sent = await _db_queries_sent(metrics) - sent_before
             _note(f"idle window {window:.1f} s: {idle_top} statements")
 
             await obs.execute("SELECT pg_stat_statements_reset()")
+            sent_before = await _db_queries_sent(metrics)
             start = time.monotonic()
             async with _api_client(api_url) as client:
                 presses = await _press(client, iter(parks))
@@ -814,6 +832,7 @@ async def figure_statements(b: Bench) -> Figure:
                 await asyncio.sleep(window - done)
             busy = max(window, done)
             total_top, total_all = await _statement_counts(obs, dbname, role)
+            busy_sent = await _db_queries_sent(metrics) - sent_before
             top = await _top_statements(obs, dbname, role, k) if b.verbose else []
             timing = await (
                 await obs.execute(
@@ -839,6 +858,9 @@ async def figure_statements(b: Bench) -> Figure:
         f"(idle {window:.1f} s: {idle_top}), (total - background) / {k} = {per_payout:.2f}",
         f"including statements nested in functions and triggers: "
         f"{(total_all - background_all) / k:.2f} per payout",
+        f"as the processes count them (fleet_payouts_db_queries_total: with the pool's "
+        f"connection checks, without BEGIN/COMMIT): "
+        f"{(busy_sent - idle_sent * busy / window) / k:.2f} per payout",
     ]
     if top:
         details.append("top statements (calls, per payout, level, query):")
@@ -967,6 +989,10 @@ async def figure_periodic_scan(b: Bench) -> Figure:
     ratio = scan.seconds / base.seconds
     growth = mem_big.peak_bytes / max(1, mem_small.peak_bytes)
     flat = growth <= 1.5
+    if small < 2 * periodic.BATCH:
+        details_note = [f"(below {2 * periodic.BATCH:,} parks the memory comparison means little)"]
+    else:
+        details_note = []
     complete = scan.created == big and base.created == big
     details = [
         f"scan: {scan.created:,} payouts in {scan.seconds:.2f} s "
@@ -978,6 +1004,7 @@ async def figure_periodic_scan(b: Bench) -> Figure:
         f"baseline {big:,} parks {_mib(mem_base.peak_bytes)}",
         f"time under tracemalloc: scan {mem_big.seconds:.2f} s, baseline {mem_base.seconds:.2f} s",
     ]
+    details += details_note
     if not complete:
         details.append(f"INCOMPLETE: expected {big:,} payouts from each")
     return Figure(

@@ -4,8 +4,11 @@
 SELECT park_id FROM parks k
 WHERE k.periodic_payouts_enabled
   AND greatest(k.registered_at, k.last_payout_at, k.last_periodic_attempt_at) <= now() - %(period)s
-  AND NOT EXISTS (SELECT 1 FROM payouts x
-                  WHERE x.park_id = k.park_id AND x.status IN ('pending', 'processing'))
+  -- "Nothing in flight" as one index probe per park (payouts_one_in_flight_per_park).
+  -- NOT EXISTS lets the planner pick a join that, with statistics taken
+  -- before a big batch, compares every candidate with every in-flight payout.
+  AND (SELECT x.id FROM payouts x
+       WHERE x.park_id = k.park_id AND x.status IN ('pending', 'processing')) IS NULL
 ORDER BY greatest(k.registered_at, k.last_payout_at, k.last_periodic_attempt_at)
 LIMIT %(limit)s
 
@@ -16,8 +19,11 @@ SELECT park_id FROM parks k
 WHERE k.park_id = ANY(%(park_ids)s)
   AND k.periodic_payouts_enabled
   AND greatest(k.registered_at, k.last_payout_at, k.last_periodic_attempt_at) <= now() - %(period)s
-  AND NOT EXISTS (SELECT 1 FROM payouts x
-                  WHERE x.park_id = k.park_id AND x.status IN ('pending', 'processing'))
+  -- "Nothing in flight" as one index probe per park (payouts_one_in_flight_per_park).
+  -- NOT EXISTS lets the planner pick a join that, with statistics taken
+  -- before a big batch, compares every candidate with every in-flight payout.
+  AND (SELECT x.id FROM payouts x
+       WHERE x.park_id = k.park_id AND x.status IN ('pending', 'processing')) IS NULL
 ORDER BY k.park_id
 FOR UPDATE OF k SKIP LOCKED
 

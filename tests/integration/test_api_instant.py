@@ -266,7 +266,9 @@ def test_same_key_with_another_body_is_refused(
     assert ["ok", "idempotency_key_reused"] == press_outcomes(sql, "p1")
 
 
-@pytest.mark.parametrize(("first", "second"), [(b"", {}), ({}, b"")], ids=["empty-then-{}", "{}-then-empty"])
+@pytest.mark.parametrize(
+    ("first", "second"), [(b"", {}), ({}, b"")], ids=["empty-then-{}", "{}-then-empty"]
+)
 def test_empty_body_and_empty_object_are_the_same_body(
     client: TestClient, sql: psycopg.Connection[DictRow], first: Any, second: Any
 ) -> None:
@@ -316,7 +318,7 @@ def test_press_while_a_payout_is_in_flight_is_refused(
 def test_press_within_cooldown_after_success_is_refused(
     client: TestClient, sql: psycopg.Connection[DictRow]
 ) -> None:
-    """Within K hours of a succeeded instant payout a press is 429 with Retry-After and next_available_at."""
+    """Within K of a succeeded instant payout a press is 429, Retry-After, next_available_at."""
     register(client)
     first = press(client, key="k1", body={"amount": "10.00"})
     assert 202 == first.status_code, first.text
@@ -372,9 +374,7 @@ def test_press_is_accepted_again_once_cooldown_ends(
     assert 2 == len(payout_ids(sql))
 
 
-def test_amount_above_the_limit_is_refused(
-    db_url: str, sql: psycopg.Connection[DictRow]
-) -> None:
+def test_amount_above_the_limit_is_refused(db_url: str, sql: psycopg.Connection[DictRow]) -> None:
     """An amount above PAYOUT_MAX_AMOUNT is 422 amount_above_limit, audited, nothing created."""
     with api(db_url, payout_max_amount=Decimal("500.00")) as client:
         register(client)
@@ -412,7 +412,7 @@ BAD_BODIES = {
 def test_bad_body_is_refused_and_audited(
     client: TestClient, sql: psycopg.Connection[DictRow], raw: bytes
 ) -> None:
-    """A body that is not `{}` or `{"amount": "<positive, 2 decimals>"}` is 400, audited, no payout."""
+    """A body other than `{}` or `{"amount": "<positive, ≤2 decimals>"}` is an audited 400."""
     register(client)
     assert_error(press(client, body=raw), 400, "invalid_request")
     assert [] == payout_ids(sql)
