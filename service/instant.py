@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg.errors
 
-from service import audit, db, payouts
+from service import audit, db, parks, payouts
 from service.domain import Availability, instant_availability
 from service.settings import Settings
 from service.worker import tasks
@@ -75,21 +75,28 @@ async def request_instant(conn: db.Conn, settings: Settings, req: InstantRequest
         raise
     except psycopg.errors.UniqueViolation as exc:
         # The park row lock makes this unreachable; the unique indexes are the
-        # backstop if someone writes payouts without taking it.
+        # backstop if someone writes payouts without taking it. A payout made
+        # with our key in the meantime is a replay, anything else a conflict.
+        existing = await db.fetch_one(
+            conn, payouts.Q["park_state"], park_id=req.park_id, idempotency_key=req.idempotency_key
+        )
+        if existing and existing["existing_fingerprint"] == req.fingerprint:
+            replay = await payouts.get(conn, existing["existing_id"])
+            assert replay is not None
+            return Accepted(replay, replay=True)
         conflict = Refused("payout_in_progress", "another payout for this park is in flight")
         await _audit_refusal(conn, req, conflict)
         raise conflict from exc
 
 
 async def _decide_and_enqueue(conn: db.Conn, settings: Settings, req: InstantRequest) -> Accepted:
-    park = await db.fetch_one(
-        conn,
-        payouts.Q["instant_check"],
-        park_id=req.park_id,
-        idempotency_key=req.idempotency_key,
-    )
-    if park is None:
+    # Every decision about one park's payouts is serialised on its row.
+    if await parks.lock(conn, req.park_id) is None:
         raise Refused("park_not_found", f"park {req.park_id} is not registered")
+    park = await db.fetch_one(
+        conn, payouts.Q["park_state"], park_id=req.park_id, idempotency_key=req.idempotency_key
+    )
+    assert park is not None  # locked above: it cannot vanish
 
     if park["existing_id"] is not None:
         if park["existing_fingerprint"] != req.fingerprint:
@@ -194,7 +201,7 @@ async def _audit_refusal(conn: db.Conn, req: InstantRequest, refusal: Refused) -
 
 async def availability(conn: db.Conn, settings: Settings, park_id: str) -> Availability | None:
     """The button's state for a park, or None if the park is not registered."""
-    park = await db.fetch_one(conn, payouts.Q["availability"], park_id=park_id)
+    park = await db.fetch_one(conn, payouts.Q["park_state"], park_id=park_id, idempotency_key=None)
     if park is None:
         return None
     return instant_availability(

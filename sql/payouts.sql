@@ -15,10 +15,14 @@ WITH created AS (
 )
 SELECT * FROM created
 
--- instant_check --
--- Lock the park row (every decision about one park's payouts is serialised
--- on it) and read all the request path needs, in one round trip.
-SELECT k.*,
+-- park_state --
+-- All the rules need to know about one park: the flag, the payout made with
+-- this Idempotency-Key (if any), whether one is in flight, the newest instant
+-- payout that counts for the cooldown. The request path runs it right after
+-- locking the park row, as a statement of its own: a statement that waited
+-- for the lock still reads from the snapshot it started with, and would miss
+-- the payout the lock holder just committed.
+SELECT k.instant_payouts_enabled,
        (SELECT x.id FROM payouts x
         WHERE x.park_id = k.park_id AND x.idempotency_key = %(idempotency_key)s) AS existing_id,
        (SELECT x.request_fingerprint FROM payouts x
@@ -30,22 +34,10 @@ SELECT k.*,
           AND x.status NOT IN ('failed', 'skipped')) AS last_counted_instant_at
 FROM parks k
 WHERE k.park_id = %(park_id)s
-FOR UPDATE OF k
 
 -- set_job --
 -- Remember which procrastinate job drives the payout, for the completer.
 UPDATE payouts SET job_id = %(job_id)s WHERE id = %(id)s AND status IN ('pending', 'processing')
-
--- availability --
--- What draws the button: the same facts as instant_check, read without a lock.
-SELECT k.instant_payouts_enabled,
-       EXISTS (SELECT 1 FROM payouts x
-               WHERE x.park_id = k.park_id AND x.status IN ('pending', 'processing')) AS in_flight,
-       (SELECT max(x.created_at) FROM payouts x
-        WHERE x.park_id = k.park_id AND x.kind = 'instant'
-          AND x.status NOT IN ('failed', 'skipped')) AS last_counted_instant_at
-FROM parks k
-WHERE k.park_id = %(park_id)s
 
 -- get --
 -- One payout by id.

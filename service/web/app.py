@@ -23,7 +23,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from service import audit, db, instant, maintenance, parks, payouts
-from service.domain import is_visible_ascii, next_periodic_payout_at, parse_money
+from service.background import Every
+from service.domain import is_park_id, next_periodic_payout_at, parse_money
 from service.settings import Settings
 from service.web import http
 from service.web.errors import EXCEPTION_HANDLERS, ApiError
@@ -54,33 +55,19 @@ def pool_of(request: Request) -> db.Pool:
 async def post_instant(request: Request) -> Response:
     settings = settings_of(request)
     http.authenticate(request, settings, "api")
-    park_id = http.park_header(request)
-    user_id = http.user_header(request)
-    key = http.header(
-        request,
-        "Idempotency-Key",
-        lambda v: is_visible_ascii(v, 128),
-        "1-128 visible ASCII characters",
-    )
     req_id = http.request_id(request)
     try:
+        park_id = http.park_header(request)
+        user_id = http.user_header(request)
+        key = http.header(
+            request, "Idempotency-Key", http.is_idempotency_key, "1-128 visible ASCII characters"
+        )
         body = await http.json_object(request, {"amount"})
         amount = _amount(body.get("amount"))
     except ApiError as error:
-        # A malformed press is still a user action on record.
-        async with pool_of(request).connection() as conn, conn.transaction():
-            await audit.write(
-                conn,
-                audit.Entry(
-                    actor_type="user",
-                    actor_id=user_id,
-                    park_id=park_id,
-                    action=instant.ACTION,
-                    outcome=error.code,
-                    request_id=req_id,
-                    details={"idempotency_key": key, "message": error.message},
-                ),
-            )
+        # A malformed press is still a user action on record, with whatever
+        # of its headers could be trusted.
+        await _audit_malformed_press(request, req_id, error)
         raise
     req = instant.InstantRequest(
         park_id=park_id, user_id=user_id, idempotency_key=key, request_id=req_id, amount=amount
@@ -97,6 +84,28 @@ async def post_instant(request: Request) -> Response:
             raise ApiError(refusal.code, refusal.message, details, headers) from None
     status = 200 if accepted.replay and accepted.payout["status"] != "pending" else 202
     return JSONResponse(http.payout_json(accepted.payout), status_code=status)
+
+
+async def _audit_malformed_press(request: Request, req_id: str, error: ApiError) -> None:
+    park_id = http.optional_header(request, "X-Park-Id", is_park_id)
+    async with pool_of(request).connection() as conn, conn.transaction():
+        await audit.write(
+            conn,
+            audit.Entry(
+                actor_type="user",
+                actor_id=http.optional_header(request, "X-User-Id", http.is_user_id),
+                park_id=park_id,
+                action=instant.ACTION,
+                outcome=error.code,
+                request_id=req_id,
+                details={
+                    "idempotency_key": http.optional_header(
+                        request, "Idempotency-Key", http.is_idempotency_key
+                    ),
+                    "message": error.message,
+                },
+            ),
+        )
 
 
 def _amount(raw: Any) -> Decimal | None:
@@ -301,15 +310,6 @@ ROUTES = [
 ]
 
 
-async def _refresh_gauges(pool: db.Pool) -> None:
-    while True:
-        try:
-            await maintenance.refresh_gauges(pool)
-        except Exception as exc:
-            logger.warning("gauge refresh failed: %s", exc)
-        await asyncio.sleep(GAUGE_SECONDS)
-
-
 def create_app(settings: Settings) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -317,14 +317,12 @@ def create_app(settings: Settings) -> ASGIApp:
         # Open without waiting: /ping must answer even while the database is
         # down, and /ready says whether it is up.
         await pool.open(wait=False)
-        refresher = asyncio.create_task(_refresh_gauges(pool))
+        gauges = Every(GAUGE_SECONDS, lambda: maintenance.refresh_gauges(pool), "gauges").start()
         async with queue_app.open_async(pool=pool):
             try:
                 yield {"settings": settings, "pool": pool}
             finally:
-                refresher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await refresher
+                await gauges.stop()
         await pool.close()
 
     app = Starlette(

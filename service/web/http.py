@@ -86,14 +86,26 @@ def header(request: Request, name: str, check: Callable[[str], bool], what: str)
     return value
 
 
+def optional_header(request: Request, name: str, check: Callable[[str], bool]) -> str | None:
+    """The header if present and well-formed, else None (for the audit of a refusal)."""
+    value = request.headers.get(name)
+    return value if value is not None and check(value) else None
+
+
+def is_user_id(value: str) -> bool:
+    return is_visible_ascii(value, 128)
+
+
+def is_idempotency_key(value: str) -> bool:
+    return is_visible_ascii(value, 128)
+
+
 def park_header(request: Request) -> str:
     return header(request, "X-Park-Id", is_park_id, "1-64 letters, digits, _ or -")
 
 
 def user_header(request: Request) -> str:
-    return header(
-        request, "X-User-Id", lambda v: is_visible_ascii(v, 128), "1-128 visible ASCII characters"
-    )
+    return header(request, "X-User-Id", is_user_id, "1-128 visible ASCII characters")
 
 
 def park_path(request: Request) -> str:
@@ -172,7 +184,7 @@ def decode_cursor(
         if not isinstance(data, list) or len(data) != len(kinds):
             raise ValueError("wrong shape")
         return tuple(kind(value) for kind, value in zip(kinds, data, strict=True))
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, AttributeError, binascii.Error, UnicodeDecodeError):
         raise ApiError("invalid_request", "cursor was not issued by this API") from None
 
 

@@ -7,15 +7,15 @@ count in procrastinate_workers.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from procrastinate import JobContext
 from procrastinate.worker import Worker
 
 from service import db, maintenance, periodic
+from service.background import Every
 from service.billing.client import BillingClient, Budget, live_workers
 from service.execution import Deps
 from service.settings import Settings
@@ -64,15 +64,6 @@ def register_periodic(settings: Settings) -> None:
     app.periodic(cron=settings.periodic_scan_cron, priority=urgent)(periodic_scan)
     app.periodic(cron=MAINTENANCE_CRON, priority=urgent)(maintenance_task)
     app.periodic(cron=HOUSEKEEPING_CRON, priority=urgent)(housekeeping)
-
-
-async def _every(seconds: float, what: Callable[[], Awaitable[None]]) -> None:
-    while True:
-        try:
-            await what()
-        except Exception:
-            logger.exception("background refresh failed")
-        await asyncio.sleep(seconds)
 
 
 @contextlib.asynccontextmanager
@@ -134,14 +125,11 @@ async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int 
         deps.billing.budget.hold(1.5 * recount)
         await keep_budget_share(deps, worker)
         background = [
-            asyncio.create_task(_every(recount, lambda: keep_budget_share(deps, worker))),
-            asyncio.create_task(
-                _every(GAUGE_SECONDS, lambda: maintenance.refresh_gauges(deps.pool))
-            ),
+            Every(recount, lambda: keep_budget_share(deps, worker), "budget share").start(),
+            Every(GAUGE_SECONDS, lambda: maintenance.refresh_gauges(deps.pool), "gauges").start(),
         ]
         try:
             await worker.run()  # type: ignore[no-untyped-call]  # procrastinate leaves it unannotated
         finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            for chore in background:
+                await chore.stop()

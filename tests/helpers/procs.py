@@ -31,6 +31,8 @@ def wait_for(
             value = condition()
             if value:
                 return value
+        except AssertionError:
+            raise  # the condition itself decided the wait is hopeless
         except Exception as exc:
             last_exc = exc
         time.sleep(interval)
@@ -98,8 +100,7 @@ class Cluster:
         url = f"http://127.0.0.1:{port}"
         wait_for(
             lambda: (
-                (proc.alive()
-                and httpx.get(f"{url}/ping", timeout=1).status_code == 200)
+                (proc.alive() and httpx.get(f"{url}/ping", timeout=1).status_code == 200)
                 or _dead(proc)
             ),
             what=f"API on {url}",

@@ -419,6 +419,18 @@ def test_bad_body_is_refused_and_audited(
     assert ["invalid_request"] == press_outcomes(sql, "p1")
 
 
+def test_oversized_body_without_content_length_is_refused(
+    client: TestClient, sql: psycopg.Connection[DictRow]
+) -> None:
+    """A streamed (chunked) body over 16 KiB is 400 even though no Content-Length announces it."""
+    register(client)
+    chunks = [b'{"amount": "10.00"', *([b" " * 1024] * 17), b"}"]
+    r = client.post("/v1/payouts/instant", content=iter(chunks), headers=press_headers())
+    assert "content-length" not in r.request.headers
+    assert_error(r, 400, "invalid_request")
+    assert [] == payout_ids(sql)
+
+
 def _without(name: str) -> dict[str, str]:
     headers = press_headers()
     del headers[name]
