@@ -29,6 +29,7 @@ import dataclasses
 import math
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -523,6 +524,104 @@ async def _press(
     return Presses(statuses, time.perf_counter() - start, ran_out)
 
 
+# wrk drives figure 1 when it is installed: a C load generator costs the shared
+# 2 CPUs far less per request than an httpx client in this process, which
+# would otherwise take CPU from the API and PostgreSQL it is measuring.
+WRK_THREADS = 1
+# Each wrk thread takes parks svc-<first + t * per + n>, n = 0, 1, ..., per - 1,
+# each with its own Idempotency-Key, and stops when its range is used up.
+WRK_LUA = r"""
+local threads = {}
+local counter = 0
+function setup(thread)
+  thread:set("tid", counter)
+  table.insert(threads, thread)
+  counter = counter + 1
+end
+function init(args)
+  first = tonumber(args[1]); per = tonumber(args[2]); user = args[3]
+  n = 0; statuses = {}; ran_out = 0
+  base = first + tid * per
+end
+function request()
+  if n >= per then
+    ran_out = 1
+    wrk.thread:stop()
+  end
+  local park = "svc-" .. (base + n)
+  n = n + 1
+  local headers = {}
+  for k, v in pairs(wrk.headers) do headers[k] = v end
+  headers["X-Park-Id"] = park
+  headers["X-User-Id"] = user
+  headers["Idempotency-Key"] = "k-" .. park
+  return wrk.format("POST", "/v1/payouts/instant", headers, "")
+end
+function response(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+end
+function done(summary, latency, requests)
+  local all, out, parts = {}, 0, {}
+  for _, t in ipairs(threads) do
+    for k, v in pairs(t:get("statuses")) do all[k] = (all[k] or 0) + v end
+    if t:get("ran_out") == 1 then out = 1 end
+  end
+  for k, v in pairs(all) do table.insert(parts, k .. ":" .. v) end
+  io.write(string.format("FP-RESULT %d %d %d %d %s\n", summary.duration, out,
+    latency:percentile(50), latency:percentile(99), table.concat(parts, ",")))
+end
+"""
+_WRK_RE = re.compile(r"^FP-RESULT (\d+) ([01]) (\d+) (\d+) ?(\S*)$", re.MULTILINE)
+
+
+@dataclasses.dataclass
+class WrkPresses(Presses):
+    p50_ms: float
+    p99_ms: float
+    cpu_seconds: float  # wrk's own user + system CPU
+
+
+async def _wrk_press(
+    wrk: str, script: Path, url: str, *, first: int, parks: int, seconds: float
+) -> WrkPresses:
+    """CLIENTS connections press "Pay out now" for `seconds`, parks first.. first+parks-1."""
+    per_thread = parks // WRK_THREADS
+    args = [wrk, "-t", str(WRK_THREADS), "-c", str(CLIENTS), "-d", f"{max(1, math.ceil(seconds))}s"]
+    args += ["--timeout", "30s", "-H", f"Authorization: Bearer {API_TOKEN}", "-s", str(script)]
+    args += [url, "--", str(first), str(per_thread), USER_ID]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), seconds + 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    text = out.decode(errors="replace")
+    found = _WRK_RE.search(text)
+    if proc.returncode != 0 or found is None:
+        raise RuntimeError(
+            f"wrk exited with {proc.returncode}:\n{text}\n{err.decode(errors='replace')}"
+        )
+    duration_us, ran_out, p50_us, p99_us, pairs = found.groups()
+    statuses: collections.Counter[int] = collections.Counter()
+    for pair in filter(None, pairs.split(",")):
+        status, count = pair.split(":")
+        statuses[int(status)] += int(count)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return WrkPresses(
+        statuses,
+        int(duration_us) / 1e6,
+        ran_out == "1",
+        int(p50_us) / 1000,
+        int(p99_us) / 1000,
+        cpu,
+    )
+
+
 def _fill(query: str, **exprs: str) -> str:
     """A named query with its %(name)s placeholders replaced by pgbench expressions."""
     for name, expr in exprs.items():
@@ -543,7 +642,8 @@ def pgbench_script(max_amount: Decimal) -> str:
     payout_id = "md5('pgb-' || :id::text)::uuid"
     fingerprint = InstantRequest("p", USER_ID, "k", "r", None).fingerprint
     q = db.queries("payouts")
-    check = _fill(q["instant_check"], park_id=park, idempotency_key=key)
+    lock = _fill(db.queries("parks")["lock"], park_id=park)
+    state = _fill(q["park_state"], park_id=park, idempotency_key=key)
     job = (
         "ARRAY[ROW('payouts', 'execute_payout', 0, NULL, NULL, "
         f"jsonb_build_object('payout_id', {payout_id}::text), NULL)]"
@@ -567,7 +667,8 @@ def pgbench_script(max_amount: Decimal) -> str:
             "\\set n :n + 1",
             f"\\set id :client_id * {PGB_STRIDE} + :n",
             "BEGIN;",
-            f"{check};",
+            f"{lock};",
+            f"{state};",
             f"{defer} \\gset job_",
             f"{insert};",
             "COMMIT;",
@@ -637,12 +738,35 @@ async def figure_instant_throughput(b: Bench) -> Figure:
         _note(f"{service_parks:,} + {CLIENTS * pgbench_parks:,} parks registered")
 
         api, api_url = await b.api(url)
-        parks = iter([f"svc-{i}" for i in range(1, service_parks + 1)])
-        async with _api_client(api_url) as client:
-            await _press(client, parks, seconds=warmup)
+        wrk = shutil.which("wrk")
+        presses: Presses
+        if wrk is not None:
+            generator = f"wrk -t {WRK_THREADS} -c {CLIENTS} (Lua script: one park and key each)"
+            lua = b.workdir / "instant.lua"
+            lua.write_text(WRK_LUA)
+            # wrk runs whole seconds: the warm-up takes the first 2,000 parks a second.
+            warm_parks = 2000 * (math.ceil(warmup) + 1)
+            await _wrk_press(wrk, lua, api_url, first=1, parks=warm_parks, seconds=warmup)
             cpu_before = api.cpu_seconds()
-            presses = await _press(client, parks, seconds=seconds)
+            presses = await _wrk_press(
+                wrk,
+                lua,
+                api_url,
+                first=warm_parks + 1,
+                parks=service_parks - warm_parks,
+                seconds=seconds,
+            )
             api_cpu = api.cpu_seconds() - cpu_before
+        else:
+            generator = "httpx.AsyncClient in the bench process (wrk not found: install it"
+            generator += " for a load generator that takes less CPU from the API and PostgreSQL)"
+            _note("wrk not found: falling back to the in-process httpx load generator")
+            parks = iter([f"svc-{i}" for i in range(1, service_parks + 1)])
+            async with _api_client(api_url) as client:
+                await _press(client, parks, seconds=warmup)
+                cpu_before = api.cpu_seconds()
+                presses = await _press(client, parks, seconds=seconds)
+                api_cpu = api.cpu_seconds() - cpu_before
         await b.stop(api)
         service_rps = presses.accepted / presses.seconds
         _note(f"service: {service_rps:.1f} req/s")
@@ -662,16 +786,24 @@ async def figure_instant_throughput(b: Bench) -> Figure:
         f"{warmup:.1f} s warm-up; non-202: {presses.others}"
         + ("; RAN OUT OF PARKS" if presses.ran_out else ""),
         f"API process CPU: {1000 * api_cpu / max(1, presses.accepted):.2f} ms per request, "
-        f"{100 * api_cpu / presses.seconds:.0f}% of one core (the bench's own HTTP client "
+        f"{100 * api_cpu / presses.seconds:.0f}% of one core (the load generator "
         f"shares the {os.cpu_count()} CPUs with it and PostgreSQL)",
+        f"load generator: {generator}"
+        + (
+            f"; its CPU {1000 * presses.cpu_seconds / max(1, sum(presses.statuses.values())):.3f}"
+            f" ms per request; latency p50 {presses.p50_ms:.1f} ms, p99 {presses.p99_ms:.1f} ms"
+            if isinstance(presses, WrkPresses)
+            else ""
+        ),
         f"pgbench: {pg.transactions:,} transactions ({pg.failed} failed) in {seconds} s, "
-        f"{made:,} payouts written; script {script.name}: BEGIN; instant_check; defer_jobs; "
-        "insert_instant; COMMIT",
+        f"{made:,} payouts written; script {script.name}: BEGIN; parks.lock; park_state; "
+        "defer_jobs; insert_instant; COMMIT",
     ]
     return Figure(
         1,
         "instant request throughput",
-        f"{service_rps:,.1f} requests/s (API process, {CLIENTS} concurrent clients, no worker)",
+        f"{service_rps:,.1f} requests/s (API process, {CLIENTS} concurrent clients"
+        f"{' via wrk' if isinstance(presses, WrkPresses) else ' via httpx'}, no worker)",
         f"{pg.tps:,.1f} tps (pgbench -M prepared -c {CLIENTS} -j {PGBENCH_THREADS}, "
         "the same transaction, same database)",
         ratio,
