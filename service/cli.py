@@ -29,9 +29,15 @@ def _database_url() -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
+    import psycopg
+
     from service import migrate
 
-    applied = asyncio.run(migrate.migrate(_database_url()))
+    try:
+        applied = asyncio.run(migrate.migrate(_database_url()))
+    except (migrate.MigrationError, psycopg.Error) as exc:
+        print(f"fleet-payouts migrate: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(
         f"migrate: applied {len(applied)} migration(s)"
         + (f": {', '.join(applied)}" if applied else "")

@@ -16,14 +16,19 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import DictRow, dict_row
 
 from service import db, migrate
 from service.settings import Settings
 from tests.helpers.emulator import run_emulator
+
+if TYPE_CHECKING:
+    from starlette.testclient import TestClient
 
 TEMPLATE = f"fp_template_{os.getpid()}"
 _counter = itertools.count()
@@ -173,3 +178,25 @@ def service_env(db_url: str, billing_url: str, **overrides: str) -> dict[str, st
     )
     env.update(overrides)
     return env
+
+
+@pytest.fixture
+def pg(db_url: str) -> Iterator[psycopg.Connection[DictRow]]:
+    """A plain autocommit connection to the test database, rows as dicts, for setup and checks."""
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
+        yield c
+
+
+@pytest.fixture
+def sql(pg: psycopg.Connection[DictRow]) -> psycopg.Connection[DictRow]:
+    """`pg` under the name the API tests give it."""
+    return pg
+
+
+@pytest.fixture
+def client(db_url: str) -> Iterator[TestClient]:
+    """A client for the API app on this test's database, its lifespan running."""
+    from tests.helpers.api import app_client
+
+    with app_client(db_url) as c:
+        yield c

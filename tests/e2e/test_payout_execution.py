@@ -6,20 +6,28 @@ against a fresh database and the session's emulator, reset per test.
 
 from __future__ import annotations
 
-import urllib.parse
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import dict_row
 
-from tests.conftest import ADMIN_TOKEN, API_TOKEN, service_env
+from tests.conftest import service_env
+from tests.helpers.api import (
+    ADMIN,
+    billing_balance,
+    park_headers,
+    press_headers,
+    register,
+    rows,
+    set_balance,
+    set_faults,
+    stats,
+    transfers,
+)
 from tests.helpers.procs import cluster, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -30,91 +38,9 @@ FINAL = ("succeeded", "failed", "skipped")
 # --- helpers -----------------------------------------------------------------------
 
 
-def as_url(conninfo: str) -> str:
-    """The `db_url` fixture may be a libpq key=value string; DATABASE_URL must be a URL."""
-    if "://" in conninfo:
-        return conninfo
-    d = conninfo_to_dict(conninfo)
-    q = urllib.parse.quote
-    auth = q(str(d.get("user", "")), safe="")
-    if d.get("password"):
-        auth += ":" + q(str(d["password"]), safe="")
-    return f"postgresql://{auth}@{d.get('host', '127.0.0.1')}:{d.get('port', 5432)}/{d['dbname']}"
-
-
-def env(db_url: str, billing_url: str, **overrides: str) -> dict[str, str]:
-    return service_env(as_url(db_url), billing_url, **overrides)
-
-
-@pytest.fixture
-def pg(db_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
-    """A plain autocommit connection to the test database, for polling and checks."""
-    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
-        yield c
-
-
-def rows(pg: psycopg.Connection[dict[str, Any]], sql: str, **params: Any) -> list[dict[str, Any]]:
-    return pg.execute(sql, params).fetchall()
-
-
-def admin(user: str = "admin-1") -> dict[str, str]:
-    return {"Authorization": f"Bearer {ADMIN_TOKEN}", "X-User-Id": user}
-
-
-def register(api: str, park_id: str, *, instant: bool = True, periodic: bool = False) -> None:
-    r = httpx.put(
-        f"{api}/v1/parks/{park_id}",
-        json={"instant_payouts_enabled": instant, "periodic_payouts_enabled": periodic},
-        headers=admin(),
-        timeout=10,
-    )
-    assert 201 == r.status_code, r.text
-
-
-def set_balance(billing: str, park_id: str, available: str) -> None:
-    r = httpx.put(
-        f"{billing}/admin/balances/{park_id}",
-        json={"available": available, "currency": "RUB"},
-        timeout=10,
-    )
-    assert 200 == r.status_code, r.text
-
-
-def billing_balance(billing: str, park_id: str) -> Decimal:
-    r = httpx.get(f"{billing}/admin/balances/{park_id}", timeout=10)
-    assert 200 == r.status_code, r.text
-    return Decimal(r.json()["available"])
-
-
-def transfers(billing: str) -> list[dict[str, Any]]:
-    r = httpx.get(f"{billing}/admin/payouts", timeout=10)
-    r.raise_for_status()
-    payouts: list[dict[str, Any]] = r.json()["payouts"]
-    return payouts
-
-
-def stats(billing: str) -> dict[str, Any]:
-    r = httpx.get(f"{billing}/admin/stats", timeout=10)
-    r.raise_for_status()
-    result: dict[str, Any] = r.json()
-    return result
-
-
-def set_faults(billing: str, **faults: float) -> None:
-    httpx.put(f"{billing}/admin/faults", json=faults, timeout=10).raise_for_status()
-
-
-def park_headers(park_id: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {API_TOKEN}", "X-Park-Id": park_id}
-
-
 def press(api: str, park_id: str, amount: str | None = None) -> dict[str, Any]:
     """Press "Pay out now" for the park; returns the accepted payout."""
-    headers = {
-        **park_headers(park_id),
-        "X-User-Id": f"user-of-{park_id}",
-        "Idempotency-Key": uuid.uuid4().hex,
-    }
+    headers = press_headers(park_id, user=f"user-of-{park_id}", key=uuid.uuid4().hex)
     body = {"amount": amount} if amount is not None else {}
     r = httpx.post(f"{api}/v1/payouts/instant", json=body, headers=headers, timeout=10)
     assert 202 == r.status_code, r.text
@@ -172,10 +98,10 @@ def test_instant_payout_moves_min_of_balance_request_and_limit(
     """A pressed instant payout succeeds with min(balance, requested, max) moved once under its id,
     and is recorded on the park and in the audit log.
     """
-    environ = env(db_url, billing_url, PAYOUT_MAX_AMOUNT=max_amount)
+    environ = service_env(db_url, billing_url, PAYOUT_MAX_AMOUNT=max_amount)
     with cluster(environ, tmp_path) as c:
         api = c.api()
-        register(api, "park-a")
+        register(api, "park-a", periodic=False, status=201)
         set_balance(billing_url, "park-a", balance)
         c.worker()
         pressed = press(api, "park-a", requested)
@@ -189,12 +115,12 @@ def test_instant_payout_moves_min_of_balance_request_and_limit(
         ]
         assert moved[0]["id"] == done["billing_payout_id"]
         assert Decimal(balance) - Decimal(expected) == billing_balance(billing_url, "park-a")
-        park = httpx.get(f"{api}/v1/parks/park-a", headers=admin(), timeout=10).json()
+        park = httpx.get(f"{api}/v1/parks/park-a", headers=ADMIN, timeout=10).json()
         assert park["last_payout_at"] is not None
         r = httpx.get(
             f"{api}/v1/audit",
             params={"park_id": "park-a", "action": "payout.succeeded"},
-            headers=admin(),
+            headers=ADMIN,
             timeout=10,
         )
         entries = r.json()["entries"]
@@ -221,9 +147,9 @@ def test_instant_payout_without_money_to_move_orders_nothing(
     """A zero balance ends `skipped` and a park Billing does not know ends `failed`
     (park_not_found), with no transfer either way.
     """
-    with cluster(env(db_url, billing_url), tmp_path) as c:
+    with cluster(service_env(db_url, billing_url), tmp_path) as c:
         api = c.api()
-        register(api, "park-z")
+        register(api, "park-z", periodic=False, status=201)
         if balance is not None:
             set_balance(billing_url, "park-z", balance)
         c.worker()
@@ -233,7 +159,7 @@ def test_instant_payout_without_money_to_move_orders_nothing(
 
         assert (status, failure_code) == (done["status"], done["failure_code"])
         assert [] == transfers(billing_url)
-        park = httpx.get(f"{api}/v1/parks/park-z", headers=admin(), timeout=10).json()
+        park = httpx.get(f"{api}/v1/parks/park-z", headers=ADMIN, timeout=10).json()
         assert park["last_payout_at"] is None
 
 
@@ -266,10 +192,10 @@ def test_faulty_billing_still_pays_every_payout_exactly_once(
     """
     parks = [f"fault-{i:02d}" for i in range(50)]
     balances = {p: f"{100 + i}.{i:02d}" for i, p in enumerate(parks)}
-    with cluster(env(db_url, billing_url), tmp_path) as c:
+    with cluster(service_env(db_url, billing_url), tmp_path) as c:
         api = c.api()
         for park in parks:
-            register(api, park)
+            register(api, park, periodic=False, status=201)
             set_balance(billing_url, park, balances[park])
         set_faults(billing_url, **faults)
         c.worker()
@@ -317,10 +243,10 @@ def test_worker_killed_mid_order_payout_completes_once_on_another_worker(
     """A worker SIGKILLed while its order is in flight at Billing leaves a payout that another
     worker finishes `succeeded` with exactly one transfer.
     """
-    environ = env(db_url, billing_url, BILLING_TIMEOUT_SECONDS="10")
+    environ = service_env(db_url, billing_url, BILLING_TIMEOUT_SECONDS="10")
     with cluster(environ, tmp_path) as c:
         api = c.api()
-        register(api, "park-k")
+        register(api, "park-k", periodic=False, status=201)
         set_balance(billing_url, "park-k", "777.00")
         set_faults(billing_url, latency_ms=3000)
         first = c.worker()
@@ -363,10 +289,10 @@ def test_billing_calls_stay_within_global_rps_budget(
     window, with a tolerance of one request for window alignment (max_rps_1s <= 6).
     """
     parks = [f"rps-{i:02d}" for i in range(30)]
-    with cluster(env(db_url, billing_url, BILLING_RPS="5"), tmp_path) as c:
+    with cluster(service_env(db_url, billing_url, BILLING_RPS="5"), tmp_path) as c:
         api = c.api()
         for park in parks:
-            register(api, park)
+            register(api, park, periodic=False, status=201)
             set_balance(billing_url, park, "50.00")
         for _ in range(3):
             c.worker()

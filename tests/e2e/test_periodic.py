@@ -7,23 +7,22 @@ scan runs every second, so a few periods fit in one test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-import urllib.parse
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import dict_row
 
 from service import db, periodic
 from service.billing.client import BillingClient, Budget
 from service.execution import Deps
 from service.worker.app import app
-from tests.conftest import ADMIN_TOKEN, make_settings, service_env
+from tests.conftest import make_settings, service_env
+from tests.helpers.api import register, rows, set_balance, stats
 from tests.helpers.procs import cluster, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -34,56 +33,14 @@ EVERY_SECOND = "* * * * * */1"
 # --- helpers -----------------------------------------------------------------------
 
 
-def as_url(conninfo: str) -> str:
-    """The `db_url` fixture may be a libpq key=value string; DATABASE_URL must be a URL."""
-    if "://" in conninfo:
-        return conninfo
-    d = conninfo_to_dict(conninfo)
-    q = urllib.parse.quote
-    auth = q(str(d.get("user", "")), safe="")
-    if d.get("password"):
-        auth += ":" + q(str(d["password"]), safe="")
-    return f"postgresql://{auth}@{d.get('host', '127.0.0.1')}:{d.get('port', 5432)}/{d['dbname']}"
-
-
 def env(db_url: str, billing_url: str, period: timedelta, **overrides: str) -> dict[str, str]:
     return service_env(
-        as_url(db_url),
+        db_url,
         billing_url,
         PAYOUT_PERIOD_DAYS=str(period.total_seconds() / 86400),
         PERIODIC_SCAN_CRON=EVERY_SECOND,
         **overrides,
     )
-
-
-@pytest.fixture
-def pg(db_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
-    """A plain autocommit connection to the test database, for polling and checks."""
-    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
-        yield c
-
-
-def rows(pg: psycopg.Connection[dict[str, Any]], sql: str, **params: Any) -> list[dict[str, Any]]:
-    return pg.execute(sql, params).fetchall()
-
-
-def register(api: str, park_id: str, *, periodic: bool = True) -> None:
-    r = httpx.put(
-        f"{api}/v1/parks/{park_id}",
-        json={"periodic_payouts_enabled": periodic},
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "X-User-Id": "admin-1"},
-        timeout=10,
-    )
-    assert 201 == r.status_code, r.text
-
-
-def set_balance(billing: str, park_id: str, available: str) -> None:
-    r = httpx.put(
-        f"{billing}/admin/balances/{park_id}",
-        json={"available": available, "currency": "RUB"},
-        timeout=10,
-    )
-    assert 200 == r.status_code, r.text
 
 
 def periodic_payouts(
@@ -122,6 +79,32 @@ def spacing_violations(payouts: list[dict[str, Any]], period: timedelta) -> list
     return bad
 
 
+@contextlib.asynccontextmanager
+async def overdue_parks(db_url: str, billing_url: str, parks: list[str]) -> AsyncIterator[Deps]:
+    """Job dependencies with a 1 s payout period, and `parks` registered an hour ago (all due)."""
+    settings = make_settings(db_url, billing_url, payout_period=timedelta(seconds=1))
+    pool = db.make_pool(db_url, name="test", min_size=2, max_size=6)
+    await pool.open(wait=True)
+    billing = BillingClient(billing_url, token=None, timeout=5, budget=Budget(100))
+    try:
+        async with pool.connection() as conn:
+            await conn.execute("INSERT INTO parks (park_id) SELECT unnest(%s::text[])", (parks,))
+            await conn.execute("UPDATE parks SET registered_at = now() - interval '1 hour'")
+        yield Deps(pool=pool, billing=billing, settings=settings)
+    finally:
+        await billing.aclose()
+        await pool.close()
+
+
+async def periodic_counts(pool: db.Pool) -> dict[str, int]:
+    """How many periodic payouts each park has (parks without any are left out)."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT park_id, count(*) AS n FROM payouts WHERE kind = 'periodic' GROUP BY park_id"
+        )
+        return {r["park_id"]: r["n"] for r in await cur.fetchall()}
+
+
 # --- end to end ------------------------------------------------------------------
 
 
@@ -152,7 +135,7 @@ def test_due_parks_are_paid_once_per_period(
             set_balance(billing_url, park, "1000.00")
         set_balance(billing_url, empty, "0.00")
         for park in everyone:
-            register(api, park, periodic=park not in disabled)
+            register(api, park, instant=None, periodic=park not in disabled, status=201)
 
         # Due one period after registration, paid within the next one.
         first = wait_for(
@@ -194,7 +177,7 @@ def test_due_parks_are_paid_once_per_period(
         created = [x for xs in by_park.values() for x in xs]
         batches = len({x["created_at"] for x in created})
         with_money = sum(1 for x in created if x["status"] == "succeeded")
-        requests = httpx.get(f"{billing_url}/admin/stats", timeout=10).json()["requests"]
+        requests = stats(billing_url)["requests"]
         assert requests <= with_money + batches + 2, (
             f"{requests} Billing requests for {with_money} payouts in {batches} batches"
         )
@@ -212,7 +195,7 @@ def test_parks_due_during_an_outage_are_paid_when_a_worker_comes_back(
         api = c.api()
         for i, park in enumerate(parks):
             set_balance(billing_url, park, f"{200 + i}.00")
-            register(api, park)
+            register(api, park, instant=None, periodic=True, status=201)
         # Two whole periods without a worker: several scan ticks are missed.
         wait_for(
             lambda: rows(
@@ -259,29 +242,13 @@ async def test_doubled_scan_tick_creates_each_payout_once(db_url: str, billing_u
                 f"/admin/balances/{park}", json={"available": "10.00", "currency": "RUB"}
             )
             r.raise_for_status()
-    settings = make_settings(db_url, billing_url, payout_period=timedelta(seconds=1))
-    pool = db.make_pool(db_url, name="test", min_size=2, max_size=6)
-    await pool.open(wait=True)
-    billing = BillingClient(billing_url, token=None, timeout=5, budget=Budget(100))
-    try:
-        async with pool.connection() as conn:
-            await conn.execute("INSERT INTO parks (park_id) SELECT unnest(%s::text[])", (parks,))
-            await conn.execute("UPDATE parks SET registered_at = now() - interval '1 hour'")
-        deps = Deps(pool=pool, billing=billing, settings=settings)
-        async with app.open_async(pool=pool):
+    async with overdue_parks(db_url, billing_url, parks) as deps:
+        async with app.open_async(pool=deps.pool):
             together = await asyncio.gather(
                 periodic.scan(deps, batch_size=10), periodic.scan(deps, batch_size=10)
             )
             after = await periodic.scan(deps, batch_size=10)
-        async with pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT park_id, count(*) AS n FROM payouts WHERE kind = 'periodic' "
-                "GROUP BY park_id"
-            )
-            counts = {r["park_id"]: r["n"] for r in await cur.fetchall()}
-    finally:
-        await billing.aclose()
-        await pool.close()
+        counts = await periodic_counts(deps.pool)
 
     assert {p: 1 for p in parks} == counts
     assert len(parks) == sum(r.created for r in together)
@@ -295,31 +262,15 @@ async def test_doubled_batch_without_the_scan_lock_creates_each_payout_once(
     create exactly one periodic payout per park: the row locks and due re-check decide.
     """
     parks = [f"dup-{i:02d}" for i in range(20)]
-    settings = make_settings(db_url, billing_url, payout_period=timedelta(seconds=1))
-    pool = db.make_pool(db_url, name="test", min_size=2, max_size=6)
-    await pool.open(wait=True)
-    billing = BillingClient(billing_url, token=None, timeout=5, budget=Budget(100))
-    try:
-        async with pool.connection() as conn:
-            await conn.execute("INSERT INTO parks (park_id) SELECT unnest(%s::text[])", (parks,))
-            await conn.execute("UPDATE parks SET registered_at = now() - interval '1 hour'")
-        deps = Deps(pool=pool, billing=billing, settings=settings)
+    async with overdue_parks(db_url, billing_url, parks) as deps:
 
         async def one_batch() -> int:
-            async with pool.connection() as conn:
+            async with deps.pool.connection() as conn:
                 return await periodic.create_batch(conn, deps, parks, {})
 
-        async with app.open_async(pool=pool):
+        async with app.open_async(pool=deps.pool):
             made = await asyncio.gather(one_batch(), one_batch())
-        async with pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT park_id, count(*) AS n FROM payouts WHERE kind = 'periodic' "
-                "GROUP BY park_id"
-            )
-            counts = {r["park_id"]: r["n"] for r in await cur.fetchall()}
-    finally:
-        await billing.aclose()
-        await pool.close()
+        counts = await periodic_counts(deps.pool)
 
     assert {p: 1 for p in parks} == counts
     assert len(parks) == sum(made)

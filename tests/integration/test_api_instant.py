@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -12,11 +11,12 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from psycopg.rows import DictRow, dict_row
+from psycopg.rows import DictRow
 from starlette.testclient import TestClient
 
-from service.web.app import create_app
-from tests.conftest import ADMIN_TOKEN, API_TOKEN, make_settings
+from tests.conftest import API_TOKEN
+from tests.helpers.api import ADMIN, app_client, parse_ts, press_headers, register
+from tests.helpers.api import assert_error as assert_error_envelope
 from tests.helpers.procs import wait_for
 
 PAYOUT_FIELDS = {
@@ -35,46 +35,11 @@ PAYOUT_FIELDS = {
     "updated_at",
     "completed_at",
 }
-RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|\+00:00)$")
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}", "X-User-Id": "admin-1"}
 ACTION = "payout.instant.request"
 MAX_BODY = 16 * 1024
 
 
 # --- helpers -----------------------------------------------------------------------
-
-
-def api(db_url: str, **overrides: Any) -> TestClient:
-    return TestClient(create_app(make_settings(db_url, **overrides)))
-
-
-@pytest.fixture
-def client(db_url: str) -> Iterator[TestClient]:
-    with api(db_url) as c:
-        yield c
-
-
-@pytest.fixture
-def sql(db_url: str) -> Iterator[psycopg.Connection[DictRow]]:
-    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
-        yield c
-
-
-def press_headers(
-    park: str = "p1", user: str = "u1", key: str = "k1", **extra: str
-) -> dict[str, str]:
-    return {
-        "Authorization": f"Bearer {API_TOKEN}",
-        "X-Park-Id": park,
-        "X-User-Id": user,
-        "Idempotency-Key": key,
-        **extra,
-    }
-
-
-def register(client: TestClient, park: str = "p1", *, instant: bool = True) -> None:
-    r = client.put(f"/v1/parks/{park}", json={"instant_payouts_enabled": instant}, headers=ADMIN)
-    assert r.status_code in (200, 201), r.text
 
 
 def press(
@@ -87,10 +52,7 @@ def press(
 
 
 def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert status == r.status_code, r.text
-    body: dict[str, Any] = r.json()
-    assert {"code", "message", "details"} == set(body)
-    assert code == body["code"]
+    body = assert_error_envelope(r, status, code)
     assert isinstance(body["message"], str)
     assert isinstance(body["details"], dict)
     return body
@@ -136,11 +98,6 @@ def finish(sql: psycopg.Connection[DictRow], payout_id: str, status: str) -> Non
         )
 
 
-def parse_ts(value: str) -> datetime:
-    assert RFC3339_UTC.match(value), value
-    return datetime.fromisoformat(value)
-
-
 # --- accepted presses ------------------------------------------------------------------
 
 
@@ -184,7 +141,7 @@ def test_press_without_amount_requests_everything(client: TestClient) -> None:
 
 def test_amount_equal_to_the_limit_is_accepted(db_url: str) -> None:
     """An amount of exactly PAYOUT_MAX_AMOUNT is within the limit."""
-    with api(db_url, payout_max_amount=Decimal("500.00")) as client:
+    with app_client(db_url, payout_max_amount=Decimal("500.00")) as client:
         register(client)
         r = press(client, body={"amount": "500.00"})
     assert 202 == r.status_code, r.text
@@ -357,7 +314,7 @@ def test_press_is_accepted_again_once_cooldown_ends(
 ) -> None:
     """Once K has passed since the last counted instant payout, a press is accepted again."""
     headers = press_headers()
-    with api(db_url, instant_cooldown=timedelta(seconds=1)) as client:
+    with app_client(db_url, instant_cooldown=timedelta(seconds=1)) as client:
         register(client)
         first = press(client, key="k1")
         assert 202 == first.status_code, first.text
@@ -376,7 +333,7 @@ def test_press_is_accepted_again_once_cooldown_ends(
 
 def test_amount_above_the_limit_is_refused(db_url: str, sql: psycopg.Connection[DictRow]) -> None:
     """An amount above PAYOUT_MAX_AMOUNT is 422 amount_above_limit, audited, nothing created."""
-    with api(db_url, payout_max_amount=Decimal("500.00")) as client:
+    with app_client(db_url, payout_max_amount=Decimal("500.00")) as client:
         register(client)
         r = press(client, body={"amount": "500.01"})
     assert_error(r, 422, "amount_above_limit")

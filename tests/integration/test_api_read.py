@@ -6,7 +6,6 @@ import base64
 import json
 import re
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -14,51 +13,26 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from psycopg.rows import DictRow, dict_row
+from psycopg.rows import DictRow
 from starlette.testclient import TestClient
 
-from service.web.app import create_app
-from tests.conftest import ADMIN_TOKEN, API_TOKEN, make_settings
-
-RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|\+00:00)$")
-ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-ADMIN = {**ADMIN_AUTH, "X-User-Id": "admin-1"}
-
+from tests.conftest import API_TOKEN
+from tests.helpers.api import (
+    ADMIN,
+    ADMIN_AUTH,
+    app_client,
+    assert_error,
+    park_headers,
+    parse_ts,
+    press_headers,
+    register,
+)
 
 # --- helpers -----------------------------------------------------------------------
 
 
-def api(db_url: str, **overrides: Any) -> TestClient:
-    return TestClient(create_app(make_settings(db_url, **overrides)))
-
-
-@pytest.fixture
-def client(db_url: str) -> Iterator[TestClient]:
-    with api(db_url) as c:
-        yield c
-
-
-@pytest.fixture
-def sql(db_url: str) -> Iterator[psycopg.Connection[DictRow]]:
-    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
-        yield c
-
-
-def park_headers(park: str = "p1") -> dict[str, str]:
-    return {"Authorization": f"Bearer {API_TOKEN}", "X-Park-Id": park}
-
-
-def register(
-    client: TestClient, park: str = "p1", user: str = "admin-1", **fields: Any
-) -> httpx.Response:
-    body = {"instant_payouts_enabled": True, **fields}
-    r = client.put(f"/v1/parks/{park}", json=body, headers={**ADMIN_AUTH, "X-User-Id": user})
-    assert r.status_code in (200, 201), r.text
-    return r
-
-
 def press(client: TestClient, park: str = "p1", key: str = "k1") -> httpx.Response:
-    headers = {**park_headers(park), "X-User-Id": "u1", "Idempotency-Key": key}
+    headers = press_headers(park, key=key)
     return client.post("/v1/payouts/instant", json={}, headers=headers)
 
 
@@ -67,19 +41,6 @@ def availability(client: TestClient, park: str = "p1") -> dict[str, Any]:
     assert 200 == r.status_code, r.text
     body: dict[str, Any] = r.json()
     return body
-
-
-def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert status == r.status_code, r.text
-    body: dict[str, Any] = r.json()
-    assert {"code", "message", "details"} == set(body)
-    assert code == body["code"]
-    return body
-
-
-def parse_ts(value: str) -> datetime:
-    assert RFC3339_UTC.match(value), value
-    return datetime.fromisoformat(value)
 
 
 def cursor_of(value: Any) -> str:
@@ -253,7 +214,7 @@ def test_availability_of_a_fresh_enabled_park(client: TestClient) -> None:
 
 def test_availability_when_instant_payouts_are_disabled(client: TestClient) -> None:
     """A park with instant payouts off sees reason instant_payouts_disabled."""
-    register(client, instant_payouts_enabled=False)
+    register(client, instant=False)
     body = availability(client)
     assert (False, "instant_payouts_disabled", None) == (
         body["available"],
@@ -310,7 +271,7 @@ def test_availability_reports_limit_and_cooldown_from_settings(
     db_url: str, cooldown: timedelta, hours: float, max_amount: Decimal, shown: str
 ) -> None:
     """max_amount is PAYOUT_MAX_AMOUNT as money and cooldown_hours is K, fractions included."""
-    with api(db_url, instant_cooldown=cooldown, payout_max_amount=max_amount) as client:
+    with app_client(db_url, instant_cooldown=cooldown, payout_max_amount=max_amount) as client:
         register(client)
         body = availability(client)
     assert (shown, hours) == (body["max_amount"], body["cooldown_hours"])
@@ -483,7 +444,7 @@ def test_put_park_is_audited_as_admin(client: TestClient) -> None:
 @pytest.mark.parametrize("period", [timedelta(days=7), timedelta(hours=36)], ids=["7d", "36h"])
 def test_never_paid_park_is_due_n_days_after_registration(db_url: str, period: timedelta) -> None:
     """A park never paid is next due at registered_at + N."""
-    with api(db_url, payout_period=period) as client:
+    with app_client(db_url, payout_period=period) as client:
         register(client)
         r = client.get("/v1/parks/p1", headers=ADMIN_AUTH)
     assert 200 == r.status_code, r.text
@@ -507,7 +468,7 @@ def test_paid_park_is_due_n_days_after_its_last_payout(
 
 def test_park_with_periodic_payouts_off_has_no_next_payout(client: TestClient) -> None:
     """With periodic payouts disabled, next_periodic_payout_at is null."""
-    register(client, periodic_payouts_enabled=False)
+    register(client, periodic=False)
     body = client.get("/v1/parks/p1", headers=ADMIN_AUTH).json()
     assert body["next_periodic_payout_at"] is None
 
@@ -528,7 +489,7 @@ def history(client: TestClient) -> list[dict[str, Any]]:
     register(client, "p1", user="admin-2", params={"x": "y"})
     assert 202 == press(client, "p1").status_code
     assert 409 == press(client, "p1", key="k2").status_code
-    register(client, "p2", user="admin-1", periodic_payouts_enabled=False)
+    register(client, "p2", user="admin-1", periodic=False)
     r = client.get("/v1/audit", headers=ADMIN_AUTH)
     assert 200 == r.status_code, r.text
     entries: list[dict[str, Any]] = r.json()["entries"]
@@ -657,7 +618,7 @@ def test_ping_and_ready_answer_200(client: TestClient) -> None:
 
 def test_ready_is_503_while_the_database_is_down() -> None:
     """/ready answers 503 when the database does not answer, while /ping still says 200."""
-    with api("postgresql://postgres@127.0.0.1:9/nowhere?connect_timeout=1") as client:
+    with app_client("postgresql://postgres@127.0.0.1:9/nowhere?connect_timeout=1") as client:
         assert 200 == client.get("/ping").status_code
         assert_error(client.get("/ready"), 503, "unavailable")
 

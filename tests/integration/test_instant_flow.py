@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 from starlette.testclient import TestClient
 
-from service.web.app import create_app
-from tests.conftest import ADMIN_TOKEN, API_TOKEN, make_settings
-
-
-@pytest.fixture
-def client(db_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(make_settings(db_url))) as c:
-        yield c
+from tests.conftest import ADMIN_TOKEN, API_TOKEN
 
 
 def test_accepted_press_is_queued_and_audited(client: TestClient) -> None:

@@ -7,10 +7,8 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime
-from urllib.parse import quote
 
 import pytest
-from psycopg.conninfo import conninfo_to_dict
 
 from service import db, migrate
 from tests.helpers.emulator import REPO_ROOT
@@ -33,16 +31,6 @@ async def recorded(url: str) -> set[str]:
     async with conn:
         cur = await conn.execute("SELECT name FROM schema_migrations")
         return {r["name"] for r in await cur.fetchall()}
-
-
-def as_url(conninfo: str) -> str:
-    """The fixtures hand out libpq key=value strings; DATABASE_URL takes a URL."""
-    p = conninfo_to_dict(conninfo)
-    user = quote(str(p.get("user", "postgres")), safe="")
-    password = f":{quote(str(p['password']), safe='')}" if p.get("password") else ""
-    host = p.get("host", "127.0.0.1")
-    port = f":{p['port']}" if p.get("port") else ""
-    return f"postgresql://{user}{password}@{host}{port}/{quote(str(p['dbname']), safe='')}"
 
 
 def month_name(months_ahead: int) -> str:
@@ -80,7 +68,7 @@ async def test_three_concurrent_runs_apply_everything_exactly_once(empty_db_url:
 
 def test_three_concurrent_migrate_commands_succeed(empty_db_url: str) -> None:
     """Three `fleet-payouts migrate` processes started at once all exit 0; a fourth applies none."""
-    env = {**os.environ, "DATABASE_URL": as_url(empty_db_url)}
+    env = {**os.environ, "DATABASE_URL": empty_db_url}
     cmd = [sys.executable, "-m", "service", "migrate"]
     procs = [
         subprocess.Popen(

@@ -5,41 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import dict_row
 
 from tests.helpers.emulator import REPO_ROOT
 
 HEADER = "park_id,instant_payouts_enabled,periodic_payouts_enabled\n"
 
 
-def as_url(conninfo: str) -> str:
-    """The `db_url` fixture may be a libpq key=value string; DATABASE_URL must be a URL."""
-    if "://" in conninfo:
-        return conninfo
-    d = conninfo_to_dict(conninfo)
-    q = urllib.parse.quote
-    auth = q(str(d.get("user", "")), safe="")
-    if d.get("password"):
-        auth += ":" + q(str(d["password"]), safe="")
-    return f"postgresql://{auth}@{d.get('host', '127.0.0.1')}:{d.get('port', 5432)}/{d['dbname']}"
-
-
-@pytest.fixture
-def pg(db_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
-    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
-        yield c
-
-
 def run_import(db_url: str, path: Path) -> subprocess.CompletedProcess[str]:
-    environ = {**os.environ, "DATABASE_URL": as_url(db_url)}
+    environ = {**os.environ, "DATABASE_URL": db_url}
     return subprocess.run(
         [sys.executable, "-m", "service", "parks", "import", str(path)],
         env=environ,
