@@ -1,0 +1,150 @@
+"""Helpers shared by the tests that drive the service's HTTP API, the Billing emulator's admin
+endpoints and the test database directly.
+
+Service calls take either the base URL of a running `fleet-payouts serve` (e2e tests) or a
+client for the app (`app_client`, the `client` fixture), so the same helper serves both.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg.rows import DictRow
+from starlette.testclient import TestClient
+
+from service.web.app import create_app
+from tests.conftest import ADMIN_TOKEN, API_TOKEN, make_settings
+
+RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|\+00:00)$")
+TIMEOUT = 10
+
+
+# --- headers -----------------------------------------------------------------------
+
+
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def admin_headers(user: str = "admin-1") -> dict[str, str]:
+    """An admin token acting as `user`."""
+    return {**ADMIN_AUTH, "X-User-Id": user}
+
+
+ADMIN = admin_headers()
+
+
+def park_headers(park: str = "p1") -> dict[str, str]:
+    """An API token calling on behalf of `park`."""
+    return {"Authorization": f"Bearer {API_TOKEN}", "X-Park-Id": park}
+
+
+def press_headers(
+    park: str = "p1", user: str = "u1", key: str = "k1", **extra: str
+) -> dict[str, str]:
+    """What a "Pay out now" press sends: the park's headers, the user and an idempotency key."""
+    return {**park_headers(park), "X-User-Id": user, "Idempotency-Key": key, **extra}
+
+
+# --- the service -------------------------------------------------------------------
+
+
+def app_client(db_url: str, **overrides: Any) -> TestClient:
+    """A client for the API app on `db_url`, with `make_settings` overrides."""
+    return TestClient(create_app(make_settings(db_url, **overrides)))
+
+
+def register(
+    api: str | httpx.Client,
+    park: str = "p1",
+    *,
+    instant: bool | None = True,
+    periodic: bool | None = None,
+    user: str = "admin-1",
+    status: int | None = None,
+    **fields: Any,
+) -> httpx.Response:
+    """Register (or update) a park with PUT /v1/parks/{park} as admin `user`.
+
+    `instant` and `periodic` set the park's flags (None leaves a flag out of the body); `fields`
+    are further body fields. The answer must be `status` if given, else 200 or 201.
+    """
+    body: dict[str, Any] = {}
+    if instant is not None:
+        body["instant_payouts_enabled"] = instant
+    if periodic is not None:
+        body["periodic_payouts_enabled"] = periodic
+    body.update(fields)
+    headers = admin_headers(user)
+    if isinstance(api, str):
+        r = httpx.put(f"{api}/v1/parks/{park}", json=body, headers=headers, timeout=TIMEOUT)
+    else:
+        r = api.put(f"/v1/parks/{park}", json=body, headers=headers)
+    if status is None:
+        assert r.status_code in (200, 201), r.text
+    else:
+        assert status == r.status_code, r.text
+    return r
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """The response is an error envelope with this status and code; returns its body."""
+    assert status == r.status_code, r.text
+    body: dict[str, Any] = r.json()
+    assert {"code", "message", "details"} == set(body)
+    assert code == body["code"]
+    return body
+
+
+def parse_ts(value: str) -> datetime:
+    """An RFC 3339 UTC timestamp as the API writes them."""
+    assert RFC3339_UTC.match(value), value
+    return datetime.fromisoformat(value)
+
+
+# --- the database ------------------------------------------------------------------
+
+
+def rows(pg: psycopg.Connection[DictRow], sql: str, **params: Any) -> list[DictRow]:
+    return pg.execute(sql, params).fetchall()
+
+
+# --- the Billing emulator's admin endpoints ----------------------------------------
+
+
+def set_balance(billing: str, park_id: str, available: str) -> None:
+    r = httpx.put(
+        f"{billing}/admin/balances/{park_id}",
+        json={"available": available, "currency": "RUB"},
+        timeout=TIMEOUT,
+    )
+    assert 200 == r.status_code, r.text
+
+
+def billing_balance(billing: str, park_id: str) -> Decimal:
+    r = httpx.get(f"{billing}/admin/balances/{park_id}", timeout=TIMEOUT)
+    assert 200 == r.status_code, r.text
+    return Decimal(r.json()["available"])
+
+
+def transfers(billing: str) -> list[dict[str, Any]]:
+    """Every payout Billing has applied."""
+    r = httpx.get(f"{billing}/admin/payouts", timeout=TIMEOUT)
+    r.raise_for_status()
+    payouts: list[dict[str, Any]] = r.json()["payouts"]
+    return payouts
+
+
+def stats(billing: str) -> dict[str, Any]:
+    r = httpx.get(f"{billing}/admin/stats", timeout=TIMEOUT)
+    r.raise_for_status()
+    result: dict[str, Any] = r.json()
+    return result
+
+
+def set_faults(billing: str, **faults: float) -> None:
+    httpx.put(f"{billing}/admin/faults", json=faults, timeout=TIMEOUT).raise_for_status()
