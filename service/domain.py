@@ -14,17 +14,11 @@ from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
 
 CENT = Decimal("0.01")
-# numeric(18,2) in the schema: sixteen integer digits is more money than exists.
-MAX_MONEY = Decimal("9999999999999999.99")
 
+# At most sixteen integer digits: numeric(18,2) in the schema.
 _MONEY_RE = re.compile(r"^(0|[1-9][0-9]{0,15})(\.[0-9]{1,2})?$")
 _PARK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _VISIBLE_ASCII_RE = re.compile(r"^[\x21-\x7e]+$")
-
-
-class Kind(enum.StrEnum):
-    INSTANT = "instant"
-    PERIODIC = "periodic"
 
 
 class Status(enum.StrEnum):
@@ -40,7 +34,6 @@ class Status(enum.StrEnum):
 
 
 FINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.SKIPPED})
-IN_FLIGHT_STATUSES = frozenset({Status.PENDING, Status.PROCESSING})
 
 # The only moves a payout may make; a trigger in the schema refuses the rest.
 TRANSITIONS: dict[Status, frozenset[Status]] = {

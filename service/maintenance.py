@@ -14,7 +14,7 @@ import logging
 
 from procrastinate import App
 
-from service import db, migrate, observability, payouts
+from service import audit, db, migrate, observability, payouts
 from service.execution import Deps
 from service.worker import tasks
 
@@ -75,5 +75,5 @@ async def refresh_gauges(pool: db.Pool) -> None:
         parks = await payouts.instant_parks(conn)
         for window, key in (("1d", "d1"), ("7d", "d7"), ("30d", "d30")):
             observability.INSTANT_PARKS.labels(window).set(parks[key])
-        months = await db.fetch_one(conn, "SELECT audit_log_months_ahead() AS months")
+        months = await db.fetch_one(conn, audit.Q["months_ahead"])
         observability.AUDIT_MONTHS_AHEAD.set(months["months"] if months else 0)
