@@ -107,11 +107,13 @@ class _Run:
             available, currency = balance
             amount = payout_amount(available, self.row["max_amount"], self.row["requested_amount"])
             if amount <= 0:
+                # An overdrawn park (Billing reports a negative balance) has
+                # nothing to pay either; the raw figure goes to the audit entry.
                 return await self.finish(
                     Status.SKIPPED,
                     "ok",
                     {"available": str(available), "currency": currency},
-                    available=available,
+                    available=max(available, Decimal(0)),
                     currency=currency,
                 )
             self.ordered_here = await self._change(

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from service import db
-from service.billing.client import BillingClient, Budget
+from service.billing.client import Balance, BillingClient, Budget
 from service.domain import Status
 from service.execution import Deps, RetryLater, execute_payout
 from tests.conftest import make_settings
@@ -194,3 +194,28 @@ async def test_zero_balance_is_skipped_and_audited(
         conn, "SELECT actor_type, action FROM audit_log WHERE payout_id = %(id)s", id=payout_id
     )
     assert [("system", "payout.skipped")] == [(e["actor_type"], e["action"]) for e in entries]
+
+
+async def test_overdrawn_park_is_skipped(deps: Deps, conn: db.Conn, billing_url: str) -> None:
+    """A negative balance from Billing ends the payout skipped instead of failing the job."""
+    payout_id = await new_payout(conn, snapshot=None)
+    await conn.execute("UPDATE payouts SET available = NULL WHERE id = %s", (payout_id,))
+    billing = _NegativeBalance(billing_url)
+    overdrawn = Deps(pool=deps.pool, billing=billing, settings=deps.settings)
+
+    try:
+        assert Status.SKIPPED == await execute_payout(overdrawn, payout_id)
+    finally:
+        await billing.aclose()
+    skipped = await row(conn, payout_id)
+    assert (Decimal("0.00"), None) == (skipped["available"], skipped["amount"])
+
+
+class _NegativeBalance(BillingClient):
+    """Billing as it answers for an overdrawn park (the emulator refuses negative balances)."""
+
+    def __init__(self, billing_url: str) -> None:
+        super().__init__(billing_url, token=None, timeout=1.0, budget=Budget(1000))
+
+    async def balance(self, park_id: str) -> Balance:
+        return Balance(park_id, Decimal("-12.50"), "RUB")
