@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
@@ -26,6 +27,7 @@ from service.domain import format_money
 
 logger = logging.getLogger(__name__)
 
+_CURRENCY_RE = re.compile(r"[A-Z]{3}")
 # SPEC section 4: the bulk endpoint takes at most this many parks per call.
 MAX_SELECT = 1000
 
@@ -236,9 +238,17 @@ def _money(raw: Any) -> Decimal:
         raise Transient(f"Billing sent a malformed amount: {raw!r}") from None
 
 
+def _currency(raw: Any) -> str:
+    # The schema stores ISO 4217 codes; anything else is Billing misbehaving,
+    # retried (and alerted on) like any other bad answer.
+    if not isinstance(raw, str) or not _CURRENCY_RE.fullmatch(raw):
+        raise Transient(f"Billing sent a malformed currency: {raw!r}")
+    return raw
+
+
 def _balance(data: dict[str, Any]) -> Balance:
     try:
-        return Balance(str(data["park_id"]), _money(data["available"]), str(data["currency"]))
+        return Balance(str(data["park_id"]), _money(data["available"]), _currency(data["currency"]))
     except (KeyError, TypeError) as exc:
         raise Transient(f"Billing sent a malformed balance: {exc}") from exc
 
