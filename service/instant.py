@@ -53,6 +53,14 @@ class InstantRequest:
     amount: Decimal | None
 
     @property
+    def audit_details(self) -> dict[str, Any]:
+        """What every audit entry of this request records about it."""
+        return {
+            "idempotency_key": self.idempotency_key,
+            "requested_amount": str(self.amount) if self.amount is not None else None,
+        }
+
+    @property
     def fingerprint(self) -> str:
         """What "the same body" means for a replay: the normalised amount."""
         body = {"amount": str(self.amount) if self.amount is not None else None}
@@ -77,9 +85,7 @@ async def request_instant(conn: db.Conn, settings: Settings, req: InstantRequest
         # The park row lock makes this unreachable; the unique indexes are the
         # backstop if someone writes payouts without taking it. A payout made
         # with our key in the meantime is a replay, anything else a conflict.
-        existing = await db.fetch_one(
-            conn, payouts.Q["park_state"], park_id=req.park_id, idempotency_key=req.idempotency_key
-        )
+        existing = await payouts.park_state(conn, req.park_id, req.idempotency_key)
         if existing and existing["existing_fingerprint"] == req.fingerprint:
             replay = await payouts.get(conn, existing["existing_id"])
             assert replay is not None
@@ -93,9 +99,7 @@ async def _decide_and_enqueue(conn: db.Conn, settings: Settings, req: InstantReq
     # Every decision about one park's payouts is serialised on its row.
     if await parks.lock(conn, req.park_id) is None:
         raise Refused("park_not_found", f"park {req.park_id} is not registered")
-    park = await db.fetch_one(
-        conn, payouts.Q["park_state"], park_id=req.park_id, idempotency_key=req.idempotency_key
-    )
+    park = await payouts.park_state(conn, req.park_id, req.idempotency_key)
     assert park is not None  # locked above: it cannot vanish
 
     if park["existing_id"] is not None:
@@ -114,16 +118,10 @@ async def _decide_and_enqueue(conn: db.Conn, settings: Settings, req: InstantReq
     if req.amount is not None and req.amount > limit and park["instant_payouts_enabled"]:
         raise Refused(
             "amount_above_limit",
-            f"one payout moves at most {settings.payout_max_amount}",
-            details={"max_amount": str(settings.payout_max_amount)},
+            f"one payout moves at most {limit}",
+            details={"max_amount": str(limit)},
         )
-    decision = instant_availability(
-        enabled=park["instant_payouts_enabled"],
-        in_flight=park["in_flight"],
-        last_counted_instant_at=park["last_counted_instant_at"],
-        cooldown=settings.instant_cooldown,
-        now=now,
-    )
+    decision = _decide(park, settings, now)
     if not decision.available:
         raise _refusal(decision, now)
 
@@ -143,13 +141,21 @@ async def _decide_and_enqueue(conn: db.Conn, settings: Settings, req: InstantReq
         requested_amount=req.amount,
         max_amount=settings.payout_max_amount,
         job_id=job_id,
-        details={
-            "idempotency_key": req.idempotency_key,
-            "requested_amount": str(req.amount) if req.amount is not None else None,
-        },
+        details=req.audit_details,
     )
     assert row is not None
     return Accepted(row, replay=False)
+
+
+def _decide(park: payouts.Row, settings: Settings, now: datetime) -> Availability:
+    """The rules that draw the button and refuse a press, applied to a park_state row."""
+    return instant_availability(
+        enabled=park["instant_payouts_enabled"],
+        in_flight=park["in_flight"],
+        last_counted_instant_at=park["last_counted_instant_at"],
+        cooldown=settings.instant_cooldown,
+        now=now,
+    )
 
 
 def _refusal(decision: Availability, now: datetime) -> Refused:
@@ -183,11 +189,7 @@ def _entry(
         outcome=outcome,
         request_id=req.request_id,
         payout_id=payout_id,
-        details={
-            "idempotency_key": req.idempotency_key,
-            "requested_amount": str(req.amount) if req.amount is not None else None,
-            **details,
-        },
+        details={**req.audit_details, **details},
     )
 
 
@@ -201,13 +203,5 @@ async def _audit_refusal(conn: db.Conn, req: InstantRequest, refusal: Refused) -
 
 async def availability(conn: db.Conn, settings: Settings, park_id: str) -> Availability | None:
     """The button's state for a park, or None if the park is not registered."""
-    park = await db.fetch_one(conn, payouts.Q["park_state"], park_id=park_id, idempotency_key=None)
-    if park is None:
-        return None
-    return instant_availability(
-        enabled=park["instant_payouts_enabled"],
-        in_flight=park["in_flight"],
-        last_counted_instant_at=park["last_counted_instant_at"],
-        cooldown=settings.instant_cooldown,
-        now=datetime.now(UTC),
-    )
+    park = await payouts.park_state(conn, park_id, None)
+    return _decide(park, settings, datetime.now(UTC)) if park is not None else None

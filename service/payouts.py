@@ -33,6 +33,13 @@ async def page(
     )
 
 
+async def park_state(conn: db.Conn, park_id: str, idempotency_key: str | None) -> Row | None:
+    """What the instant rules need about a park (see the park_state query); None if unknown."""
+    return await db.fetch_one(
+        conn, Q["park_state"], park_id=park_id, idempotency_key=idempotency_key
+    )
+
+
 async def take(conn: db.Conn, payout_id: UUID) -> Row | None:
     """pending/processing -> processing; None when the payout is final or missing."""
     return await db.fetch_one(conn, Q["take"], id=payout_id)
