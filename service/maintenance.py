@@ -15,6 +15,7 @@ import logging
 from procrastinate import App
 
 from service import audit, db, migrate, observability, payouts
+from service.background import Every
 from service.execution import Deps
 from service.worker import tasks
 
@@ -60,6 +61,16 @@ async def redrive_orphans(deps: Deps) -> int:
 async def ensure_partitions(deps: Deps) -> int:
     async with deps.pool.connection() as conn:
         return await migrate.ensure_audit_partitions(conn)
+
+
+# Gauges are read from the database this often by every process (API and
+# worker alike), not at scrape time: a scrape never waits on the database.
+GAUGE_SECONDS = 15.0
+
+
+def gauge_refresher(pool: db.Pool) -> Every:
+    """Start refreshing the database-backed gauges of this process."""
+    return Every(GAUGE_SECONDS, lambda: refresh_gauges(pool), "gauges").start()
 
 
 async def refresh_gauges(pool: db.Pool) -> None:

@@ -23,7 +23,6 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from service import audit, db, instant, maintenance, parks, payouts
-from service.background import Every
 from service.domain import is_park_id, next_periodic_payout_at, parse_money
 from service.settings import Settings
 from service.web import http
@@ -31,7 +30,6 @@ from service.web.errors import EXCEPTION_HANDLERS, ApiError
 from service.worker.app import app as queue_app
 
 logger = logging.getLogger(__name__)
-GAUGE_SECONDS = 15.0
 
 
 class State(TypedDict):
@@ -59,9 +57,7 @@ async def post_instant(request: Request) -> Response:
     try:
         park_id = http.park_header(request)
         user_id = http.user_header(request)
-        key = http.header(
-            request, "Idempotency-Key", http.is_idempotency_key, "1-128 visible ASCII characters"
-        )
+        key = http.idempotency_key_header(request)
         body = await http.json_object(request, {"amount"})
         amount = _amount(body.get("amount"))
     except ApiError as error:
@@ -317,7 +313,7 @@ def create_app(settings: Settings) -> ASGIApp:
         # Open without waiting: /ping must answer even while the database is
         # down, and /ready says whether it is up.
         await pool.open(wait=False)
-        gauges = Every(GAUGE_SECONDS, lambda: maintenance.refresh_gauges(pool), "gauges").start()
+        gauges = maintenance.gauge_refresher(pool)
         async with queue_app.open_async(pool=pool):
             try:
                 yield {"settings": settings, "pool": pool}

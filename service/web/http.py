@@ -108,6 +108,10 @@ def user_header(request: Request) -> str:
     return header(request, "X-User-Id", is_user_id, "1-128 visible ASCII characters")
 
 
+def idempotency_key_header(request: Request) -> str:
+    return header(request, "Idempotency-Key", is_idempotency_key, "1-128 visible ASCII characters")
+
+
 def park_path(request: Request) -> str:
     park_id = str(request.path_params["park_id"])
     if not is_park_id(park_id):

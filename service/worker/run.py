@@ -31,7 +31,6 @@ HOUSEKEEPING_CRON = "17 * * * *"
 # Finished jobs are kept a week for support, then deleted so the queue
 # table stays small; payouts and audit_log keep the history.
 KEEP_FINISHED_JOBS_HOURS = 24 * 7
-GAUGE_SECONDS = 15.0
 
 
 @app.task(name="periodic_scan", queue=tasks.QUEUE_MAINTENANCE, pass_context=True)
@@ -126,7 +125,7 @@ async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int 
         await keep_budget_share(deps, worker)
         background = [
             Every(recount, lambda: keep_budget_share(deps, worker), "budget share").start(),
-            Every(GAUGE_SECONDS, lambda: maintenance.refresh_gauges(deps.pool), "gauges").start(),
+            maintenance.gauge_refresher(deps.pool),
         ]
         try:
             await worker.run()  # type: ignore[no-untyped-call]  # procrastinate leaves it unannotated
