@@ -90,12 +90,6 @@ def cmd_parks_import(args: argparse.Namespace) -> None:
     raise SystemExit(asyncio.run(import_csv(_database_url(), args.file)))
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
-    from service.bench import main as bench_main
-
-    raise SystemExit(bench_main(args.only))
-
-
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 < value < 65536:
@@ -145,9 +139,6 @@ def parser() -> argparse.ArgumentParser:
     )
     i.set_defaults(func=cmd_parks_import)
 
-    s = sub.add_parser("bench", help="run the benchmarks and print figures against baselines")
-    s.add_argument("--only", choices=["instant", "periodic"], default=None)
-    s.set_defaults(func=cmd_bench)
     return p
 
 

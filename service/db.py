@@ -7,6 +7,7 @@ its job commit together or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.resources
 import pathlib
@@ -14,8 +15,9 @@ import re
 import time
 import weakref
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
 from importlib.resources.abc import Traversable
-from typing import Any, LiteralString, cast
+from typing import Any, LiteralString, TypeVar, cast
 
 import psycopg
 import psycopg.rows
@@ -58,6 +60,12 @@ def _record(seconds: float) -> None:
     observability.DB_SECONDS.labels(process).observe(seconds)
 
 
+# A session that stops mid-transaction (a frozen worker: SIGSTOP, a paused
+# VM) would keep its row locks, and the parks behind them, for as long as it
+# sleeps. The server ends such a transaction after this long instead.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
+
+
 def connect_kwargs(application_name: str) -> dict[str, Any]:
     return {
         "row_factory": psycopg.rows.dict_row,
@@ -65,8 +73,33 @@ def connect_kwargs(application_name: str) -> dict[str, Any]:
         "application_name": application_name,
         # Our queries are short OLTP statements; JIT compiling one whose cost
         # estimate crosses the threshold costs more than it ever saves.
-        "options": "-c jit=off",
+        "options": (
+            f"-c jit=off -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}"
+        ),
     }
+
+
+class DatabaseClock:
+    """The database's clock as seen from this host.
+
+    Time rules are decided by PostgreSQL's clock in SQL. What must be written
+    as a timestamp from Python (procrastinate's retry_at, compared with the
+    database's now() by every worker) is this host's clock corrected by the
+    offset last observed, so a host whose clock is off by hours still
+    schedules retries at the right moment.
+    """
+
+    def __init__(self) -> None:
+        self._offset = timedelta(0)
+
+    def observe(self, db_now: datetime) -> None:
+        self._offset = db_now - datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self._offset
+
+
+CLOCK = DatabaseClock()
 
 
 async def _autocommit(conn: Conn) -> None:
@@ -147,6 +180,31 @@ def queries(family: str) -> Mapping[str, LiteralString]:
 def _adapt(params: Mapping[str, Any]) -> dict[str, Any]:
     # dicts are JSON documents (params, details): send them as jsonb.
     return {k: Jsonb(v) if isinstance(v, dict) else v for k, v in params.items()}
+
+
+T = TypeVar("T")
+
+
+def row_as(cls: type[T]) -> psycopg.rows.BaseRowFactory[T]:
+    """Rows as instances of a frozen dataclass; columns it does not declare are dropped."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+
+    def factory(cursor: Any) -> Any:
+        columns = [c.name for c in cursor.description or ()]
+
+        def make(values: Any) -> T:
+            return cls(**{k: v for k, v in zip(columns, values, strict=True) if k in names})
+
+        return make
+
+    return factory
+
+
+async def fetch_as(conn: Conn, cls: type[T], query: LiteralString, **params: Any) -> T | None:
+    """One row as a `cls` (a frozen dataclass), or None."""
+    async with conn.cursor(row_factory=row_as(cls)) as cur:
+        await cur.execute(query, _adapt(params))
+        return await cur.fetchone()
 
 
 async def fetch_one(conn: Conn, query: LiteralString, **params: Any) -> dict[str, Any] | None:

@@ -27,26 +27,67 @@ class Status(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     SKIPPED = "skipped"
+    CANCELLED = "cancelled"
 
     @property
     def is_final(self) -> bool:
         return self in FINAL_STATUSES
 
 
-FINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.SKIPPED})
+FINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.SKIPPED, Status.CANCELLED})
 
-# The only moves a payout may make; a trigger in the schema refuses the rest.
+# The only status changes a payout may make. The trigger `payouts_guard`
+# (migrations/0002_money_invariants.sql) refuses the rest; a test tries every
+# pair against the database, so the two cannot drift apart.
 TRANSITIONS: dict[Status, frozenset[Status]] = {
-    Status.PENDING: frozenset({Status.PROCESSING}),
-    Status.PROCESSING: frozenset({Status.PROCESSING, *FINAL_STATUSES}),
+    Status.PENDING: frozenset({Status.PROCESSING, Status.CANCELLED}),
+    Status.PROCESSING: frozenset({Status.SUCCEEDED, Status.FAILED, Status.SKIPPED}),
     Status.SUCCEEDED: frozenset(),
     Status.FAILED: frozenset(),
     Status.SKIPPED: frozenset(),
+    Status.CANCELLED: frozenset(),
 }
 
 
-def can_transition(old: Status, new: Status) -> bool:
+def can_change(old: Status, new: Status) -> bool:
+    """Whether a payout in `old` may be written with status `new`.
+
+    Keeping the status (recording the job id, the last transient problem) is
+    allowed until the payout is final; a final payout is frozen.
+    """
+    if old == new:
+        return not old.is_final
     return new in TRANSITIONS[old]
+
+
+class Phase(enum.Enum):
+    """A payout's recovery point: what its next run does (service/execution.py).
+
+    Each is one committed row state, so a run that crashed anywhere resumes
+    from the last one its predecessor committed.
+    """
+
+    NEW = "new"  # pending: nobody has taken it yet
+    DECIDING = "deciding"  # processing, no order recorded: read the balance, decide
+    ORDERED = "ordered"  # the order is recorded and may have reached Billing
+    FINISHED = "finished"  # final: nothing left to do
+
+
+def phase_of(status: Status, ordered: bool) -> Phase:
+    if status.is_final:
+        return Phase.FINISHED
+    if ordered:
+        return Phase.ORDERED
+    return Phase.DECIDING if status is Status.PROCESSING else Phase.NEW
+
+
+# Billing's refusals that say our figures were stale rather than wrong: a
+# periodic payout refused with one is followed at once by a fresh payout.
+STALE_FIGURES = frozenset({"insufficient_funds", "currency_mismatch"})
+
+
+# Statuses that do not start a cooldown: the park got nothing.
+COOLDOWN_EXEMPT = frozenset({Status.FAILED, Status.SKIPPED, Status.CANCELLED})
 
 
 def parse_money(raw: str) -> Decimal:
@@ -78,12 +119,38 @@ def payout_amount(available: Decimal, max_amount: Decimal, requested: Decimal | 
     """What one payout moves: all that is available, capped by the limit and the request.
 
     Rounded down to the cent, so we never order a fraction of a cent more than
-    Billing reported.
+    Billing reported; never negative (an overdrawn park has nothing to pay).
     """
     amount = min(available, max_amount)
     if requested is not None:
         amount = min(amount, requested)
     return max(amount, Decimal(0)).quantize(CENT, rounding=ROUND_DOWN)
+
+
+def order_amount(
+    available: Decimal, max_amount: Decimal, requested: Decimal | None, min_amount: Decimal
+) -> Decimal | None:
+    """The amount to order, or None when it would be under PAYOUT_MIN_AMOUNT (nothing to pay)."""
+    amount = payout_amount(available, max_amount, requested)
+    return amount if amount >= min_amount and amount > 0 else None
+
+
+# The largest balance numeric(18,2) stores: sixteen integer digits.
+MAX_BALANCE = Decimal("9999999999999999.99")
+
+
+def is_storable_balance(available: Decimal) -> bool:
+    """A balance the payouts table can keep as reported: not negative, cents, in range.
+
+    Anything else (an overdrawn park, a sub-cent figure) is recorded only in
+    the audit entry of that park's own payout, never as a snapshot that a
+    whole batch's INSERT could trip over.
+    """
+    return (
+        available.is_finite()
+        and Decimal(0) <= available <= MAX_BALANCE
+        and available == available.quantize(CENT, rounding=ROUND_DOWN)
+    )
 
 
 @dataclasses.dataclass(frozen=True)

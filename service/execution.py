@@ -1,36 +1,57 @@
-"""Execute one payout, exactly once, whatever crashes and retries come.
+"""Execute one payout, exactly once, whatever crashes, retries and delays come.
 
-The job is split into short transactions that end at recovery points; the
-Billing call happens between them, never inside one:
+A payout moves through named recovery points, each one committed row state
+(domain.Phase, the phases of rocket-rides-atomic); every run of its job reads
+the row and resumes from the phase it names:
 
-1. take:   pending -> processing (attempts + 1)
-2. decide: read the balance (or the periodic scan's snapshot), compute the
-           amount; nothing to pay -> ``skipped``
-3. commit to ordering: record amount, body and ``ordered_at``
-4. order:  POST /v1/payouts with Idempotency-Key = payout id
-5. finish: ``succeeded`` / ``failed``, the park's clock, the audit entry
+- NEW -> DECIDING: a run takes it (pending -> processing, attempts + 1).
+- DECIDING: ask Billing for the balance (or use the periodic scan's
+  snapshot), decide the amount. Nothing has been sent under the payout's key,
+  so this phase may end it: ``skipped`` (nothing to pay), ``failed`` (Billing
+  refused the balance read, or has been unreachable for the whole retry
+  window). Otherwise it records the order -> ORDERED.
+- ORDERED: amount, currency and body are fixed for good (the schema refuses
+  any change), and the order may have reached Billing. Only Billing's answer
+  under the key ends the payout: ``succeeded``, or ``failed`` with Billing's
+  refusal. Sending the recorded body again is always safe, because Billing
+  decides a key once and answers every later copy alike (SPEC section 4);
+  so the run sends it until Billing answers, however long that takes. The
+  payout stays in flight meanwhile and nothing else starts for the park; the
+  open-order alert calls a person past a bound.
+- FINISHED: nothing to do.
 
-A run that finds ``ordered_at`` set does not know whether an earlier run's
-order reached Billing, so it asks (GET /v1/payouts/{id}) before ordering
-again; ordering again is safe anyway, because Billing dedupes on the key and
-the body is byte-for-byte the recorded one.
+A periodic payout that Billing refused because its figures were stale (a
+lower balance, a new currency) is followed at once by a new payout with its
+own id and fresh figures, in the transaction that ends it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from datetime import UTC, datetime
+import uuid
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
 from service import db, observability, payouts
-from service.billing.client import BillingClient, BillingPayout, Rejected, Transient
-from service.domain import Status, payout_amount
+from service.billing.client import (
+    BillingClient,
+    BillingPayout,
+    Malformed,
+    Paused,
+    Rejected,
+    Transient,
+)
+from service.domain import STALE_FIGURES, Phase, Status, is_storable_balance, order_amount
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# Refusals of an order that are not Billing deciding on it: our own
+# credentials (fixed by an operator), or another body under our key (which
+# the schema makes impossible: a person must look). The payout stays in flight.
+NOT_A_DECISION = frozenset({"unauthorized", "forbidden", "idempotency_key_reused"})
 
 
 class RetryLater(Exception):
@@ -51,186 +72,169 @@ class Deps:
 async def execute_payout(deps: Deps, payout_id: UUID) -> Status | None:
     """Drive one payout to a final status, or raise RetryLater."""
     async with deps.pool.connection() as conn:
-        row = await payouts.take(conn, payout_id)
-        if row is None:
+        taken = await payouts.take(conn, payout_id, retry_window=deps.settings.billing_retry_window)
+        if taken is None:
             current = await payouts.get(conn, payout_id)
             if current is None:
-                logger.error("payout %s does not exist; dropping its job", payout_id)
+                logger.warning("payout %s does not exist; dropping its job", payout_id)
                 return None
             return Status(current["status"])
-        run = _Run(deps, conn, row)
-        try:
-            return await run.drive()
-        except Transient as exc:
-            deadline = row["created_at"] + deps.settings.billing_retry_window
-            if datetime.now(UTC) < deadline:
-                await payouts.note_transient(conn, payout_id, str(exc))
-                raise RetryLater(str(exc), retry_after=exc.retry_after) from exc
-            logger.error("payout %s: Billing unavailable for the whole retry window", payout_id)
-            details = {"order_outcome_unknown": run.row["ordered_at"] is not None}
-            return await run.finish(
-                Status.FAILED,
-                "billing_unavailable",
-                details,
-                failure_code="billing_unavailable",
-                failure_message=f"Billing unavailable: {exc}",
-            )
+        db.CLOCK.observe(taken.db_now)
+        return await _Run(deps, conn, taken).drive()
 
 
 class _Run:
-    """One attempt at one payout; holds the latest row it has seen."""
+    """One run of one payout's job: holds the latest row it has seen."""
 
-    def __init__(self, deps: Deps, conn: db.Conn, row: payouts.Row):
+    def __init__(self, deps: Deps, conn: db.Conn, taken: payouts.Taken) -> None:
         self.deps = deps
         self.conn = conn
-        self.row = row
-        self.params: dict[str, Any] = row["park_params"]
-        self.id: UUID = row["id"]
-        self.rereads_left = 1
-        # True once *this* run recorded the order: nothing can have reached
-        # Billing under the key yet, so there is nothing to settle first.
-        self.ordered_here = False
+        self.taken = taken
+        self.payout: payouts.Payout = taken
+        self.log = {"payout_id": str(taken.id), "park_id": taken.park_id}
 
     async def drive(self) -> Status | None:
         while True:
-            if Status(self.row["status"]).is_final:
-                return Status(self.row["status"])
-            if self.row["ordered_at"] is not None:
-                status = await self._settle_or_order()
-                if status is not None:
-                    return status
-                continue
+            phase = self.payout.phase
+            if phase is Phase.FINISHED:
+                return Status(self.payout.status)
+            if phase is Phase.ORDERED:
+                return await self.order()
+            # NEW cannot be seen here: the run took the payout.
+            done = await self.decide()
+            if done is not None:
+                return done
 
-            balance = await self._balance()
-            if balance is None:
-                return self.final_status()
-            available, currency = balance
-            amount = payout_amount(available, self.row["max_amount"], self.row["requested_amount"])
-            if amount <= 0:
-                # An overdrawn park (Billing reports a negative balance) has
-                # nothing to pay either; the raw figure goes to the audit entry.
-                return await self.finish(
-                    Status.SKIPPED,
-                    "ok",
-                    {"available": str(available), "currency": currency},
-                    available=max(available, Decimal(0)),
-                    currency=currency,
-                )
-            self.ordered_here = await self._change(
-                "record_order",
-                available=available,
-                amount=amount,
-                currency=currency,
-                billing_params=self.params,
-            )
+    # --- DECIDING ---------------------------------------------------------------
 
-    async def _settle_or_order(self) -> Status | None:
-        """An order is recorded: find out what Billing did with it, or place it.
-
-        Returns None when the order was refused as stale and cleared, so the
-        caller decides the amount again.
-        """
-        found = None if self.ordered_here else await self.deps.billing.find_payout(str(self.id))
-        self.ordered_here = False  # a retry within this run must settle first
-        if found is None:
-            try:
-                found = await self.deps.billing.order_payout(
-                    str(self.id),
-                    park_id=self.row["park_id"],
-                    amount=self.row["amount"],
-                    currency=self.row["currency"],
-                    params=self.row["billing_params"],
-                )
-            except Rejected as exc:
-                if exc.code == "insufficient_funds" and self.rereads_left > 0:
-                    # The balance we decided on was stale; Billing moved
-                    # nothing, so read it again and decide again, once.
-                    self.rereads_left -= 1
-                    await self._change("clear_order", ordered_at=self.row["ordered_at"])
-                    return None
-                return await self.fail(exc.code, exc.message)
-        return await self.succeed(found)
-
-    async def _balance(self) -> tuple[Decimal, str] | None:
-        # The periodic scan leaves a snapshot from POST /v1/balances/select;
-        # use it once, so a periodic payout costs Billing one call, not two.
-        if self.row["available"] is not None and self.row["currency"] is not None:
-            snapshot = (self.row["available"], self.row["currency"])
-            self.row = {**self.row, "available": None}
-            return snapshot
+    async def decide(self) -> Status | None:
+        """Read the balance, decide the amount, record the order (or end the payout)."""
         try:
-            balance = await self.deps.billing.balance(self.row["park_id"])
+            available, currency = await self.balance()
+        except Paused as exc:
+            # Nothing was asked: the shared pause spends none of the retry window.
+            raise RetryLater(str(exc), retry_after=exc.retry_after) from exc
+        except Transient as exc:
+            if not self.taken.retry_window_over:
+                await payouts.note_transient(self.conn, self.payout.id, str(exc))
+                raise RetryLater(str(exc), retry_after=exc.retry_after) from exc
+            # Nothing was ever ordered under this key: failing moves no money.
+            logger.error("Billing unavailable for the whole retry window", extra=self.log)
+            return await self.fail("billing_unavailable", f"Billing unavailable: {exc}")
+        except Malformed as exc:
+            return await self.fail("invalid_balance", str(exc))
         except Rejected as exc:
-            await self.fail(exc.code, exc.message)
-            return None
+            return await self.fail(exc.code, exc.message)
+
+        p = self.payout
+        minimum = p.min_amount or self.deps.settings.payout_min_amount
+        amount = order_amount(available, p.max_amount, p.requested_amount, minimum)
+        if amount is None:
+            # Nothing (or too little) to pay; an overdrawn park's raw figure
+            # goes to the audit entry, the column keeps only storable ones.
+            return await self.finish(
+                Status.SKIPPED,
+                "ok",
+                {
+                    "available": str(available),
+                    "currency": currency,
+                    "min_amount": str(minimum),
+                    "reason": "below_minimum" if available > 0 else "nothing_available",
+                },
+                available=available if is_storable_balance(available) else None,
+                currency=currency,
+            )
+        recorded = await payouts.record_order(
+            self.conn,
+            p.id,
+            available=available,
+            amount=amount,
+            currency=currency,
+            billing_params=self.taken.park_params,
+        )
+        # No row: a stalled run of this job that came back to life recorded
+        # first; go on from the order it recorded.
+        self.payout = recorded or await payouts.reload(self.conn, p.id)
+        return None
+
+    async def balance(self) -> tuple[Decimal, str]:
+        # The periodic scan leaves a snapshot from POST /v1/balances/select, so
+        # a periodic payout costs Billing one call, not two.
+        p = self.payout
+        if p.available is not None and p.currency is not None:
+            return p.available, p.currency
+        balance = await self.deps.billing.balance(p.park_id)
         return balance.available, balance.currency
 
-    def final_status(self) -> Status | None:
-        status = Status(self.row["status"])
-        return status if status.is_final else None
+    # --- ORDERED ----------------------------------------------------------------
 
-    async def _change(self, name: str, **params: Any) -> bool:
-        """Apply a conditional state change; if it no longer applies, reload the row.
-
-        It no longer applies when another run of this job (a stalled one that
-        came back to life) moved the payout first: take its state and go on
-        from there.
-        """
-        row = await payouts.change(self.conn, name, self.id, **params)
-        applied = row is not None
-        if row is None:
-            row = await payouts.get(self.conn, self.id)
-            assert row is not None
-        self.row = row
-        return applied
-
-    async def finish(
-        self, status: Status, outcome: str, details: dict[str, Any], **params: Any
-    ) -> Status | None:
-        row = await payouts.finish(
-            self.conn,
-            self.id,
-            status=status,
-            outcome=outcome,
-            details={"kind": self.row["kind"], "attempts": self.row["attempts"], **details},
-            **params,
-        )
-        if row is None:
-            await self._change("get")
-            return self.final_status()
-        self.row = row
-        observability.PAYOUTS.labels(row["kind"], row["status"]).inc()
-        logger.info(
-            "payout %s %s",
-            self.id,
-            row["status"],
-            extra={"payout_id": str(self.id), "park_id": row["park_id"]},
-        )
-        return status
+    async def order(self) -> Status | None:
+        """Send the recorded order (again) until Billing answers under the payout's key."""
+        p = self.payout
+        assert p.amount is not None and p.currency is not None and p.billing_params is not None
+        try:
+            done = await self.deps.billing.order_payout(
+                str(p.id),
+                park_id=p.park_id,
+                amount=p.amount,
+                currency=p.currency,
+                params=p.billing_params,
+            )
+        except Rejected as exc:
+            if exc.code in NOT_A_DECISION:
+                logger.error("order not decided by Billing: %s", exc, extra=self.log)
+                await payouts.note_transient(self.conn, p.id, str(exc))
+                raise RetryLater(str(exc)) from exc
+            return await self.refused(exc)
+        except Transient as exc:
+            # The outcome is unknown: never give up on it, however long.
+            if not isinstance(exc, Paused):
+                await payouts.note_transient(self.conn, p.id, str(exc))
+            raise RetryLater(str(exc), retry_after=exc.retry_after) from exc
+        return await self.succeed(done)
 
     async def succeed(self, done: BillingPayout) -> Status | None:
-        if done.amount != self.row["amount"] or done.park_id != self.row["park_id"]:
+        p = self.payout
+        if done.amount != p.amount or done.park_id != p.park_id:
             # Same key and body must give the same payout; if not, say it loudly.
             logger.error(
-                "payout %s: Billing payout %s (%s %s for %s) differs from our order (%s for %s)",
-                self.id,
+                "Billing payout %s (%s %s for %s) differs from our order (%s for %s)",
                 done.id,
                 done.amount,
                 done.currency,
                 done.park_id,
-                self.row["amount"],
-                self.row["park_id"],
+                p.amount,
+                p.park_id,
+                extra=self.log,
             )
         return await self.finish(
             Status.SUCCEEDED,
             "ok",
-            {
-                "amount": str(self.row["amount"]),
-                "currency": self.row["currency"],
-                "billing_payout_id": done.id,
-            },
+            {"amount": str(p.amount), "currency": p.currency, "billing_payout_id": done.id},
             billing_payout_id=done.id,
         )
+
+    async def refused(self, exc: Rejected) -> Status | None:
+        """Billing decided the key: no money moved, for good. Maybe follow with fresh figures."""
+        p = self.payout
+        follow = p.kind == "periodic" and p.follows is None and exc.code in STALE_FIGURES
+        async with self.conn.transaction():
+            status = await self.fail(exc.code, exc.message)
+            if follow and status is Status.FAILED:
+                settings = self.deps.settings
+                new = await payouts.follow_up(
+                    self.conn,
+                    p,
+                    uuid.uuid4(),
+                    reason=exc.code,
+                    max_amount=settings.payout_max_amount,
+                    min_amount=settings.payout_min_amount,
+                )
+                if new is not None:
+                    logger.info("followed by payout %s with fresh figures", new.id, extra=self.log)
+        return status
+
+    # --- FINISHED ---------------------------------------------------------------
 
     async def fail(self, code: str, message: str) -> Status | None:
         return await self.finish(
@@ -240,3 +244,24 @@ class _Run:
             failure_code=code,
             failure_message=message,
         )
+
+    async def finish(
+        self, status: Status, outcome: str, details: dict[str, Any], **params: Any
+    ) -> Status | None:
+        p = self.payout
+        row = await payouts.finish(
+            self.conn,
+            p.id,
+            status=status,
+            outcome=outcome,
+            details={"kind": p.kind, "attempts": self.taken.attempts, **details},
+            **params,
+        )
+        if row is None:
+            # Another run of this job finished it first: its word stands.
+            self.payout = await payouts.reload(self.conn, p.id)
+            return Status(self.payout.status)
+        self.payout = row
+        observability.PAYOUTS.labels(row.kind, row.status).inc()
+        logger.info("payout %s %s", p.id, row.status, extra=self.log)
+        return status

@@ -12,16 +12,15 @@ import dataclasses
 import hashlib
 import json
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import psycopg.errors
 
-from service import audit, db, parks, payouts
+from service import audit, db, parks, payouts, queue
 from service.domain import Availability, instant_availability
 from service.settings import Settings
-from service.worker import tasks
 
 ACTION = "payout.instant.request"
 
@@ -113,7 +112,7 @@ async def _decide_and_enqueue(conn: db.Conn, settings: Settings, req: InstantReq
         await audit.write(conn, _entry(req, "ok", existing["id"], {"replay": True}))
         return Accepted(existing, replay=True)
 
-    now = datetime.now(UTC)
+    now: datetime = park["db_now"]
     limit = settings.payout_max_amount
     if req.amount is not None and req.amount > limit and park["instant_payouts_enabled"]:
         raise Refused(
@@ -121,18 +120,21 @@ async def _decide_and_enqueue(conn: db.Conn, settings: Settings, req: InstantReq
             f"one payout moves at most {limit}",
             details={"max_amount": str(limit)},
         )
+    minimum = settings.payout_min_amount
+    if req.amount is not None and req.amount < minimum and park["instant_payouts_enabled"]:
+        raise Refused(
+            "amount_below_minimum",
+            f"one payout moves at least {minimum}",
+            details={"min_amount": str(minimum)},
+        )
     decision = _decide(park, settings, now)
     if not decision.available:
         raise _refusal(decision, now)
 
-    payout_id = uuid.uuid4()
-    job_id = await tasks.execute_payout.configure(
-        connection=conn, priority=tasks.PRIORITY_INSTANT
-    ).defer_async(payout_id=str(payout_id))
     row = await db.fetch_one(
         conn,
         payouts.Q["insert_instant"],
-        id=payout_id,
+        id=uuid.uuid4(),
         park_id=req.park_id,
         idempotency_key=req.idempotency_key,
         request_fingerprint=req.fingerprint,
@@ -140,8 +142,9 @@ async def _decide_and_enqueue(conn: db.Conn, settings: Settings, req: InstantReq
         request_id=req.request_id,
         requested_amount=req.amount,
         max_amount=settings.payout_max_amount,
-        job_id=job_id,
+        min_amount=settings.payout_min_amount,
         details=req.audit_details,
+        **queue.payout_job("instant"),
     )
     assert row is not None
     return Accepted(row, replay=False)
@@ -204,4 +207,4 @@ async def _audit_refusal(conn: db.Conn, req: InstantRequest, refusal: Refused) -
 async def availability(conn: db.Conn, settings: Settings, park_id: str) -> Availability | None:
     """The button's state for a park, or None if the park is not registered."""
     park = await payouts.park_state(conn, park_id, None)
-    return _decide(park, settings, datetime.now(UTC)) if park is not None else None
+    return _decide(park, settings, park["db_now"]) if park is not None else None

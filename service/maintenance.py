@@ -14,10 +14,8 @@ import logging
 
 from procrastinate import App
 
-from service import audit, db, migrate, observability, payouts
-from service.background import Every
+from service import migrate, payouts
 from service.execution import Deps
-from service.worker import tasks
 
 logger = logging.getLogger(__name__)
 ORPHAN_BATCH = 500
@@ -45,10 +43,7 @@ async def redrive_orphans(deps: Deps) -> int:
             conn, min_age_seconds=deps.settings.stalled_job_seconds, limit=ORPHAN_BATCH
         )
         for row in rows:
-            job_id = await tasks.execute_payout.configure(
-                connection=conn, priority=tasks.payout_priority(row["kind"])
-            ).defer_async(payout_id=str(row["id"]))
-            await payouts.set_job(conn, row["id"], job_id)
+            job_id = await payouts.redrive(conn, row["id"], row["kind"])
             logger.warning(
                 "payout %s had no live job; deferred job %s",
                 row["id"],
@@ -61,30 +56,3 @@ async def redrive_orphans(deps: Deps) -> int:
 async def ensure_partitions(deps: Deps) -> int:
     async with deps.pool.connection() as conn:
         return await migrate.ensure_audit_partitions(conn)
-
-
-# Gauges are read from the database this often by every process (API and
-# worker alike), not at scrape time: a scrape never waits on the database.
-GAUGE_SECONDS = 15.0
-
-
-def gauge_refresher(pool: db.Pool) -> Every:
-    """Start refreshing the database-backed gauges of this process."""
-    return Every(GAUGE_SECONDS, lambda: refresh_gauges(pool), "gauges").start()
-
-
-async def refresh_gauges(pool: db.Pool) -> None:
-    """Queue depth, oldest in-flight payout, product metric, audit runway."""
-    async with pool.connection() as conn:
-        jobs = await db.fetch_all(
-            conn, "SELECT status::text AS status, count(*) AS n FROM procrastinate_jobs GROUP BY 1"
-        )
-        counts = {r["status"]: r["n"] for r in jobs}
-        for status in ("todo", "doing", "succeeded", "failed", "cancelled", "aborting", "aborted"):
-            observability.JOBS.labels(status).set(counts.get(status, 0))
-        observability.OLDEST_IN_FLIGHT.set(await payouts.oldest_in_flight_seconds(conn))
-        parks = await payouts.instant_parks(conn)
-        for window, key in (("1d", "d1"), ("7d", "d7"), ("30d", "d30")):
-            observability.INSTANT_PARKS.labels(window).set(parks[key])
-        months = await db.fetch_one(conn, audit.Q["months_ahead"])
-        observability.AUDIT_MONTHS_AHEAD.set(months["months"] if months else 0)

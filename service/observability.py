@@ -57,6 +57,10 @@ OLDEST_IN_FLIGHT = Gauge(
     "fleet_payouts_payout_oldest_in_flight_seconds",
     "Age of the oldest pending or processing payout (0 when none).",
 )
+OLDEST_OPEN_ORDER = Gauge(
+    "fleet_payouts_payout_oldest_open_order_seconds",
+    "Age of the oldest order sent to Billing whose outcome Billing has not told us (0 when none).",
+)
 AUDIT_MONTHS_AHEAD = Gauge(
     "fleet_payouts_audit_partitions_ahead",
     "Monthly audit_log partitions that exist beyond the current month.",

@@ -2,16 +2,54 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import dataclasses
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from service import db
-from service.domain import Status
+from service import db, queue
+from service.domain import Phase, Status, phase_of
 
 Q = db.queries("payouts")
 Row = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Payout:
+    """One row of `payouts`, as the execution of a payout sees it."""
+
+    id: UUID
+    park_id: str
+    kind: str
+    status: str
+    requested_amount: Decimal | None
+    max_amount: Decimal
+    min_amount: Decimal | None
+    available: Decimal | None
+    amount: Decimal | None
+    currency: str | None
+    billing_params: dict[str, Any] | None
+    ordered_at: datetime | None
+    billing_payout_id: str | None
+    follows: UUID | None
+    attempts: int
+    created_at: datetime
+
+    @property
+    def phase(self) -> Phase:
+        return phase_of(Status(self.status), self.ordered_at is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Taken(Payout):
+    """A payout a run has just taken, with what that run needs besides the row."""
+
+    park_params: dict[str, Any]
+    # The database's clock when the payout was taken, and whether the retry
+    # window (before any order) was over by it.
+    db_now: datetime
+    retry_window_over: bool
 
 
 async def get(conn: db.Conn, payout_id: UUID, *, park_id: str | None = None) -> Row | None:
@@ -40,15 +78,37 @@ async def park_state(conn: db.Conn, park_id: str, idempotency_key: str | None) -
     )
 
 
-async def take(conn: db.Conn, payout_id: UUID) -> Row | None:
+async def take(conn: db.Conn, payout_id: UUID, *, retry_window: timedelta) -> Taken | None:
     """pending/processing -> processing; None when the payout is final or missing."""
-    return await db.fetch_one(conn, Q["take"], id=payout_id)
+    return await db.fetch_as(conn, Taken, Q["take"], id=payout_id, retry_window=retry_window)
 
 
-async def change(conn: db.Conn, name: str, payout_id: UUID, **params: Any) -> Row | None:
-    """A conditional state change (record_order, clear_order); None if it no longer applies."""
-    query = {"record_order": Q["record_order"], "clear_order": Q["clear_order"], "get": Q["get"]}
-    return await db.fetch_one(conn, query[name], id=payout_id, **params)
+async def reload(conn: db.Conn, payout_id: UUID) -> Payout:
+    row = await db.fetch_as(conn, Payout, Q["get"], id=payout_id)
+    assert row is not None  # payouts are never deleted (the trigger refuses it)
+    return row
+
+
+async def record_order(
+    conn: db.Conn,
+    payout_id: UUID,
+    *,
+    available: Decimal,
+    amount: Decimal,
+    currency: str,
+    billing_params: dict[str, Any],
+) -> Payout | None:
+    """Recovery point ORDERED; None if another run recorded an order first."""
+    return await db.fetch_as(
+        conn,
+        Payout,
+        Q["record_order"],
+        id=payout_id,
+        available=available,
+        amount=amount,
+        currency=currency,
+        billing_params=billing_params,
+    )
 
 
 async def finish(
@@ -63,10 +123,11 @@ async def finish(
     failure_message: str | None = None,
     available: Decimal | None = None,
     currency: str | None = None,
-) -> Row | None:
+) -> Payout | None:
     """processing -> final, with the park's clock and the audit entry; None if already final."""
-    return await db.fetch_one(
+    return await db.fetch_as(
         conn,
+        Payout,
         Q["finish"],
         id=payout_id,
         status=str(status),
@@ -80,8 +141,33 @@ async def finish(
     )
 
 
-async def set_job(conn: db.Conn, payout_id: UUID, job_id: int) -> None:
-    await db.execute(conn, Q["set_job"], id=payout_id, job_id=job_id)
+async def follow_up(
+    conn: db.Conn,
+    refused: Payout,
+    new_id: UUID,
+    *,
+    reason: str,
+    max_amount: Decimal,
+    min_amount: Decimal,
+) -> Payout | None:
+    """A fresh periodic payout following `refused`; None if the park is off schedule."""
+    return await db.fetch_as(
+        conn,
+        Payout,
+        Q["follow_up"],
+        id=new_id,
+        follows=refused.id,
+        reason=reason,
+        max_amount=max_amount,
+        min_amount=min_amount,
+        **queue.payout_job("periodic"),
+    )
+
+
+async def redrive(conn: db.Conn, payout_id: UUID, kind: str) -> int | None:
+    """Give the in-flight payout a new job; its id, or None if the payout is final."""
+    row = await db.fetch_one(conn, Q["redrive"], id=payout_id, **queue.payout_job(kind))
+    return int(row["job_id"]) if row else None
 
 
 async def note_transient(conn: db.Conn, payout_id: UUID, message: str) -> None:
@@ -94,9 +180,10 @@ async def instant_parks(conn: db.Conn) -> Row:
     return row
 
 
-async def oldest_in_flight_seconds(conn: db.Conn) -> float:
+async def in_flight_ages(conn: db.Conn) -> tuple[float, float]:
+    """Seconds since the oldest in-flight payout was created, and since the oldest open order."""
     row = await db.fetch_one(conn, Q["oldest_in_flight_seconds"])
-    return float(row["seconds"]) if row else 0.0
+    return (float(row["seconds"]), float(row["order_seconds"])) if row else (0.0, 0.0)
 
 
 async def orphans(conn: db.Conn, *, min_age_seconds: float, limit: int) -> list[Row]:

@@ -6,31 +6,39 @@ creates nothing twice (the due rule, the park row locks and the in-flight
 unique index see to it).
 
 Parks are handled in batches of BATCH: one POST /v1/balances/select per
-batch, then one transaction that locks the batch's parks, defers their jobs
-and inserts their payouts with the balance snapshot. Memory stays flat in
-the number of parks.
+batch, then one transaction that locks the batch's parks and inserts their
+payouts, jobs and audit entries with the balance snapshot. Memory stays flat
+in the number of parks. A park whose balance Billing left out or sent
+unusable (malformed, negative) gets no snapshot: its own job asks, decides
+and records why, and the rest of the batch goes on.
+
+One scan runs at a time across all hosts, under a lease with a deadline
+(table scan_leases, the database's clock) renewed at every batch: a worker
+frozen mid-scan keeps nobody waiting longer than STALLED_JOB_SECONDS, after
+which it counts as dead anyway. The lease only
+saves Billing a second set of balance calls; two scans at once still pay no
+park twice (the due rule, park row locks and the in-flight index).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
-from procrastinate.types import JSONValue
-
-from service import db
+from service import db, queue
 from service.billing.client import MAX_SELECT, Balance, Transient
+from service.domain import is_storable_balance
 from service.execution import Deps
-from service.worker import tasks
 
 logger = logging.getLogger(__name__)
 Q = db.queries("periodic")
 
 BATCH = MAX_SELECT
-# One scan at a time across all hosts: a second one would only ask Billing
-# for balances the first one is about to use.
-SCAN_LOCK_KEY = 0x7363_616E
+LEASE_NAME = "periodic_scan"
 # Past this many new jobs the planner's statistics on procrastinate_jobs are
 # stale enough to turn job fetching quadratic (QUEUE-NOTES): re-analyze.
 ANALYZE_AFTER = 5000
@@ -46,9 +54,10 @@ class ScanResult:
 async def scan(deps: Deps, *, batch_size: int = BATCH) -> ScanResult:
     """Create the periodic payouts of every park due now; return how many."""
     created = batches = 0
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     async with deps.pool.connection() as conn:
-        got = await db.fetch_one(conn, "SELECT pg_try_advisory_lock(%(k)s) AS got", k=SCAN_LOCK_KEY)
-        if not got or not got["got"]:
+        lease = timedelta(seconds=deps.settings.stalled_job_seconds)
+        if not await _lease(conn, holder, lease):
             logger.info("periodic scan already running on another worker")
             return ScanResult(0, 0, skipped_busy=True)
         try:
@@ -67,6 +76,10 @@ async def scan(deps: Deps, *, batch_size: int = BATCH) -> ScanResult:
                 except Transient as exc:
                     logger.warning("periodic scan stopped, Billing unavailable: %s", exc)
                     break
+                if not await _lease(conn, holder, lease):
+                    # Frozen past the lease: another scan took over.
+                    logger.warning("periodic scan lost its lease; stopping")
+                    break
                 made = await create_batch(conn, deps, park_ids, balances)
                 created += made
                 batches += 1
@@ -75,16 +88,26 @@ async def scan(deps: Deps, *, batch_size: int = BATCH) -> ScanResult:
             if created >= ANALYZE_AFTER:
                 await conn.execute("ANALYZE procrastinate_jobs")
         finally:
-            await conn.execute("SELECT pg_advisory_unlock(%s)", (SCAN_LOCK_KEY,))
+            await db.execute(conn, Q["release_lease"], name=LEASE_NAME, holder=holder)
     if created:
         logger.info("periodic scan created %s payouts in %s batches", created, batches)
     return ScanResult(created, batches)
 
 
+async def _lease(conn: db.Conn, holder: str, ttl: timedelta) -> bool:
+    row = await db.fetch_one(conn, Q["take_lease"], name=LEASE_NAME, holder=holder, ttl=ttl)
+    return row is not None
+
+
+def snapshot(balance: Balance | None) -> Balance | None:
+    """The balance to store with the payout, if the table can keep it as Billing said it."""
+    return balance if balance is not None and is_storable_balance(balance.available) else None
+
+
 async def create_batch(
     conn: db.Conn, deps: Deps, park_ids: list[str], balances: dict[str, Balance]
 ) -> int:
-    """One transaction: lock the still-due parks, defer their jobs, insert their payouts."""
+    """One transaction: lock the still-due parks, insert their payouts, jobs and audit entries."""
     async with conn.transaction():
         locked = [
             r["park_id"]
@@ -94,21 +117,16 @@ async def create_batch(
         ]
         if not locked:
             return 0
-        payout_ids = [uuid.uuid4() for _ in locked]
-        job_args: list[dict[str, JSONValue]] = [{"payout_id": str(p)} for p in payout_ids]
-        deferrer = tasks.execute_payout.configure(connection=conn, priority=tasks.PRIORITY_PERIODIC)
-        job_ids = await deferrer.batch_defer_async(*job_args)
-        known = [balances.get(p) for p in locked]
+        known = [snapshot(balances.get(p)) for p in locked]
         await db.execute(
             conn,
             Q["insert"],
-            ids=payout_ids,
+            ids=[uuid.uuid4() for _ in locked],
             park_ids=locked,
-            # A park Billing does not know gets no snapshot: its job asks
-            # GET /v1/balance and records Billing's refusal.
             available=[b.available if b else None for b in known],
             currency=[b.currency if b else None for b in known],
-            job_ids=job_ids,
             max_amount=deps.settings.payout_max_amount,
+            min_amount=deps.settings.payout_min_amount,
+            **queue.payout_job("periodic"),
         )
     return len(locked)

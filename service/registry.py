@@ -2,8 +2,9 @@
 
 Rows are validated, streamed with COPY into a temporary table in chunks and
 upserted from there: 80,000 parks load in seconds, memory stays flat, and a
-second run of the same file changes nothing but `updated_at`. One audit
-entry records the import (file name, counts), not one per park.
+second run of the same file changes nothing. Every park registered or
+changed gets its own audit entry (so it shows in the park's history), and
+one more entry records the import itself (file name, counts).
 """
 
 from __future__ import annotations
@@ -14,32 +15,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from service import audit, db
+from service import audit, db, parks
 from service.domain import is_park_id
 
 CHUNK = 5000
 TRUE = {"true", "1", "yes", "y", "t"}
 FALSE = {"false", "0", "no", "n", "f"}
 COLUMNS = ("park_id", "instant_payouts_enabled", "periodic_payouts_enabled")
-
-# Updates first (only parks whose flags really change), then the new parks:
-# an empty flag in the file leaves the park's current value alone.
-UPDATE_EXISTING = """
-UPDATE parks p SET
-    instant_payouts_enabled = coalesce(i.instant, p.instant_payouts_enabled),
-    periodic_payouts_enabled = coalesce(i.periodic, p.periodic_payouts_enabled),
-    updated_at = now()
-FROM parks_import i
-WHERE p.park_id = i.park_id
-  AND (coalesce(i.instant, p.instant_payouts_enabled),
-       coalesce(i.periodic, p.periodic_payouts_enabled))
-      IS DISTINCT FROM (p.instant_payouts_enabled, p.periodic_payouts_enabled)
-"""
-INSERT_NEW = """
-INSERT INTO parks (park_id, instant_payouts_enabled, periodic_payouts_enabled)
-SELECT park_id, coalesce(instant, false), coalesce(periodic, true) FROM parks_import
-ON CONFLICT (park_id) DO NOTHING
-"""
 
 
 class ImportError_(Exception):
@@ -105,33 +87,27 @@ async def import_csv(url: str, file: str) -> int:
     with path.open("rb") as f:
         progress = Progress(sum(1 for _ in f) - 1)
     conn = await db.connect(url, name="import")
+    actor = getpass.getuser()
     rows = created = updated = 0
     try:
         async with conn, conn.transaction():
-            await conn.execute(
-                "CREATE TEMPORARY TABLE parks_import "
-                "(park_id text, instant boolean, periodic boolean) ON COMMIT DROP"
-            )
-            async with conn.cursor().copy(
-                "COPY parks_import (park_id, instant, periodic) FROM STDIN"
-            ) as copy:
+            await conn.execute(parks.Q["import_stage"])
+            async with conn.cursor().copy(parks.Q["import_copy"]) as copy:
                 for row in read_rows(path):
                     await copy.write_row(row)
                     rows += 1
                     if rows % CHUNK == 0:
                         progress.show(rows)
-            # Duplicates in the file: the last line for a park wins.
-            await conn.execute(
-                "DELETE FROM parks_import a USING parks_import b "
-                "WHERE a.park_id = b.park_id AND a.ctid < b.ctid"
-            )
-            updated = (await conn.execute(UPDATE_EXISTING)).rowcount
-            created = (await conn.execute(INSERT_NEW)).rowcount
+            await conn.execute(parks.Q["import_dedupe"])
+            # Updates first (only parks whose flags really change), then the new parks.
+            who = {"actor_id": actor, "file": path.name}
+            updated = (await conn.execute(parks.Q["import_update"], who)).rowcount
+            created = (await conn.execute(parks.Q["import_insert"], who)).rowcount
             await audit.write(
                 conn,
                 audit.Entry(
                     actor_type="admin",
-                    actor_id=getpass.getuser(),
+                    actor_id=actor,
                     action="parks.import",
                     outcome="ok",
                     details={

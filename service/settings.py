@@ -42,6 +42,8 @@ class Settings:
     periodic_scan_cron: str
     sentry_dsn: str | None
     log_level: str
+    # SPEC's PAYOUT_MIN_AMOUNT: smaller amounts are never ordered.
+    payout_min_amount: Decimal = Decimal("1.00")
     # Not in the contract, tunable for tests and operations:
     billing_timeout_seconds: float = 10.0
     # How long a payout keeps retrying transient Billing errors before it ends
@@ -74,7 +76,18 @@ class Settings:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-def _positive_number(env: Mapping[str, str], name: str, default: str) -> float:
+# Upper bounds on durations and rates. A value past them is a typo (hours
+# for seconds, a stray digit), and time arithmetic on centuries overflows.
+MAX_PERIOD_DAYS = 366.0
+MAX_COOLDOWN_HOURS = 24 * 366.0
+MAX_RETRY_WINDOW_HOURS = 24 * 31.0
+MAX_SECONDS = 24 * 3600.0
+MAX_RPS = 100_000.0
+
+
+def _positive_number(
+    env: Mapping[str, str], name: str, default: str, *, maximum: float = MAX_SECONDS
+) -> float:
     raw = env.get(name, default).strip()
     try:
         value = float(raw)
@@ -82,7 +95,17 @@ def _positive_number(env: Mapping[str, str], name: str, default: str) -> float:
         raise ConfigError(name, f"expected a number, got {raw!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(name, f"must be a positive number, got {raw!r}")
+    if value > maximum:
+        raise ConfigError(name, f"must be at most {maximum:g}, got {raw!r}")
     return value
+
+
+def _money_setting(env: Mapping[str, str], name: str, default: str) -> Decimal:
+    raw = env.get(name, default).strip()
+    try:
+        return parse_money(raw)
+    except (ValueError, decimal.InvalidOperation):
+        raise ConfigError(name, f"expected a positive amount like {default}, got {raw!r}") from None
 
 
 def _url(env: Mapping[str, str], name: str, *, schemes: tuple[str, ...], default: str = "") -> str:
@@ -117,13 +140,10 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
     if require_database or env.get("DATABASE_URL"):
         db_url = database_url(env)
 
-    raw_max = env.get("PAYOUT_MAX_AMOUNT", "100000.00").strip()
-    try:
-        max_amount = parse_money(raw_max)
-    except (ValueError, decimal.InvalidOperation):
-        raise ConfigError(
-            "PAYOUT_MAX_AMOUNT", f"expected a positive amount like 100000.00, got {raw_max!r}"
-        ) from None
+    max_amount = _money_setting(env, "PAYOUT_MAX_AMOUNT", "100000.00")
+    min_amount = _money_setting(env, "PAYOUT_MIN_AMOUNT", "1.00")
+    if min_amount > max_amount:
+        raise ConfigError("PAYOUT_MIN_AMOUNT", f"must not exceed PAYOUT_MAX_AMOUNT ({max_amount})")
 
     cron = env.get("PERIODIC_SCAN_CRON", "*/5 * * * *").strip()
     if not croniter.is_valid(cron) or len(cron.split()) not in (5, 6):
@@ -137,19 +157,26 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
     if sentry_dsn is not None:
         _url(env, "SENTRY_DSN", schemes=("http", "https"))
 
-    retry_hours = _positive_number(env, "BILLING_RETRY_WINDOW_HOURS", "24")
+    retry_hours = _positive_number(
+        env, "BILLING_RETRY_WINDOW_HOURS", "24", maximum=MAX_RETRY_WINDOW_HOURS
+    )
     return Settings(
         database_url=db_url,
         billing_url=_url(env, "BILLING_URL", schemes=("http", "https")).rstrip("/"),
         billing_token=env.get("BILLING_TOKEN", "").strip() or None,
         api_tokens=_tokens(env, "API_TOKENS"),
         admin_tokens=_tokens(env, "ADMIN_TOKENS"),
-        payout_period=timedelta(days=_positive_number(env, "PAYOUT_PERIOD_DAYS", "7")),
+        payout_period=timedelta(
+            days=_positive_number(env, "PAYOUT_PERIOD_DAYS", "7", maximum=MAX_PERIOD_DAYS)
+        ),
         instant_cooldown=timedelta(
-            hours=_positive_number(env, "INSTANT_PAYOUT_COOLDOWN_HOURS", "24")
+            hours=_positive_number(
+                env, "INSTANT_PAYOUT_COOLDOWN_HOURS", "24", maximum=MAX_COOLDOWN_HOURS
+            )
         ),
         payout_max_amount=max_amount,
-        billing_rps=_positive_number(env, "BILLING_RPS", "10"),
+        payout_min_amount=min_amount,
+        billing_rps=_positive_number(env, "BILLING_RPS", "10", maximum=MAX_RPS),
         periodic_scan_cron=cron,
         sentry_dsn=sentry_dsn,
         log_level=level,

@@ -1,10 +1,20 @@
 -- insert_instant --
--- The accepted instant payout and its audit entry, in one statement.
-WITH created AS (
+-- The accepted instant payout, its job and its audit entry, in one statement:
+-- they commit together or not at all, in one round trip. The job row is
+-- written here rather than through procrastinate's Python defer (its table's
+-- stable core: queue, task, priority, args; its insert trigger NOTIFYs the
+-- workers at commit).
+WITH job AS (
+    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, args)
+    VALUES (%(queue)s, %(task)s, %(priority)s, jsonb_build_object('payout_id', %(id)s::text))
+    RETURNING id
+), created AS (
     INSERT INTO payouts (id, park_id, kind, idempotency_key, request_fingerprint, requested_by,
-                         request_id, requested_amount, max_amount, job_id)
-    VALUES (%(id)s, %(park_id)s, 'instant', %(idempotency_key)s, %(request_fingerprint)s,
-            %(requested_by)s, %(request_id)s, %(requested_amount)s, %(max_amount)s, %(job_id)s)
+                         request_id, requested_amount, max_amount, min_amount, job_id)
+    SELECT %(id)s, %(park_id)s, 'instant', %(idempotency_key)s, %(request_fingerprint)s,
+           %(requested_by)s, %(request_id)s, %(requested_amount)s, %(max_amount)s,
+           %(min_amount)s, job.id
+    FROM job
     RETURNING *
 ), entry AS (
     INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, request_id,
@@ -18,10 +28,11 @@ SELECT * FROM created
 -- park_state --
 -- All the rules need to know about one park: the flag, the payout made with
 -- this Idempotency-Key (if any), whether one is in flight, the newest instant
--- payout that counts for the cooldown. The request path runs it right after
--- locking the park row, as a statement of its own: a statement that waited
--- for the lock still reads from the snapshot it started with, and would miss
--- the payout the lock holder just committed.
+-- payout that counts for the cooldown, and the database's clock, the one
+-- clock every host decides time rules by. The request path runs it right
+-- after locking the park row, as a statement of its own: a statement that
+-- waited for the lock still reads from the snapshot it started with, and
+-- would miss the payout the lock holder just committed.
 SELECT k.instant_payouts_enabled,
        (SELECT x.id FROM payouts x
         WHERE x.park_id = k.park_id AND x.idempotency_key = %(idempotency_key)s) AS existing_id,
@@ -31,13 +42,10 @@ SELECT k.instant_payouts_enabled,
                WHERE x.park_id = k.park_id AND x.status IN ('pending', 'processing')) AS in_flight,
        (SELECT max(x.created_at) FROM payouts x
         WHERE x.park_id = k.park_id AND x.kind = 'instant'
-          AND x.status NOT IN ('failed', 'skipped')) AS last_counted_instant_at
+          AND x.status NOT IN ('failed', 'skipped', 'cancelled')) AS last_counted_instant_at,
+       statement_timestamp() AS db_now
 FROM parks k
 WHERE k.park_id = %(park_id)s
-
--- set_job --
--- Remember which procrastinate job drives the payout, for the completer.
-UPDATE payouts SET job_id = %(job_id)s WHERE id = %(id)s AND status IN ('pending', 'processing')
 
 -- get --
 -- One payout by id.
@@ -58,27 +66,23 @@ LIMIT %(limit)s
 
 -- take --
 -- A worker takes the payout: pending -> processing, one more attempt, with
--- the park's Billing params. No row: the payout is final (or gone).
+-- the park's Billing params, the database's clock, and whether the retry
+-- window (for a payout that has ordered nothing yet) is over by that clock.
+-- No row: the payout is final (or gone).
 UPDATE payouts p SET status = 'processing', attempts = p.attempts + 1
 FROM parks k
 WHERE p.id = %(id)s AND k.park_id = p.park_id AND p.status IN ('pending', 'processing')
-RETURNING p.*, k.params AS park_params
+RETURNING p.*, k.params AS park_params, statement_timestamp() AS db_now,
+          statement_timestamp() >= p.created_at + %(retry_window)s AS retry_window_over
 
 -- record_order --
--- Recovery point: from this commit on, the order may reach Billing. Only the
--- run that sets ordered_at orders; a concurrent run finds no row and settles.
+-- Recovery point: from this commit on, the order may reach Billing, and its
+-- body is fixed for good (the trigger refuses any change). Only the run that
+-- sets ordered_at orders first; a concurrent run finds no row and re-reads.
 UPDATE payouts
 SET available = %(available)s, amount = %(amount)s, currency = %(currency)s,
     billing_params = %(billing_params)s, ordered_at = now()
 WHERE id = %(id)s AND status = 'processing' AND ordered_at IS NULL
-RETURNING *
-
--- clear_order --
--- Billing refused the order for good (insufficient_funds): it moved nothing,
--- so the balance may be re-read and a new order placed under the same key.
-UPDATE payouts
-SET available = NULL, amount = NULL, ordered_at = NULL
-WHERE id = %(id)s AND status = 'processing' AND ordered_at = %(ordered_at)s
 RETURNING *
 
 -- finish --
@@ -107,6 +111,45 @@ WITH done AS (
 )
 SELECT * FROM done
 
+-- follow_up --
+-- A periodic payout Billing refused for good (stale balance, new currency) is
+-- followed at once by a new payout with its own id and no snapshot: its job
+-- reads fresh figures. With its job, its audit entry and the park's attempt
+-- clock, in one statement; nothing for a park that left the schedule.
+WITH job AS (
+    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, args)
+    SELECT %(queue)s, %(task)s, %(priority)s, jsonb_build_object('payout_id', %(id)s::text)
+    FROM payouts p JOIN parks k USING (park_id)
+    WHERE p.id = %(follows)s AND k.periodic_payouts_enabled
+    RETURNING id
+), created AS (
+    INSERT INTO payouts (id, park_id, kind, max_amount, min_amount, follows, job_id)
+    SELECT %(id)s, p.park_id, 'periodic', %(max_amount)s, %(min_amount)s, p.id, job.id
+    FROM payouts p, job
+    WHERE p.id = %(follows)s
+    RETURNING *
+), entry AS (
+    INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, payout_id, details)
+    SELECT 'system', 'worker', park_id, 'payout.periodic.create', 'ok', id,
+           jsonb_build_object('follows', follows, 'reason', %(reason)s::text)
+    FROM created
+), attempt AS (
+    UPDATE parks SET last_periodic_attempt_at = created.created_at
+    FROM created WHERE parks.park_id = created.park_id
+)
+SELECT * FROM created
+
+-- redrive --
+-- A new job for an in-flight payout whose job is gone (the completer).
+WITH job AS (
+    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, args)
+    VALUES (%(queue)s, %(task)s, %(priority)s, jsonb_build_object('payout_id', %(id)s::text))
+    RETURNING id
+)
+UPDATE payouts SET job_id = job.id FROM job
+WHERE payouts.id = %(id)s AND status IN ('pending', 'processing')
+RETURNING job.id AS job_id
+
 -- note_transient --
 -- Keep the last transient problem visible to support while retries go on.
 UPDATE payouts SET failure_message = %(failure_message)s
@@ -122,8 +165,13 @@ FROM payouts
 WHERE kind = 'instant' AND status = 'succeeded' AND completed_at > now() - interval '30 days'
 
 -- oldest_in_flight_seconds --
--- Age of the oldest payout still pending or processing.
-SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS seconds
+-- Age of the oldest payout still pending or processing, and of the oldest
+-- order still waiting for Billing's answer (an order is never given up on:
+-- past a bound, a person looks; see the runbook).
+SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS seconds,
+       coalesce(extract(epoch FROM now() - (
+           SELECT min(ordered_at) FROM payouts
+           WHERE status = 'processing' AND ordered_at IS NOT NULL)), 0)::float8 AS order_seconds
 FROM payouts WHERE status IN ('pending', 'processing')
 
 -- orphans --

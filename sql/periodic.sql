@@ -28,17 +28,44 @@ ORDER BY k.park_id
 FOR UPDATE OF k SKIP LOCKED
 
 -- insert --
--- The batch's payouts, with the balance snapshot from /v1/balances/select, and
--- the parks' attempt clocks. The in-flight index has the last word.
-WITH created AS (
-    INSERT INTO payouts (id, park_id, kind, max_amount, available, currency, job_id)
-    SELECT t.id, t.park_id, 'periodic', %(max_amount)s, t.available, t.currency, t.job_id
-    FROM unnest(%(ids)s::uuid[], %(park_ids)s::text[], %(available)s::numeric[],
-                %(currency)s::text[], %(job_ids)s::bigint[])
-         AS t(id, park_id, available, currency, job_id)
+-- The batch's payouts, with the balance snapshot from /v1/balances/select
+-- where Billing gave a usable one, their jobs, their audit entries and the
+-- parks' attempt clocks, in one statement. The in-flight index has the last word.
+WITH input AS (
+    SELECT * FROM unnest(%(ids)s::uuid[], %(park_ids)s::text[], %(available)s::numeric[],
+                         %(currency)s::text[]) AS t(id, park_id, available, currency)
+), jobs AS (
+    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, args)
+    SELECT %(queue)s, %(task)s, %(priority)s, jsonb_build_object('payout_id', id::text)
+    FROM input
+    RETURNING id AS job_id, (args ->> 'payout_id')::uuid AS payout_id
+), created AS (
+    INSERT INTO payouts (id, park_id, kind, max_amount, min_amount, available, currency, job_id)
+    SELECT i.id, i.park_id, 'periodic', %(max_amount)s, %(min_amount)s, i.available,
+           i.currency, j.job_id
+    FROM input i JOIN jobs j ON j.payout_id = i.id
     ON CONFLICT (park_id) WHERE status IN ('pending', 'processing') DO NOTHING
-    RETURNING park_id, created_at
+    RETURNING id, park_id, available, currency, created_at
+), entry AS (
+    INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, payout_id, details)
+    SELECT 'system', 'periodic-scan', park_id, 'payout.periodic.create', 'ok', id,
+           jsonb_build_object('snapshot', CASE WHEN available IS NULL THEN NULL ELSE
+               jsonb_build_object('available', available::text, 'currency', currency) END)
+    FROM created
 )
 UPDATE parks SET last_periodic_attempt_at = created.created_at
 FROM created
 WHERE parks.park_id = created.park_id
+
+-- take_lease --
+-- Hold (or renew) the scan lease until now + ttl, by the database's clock.
+-- No row: someone else holds a lease that has not expired.
+INSERT INTO scan_leases (name, holder, expires_at)
+VALUES (%(name)s, %(holder)s, statement_timestamp() + %(ttl)s)
+ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+WHERE scan_leases.holder = excluded.holder OR scan_leases.expires_at < statement_timestamp()
+RETURNING holder
+
+-- release_lease --
+-- Let the next scan start at once.
+DELETE FROM scan_leases WHERE name = %(name)s AND holder = %(holder)s

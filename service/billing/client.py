@@ -5,6 +5,10 @@ payout job decides on meaning, not on status codes:
 
 - ``Rejected``: Billing said no for good (insufficient funds, unknown park...).
 - ``Transient``: try again later; for an order the outcome is *unknown*.
+  ``Paused`` is the Transient raised without calling Billing at all, while
+  calls are held back (Billing's Retry-After, the breaker).
+- ``Malformed``: Billing answered with a balance we cannot use (one park's
+  bad data); that park's payout decides, nobody else waits.
 - (a ``None`` from ``find_payout``): Billing has no payout under that key.
 """
 
@@ -52,6 +56,14 @@ class Transient(BillingError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Paused(Transient):
+    """Calls to Billing are held back for a while; nothing was sent."""
+
+
+class Malformed(BillingError):
+    """Billing's answer about one park cannot be used (a bad amount or currency)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +154,22 @@ class BillingClient:
         response = await self._request(
             "balances_select", "POST", "/v1/balances/select", json={"park_ids": list(park_ids)}
         )
-        found = (_balance(item) for item in response.json()["balances"])
-        return {b.park_id: b for b in found}
+        items = response.json().get("balances")
+        if not isinstance(items, list):
+            raise Transient("balances_select: Billing answered without a list of balances")
+        wanted = set(park_ids)
+        found: dict[str, Balance] = {}
+        for item in items:
+            try:
+                balance = _balance(item)
+            except Malformed as exc:
+                # One park's bad data must not stop the others: that park gets
+                # no snapshot, and its own payout asks and records why.
+                logger.warning("balances_select: %s", exc)
+                continue
+            if balance.park_id in wanted:
+                found[balance.park_id] = balance
+        return found
 
     async def order_payout(
         self,
@@ -232,38 +258,47 @@ def _error(response: httpx.Response) -> tuple[str, str]:
 
 
 def _money(raw: Any) -> Decimal:
+    """A finite decimal sent as a string (SPEC: money is never a JSON number)."""
     try:
-        return Decimal(str(raw))
+        value = Decimal(raw) if isinstance(raw, str) else None
     except InvalidOperation:
-        raise Transient(f"Billing sent a malformed amount: {raw!r}") from None
+        value = None
+    if value is None or not value.is_finite():
+        raise ValueError(f"malformed amount {str(raw)[:40]!r}")
+    return value
 
 
 def _currency(raw: Any) -> str:
-    # The schema stores ISO 4217 codes; anything else is Billing misbehaving,
-    # retried (and alerted on) like any other bad answer.
+    # The schema stores ISO 4217 codes; anything else is Billing misbehaving.
     if not isinstance(raw, str) or not _CURRENCY_RE.fullmatch(raw):
-        raise Transient(f"Billing sent a malformed currency: {raw!r}")
+        raise ValueError(f"malformed currency {str(raw)[:40]!r}")
     return raw
 
 
-def _balance(data: dict[str, Any]) -> Balance:
+def _balance(data: Any) -> Balance:
+    park_id = data.get("park_id") if isinstance(data, dict) else None
     try:
-        return Balance(str(data["park_id"]), _money(data["available"]), _currency(data["currency"]))
-    except (KeyError, TypeError) as exc:
-        raise Transient(f"Billing sent a malformed balance: {exc}") from exc
+        if not isinstance(data, dict) or not isinstance(park_id, str):
+            raise ValueError("not a balance object")
+        return Balance(park_id, _money(data.get("available")), _currency(data.get("currency")))
+    except ValueError as exc:
+        raise Malformed(f"park {str(park_id)[:64]!r}: unusable balance: {exc}") from None
 
 
-def _payout(data: dict[str, Any]) -> BillingPayout:
+def _payout(data: Any) -> BillingPayout:
+    # After an order, a garbled answer leaves its outcome unknown: ask again.
     try:
+        if not isinstance(data, dict):
+            raise ValueError("not a payout object")
         return BillingPayout(
             id=str(data["id"]),
             park_id=str(data["park_id"]),
             amount=_money(data["amount"]),
-            currency=str(data["currency"]),
+            currency=_currency(data["currency"]),
             status=str(data.get("status", "done")),
         )
-    except (KeyError, TypeError) as exc:
-        raise Transient(f"Billing sent a malformed payout: {exc}") from exc
+    except (KeyError, ValueError) as exc:
+        raise Transient(f"Billing sent a malformed payout: {exc}") from None
 
 
 async def live_workers(conn: Any, within_seconds: float) -> int:

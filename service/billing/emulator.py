@@ -6,15 +6,15 @@ so that tests can check exactly-once delivery from Billing's side (``/admin/payo
 
 Contract endpoints (``/v1/...``) follow SPEC section 4. Choices the SPEC leaves open:
 
-* Idempotency. A key is bound only by a payout that actually executed. A request
-  refused with ``404 park_not_found``, ``409 insufficient_funds``,
-  ``422 currency_mismatch`` or ``400`` does NOT bind its key, so a later request
-  with the same key and another body may succeed. This is deliberate: when
-  Billing refuses an order because our balance was stale, the service re-reads
-  the balance once and re-orders with the same key (the payout's id). Once a key
-  is bound, the same body replays the stored object (200, no money moved again)
-  and any other body gets ``422 idempotency_key_reused``. Bodies are compared on
+* Idempotency (SPEC section 4). Requests with one key are decided once: the
+  first request with a key to be decided fixes the answer, a payout or a
+  refusal (``404 park_not_found``, ``409 insufficient_funds``,
+  ``422 currency_mismatch``), and every later request with that key and the
+  same body gets that same answer, so a refused order never moves money later
+  (a copy of it delayed in the network included). Another body under a
+  decided key gets ``422 idempotency_key_reused``. Bodies are compared on
   park_id, amount (as Decimal, so "100" equals "100.00"), currency and params.
+  A malformed request (``400``) decides nothing.
 * Faults (``PUT /admin/faults``) apply to contract endpoints only, in this order:
   ``latency_ms`` is slept before anything else; then one random number ``r``
   per request picks ``error_rate`` (503 ``unavailable``, nothing done), then
@@ -73,7 +73,7 @@ DEFAULT_CURRENCY = "RUB"
 CENT = Decimal("0.01")
 
 # ASCII digits only: ``\d`` would also accept e.g. Arabic-Indic digits, which Decimal parses.
-_AMOUNT_RE = re.compile(r"[0-9]{1,18}(?:\.[0-9]{1,2})?")
+_AMOUNT_RE = re.compile(r"-?[0-9]{1,18}(?:\.[0-9]{1,2})?")
 # Visible ASCII, as the service's own Idempotency-Key rule; payout ids fit easily.
 _KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
 _MAX_ID_LEN = 255
@@ -99,11 +99,18 @@ def _now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _parse_amount(value: object, name: str, *, allow_zero: bool) -> Decimal:
-    """Parse a money string strictly: JSON numbers and exponents are refused, as in SPEC §2."""
+def _parse_amount(
+    value: object, name: str, *, allow_zero: bool, allow_negative: bool = False
+) -> Decimal:
+    """Parse a money string strictly: JSON numbers and exponents are refused, as in SPEC §2.
+
+    Only a balance may be negative (an overdrawn park, set through the admin API).
+    """
     if not isinstance(value, str) or not _AMOUNT_RE.fullmatch(value):
         raise InvalidRequest(f"{name} must be a decimal string with at most 2 fractional digits")
     amount = Decimal(value)
+    if allow_negative:
+        return amount
     if amount < 0 or (amount == 0 and not allow_zero):
         raise InvalidRequest(f"{name} must be {'>= 0' if allow_zero else '> 0'}")
     return amount
@@ -255,6 +262,8 @@ class EmulatorState:
         self.rng = rng or random.Random()
         self.balances: dict[str, Balance] = {}
         self.payouts_by_key: dict[str, Payout] = {}
+        # Keys whose first decided request was refused: the body and the answer.
+        self.refusals_by_key: dict[str, tuple[PayoutRequest, int, str, str]] = {}
         self.executed: list[Payout] = []
         self.faults = Faults()
         self.stats = RateStats()
@@ -262,6 +271,7 @@ class EmulatorState:
     def reset(self) -> None:
         self.balances.clear()
         self.payouts_by_key.clear()
+        self.refusals_by_key.clear()
         self.executed.clear()
         self.faults = Faults()
         self.stats = RateStats()
@@ -277,27 +287,38 @@ class EmulatorState:
         # (unlike str) can be compared in constant time whatever characters they hold.
         return hmac.compare_digest(supplied.encode("latin-1"), self.token.encode("utf-8"))
 
+    def _refusal(self, req: PayoutRequest) -> tuple[int, str, str] | None:
+        """Why Billing refuses this order for good, or None if it can be paid."""
+        balance = self.balances.get(req.park_id)
+        if balance is None:
+            return 404, "park_not_found", f"unknown park {req.park_id!r}"
+        if req.currency != balance.currency:
+            return 422, "currency_mismatch", f"park {req.park_id!r} is in {balance.currency}"
+        if req.amount > balance.available:
+            return 409, "insufficient_funds", f"available {_money(balance.available)}"
+        return None
+
     def execute_payout(self, key: str, req: PayoutRequest) -> tuple[Response, Payout | None]:
         """Check and apply one payout order; returns the answer and the payout if money moved.
 
         Runs without awaiting, which is what makes it atomic on the event loop.
         """
         existing = self.payouts_by_key.get(key)
-        if existing is not None:
-            if existing.request != req:
-                return _error(
-                    422, "idempotency_key_reused", "key already used with a different body"
-                ), None
-            return JSONResponse(existing.to_json()), None
-        balance = self.balances.get(req.park_id)
-        if balance is None:
-            return _error(404, "park_not_found", f"unknown park {req.park_id!r}"), None
-        if req.currency != balance.currency:
+        refused = self.refusals_by_key.get(key)
+        decided = existing.request if existing is not None else refused[0] if refused else None
+        if decided is not None and decided != req:
             return _error(
-                422, "currency_mismatch", f"park {req.park_id!r} is in {balance.currency}"
+                422, "idempotency_key_reused", "key already used with a different body"
             ), None
-        if req.amount > balance.available:
-            return _error(409, "insufficient_funds", f"available {_money(balance.available)}"), None
+        if existing is not None:
+            return JSONResponse(existing.to_json()), None
+        if refused is not None:
+            return _error(*refused[1:]), None
+        refusal = self._refusal(req)
+        if refusal is not None:
+            self.refusals_by_key[key] = (req, *refusal)
+            return _error(*refusal), None
+        balance = self.balances[req.park_id]
         balance.available -= req.amount
         payout = Payout(
             id=str(uuid.uuid4()), idempotency_key=key, request=req, created_at=_now_rfc3339()
@@ -427,7 +448,9 @@ async def put_balance(request: Request) -> Response:
     park_id = _parse_id(request.path_params["park_id"], "park_id")
     data = await _json_object(request)
     _reject_unknown(data, {"available", "currency"})
-    available = _parse_amount(data.get("available"), "available", allow_zero=True)
+    available = _parse_amount(
+        data.get("available"), "available", allow_zero=True, allow_negative=True
+    )
     state = _state(request)
     current = state.balances.get(park_id)
     if "currency" in data:

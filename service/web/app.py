@@ -22,12 +22,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from service import audit, db, instant, maintenance, parks, payouts
+from service import audit, db, gauges, instant, parks, payouts
 from service.domain import is_park_id, next_periodic_payout_at, parse_money
 from service.settings import Settings
 from service.web import http
 from service.web.errors import EXCEPTION_HANDLERS, ApiError
-from service.worker.app import app as queue_app
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +156,7 @@ async def get_availability(request: Request) -> Response:
             "reason": decision.reason,
             "next_available_at": http.timestamp(decision.next_available_at),
             "max_amount": http.money(settings.payout_max_amount),
+            "min_amount": http.money(settings.payout_min_amount),
             "cooldown_hours": int(hours) if hours.is_integer() else hours,
         }
     )
@@ -313,13 +313,12 @@ def create_app(settings: Settings) -> ASGIApp:
         # Open without waiting: /ping must answer even while the database is
         # down, and /ready says whether it is up.
         await pool.open(wait=False)
-        gauges = maintenance.gauge_refresher(pool)
-        async with queue_app.open_async(pool=pool):
-            try:
-                yield {"settings": settings, "pool": pool}
-            finally:
-                await gauges.stop()
-        await pool.close()
+        refresher = gauges.gauge_refresher(pool)
+        try:
+            yield {"settings": settings, "pool": pool}
+        finally:
+            await refresher.stop()
+            await pool.close()
 
     app = Starlette(
         routes=ROUTES,

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from procrastinate import JobContext
 from procrastinate.worker import Worker
 
-from service import db, maintenance, periodic
+from service import db, gauges, maintenance, periodic, queue
 from service.background import Every
 from service.billing.client import BillingClient, Budget, live_workers
 from service.execution import Deps
@@ -33,13 +33,13 @@ HOUSEKEEPING_CRON = "17 * * * *"
 KEEP_FINISHED_JOBS_HOURS = 24 * 7
 
 
-@app.task(name="periodic_scan", queue=tasks.QUEUE_MAINTENANCE, pass_context=True)
+@app.task(name="periodic_scan", queue=queue.QUEUE_MAINTENANCE, pass_context=True)
 async def periodic_scan(context: JobContext, timestamp: int) -> None:
     """Create periodic payouts for every park due now (timestamp is informational)."""
     await periodic.scan(tasks.deps_of(context))
 
 
-@app.task(name="maintenance", queue=tasks.QUEUE_MAINTENANCE, pass_context=True)
+@app.task(name="maintenance", queue=queue.QUEUE_MAINTENANCE, pass_context=True)
 async def maintenance_task(context: JobContext, timestamp: int) -> None:
     """Requeue stalled jobs and re-drive payouts whose job is gone."""
     deps = tasks.deps_of(context)
@@ -47,7 +47,7 @@ async def maintenance_task(context: JobContext, timestamp: int) -> None:
     await maintenance.redrive_orphans(deps)
 
 
-@app.task(name="housekeeping", queue=tasks.QUEUE_MAINTENANCE, pass_context=True)
+@app.task(name="housekeeping", queue=queue.QUEUE_MAINTENANCE, pass_context=True)
 async def housekeeping(context: JobContext, timestamp: int) -> None:
     """Audit partitions ahead, and old finished jobs out of the queue table."""
     await maintenance.ensure_partitions(tasks.deps_of(context))
@@ -59,7 +59,7 @@ def register_periodic(settings: Settings) -> None:
     registry = app.periodic_registry.periodic_tasks
     if ("periodic_scan", "") in registry:
         return
-    urgent = tasks.PRIORITY_MAINTENANCE
+    urgent = queue.PRIORITY_MAINTENANCE
     app.periodic(cron=settings.periodic_scan_cron, priority=urgent)(periodic_scan)
     app.periodic(cron=MAINTENANCE_CRON, priority=urgent)(maintenance_task)
     app.periodic(cron=HOUSEKEEPING_CRON, priority=urgent)(housekeeping)
@@ -125,7 +125,7 @@ async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int 
         await keep_budget_share(deps, worker)
         background = [
             Every(recount, lambda: keep_budget_share(deps, worker), "budget share").start(),
-            maintenance.gauge_refresher(deps.pool),
+            gauges.gauge_refresher(deps.pool),
         ]
         try:
             await worker.run()  # type: ignore[no-untyped-call]  # procrastinate leaves it unannotated

@@ -1,7 +1,9 @@
 """Task definitions: thin wrappers around the use cases.
 
 The tasks receive their dependencies (pool, Billing client, settings) through
-the worker's additional context, set up in service/worker/run.py.
+the worker's additional context, set up in service/worker/run.py. Their
+names, queues and priorities are service/queue.py's: the use cases write job
+rows in SQL under those names.
 """
 
 from __future__ import annotations
@@ -9,42 +11,33 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from procrastinate import JobContext, RetryDecision
 from procrastinate.jobs import Job
 from procrastinate.retry import BaseRetryStrategy
 
+from service import db, queue
 from service.execution import Deps, RetryLater
 from service.execution import execute_payout as run_payout
 from service.worker.app import app
 
 logger = logging.getLogger(__name__)
 
-QUEUE_PAYOUTS = "payouts"
-QUEUE_MAINTENANCE = "maintenance"
-
-# Workers take the highest priority first. When 80,000 parks come due at
-# once their jobs take hours to drain through the Billing budget: a park
-# pressing "Pay out now" meanwhile must not wait behind them, and recovery
-# (stalled jobs) must not wait behind anything.
-PRIORITY_MAINTENANCE = 100
-PRIORITY_INSTANT = 50
-PRIORITY_PERIODIC = 0
-
-
-def payout_priority(kind: str) -> int:
-    return PRIORITY_INSTANT if kind == "instant" else PRIORITY_PERIODIC
-
 
 class PayoutRetry(BaseRetryStrategy):
     """Exponential backoff with jitter, capped, honouring Billing's Retry-After.
 
-    There is no attempt limit here: the payout job itself ends the payout as
-    `failed` once Billing has been unavailable for the whole retry window,
-    and any other error (a database outage, a bug) is worth retrying for as
-    long as it takes, visibly (the oldest-in-flight alert).
+    There is no attempt limit here: the payout job itself ends a payout that
+    has ordered nothing once Billing has been unavailable for the whole retry
+    window, an order is retried until Billing answers, and any other error
+    (a database outage, a bug) is worth retrying for as long as it takes,
+    visibly (the in-flight alerts).
+
+    The retry time is written by the database's clock (db.CLOCK): every
+    worker compares it with the database's now(), so a host whose clock is
+    hours off neither hammers Billing nor waits for hours.
     """
 
     def __init__(self, cap_seconds: float = 60.0) -> None:
@@ -57,7 +50,7 @@ class PayoutRetry(BaseRetryStrategy):
             delay = max(delay, exception.retry_after)
         if not isinstance(exception, RetryLater):
             logger.exception("job %s failed; retrying in %.1fs", job.id, delay, exc_info=exception)
-        return RetryDecision(retry_at=datetime.now(UTC) + timedelta(seconds=delay))
+        return RetryDecision(retry_at=db.CLOCK.now() + timedelta(seconds=delay))
 
 
 RETRY = PayoutRetry()
@@ -70,7 +63,7 @@ def deps_of(context: JobContext) -> Deps:
     return deps
 
 
-@app.task(name="execute_payout", queue=QUEUE_PAYOUTS, pass_context=True, retry=RETRY)
+@app.task(name=queue.TASK_EXECUTE_PAYOUT, queue=queue.QUEUE_PAYOUTS, pass_context=True, retry=RETRY)
 async def execute_payout(context: JobContext, payout_id: str) -> None:
     """Drive one payout to a final status (see service/execution.py)."""
     await run_payout(deps_of(context), uuid.UUID(payout_id))

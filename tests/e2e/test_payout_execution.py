@@ -6,7 +6,6 @@ against a fresh database and the session's emulator, reset per test.
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from decimal import Decimal
 from typing import Any
@@ -19,14 +18,15 @@ from tests.conftest import service_env
 from tests.helpers.api import (
     ADMIN,
     billing_balance,
-    park_headers,
-    press_headers,
+    get_payout,
+    press,
     register,
     rows,
     set_balance,
     set_faults,
     stats,
     transfers,
+    wait_final,
 )
 from tests.helpers.procs import cluster, wait_for
 
@@ -36,33 +36,6 @@ FINAL = ("succeeded", "failed", "skipped")
 
 
 # --- helpers -----------------------------------------------------------------------
-
-
-def press(api: str, park_id: str, amount: str | None = None) -> dict[str, Any]:
-    """Press "Pay out now" for the park; returns the accepted payout."""
-    headers = press_headers(park_id, user=f"user-of-{park_id}", key=uuid.uuid4().hex)
-    body = {"amount": amount} if amount is not None else {}
-    r = httpx.post(f"{api}/v1/payouts/instant", json=body, headers=headers, timeout=10)
-    assert 202 == r.status_code, r.text
-    payout: dict[str, Any] = r.json()
-    return payout
-
-
-def get_payout(api: str, park_id: str, payout_id: str) -> dict[str, Any]:
-    r = httpx.get(f"{api}/v1/payouts/{payout_id}", headers=park_headers(park_id), timeout=10)
-    assert 200 == r.status_code, r.text
-    payout: dict[str, Any] = r.json()
-    return payout
-
-
-def wait_final(api: str, park_id: str, payout_id: str, timeout: float = 30) -> dict[str, Any]:
-    payout: dict[str, Any] = wait_for(
-        lambda: (p := get_payout(api, park_id, payout_id))["status"] in FINAL and p,
-        timeout=timeout,
-        interval=0.1,
-        what=f"payout {payout_id} of {park_id} to reach a final status",
-    )
-    return payout
 
 
 def count_final(pg: psycopg.Connection[dict[str, Any]], ids: list[str]) -> int:

@@ -8,6 +8,7 @@ client for the app (`app_client`, the `client` fixture), so the same helper serv
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -19,6 +20,7 @@ from starlette.testclient import TestClient
 
 from service.web.app import create_app
 from tests.conftest import ADMIN_TOKEN, API_TOKEN, make_settings
+from tests.helpers.procs import wait_for
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|\+00:00)$")
 TIMEOUT = 10
@@ -106,6 +108,36 @@ def parse_ts(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
+FINAL = ("succeeded", "failed", "skipped", "cancelled")
+
+
+def press(api: str, park_id: str, amount: str | None = None) -> dict[str, Any]:
+    """Press "Pay out now" for the park; returns the accepted payout."""
+    headers = press_headers(park_id, user=f"user-of-{park_id}", key=uuid.uuid4().hex)
+    body = {"amount": amount} if amount is not None else {}
+    r = httpx.post(f"{api}/v1/payouts/instant", json=body, headers=headers, timeout=10)
+    assert 202 == r.status_code, r.text
+    payout: dict[str, Any] = r.json()
+    return payout
+
+
+def get_payout(api: str, park_id: str, payout_id: str) -> dict[str, Any]:
+    r = httpx.get(f"{api}/v1/payouts/{payout_id}", headers=park_headers(park_id), timeout=10)
+    assert 200 == r.status_code, r.text
+    payout: dict[str, Any] = r.json()
+    return payout
+
+
+def wait_final(api: str, park_id: str, payout_id: str, timeout: float = 30) -> dict[str, Any]:
+    payout: dict[str, Any] = wait_for(
+        lambda: (p := get_payout(api, park_id, payout_id))["status"] in FINAL and p,
+        timeout=timeout,
+        interval=0.1,
+        what=f"payout {payout_id} of {park_id} to reach a final status",
+    )
+    return payout
+
+
 # --- the database ------------------------------------------------------------------
 
 
@@ -113,13 +145,41 @@ def rows(pg: psycopg.Connection[DictRow], sql: str, **params: Any) -> list[DictR
     return pg.execute(sql, params).fetchall()
 
 
+def finish(pg: psycopg.Connection[DictRow], payout_id: str, status: str) -> None:
+    """Move a pending payout to a final status as the worker would, without Billing."""
+    pg.execute("UPDATE payouts SET status = 'processing' WHERE id = %s", (payout_id,))
+    if status == "succeeded":
+        pg.execute(
+            "UPDATE payouts SET available = 500.00, amount = 10.00, currency = 'RUB',"
+            " billing_params = '{}', ordered_at = now() WHERE id = %s",
+            (payout_id,),
+        )
+        pg.execute(
+            "UPDATE payouts SET status = 'succeeded', billing_payout_id = 'bp-1',"
+            " completed_at = now() WHERE id = %s",
+            (payout_id,),
+        )
+    elif status == "failed":
+        pg.execute(
+            "UPDATE payouts SET status = 'failed', failure_code = 'x', completed_at = now()"
+            " WHERE id = %s",
+            (payout_id,),
+        )
+    else:
+        pg.execute(
+            "UPDATE payouts SET status = 'skipped', available = 0, completed_at = now()"
+            " WHERE id = %s",
+            (payout_id,),
+        )
+
+
 # --- the Billing emulator's admin endpoints ----------------------------------------
 
 
-def set_balance(billing: str, park_id: str, available: str) -> None:
+def set_balance(billing: str, park_id: str, available: str, currency: str = "RUB") -> None:
     r = httpx.put(
         f"{billing}/admin/balances/{park_id}",
-        json={"available": available, "currency": "RUB"},
+        json={"available": available, "currency": currency},
         timeout=TIMEOUT,
     )
     assert 200 == r.status_code, r.text
@@ -137,6 +197,24 @@ def transfers(billing: str) -> list[dict[str, Any]]:
     r.raise_for_status()
     payouts: list[dict[str, Any]] = r.json()["payouts"]
     return payouts
+
+
+def assert_books_agree(pg: psycopg.Connection[DictRow], billing: str, park_id: str) -> None:
+    """Per park, Billing's transfers are exactly our succeeded payouts: each under its own id,
+    with its amount; nothing else moved money."""
+    ours = {
+        (str(r["id"]), str(r["amount"]))
+        for r in rows(
+            pg,
+            "SELECT id, amount FROM payouts WHERE park_id = %(p)s AND status = 'succeeded'",
+            p=park_id,
+        )
+    }
+    theirs = [
+        (t["idempotency_key"], t["amount"]) for t in transfers(billing) if t["park_id"] == park_id
+    ]
+    assert len(theirs) == len(set(theirs)), theirs
+    assert ours == set(theirs)
 
 
 def stats(billing: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from psycopg.rows import DictRow
 from starlette.testclient import TestClient
 
 from tests.conftest import API_TOKEN
-from tests.helpers.api import ADMIN, app_client, parse_ts, press_headers, register
+from tests.helpers.api import ADMIN, app_client, finish, parse_ts, press_headers, register
 from tests.helpers.api import assert_error as assert_error_envelope
 from tests.helpers.procs import wait_for
 
@@ -72,30 +72,6 @@ def press_outcomes(sql: psycopg.Connection[DictRow], park: str) -> list[str]:
         (park, ACTION),
     ).fetchall()
     return [r["outcome"] for r in rows]
-
-
-def finish(sql: psycopg.Connection[DictRow], payout_id: str, status: str) -> None:
-    """Move a pending payout to a final status the way the worker would."""
-    sql.execute("UPDATE payouts SET status = 'processing' WHERE id = %s", (payout_id,))
-    if status == "succeeded":
-        sql.execute(
-            "UPDATE payouts SET status = 'succeeded', available = 500.00, amount = 10.00,"
-            " currency = 'RUB', billing_payout_id = 'bp-1', completed_at = now()"
-            " WHERE id = %s",
-            (payout_id,),
-        )
-    elif status == "failed":
-        sql.execute(
-            "UPDATE payouts SET status = 'failed', failure_code = 'x', completed_at = now()"
-            " WHERE id = %s",
-            (payout_id,),
-        )
-    else:
-        sql.execute(
-            "UPDATE payouts SET status = 'skipped', available = 0, completed_at = now()"
-            " WHERE id = %s",
-            (payout_id,),
-        )
 
 
 # --- accepted presses ------------------------------------------------------------------
@@ -329,6 +305,34 @@ def test_press_is_accepted_again_once_cooldown_ends(
         second = press(client, key="k2")
     assert 202 == second.status_code, second.text
     assert 2 == len(payout_ids(sql))
+
+
+def test_longest_cooldown_refuses_and_draws_the_button_without_error(
+    db_url: str, sql: psycopg.Connection[DictRow]
+) -> None:
+    """At the largest cooldown settings accept (366 days) a second press is an audited 429
+    and availability answers 200: no time arithmetic overflows into a 500."""
+    with app_client(db_url, instant_cooldown=timedelta(days=366)) as client:
+        register(client)
+        first = press(client, key="k1")
+        finish(sql, first.json()["id"], "succeeded")
+        r = press(client, key="k2")
+        shown = client.get("/v1/payouts/instant/availability", headers=press_headers())
+    assert_error(r, 429, "cooldown_active")
+    assert 366 * 86400 - 120 < int(r.headers["Retry-After"]) <= 366 * 86400
+    assert (200, "cooldown_active") == (shown.status_code, shown.json()["reason"])
+    assert ["ok", "cooldown_active"] == press_outcomes(sql, "p1")
+
+
+def test_amount_below_the_minimum_is_refused(db_url: str, sql: psycopg.Connection[DictRow]) -> None:
+    """An amount under PAYOUT_MIN_AMOUNT is 422 amount_below_minimum, audited, nothing created."""
+    with app_client(db_url, payout_min_amount=Decimal("5.00")) as client:
+        register(client)
+        r = press(client, body={"amount": "4.99"})
+    body = assert_error(r, 422, "amount_below_minimum")
+    assert {"min_amount": "5.00"} == body["details"]
+    assert [] == payout_ids(sql)
+    assert ["amount_below_minimum"] == press_outcomes(sql, "p1")
 
 
 def test_amount_above_the_limit_is_refused(db_url: str, sql: psycopg.Connection[DictRow]) -> None:

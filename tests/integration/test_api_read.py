@@ -22,6 +22,7 @@ from tests.helpers.api import (
     ADMIN_AUTH,
     app_client,
     assert_error,
+    finish,
     park_headers,
     parse_ts,
     press_headers,
@@ -94,15 +95,6 @@ def walk_payouts(client: TestClient, park: str, limit: int) -> list[list[str]]:
         if cursor is None:
             return pages
     raise AssertionError("pagination did not end")
-
-
-def finish_succeeded(sql: psycopg.Connection[DictRow], payout_id: str) -> None:
-    sql.execute("UPDATE payouts SET status = 'processing' WHERE id = %s", (payout_id,))
-    sql.execute(
-        "UPDATE payouts SET status = 'succeeded', available = 500.00, amount = 10.00,"
-        " currency = 'RUB', billing_payout_id = 'bp-1', completed_at = now() WHERE id = %s",
-        (payout_id,),
-    )
 
 
 # --- GET /v1/payouts/{id} ----------------------------------------------------------------
@@ -208,6 +200,7 @@ def test_availability_of_a_fresh_enabled_park(client: TestClient) -> None:
         "reason": None,
         "next_available_at": None,
         "max_amount": "100000.00",
+        "min_amount": "1.00",
         "cooldown_hours": 24,
     } == availability(client)
 
@@ -241,7 +234,7 @@ def test_availability_during_cooldown_names_the_moment_it_ends(
     """After a succeeded instant payout the button is off until created_at + K, and says so."""
     register(client)
     created = press(client)
-    finish_succeeded(sql, created.json()["id"])
+    finish(sql, created.json()["id"], "succeeded")
     body = availability(client)
     assert (False, "cooldown_active") == (body["available"], body["reason"])
     expected = parse_ts(created.json()["created_at"]) + timedelta(hours=24)

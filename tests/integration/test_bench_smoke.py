@@ -23,11 +23,11 @@ TIMEOUT_S = 120
 
 @pytest.mark.e2e
 def test_bench_runs_every_figure() -> None:
-    """`bench.main(None, scale=0.02)` exits 0 and prints every figure's name."""
+    """`tests.bench.service.main(None, scale=0.02)` exits 0 and prints every figure's name."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BENCH_")}
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)
-    code = "import sys; from service import bench; sys.exit(bench.main(None, scale=0.02))"
+    code = "import sys; from tests.bench import service; sys.exit(service.main(None, scale=0.02))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=REPO_ROOT,

@@ -187,18 +187,30 @@ def test_same_key_different_body_is_refused(client: httpx.Client, change: dict[s
     assert "500.00" == available(client, "p2")
 
 
-def test_insufficient_funds_leaves_key_free(client: httpx.Client) -> None:
-    """A 409 insufficient_funds moves nothing and does not bind the key."""
+def test_a_refusal_decides_the_key_for_good(client: httpx.Client) -> None:
+    """A 409 moves nothing and is remembered: the same body gets it again, even once funded."""
     set_balance(client, "p1", "50.00")
 
     r = pay(client, "k1", amount="100.00")
-    assert 409 == r.status_code
-    assert "insufficient_funds" == r.json()["code"]
+    assert (409, "insufficient_funds") == (r.status_code, r.json()["code"])
     assert 404 == client.get("/v1/payouts/k1").status_code
 
+    # A delayed copy of the refused order, after the park was topped up.
+    set_balance(client, "p1", "500.00")
+    r = pay(client, "k1", amount="100.00")
+    assert (409, "insufficient_funds") == (r.status_code, r.json()["code"])
+    assert "500.00" == available(client, "p1")
+    assert [] == executed(client)
+
+
+def test_a_refused_key_never_carries_another_body(client: httpx.Client) -> None:
+    """Another body under a refused key is 422 idempotency_key_reused, and moves nothing."""
+    set_balance(client, "p1", "50.00")
+    assert 409 == pay(client, "k1", amount="100.00").status_code
+
     r = pay(client, "k1", amount="50.00")
-    assert 200 == r.status_code
-    assert "0.00" == available(client, "p1")
+    assert (422, "idempotency_key_reused") == (r.status_code, r.json()["code"])
+    assert "50.00" == available(client, "p1")
 
 
 def test_unknown_park_and_currency_mismatch(client: httpx.Client) -> None:
@@ -207,9 +219,15 @@ def test_unknown_park_and_currency_mismatch(client: httpx.Client) -> None:
 
     r = pay(client, "k1", park="ghost")
     assert (404, "park_not_found") == (r.status_code, r.json()["code"])
-    r = pay(client, "k1", currency="USD")
+    r = pay(client, "k2", currency="USD")
     assert (422, "currency_mismatch") == (r.status_code, r.json()["code"])
     assert [] == executed(client)
+
+
+def test_an_overdrawn_balance_can_be_set(client: httpx.Client) -> None:
+    """PUT /admin/balances takes a negative balance (an overdrawn park) and reports it as is."""
+    set_balance(client, "p1", "-25.50")
+    assert "-25.50" == available(client, "p1")
 
 
 def test_get_payout_by_key(client: httpx.Client) -> None:

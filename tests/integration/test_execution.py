@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from service import db
-from service.billing.client import Balance, BillingClient, Budget
+from service.billing.client import BillingClient, Budget
 from service.domain import Status
 from service.execution import Deps, RetryLater, execute_payout
 from tests.conftest import make_settings
@@ -65,20 +65,65 @@ def transfers(billing_url: str) -> list[dict[str, Any]]:
     return payouts
 
 
-async def test_stale_snapshot_is_reread_once_and_pays_the_fresh_balance(
+async def test_stale_snapshot_ends_the_payout_and_a_fresh_one_pays(
     deps: Deps, conn: db.Conn, billing_url: str
 ) -> None:
-    """A snapshot above the real balance gets insufficient_funds; the job re-reads and pays it."""
+    """A refused stale order ends its payout; a follow-up with its own id pays the fresh balance."""
     emulator(billing_url, "PUT", f"/admin/balances/{PARK}", {"available": "40.00"})
     payout_id = await new_payout(conn, snapshot="90.00")
 
-    assert Status.SUCCEEDED == await execute_payout(deps, payout_id)
+    assert Status.FAILED == await execute_payout(deps, payout_id)
+    refused = await row(conn, payout_id)
+    assert ("insufficient_funds", Decimal("90.00")) == (refused["failure_code"], refused["amount"])
+    follow_up = await db.fetch_one(
+        conn, "SELECT id, status FROM payouts WHERE follows = %(id)s", id=payout_id
+    )
+    assert follow_up is not None and "pending" == follow_up["status"]
 
-    paid = await row(conn, payout_id)
-    assert (Decimal("40.00"), Decimal("40.00")) == (paid["amount"], paid["available"])
-    assert [("40.00", str(payout_id))] == [
+    assert Status.SUCCEEDED == await execute_payout(deps, follow_up["id"])
+    assert [("40.00", str(follow_up["id"]))] == [
         (t["amount"], t["idempotency_key"]) for t in transfers(billing_url)
     ]
+
+
+async def test_a_refused_order_is_never_sent_again(
+    deps: Deps, conn: db.Conn, billing_url: str
+) -> None:
+    """Once Billing refused a payout's order, no run sends anything under its key again."""
+    emulator(billing_url, "PUT", f"/admin/balances/{PARK}", {"available": "40.00"})
+    payout_id = await new_payout(conn, snapshot="90.00")
+    await execute_payout(deps, payout_id)
+    emulator(billing_url, "PUT", f"/admin/balances/{PARK}", {"available": "500.00"})
+    calls = emulator(billing_url, "GET", "/admin/stats")["requests"]
+
+    assert Status.FAILED == await execute_payout(deps, payout_id)
+    assert calls == emulator(billing_url, "GET", "/admin/stats")["requests"]
+    assert [] == transfers(billing_url)
+
+
+async def test_an_order_with_an_unknown_outcome_never_fails(
+    db_url: str, deps: Deps, conn: db.Conn, billing_url: str
+) -> None:
+    """Past the retry window an order whose answer was lost stays in flight till Billing answers."""
+    emulator(billing_url, "PUT", f"/admin/balances/{PARK}", {"available": "30.00"})
+    emulator(billing_url, "PUT", "/admin/faults", {"apply_then_fail_rate": 1.0})
+    payout_id = await new_payout(conn)
+    with pytest.raises(RetryLater):
+        await execute_payout(deps, payout_id)
+
+    emulator(billing_url, "PUT", "/admin/faults", {"apply_then_fail_rate": 0, "error_rate": 1.0})
+    expired = Deps(
+        pool=deps.pool,
+        billing=deps.billing,
+        settings=make_settings(db_url, billing_url, billing_retry_window=timedelta(0)),
+    )
+    with pytest.raises(RetryLater):
+        await execute_payout(expired, payout_id)
+    assert "processing" == (await row(conn, payout_id))["status"]
+
+    emulator(billing_url, "PUT", "/admin/faults", {"error_rate": 0})
+    assert Status.SUCCEEDED == await execute_payout(expired, payout_id)
+    assert [str(payout_id)] == [t["idempotency_key"] for t in transfers(billing_url)]
 
 
 async def test_snapshot_is_used_without_asking_billing_for_the_balance(
@@ -102,10 +147,10 @@ async def test_order_carries_the_park_params(deps: Deps, conn: db.Conn, billing_
     assert {"iban": "X1"} == (await row(conn, payout_id))["billing_params"]
 
 
-async def test_unknown_outcome_is_settled_by_asking_billing(
+async def test_unknown_outcome_is_settled_by_sending_the_same_order(
     deps: Deps, conn: db.Conn, billing_url: str
 ) -> None:
-    """An order applied but answered 500 is found by its key on the retry: one transfer only."""
+    """An order applied but answered 500 is replayed by its key on the retry: one transfer only."""
     emulator(billing_url, "PUT", f"/admin/balances/{PARK}", {"available": "30.00"})
     emulator(billing_url, "PUT", "/admin/faults", {"apply_then_fail_rate": 1.0})
     payout_id = await new_payout(conn)
@@ -197,25 +242,37 @@ async def test_zero_balance_is_skipped_and_audited(
 
 
 async def test_overdrawn_park_is_skipped(deps: Deps, conn: db.Conn, billing_url: str) -> None:
-    """A negative balance from Billing ends the payout skipped instead of failing the job."""
+    """A negative balance ends the payout skipped; the raw figure is in its audit entry only."""
+    emulator(billing_url, "PUT", f"/admin/balances/{PARK}", {"available": "-12.50"})
     payout_id = await new_payout(conn, snapshot=None)
-    await conn.execute("UPDATE payouts SET available = NULL WHERE id = %s", (payout_id,))
-    billing = _NegativeBalance(billing_url)
-    overdrawn = Deps(pool=deps.pool, billing=billing, settings=deps.settings)
 
-    try:
-        assert Status.SKIPPED == await execute_payout(overdrawn, payout_id)
-    finally:
-        await billing.aclose()
+    assert Status.SKIPPED == await execute_payout(deps, payout_id)
     skipped = await row(conn, payout_id)
-    assert (Decimal("0.00"), None) == (skipped["available"], skipped["amount"])
+    assert (None, None) == (skipped["available"], skipped["amount"])
+    entry = await db.fetch_one(
+        conn, "SELECT details FROM audit_log WHERE payout_id = %(id)s", id=payout_id
+    )
+    assert entry is not None and "-12.50" == entry["details"]["available"]
 
 
-class _NegativeBalance(BillingClient):
-    """Billing as it answers for an overdrawn park (the emulator refuses negative balances)."""
+async def test_malformed_balance_fails_that_payout_alone(
+    deps: Deps, conn: db.Conn, billing_url: str
+) -> None:
+    """A balance in a malformed currency ends that payout failed invalid_balance, no retry."""
+    emulator(billing_url, "PUT", f"/admin/balances/{PARK}", {"available": "5.00", "currency": "R$"})
+    payout_id = await new_payout(conn)
 
-    def __init__(self, billing_url: str) -> None:
-        super().__init__(billing_url, token=None, timeout=1.0, budget=Budget(1000))
+    assert Status.FAILED == await execute_payout(deps, payout_id)
+    assert "invalid_balance" == (await row(conn, payout_id))["failure_code"]
+    assert [] == transfers(billing_url)
 
-    async def balance(self, park_id: str) -> Balance:
-        return Balance(park_id, Decimal("-12.50"), "RUB")
+
+async def test_amount_below_the_minimum_is_skipped(
+    deps: Deps, conn: db.Conn, billing_url: str
+) -> None:
+    """A balance under PAYOUT_MIN_AMOUNT is never ordered: the payout ends skipped."""
+    emulator(billing_url, "PUT", f"/admin/balances/{PARK}", {"available": "0.50"})
+    payout_id = await new_payout(conn)
+
+    assert Status.SKIPPED == await execute_payout(deps, payout_id)
+    assert [] == transfers(billing_url)

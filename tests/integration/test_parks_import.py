@@ -150,3 +150,34 @@ def test_import_is_audited(
     last = entries[-1]
     assert ("admin", "ok") == (last["actor_type"], last["outcome"])
     assert {"file": "second.csv", "rows": 3, "created": 2, "updated": 1} == last["details"]
+
+
+def test_import_audits_each_park_it_changes(
+    db_url: str, tmp_path: Path, pg: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """Each park an import registers or changes has its own entry, under its park_id."""
+    assert 0 == run_import(db_url, write_csv(tmp_path, "first.csv", FLAG_LINES[:2])).returncode
+    result = run_import(
+        db_url, write_csv(tmp_path, "second.csv", ["imp-1,true,true", "imp-2,,true"])
+    )
+    assert 0 == result.returncode, result.stderr
+
+    entries = pg.execute(
+        "SELECT park_id, action, details FROM audit_log WHERE park_id IS NOT NULL ORDER BY at, id"
+    ).fetchall()
+    assert [
+        (
+            "imp-1",
+            "park.register",
+            {"instant_payouts_enabled": True, "periodic_payouts_enabled": True},
+        ),
+        (
+            "imp-2",
+            "park.register",
+            {"instant_payouts_enabled": True, "periodic_payouts_enabled": False},
+        ),
+        ("imp-2", "park.update", {"periodic_payouts_enabled": True}),
+    ] == [(e["park_id"], e["action"], e["details"]["changes"]) for e in entries]
+    assert {"source": "import", "file": "second.csv"} == {
+        k: entries[-1]["details"][k] for k in ("source", "file")
+    }

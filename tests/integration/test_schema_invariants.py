@@ -64,11 +64,21 @@ async def to_failed(conn: db.Conn, payout_id: uuid.UUID) -> None:
     assert "failed" == await status_of(conn, payout_id)
 
 
+async def record_order(conn: db.Conn, payout_id: uuid.UUID) -> None:
+    """What the worker records before calling Billing: amount, body, ordered_at."""
+    await conn.execute(
+        "UPDATE payouts SET available = 500, amount = 100, currency = 'RUB', "
+        "billing_params = '{}', ordered_at = now() WHERE id = %s",
+        (payout_id,),
+    )
+
+
 async def to_succeeded(conn: db.Conn, payout_id: uuid.UUID) -> None:
     await to_processing(conn, payout_id)
+    await record_order(conn, payout_id)
     await conn.execute(
-        "UPDATE payouts SET status = 'succeeded', available = 500, amount = 100, "
-        "currency = 'RUB', billing_payout_id = 'b-1', completed_at = now() WHERE id = %s",
+        "UPDATE payouts SET status = 'succeeded', billing_payout_id = 'b-1', "
+        "completed_at = now() WHERE id = %s",
         (payout_id,),
     )
     assert "succeeded" == await status_of(conn, payout_id)
@@ -157,10 +167,10 @@ async def test_succeeded_without_billing_payout_id_is_refused(conn: db.Conn, par
     """A payout cannot become succeeded without the id of Billing's payout."""
     payout = await insert_payout(conn)
     await to_processing(conn, payout)
+    await record_order(conn, payout)
     with pytest.raises(errors.CheckViolation):
         await conn.execute(
-            "UPDATE payouts SET status = 'succeeded', available = 500, amount = 100, "
-            "currency = 'RUB', completed_at = now() WHERE id = %s",
+            "UPDATE payouts SET status = 'succeeded', completed_at = now() WHERE id = %s",
             (payout,),
         )
     assert "processing" == await status_of(conn, payout)

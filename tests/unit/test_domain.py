@@ -10,7 +10,7 @@ import pytest
 from service.domain import (
     Availability,
     Status,
-    can_transition,
+    can_change,
     instant_availability,
     is_park_id,
     is_visible_ascii,
@@ -221,23 +221,25 @@ def test_next_periodic_payout_is_none_when_disabled() -> None:
     assert result is None
 
 
-# --- can_transition ---------------------------------------------------------------
+# --- can_change -------------------------------------------------------------------
 
 ALLOWED = {
     (Status.PENDING, Status.PROCESSING),
-    # A crashed worker's payout is taken again by the next run.
-    (Status.PROCESSING, Status.PROCESSING),
+    (Status.PENDING, Status.CANCELLED),
     (Status.PROCESSING, Status.SUCCEEDED),
     (Status.PROCESSING, Status.FAILED),
     (Status.PROCESSING, Status.SKIPPED),
+    # Not moves: a live payout is rewritten in place (job id, a crashed run taken again).
+    (Status.PENDING, Status.PENDING),
+    (Status.PROCESSING, Status.PROCESSING),
 }
 
 
 @pytest.mark.parametrize("old", list(Status))
 @pytest.mark.parametrize("new", list(Status))
-def test_can_transition_follows_the_lifecycle(old: Status, new: Status) -> None:
-    """Only pending->processing and processing->(processing|final) are moves; finals are frozen."""
-    assert ((old, new) in ALLOWED) == can_transition(old, new)
+def test_can_change_follows_the_lifecycle(old: Status, new: Status) -> None:
+    """pending->processing|cancelled, processing->final, live rows rewritable; finals frozen."""
+    assert ((old, new) in ALLOWED) == can_change(old, new)
 
 
 # --- identifiers ------------------------------------------------------------------

@@ -84,6 +84,13 @@ def test_tokens_are_split_on_commas() -> None:
         ("BILLING_URL", "http://"),
         ("DATABASE_URL", "mysql://x"),
         ("LOG_LEVEL", "LOUD"),
+        # Absurd but numeric: centuries overflow time arithmetic (a 500 once).
+        ("INSTANT_PAYOUT_COOLDOWN_HOURS", "1e8"),
+        ("PAYOUT_PERIOD_DAYS", "36500"),
+        ("BILLING_RETRY_WINDOW_HOURS", "1e6"),
+        ("BILLING_RPS", "1e9"),
+        ("PAYOUT_MIN_AMOUNT", "0"),
+        ("PAYOUT_MIN_AMOUNT", "200000.00"),
     ],
 )
 def test_bad_value_raises_config_error_naming_the_variable(variable: str, value: str) -> None:

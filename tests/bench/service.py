@@ -1,4 +1,4 @@
-"""`fleet-payouts bench`: the service's performance figures, each against a
+"""`make bench` (python -m tests.bench.service): the service's performance figures, each against a
 baseline measured in the same run on the same machine.
 
 1. instant request throughput: POST /v1/payouts/instant per second at 8
@@ -49,7 +49,6 @@ from typing import IO, Any, LiteralString, cast
 
 import httpx
 import psycopg
-from procrastinate import sql as procrastinate_sql
 from procrastinate.types import JSONValue
 from psycopg import sql
 from psycopg.rows import TupleRow
@@ -63,7 +62,7 @@ from service.settings import Settings
 from service.worker import tasks
 from service.worker.app import app as queue_app
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = 8
 PGBENCH_THREADS = 2
 BILLING_RPS = "1000"
@@ -644,11 +643,6 @@ def pgbench_script(max_amount: Decimal) -> str:
     q = db.queries("payouts")
     lock = _fill(db.queries("parks")["lock"], park_id=park)
     state = _fill(q["park_state"], park_id=park, idempotency_key=key)
-    job = (
-        "ARRAY[ROW('payouts', 'execute_payout', 0, NULL, NULL, "
-        f"jsonb_build_object('payout_id', {payout_id}::text), NULL)]"
-    )
-    defer = _fill(procrastinate_sql.queries["defer_jobs"], jobs=job).rstrip().rstrip(";")
     insert = _fill(
         q["insert_instant"],
         id=payout_id,
@@ -659,7 +653,10 @@ def pgbench_script(max_amount: Decimal) -> str:
         request_id="('pgb-req-' || :id::text)",
         requested_amount="NULL",
         max_amount=f"{max_amount}",
-        job_id=":job_id",
+        min_amount="1.00",
+        queue="'payouts'",
+        task="'execute_payout'",
+        priority="50",
         details=f"jsonb_build_object('idempotency_key', {key}, 'requested_amount', NULL)",
     )
     return "\n".join(
@@ -669,7 +666,6 @@ def pgbench_script(max_amount: Decimal) -> str:
             "BEGIN;",
             f"{lock};",
             f"{state};",
-            f"{defer} \\gset job_",
             f"{insert};",
             "COMMIT;",
             "",
@@ -1360,3 +1356,11 @@ def main(only: str | None, *, scale: float = 1.0) -> int:
             shutil.rmtree(workdir / "pg", ignore_errors=True)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["instant", "periodic"], default=None)
+    sys.exit(main(parser.parse_args().only))

@@ -1,0 +1,35 @@
+"""Database-backed gauges: queue depth, in-flight ages, the product metric, audit runway.
+
+Read from the database every GAUGE_SECONDS by every process (API and worker
+alike), not at scrape time: a scrape never waits on the database.
+"""
+
+from __future__ import annotations
+
+from service import audit, db, observability, payouts
+from service.background import Every
+
+GAUGE_SECONDS = 15.0
+
+
+def gauge_refresher(pool: db.Pool) -> Every:
+    """Start refreshing the database-backed gauges of this process."""
+    return Every(GAUGE_SECONDS, lambda: refresh_gauges(pool), "gauges").start()
+
+
+async def refresh_gauges(pool: db.Pool) -> None:
+    async with pool.connection() as conn:
+        jobs = await db.fetch_all(
+            conn, "SELECT status::text AS status, count(*) AS n FROM procrastinate_jobs GROUP BY 1"
+        )
+        counts = {r["status"]: r["n"] for r in jobs}
+        for status in ("todo", "doing", "succeeded", "failed", "cancelled", "aborting", "aborted"):
+            observability.JOBS.labels(status).set(counts.get(status, 0))
+        oldest, oldest_order = await payouts.in_flight_ages(conn)
+        observability.OLDEST_IN_FLIGHT.set(oldest)
+        observability.OLDEST_OPEN_ORDER.set(oldest_order)
+        parks = await payouts.instant_parks(conn)
+        for window, key in (("1d", "d1"), ("7d", "d7"), ("30d", "d30")):
+            observability.INSTANT_PARKS.labels(window).set(parks[key])
+        months = await db.fetch_one(conn, audit.Q["months_ahead"])
+        observability.AUDIT_MONTHS_AHEAD.set(months["months"] if months else 0)
