@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,14 +52,51 @@ def database() -> Iterator[str]:
         return
     from service.pgembed import EmbeddedPostgres
 
-    pg = EmbeddedPostgres((DATA_DIR / "pg").resolve())
-    say(f"starting embedded PostgreSQL in {DATA_DIR / 'pg'} ...")
+    data = data_dir()
+    pg = EmbeddedPostgres(data)
+    say(f"starting embedded PostgreSQL in {data} ...")
     url = pg.start()
     try:
         yield url
     finally:
         say("stopping PostgreSQL")
         pg.stop()
+
+
+def data_dir() -> Path:
+    """./.fleet-payouts/pg, or, for root in a folder the postgres account cannot
+    reach (a mode-0700 home), a folder of its own under /var/tmp."""
+    from service.pgembed import reachable_by_server
+
+    local = (DATA_DIR / "pg").resolve()
+    if reachable_by_server(local):
+        return local
+    digest = hashlib.sha256(str(local).encode()).hexdigest()[:12]
+    return Path("/var/tmp") / f"fleet-payouts-{digest}" / "pg"  # noqa: S108 - owned, 0700
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: SIGTERM when dev dies, even by SIGKILL, so no
+    orphan keeps the ports the next dev needs (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def wait_port_free(port: int, timeout: float = 30.0) -> None:
+    """A killed dev's children stop on their own; give them the time to let go of a port."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    msg = f"port {port} is still in use; pick another with --port"
+                    raise RuntimeError(msg) from None
+        time.sleep(0.2)
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
@@ -123,23 +163,31 @@ def serve_all(
         "API_TOKENS": os.environ.get("API_TOKENS", DEV_API_TOKEN),
         "ADMIN_TOKENS": os.environ.get("ADMIN_TOKENS", DEV_ADMIN_TOKEN),
         "PERIODIC_SCAN_CRON": os.environ.get("PERIODIC_SCAN_CRON", "* * * * *"),
+        "LOG_FORMAT": os.environ.get("LOG_FORMAT", "text"),
     }
 
     def spawn(*args: str) -> subprocess.Popen[bytes]:
         # Own session: Ctrl-C reaches only us, and we stop children in order.
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "service", *args], env=env, start_new_session=True
+            [sys.executable, "-m", "service", *args],
+            env=env,
+            start_new_session=True,
+            # Safe here: dev starts no threads of its own before its children.
+            preexec_fn=_die_with_parent,
         )
         children.append(proc)
         return proc
 
+    worker_metrics = port + 2
+    for taken in (billing_port, port, worker_metrics):
+        wait_port_free(taken)
     emulator = spawn("billing-emulator", "--port", str(billing_port))
     wait_http(f"{billing_url}/admin/stats", emulator)
     asyncio.run(seed(url, billing_url))
     api = spawn("serve", "--port", str(port))
-    spawn("worker", "--concurrency", "4")
+    spawn("worker", "--concurrency", "4", "--metrics-port", str(worker_metrics))
     wait_http(f"http://127.0.0.1:{port}/ping", api)
-    print_help(port, billing_port, env)
+    print_help(port, billing_port, worker_metrics, env)
     while not stopping() and all(c.poll() is None for c in children):
         time.sleep(0.2)
     if not stopping():
@@ -158,7 +206,7 @@ def stop(children: list[subprocess.Popen[bytes]]) -> None:
             child.wait()
 
 
-def print_help(port: int, billing_port: int, env: dict[str, str]) -> None:
+def print_help(port: int, billing_port: int, worker_metrics: int, env: dict[str, str]) -> None:
     api = f"http://127.0.0.1:{port}"
     token = env["API_TOKENS"].split(",")[0]
     admin = env["ADMIN_TOKENS"].split(",")[0]
@@ -166,6 +214,7 @@ def print_help(port: int, billing_port: int, env: dict[str, str]) -> None:
         f"""
 fleet-payouts is running.
   API       {api}        (metrics: {api}/metrics)
+  Worker    metrics: http://127.0.0.1:{worker_metrics}/metrics
   Billing   http://127.0.0.1:{billing_port}  (emulator)
   Demo parks: {", ".join(p for p, _, _ in DEMO_PARKS)}
 

@@ -93,7 +93,15 @@ def setup(settings: Settings, process: str) -> None:
     """Configure logging and Sentry for one process (api, worker, dev...)."""
     PROCESS["name"] = process
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    if settings.log_format == "text":
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {process:>6} %(levelname)-7s %(message)s")
+        )
+        # Every job start and end, every periodic tick: chatter a person reading
+        # the terminal does not want at INFO.
+        logging.getLogger("procrastinate").setLevel(logging.WARNING)
+    else:
+        handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)

@@ -58,7 +58,7 @@ async def scan(deps: Deps, *, batch_size: int = BATCH) -> ScanResult:
     async with deps.pool.connection() as conn:
         lease = timedelta(seconds=deps.settings.stalled_job_seconds)
         if not await _lease(conn, holder, lease):
-            logger.info("periodic scan already running on another worker")
+            logger.debug("periodic scan already running on another worker")
             return ScanResult(0, 0, skipped_busy=True)
         try:
             while True:

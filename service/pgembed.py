@@ -80,6 +80,13 @@ def _free_port() -> int:
     return port
 
 
+def reachable_by_server(path: Path) -> bool:
+    """Whether the account that runs PostgreSQL can reach `path` (always, unless we are root)."""
+    if os.geteuid() != 0:
+        return True
+    return all(parent.stat().st_mode & stat.S_IXOTH for parent in path.resolve().parents)
+
+
 def _conf_quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 

@@ -42,6 +42,9 @@ class Settings:
     periodic_scan_cron: str
     sentry_dsn: str | None
     log_level: str
+    # "json" (one object per line, for log shippers) or "text" (for people:
+    # `dev` sets it).
+    log_format: str = "json"
     # SPEC's PAYOUT_MIN_AMOUNT: smaller amounts are never ordered.
     payout_min_amount: Decimal = Decimal("1.00")
     # Not in the contract, tunable for tests and operations:
@@ -153,6 +156,10 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
     if level not in LOG_LEVELS:
         raise ConfigError("LOG_LEVEL", f"expected one of {', '.join(LOG_LEVELS)}")
 
+    log_format = env.get("LOG_FORMAT", "json").strip().lower()
+    if log_format not in ("json", "text"):
+        raise ConfigError("LOG_FORMAT", "expected json or text")
+
     sentry_dsn = env.get("SENTRY_DSN", "").strip() or None
     if sentry_dsn is not None:
         _url(env, "SENTRY_DSN", schemes=("http", "https"))
@@ -180,6 +187,7 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
         periodic_scan_cron=cron,
         sentry_dsn=sentry_dsn,
         log_level=level,
+        log_format=log_format,
         billing_timeout_seconds=_positive_number(env, "BILLING_TIMEOUT_SECONDS", "10"),
         billing_retry_window=timedelta(hours=retry_hours),
         stalled_job_seconds=_positive_number(env, "STALLED_JOB_SECONDS", "60"),
