@@ -79,9 +79,9 @@ def cmd_emulator(args: argparse.Namespace) -> None:
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
-    from service import dev
+    from service.devenv import run
 
-    raise SystemExit(dev.run(port=args.port, billing_port=args.billing_port))
+    raise SystemExit(run.run(port=args.port, billing_port=args.billing_port))
 
 
 def cmd_parks_import(args: argparse.Namespace) -> None:

@@ -54,7 +54,7 @@ def pg_server_url() -> Iterator[str]:
     if given:
         yield given
         return
-    from service.pgembed import EmbeddedPostgres
+    from service.devenv.postgres import EmbeddedPostgres
 
     base = Path(tempfile.mkdtemp(dir="/tmp", prefix="fp-test-pg-"))
     base.chmod(0o755)

@@ -56,6 +56,7 @@ from psycopg.rows import TupleRow
 from service import db, migrate, periodic
 from service import settings as settings_module
 from service.billing.client import BillingClient, Budget
+from service.devenv.processes import free_port
 from service.execution import Deps
 from service.instant import InstantRequest
 from service.settings import Settings
@@ -182,15 +183,6 @@ class Child:
         except (OSError, IndexError):
             return 0.0
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 async def _wait_until(
@@ -373,7 +365,7 @@ class Bench:
             await _wait_until(f"{child.name} on {url}", ready, within=READY_TIMEOUT_S)
 
     async def start_emulator(self) -> None:
-        port = _free_port()
+        port = free_port()
         env = self.child_env(None)
         child = await self.spawn(
             "billing-emulator",
@@ -385,7 +377,7 @@ class Bench:
         await self._wait_http(child, f"{self.billing_url}/admin/stats")
 
     async def api(self, db_url: str, extra: dict[str, str] | None = None) -> tuple[Child, str]:
-        port = _free_port()
+        port = free_port()
         child = await self.spawn(
             f"api-{port}",
             [sys.executable, "-m", "service", "serve", "--port", str(port)],
@@ -914,7 +906,7 @@ async def figure_statements(b: Bench) -> Figure:
         await b.set_balances(parks, "1000.00")
         env = {"PERIODIC_SCAN_CRON": NEVER_CRON}
         _api, api_url = await b.api(url, env)
-        worker_metrics = _free_port()
+        worker_metrics = free_port()
         worker = await b.worker(url, env, metrics_port=worker_metrics)
         metrics = [f"{api_url}/metrics", f"http://127.0.0.1:{worker_metrics}/metrics"]
         async with await _connect(await b.observer_url(url)) as obs:
@@ -1157,7 +1149,7 @@ async def figure_billing_calls(b: Bench) -> Figure:
     url = await b.create_db("billing")
     parks = [f"bl-{i}" for i in range(1, n + 1)]
     dbname = _dbname(url)
-    metrics_port = _free_port()
+    metrics_port = free_port()
     try:
         async with await _connect(url) as conn:
             await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
@@ -1300,7 +1292,7 @@ def _server(workdir: Path) -> Iterator[tuple[str, str]]:
     if given:
         yield given, "PostgreSQL at BENCH_DATABASE_URL"
         return
-    from service.pgembed import EmbeddedPostgres
+    from service.devenv.postgres import EmbeddedPostgres
 
     durable = os.environ.get("BENCH_DURABLE") == "1"
     pg = EmbeddedPostgres(workdir / "pg", fast_unsafe=not durable)

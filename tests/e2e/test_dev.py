@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.dev import DEV_API_TOKEN
-from tests.helpers.emulator import free_port
+from service.devenv.processes import free_port
+from service.devenv.run import DEV_API_TOKEN
 from tests.helpers.procs import wait_for
 
 pytestmark = pytest.mark.e2e

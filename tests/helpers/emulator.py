@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +17,8 @@ from pathlib import Path
 
 import httpx
 
+from service.devenv.processes import free_port, stop_process
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
@@ -27,13 +27,6 @@ _PORT_ATTEMPTS = 3
 
 class EmulatorStartError(RuntimeError):
     """The emulator did not answer in time, or exited before answering."""
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (the OS picks it; someone may still race us)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _child_env(env: dict[str, str] | None) -> dict[str, str]:
@@ -47,16 +40,6 @@ def _child_env(env: dict[str, str] | None) -> dict[str, str]:
     child["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)
     child.update(env or {})
     return child
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], base_url: str, log: Path) -> None:
@@ -117,4 +100,4 @@ def run_emulator(port: int | None = None, env: dict[str, str] | None = None) -> 
                 yield base_url
                 return
             finally:
-                _stop(proc)
+                stop_process(proc, STOP_TIMEOUT_S)

@@ -17,7 +17,8 @@ from typing import Any
 
 import httpx
 
-from tests.helpers.emulator import REPO_ROOT, free_port
+from service.devenv.processes import free_port, stop_process
+from tests.helpers.emulator import REPO_ROOT
 
 
 def wait_for(
@@ -71,13 +72,7 @@ class Proc:
             self.popen.wait(timeout=10)
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        stop_process(self.popen, timeout)
         self._log_file.close()
 
     def tail(self, lines: int = 40) -> str:

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.helpers.emulator import free_port
+from service.devenv.processes import free_port
 from tests.helpers.procs import wait_for
 
 # (path, answer) -> the answer to send instead, for 200 JSON answers.

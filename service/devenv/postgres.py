@@ -14,7 +14,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 from types import TracebackType
 
 import psycopg
+
+from service.devenv.processes import free_port, port_is_free
 
 logger = logging.getLogger(__name__)
 
@@ -60,24 +61,6 @@ def _pgserver_bindir() -> Path | None:
     except (ImportError, AttributeError):  # older/newer layouts: look where the wheel puts them
         bindir = Path(pgserver.__file__ or ".").parent / "pginstall" / "bin"
         return bindir if (bindir / "pg_ctl").is_file() else None
-
-
-def _port_is_free(port: int) -> bool:
-    # SO_REUSEADDR as the postmaster uses it, so TIME_WAIT leftovers do not count as "taken".
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def reachable_by_server(path: Path) -> bool:
@@ -251,7 +234,7 @@ class EmbeddedPostgres:
         port = self._requested_port
         if port is None:
             saved = port_file.read_text().strip() if port_file.exists() else ""
-            port = int(saved) if saved.isdigit() and _port_is_free(int(saved)) else _free_port()
+            port = int(saved) if saved.isdigit() and port_is_free(int(saved)) else free_port()
         self._write(port_file, f"{port}\n")
         return port
 

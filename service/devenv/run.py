@@ -13,7 +13,6 @@ import ctypes
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from service import db, migrate, parks
+from service.devenv.processes import port_is_free, stop_process, wait_until
 
 DATA_DIR = Path(".fleet-payouts")
 # Dev-only tokens, printed in the help text; never used unless dev sets them.
@@ -50,7 +50,7 @@ def database() -> Iterator[str]:
         say("using DATABASE_URL from the environment")
         yield url
         return
-    from service.pgembed import EmbeddedPostgres
+    from service.devenv.postgres import EmbeddedPostgres
 
     data = data_dir()
     pg = EmbeddedPostgres(data)
@@ -66,7 +66,7 @@ def database() -> Iterator[str]:
 def data_dir() -> Path:
     """./.fleet-payouts/pg, or, for root in a folder the postgres account cannot
     reach (a mode-0700 home), a folder of its own under /var/tmp."""
-    from service.pgembed import reachable_by_server
+    from service.devenv.postgres import reachable_by_server
 
     local = (DATA_DIR / "pg").resolve()
     if reachable_by_server(local):
@@ -85,18 +85,10 @@ def _die_with_parent() -> None:
 
 def wait_port_free(port: int, timeout: float = 30.0) -> None:
     """A killed dev's children stop on their own; give them the time to let go of a port."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    msg = f"port {port} is still in use; pick another with --port"
-                    raise RuntimeError(msg) from None
-        time.sleep(0.2)
+    try:
+        wait_until(lambda: port_is_free(port), timeout=timeout, what=f"port {port} to be free")
+    except TimeoutError:
+        raise RuntimeError(f"port {port} is still in use; pick another with --port") from None
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
@@ -195,15 +187,9 @@ def serve_all(
 
 
 def stop(children: list[subprocess.Popen[bytes]]) -> None:
+    # Newest first: the worker and the API before the emulator they talk to.
     for child in reversed(children):
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    for child in reversed(children):
-        try:
-            child.wait(timeout=70)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        stop_process(child, timeout=70)
 
 
 def print_help(port: int, billing_port: int, worker_metrics: int, env: dict[str, str]) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from service.pgembed import EmbeddedPostgres
+from service.devenv.postgres import EmbeddedPostgres
 
 
 @pytest.fixture
