@@ -165,6 +165,7 @@ class Availability:
 def instant_availability(
     *,
     enabled: bool,
+    on_hold: bool,
     in_flight: bool,
     last_counted_instant_at: datetime | None,
     cooldown: timedelta,
@@ -173,6 +174,8 @@ def instant_availability(
     """Decide the button's state in the same order the request path checks the rules."""
     if not enabled:
         return Availability(False, "instant_payouts_disabled", None)
+    if on_hold:
+        return Availability(False, "park_on_hold", None)
     if in_flight:
         return Availability(False, "payout_in_progress", None)
     if last_counted_instant_at is not None:

@@ -154,6 +154,7 @@ def _decide(park: payouts.Row, settings: Settings, now: datetime) -> Availabilit
     """The rules that draw the button and refuse a press, applied to a park_state row."""
     return instant_availability(
         enabled=park["instant_payouts_enabled"],
+        on_hold=park["hold_reason"] is not None,
         in_flight=park["in_flight"],
         last_counted_instant_at=park["last_counted_instant_at"],
         cooldown=settings.instant_cooldown,
@@ -164,6 +165,8 @@ def _decide(park: payouts.Row, settings: Settings, now: datetime) -> Availabilit
 def _refusal(decision: Availability, now: datetime) -> Refused:
     if decision.reason == "instant_payouts_disabled":
         return Refused("instant_payouts_disabled", "instant payouts are switched off for this park")
+    if decision.reason == "park_on_hold":
+        return Refused("park_on_hold", "payouts for this park are on hold")
     if decision.reason == "payout_in_progress":
         return Refused("payout_in_progress", "a payout for this park is already in flight")
     assert decision.reason == "cooldown_active" and decision.next_available_at is not None

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Any
 
 from service import db
 
 Q = db.queries("parks")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hold:
+    """A hold to set (with its reason and who set it), or to release (reason None)."""
+
+    reason: str | None
+    by: str | None
 
 
 async def upsert(
@@ -17,10 +26,22 @@ async def upsert(
     instant: bool | None,
     periodic: bool | None,
     params: dict[str, Any] | None,
+    hold: Hold | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """Register or update a park; returns the row and whether it was created."""
+    """Register or update a park; returns the row and whether it was created.
+
+    `hold` None leaves the hold as it is; a Hold sets it (reason) or releases it (no reason).
+    """
     row = await db.fetch_one(
-        conn, Q["upsert"], park_id=park_id, instant=instant, periodic=periodic, params=params
+        conn,
+        Q["upsert"],
+        park_id=park_id,
+        instant=instant,
+        periodic=periodic,
+        params=params,
+        hold_given=hold is not None,
+        hold_reason=hold.reason if hold else None,
+        hold_by=hold.by if hold else None,
     )
     assert row is not None  # INSERT ... ON CONFLICT DO UPDATE always returns the row
     created = bool(row.pop("created"))

@@ -1,12 +1,22 @@
 -- upsert --
 -- Register a park or update the given fields; (xmax = 0) tells a fresh insert.
-INSERT INTO parks (park_id, instant_payouts_enabled, periodic_payouts_enabled, params)
+-- The hold changes only when given: a reason puts the park on hold (keeping
+-- the time it started if it already was), NULL releases it.
+INSERT INTO parks (park_id, instant_payouts_enabled, periodic_payouts_enabled, params,
+                   hold_reason, hold_since, hold_by)
 VALUES (%(park_id)s, coalesce(%(instant)s, false), coalesce(%(periodic)s, true),
-        coalesce(%(params)s, '{}'::jsonb))
+        coalesce(%(params)s, '{}'::jsonb), %(hold_reason)s,
+        CASE WHEN %(hold_reason)s::text IS NOT NULL THEN now() END,
+        CASE WHEN %(hold_reason)s::text IS NOT NULL THEN %(hold_by)s END)
 ON CONFLICT (park_id) DO UPDATE SET
     instant_payouts_enabled = coalesce(%(instant)s, parks.instant_payouts_enabled),
     periodic_payouts_enabled = coalesce(%(periodic)s, parks.periodic_payouts_enabled),
     params = coalesce(%(params)s, parks.params),
+    hold_reason = CASE WHEN %(hold_given)s THEN excluded.hold_reason ELSE parks.hold_reason END,
+    hold_since = CASE WHEN NOT %(hold_given)s THEN parks.hold_since
+                      WHEN excluded.hold_reason IS NULL THEN NULL
+                      ELSE coalesce(parks.hold_since, now()) END,
+    hold_by = CASE WHEN %(hold_given)s THEN excluded.hold_by ELSE parks.hold_by END,
     updated_at = now()
 RETURNING *, (xmax = 0) AS created
 

@@ -33,7 +33,7 @@ SELECT * FROM created
 -- after locking the park row, as a statement of its own: a statement that
 -- waited for the lock still reads from the snapshot it started with, and
 -- would miss the payout the lock holder just committed.
-SELECT k.instant_payouts_enabled,
+SELECT k.instant_payouts_enabled, k.hold_reason,
        (SELECT x.id FROM payouts x
         WHERE x.park_id = k.park_id AND x.idempotency_key = %(idempotency_key)s) AS existing_id,
        (SELECT x.request_fingerprint FROM payouts x
@@ -120,7 +120,7 @@ WITH job AS (
     INSERT INTO procrastinate_jobs (queue_name, task_name, priority, args)
     SELECT %(queue)s, %(task)s, %(priority)s, jsonb_build_object('payout_id', %(id)s::text)
     FROM payouts p JOIN parks k USING (park_id)
-    WHERE p.id = %(follows)s AND k.periodic_payouts_enabled
+    WHERE p.id = %(follows)s AND k.periodic_payouts_enabled AND k.hold_reason IS NULL
     RETURNING id
 ), created AS (
     INSERT INTO payouts (id, park_id, kind, max_amount, min_amount, follows, job_id)

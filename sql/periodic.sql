@@ -3,6 +3,7 @@
 -- Read without locks: the batch is re-checked under lock before anything is written.
 SELECT park_id FROM parks k
 WHERE k.periodic_payouts_enabled
+  AND k.hold_reason IS NULL
   AND greatest(k.registered_at, k.last_payout_at, k.last_periodic_attempt_at) <= now() - %(period)s
   -- "Nothing in flight" as one index probe per park (payouts_one_in_flight_per_park).
   -- NOT EXISTS lets the planner pick a join that, with statistics taken
@@ -18,6 +19,7 @@ LIMIT %(limit)s
 SELECT park_id FROM parks k
 WHERE k.park_id = ANY(%(park_ids)s)
   AND k.periodic_payouts_enabled
+  AND k.hold_reason IS NULL
   AND greatest(k.registered_at, k.last_payout_at, k.last_periodic_attempt_at) <= now() - %(period)s
   -- "Nothing in flight" as one index probe per park (payouts_one_in_flight_per_park).
   -- NOT EXISTS lets the planner pick a join that, with statistics taken

@@ -120,6 +120,7 @@ def test_instant_disabled_comes_before_every_other_reason() -> None:
     """A park without the option is told so even while in flight and cooling down."""
     result = instant_availability(
         enabled=False,
+        on_hold=True,
         in_flight=True,
         last_counted_instant_at=T0,
         cooldown=K,
@@ -128,10 +129,24 @@ def test_instant_disabled_comes_before_every_other_reason() -> None:
     assert Availability(False, "instant_payouts_disabled", None) == result
 
 
+def test_hold_comes_before_in_flight_and_cooldown() -> None:
+    """A park on hold is told so even while a payout is in flight and it cools down."""
+    result = instant_availability(
+        enabled=True,
+        on_hold=True,
+        in_flight=True,
+        last_counted_instant_at=T0,
+        cooldown=K,
+        now=T0 + timedelta(minutes=1),
+    )
+    assert Availability(False, "park_on_hold", None) == result
+
+
 def test_payout_in_progress_comes_before_cooldown() -> None:
     """An in-flight payout is reported before an active cooldown."""
     result = instant_availability(
         enabled=True,
+        on_hold=False,
         in_flight=True,
         last_counted_instant_at=T0,
         cooldown=K,
@@ -144,6 +159,7 @@ def test_cooldown_reports_when_the_button_comes_back() -> None:
     """During the cooldown, next_available_at is the last counted instant payout plus K."""
     result = instant_availability(
         enabled=True,
+        on_hold=False,
         in_flight=False,
         last_counted_instant_at=T0,
         cooldown=K,
@@ -157,6 +173,7 @@ def test_cooldown_over_means_available(elapsed: timedelta) -> None:
     """Once K has passed since the last counted instant payout, the button is live."""
     result = instant_availability(
         enabled=True,
+        on_hold=False,
         in_flight=False,
         last_counted_instant_at=T0,
         cooldown=K,
@@ -168,7 +185,12 @@ def test_cooldown_over_means_available(elapsed: timedelta) -> None:
 def test_never_paid_instantly_means_available() -> None:
     """An enabled park with nothing in flight and no instant payout yet is available."""
     result = instant_availability(
-        enabled=True, in_flight=False, last_counted_instant_at=None, cooldown=K, now=T0
+        enabled=True,
+        on_hold=False,
+        in_flight=False,
+        last_counted_instant_at=None,
+        cooldown=K,
+        now=T0,
     )
     assert Availability(True, None, None) == result
 
