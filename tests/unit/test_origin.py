@@ -1,4 +1,4 @@
-"""service/web/origin.py: the client's address, believing X-Forwarded-For only from trusted proxies."""
+"""service/web/origin.py: the client address, X-Forwarded-For believed only from trusted proxies."""
 
 from __future__ import annotations
 
