@@ -185,3 +185,31 @@ def test_press_audit_entry_records_who_and_from_where(db_url: str) -> None:
     assert [{"ip": "198.51.100.9", "user_agent": "opteum/7"}] == [
         e["details"]["client"] for e in entries
     ]
+
+
+HOSTILE = {
+    "audit-park-nul": ("GET", "/v1/audit?park_id=p%001", None),
+    "audit-actor-nul": ("GET", "/v1/audit?actor_id=a%00b", None),
+    "audit-action-control": ("GET", "/v1/audit?action=%01x", None),
+    "audit-limit-superscript": ("GET", "/v1/audit?limit=%C2%B2", None),
+    "audit-cursor-huge-id": (
+        "GET",
+        "/v1/audit?cursor=WyIyMDI0LTAxLTAxVDAwOjAwOjAwWiIsMWUzMDBd",
+        None,
+    ),
+    "audit-since-garbage": ("GET", "/v1/audit?since=2024-13-99", None),
+    "park-params-nul": ("PUT", "/v1/parks/p1", b'{"params": {"a": "x\\u0000y"}}'),
+    "park-params-key-nul": ("PUT", "/v1/parks/p1", b'{"params": {"\\u0000": 1}}'),
+    "park-params-surrogate": ("PUT", "/v1/parks/p1", b'{"params": {"a": ["\\ud800"]}}'),
+    "park-body-invalid-utf8": ("PUT", "/v1/parks/p1", b'{"params": {"a": "\xff"}}'),
+}
+
+
+@pytest.mark.parametrize(("method", "path", "body"), list(HOSTILE.values()), ids=list(HOSTILE))
+def test_hostile_text_is_a_400_not_a_500(
+    client: TestClient, method: str, path: str, body: bytes | None
+) -> None:
+    """Text PostgreSQL cannot store or compare (NUL, lone surrogates, bad numbers) is refused
+    at the edge with 400 invalid_request."""
+    r = client.request(method, path, content=body, headers=ADMIN)
+    assert_error(r, 400, "invalid_request")
