@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,33 +75,55 @@ def test_ready_is_503_from_sigterm_while_requests_are_still_served(
         assert time.monotonic() - signalled >= 3.0
 
 
+def blocking_env(db_url: str, billing_url: str, grace: str) -> dict[str, str]:
+    """Timeouts out of the way, so only the stop sequence decides when a blocked press ends."""
+    return service_env(
+        db_url,
+        billing_url,
+        API_DRAIN_SECONDS="0.5",
+        SHUTDOWN_GRACE_SECONDS=grace,
+        API_LOCK_TIMEOUT_SECONDS="60",
+        API_STATEMENT_TIMEOUT_SECONDS="60",
+    )
+
+
+@contextlib.contextmanager
+def press_blocked_at_sigterm(
+    c: Any, db_url: str, pg: psycopg.Connection[DictRow]
+) -> Iterator[concurrent.futures.Future[httpx.Response]]:
+    """A press waiting on its park's row lock when SIGTERM reaches the API; the lock is
+    released when the block ends."""
+    api = c.api()
+    register(api)
+    with (
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+        psycopg.connect(db_url) as locker,
+    ):
+        locker.execute("SELECT * FROM parks WHERE park_id = 'p1' FOR UPDATE")
+        pending = pool.submit(press, api, "blocked")
+        wait_for(lambda: waiting_on_lock(pg), timeout=10, what="press waiting on the lock")
+        api_proc(c).popen.send_signal(signal.SIGTERM)
+        try:
+            yield pending
+        finally:
+            locker.rollback()
+            pending.result(timeout=15)
+
+
 def test_press_blocked_at_sigterm_gets_a_503_before_the_grace_ends(
     db_url: str, billing_url: str, tmp_path: Path, pg: psycopg.Connection[DictRow]
 ) -> None:
     """A press stuck behind a lock when the stop begins is answered 503 (nothing written)
     before the grace ends: an answer, never a dropped connection."""
-    env = service_env(
-        db_url,
-        billing_url,
-        API_DRAIN_SECONDS="0.5",
-        SHUTDOWN_GRACE_SECONDS="3",
-        API_LOCK_TIMEOUT_SECONDS="60",
-        API_STATEMENT_TIMEOUT_SECONDS="60",
-    )
-    with cluster(env, tmp_path) as c, concurrent.futures.ThreadPoolExecutor(1) as pool:
-        api = c.api()
-        register(api)
-        with psycopg.connect(db_url) as locker:
-            locker.execute("SELECT * FROM parks WHERE park_id = 'p1' FOR UPDATE")
-            pending = pool.submit(press, api, "blocked")
-            wait_for(lambda: waiting_on_lock(pg), timeout=10, what="press waiting on the lock")
-            api_proc(c).popen.send_signal(signal.SIGTERM)
-            r = pending.result(timeout=15)
-            locker.rollback()
-        assert 503 == r.status_code, r.text
-        assert "unavailable" == r.json()["code"]
-        assert r.headers["Retry-After"].isdigit()
-        assert 0 == pg.execute("SELECT count(*) AS n FROM payouts").fetchone()["n"]  # type: ignore[index]
+    with (
+        cluster(blocking_env(db_url, billing_url, grace="3"), tmp_path) as c,
+        press_blocked_at_sigterm(c, db_url, pg) as pending,
+    ):
+        r = pending.result(timeout=15)
+    assert 503 == r.status_code, r.text
+    assert "unavailable" == r.json()["code"]
+    assert r.headers["Retry-After"].isdigit()
+    assert [] == pg.execute("SELECT id FROM payouts").fetchall()
 
 
 def test_request_in_flight_at_sigterm_finishes_within_the_grace(
@@ -107,30 +131,15 @@ def test_request_in_flight_at_sigterm_finishes_within_the_grace(
 ) -> None:
     """A press still running when the stop begins completes normally if it can within the
     grace period."""
-    env = service_env(
-        db_url,
-        billing_url,
-        API_DRAIN_SECONDS="0.5",
-        SHUTDOWN_GRACE_SECONDS="10",
-        API_LOCK_TIMEOUT_SECONDS="60",
-        API_STATEMENT_TIMEOUT_SECONDS="60",
-    )
-    with cluster(env, tmp_path) as c, concurrent.futures.ThreadPoolExecutor(1) as pool:
-        api = c.api()
-        register(api)
-        with psycopg.connect(db_url) as locker:
-            locker.execute("SELECT * FROM parks WHERE park_id = 'p1' FOR UPDATE")
-            pending = pool.submit(press, api, "in-flight")
-            wait_for(lambda: waiting_on_lock(pg), timeout=10, what="press waiting on the lock")
-            api_proc(c).popen.send_signal(signal.SIGTERM)
+    with cluster(blocking_env(db_url, billing_url, grace="10"), tmp_path) as c:
+        with press_blocked_at_sigterm(c, db_url, pg) as pending:
             wait_for(
-                lambda: httpx.get(f"{api}/ready", timeout=2).status_code == 503,
+                lambda: httpx.get(f"{c.api_url}/ready", timeout=2).status_code == 503,
                 timeout=2,
                 what="the stop to begin",
             )
-            locker.rollback()
         r = pending.result(timeout=15)
-        assert 202 == r.status_code, r.text
+    assert 202 == r.status_code, r.text
 
 
 def test_worker_stopped_mid_payout_hands_it_back_quietly(
