@@ -45,22 +45,12 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from service import observability
-    from service.web.app import create_app
+    from service.web.lifecycle import serve
 
     settings = _settings()
     observability.setup(settings, "api")
-    uvicorn.run(
-        create_app(settings),
-        host=args.host,
-        port=args.port,
-        log_config=None,
-        access_log=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=30,
-    )
+    serve(settings, host=args.host, port=args.port)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:

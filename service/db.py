@@ -66,16 +66,22 @@ def _record(seconds: float) -> None:
 IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
 
 
-def connect_kwargs(application_name: str) -> dict[str, Any]:
+def connect_kwargs(
+    application_name: str, session: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Connection arguments; `session` adds server settings (statement_timeout...)."""
+    # Our queries are short OLTP statements; JIT compiling one whose cost
+    # estimate crosses the threshold costs more than it ever saves.
+    options = {
+        "jit": "off",
+        "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_TIMEOUT_MS),
+        **(session or {}),
+    }
     return {
         "row_factory": psycopg.rows.dict_row,
         "cursor_factory": CountingCursor,
         "application_name": application_name,
-        # Our queries are short OLTP statements; JIT compiling one whose cost
-        # estimate crosses the threshold costs more than it ever saves.
-        "options": (
-            f"-c jit=off -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}"
-        ),
+        "options": " ".join(f"-c {name}={value}" for name, value in options.items()),
     }
 
 
@@ -102,6 +108,14 @@ class DatabaseClock:
 CLOCK = DatabaseClock()
 
 
+def timeouts(*, statement_seconds: float, lock_seconds: float | None = None) -> dict[str, str]:
+    """Server-side limits for a request-path pool, in the `session` form of make_pool."""
+    found = {"statement_timeout": f"{max(1, round(statement_seconds * 1000))}ms"}
+    if lock_seconds is not None:
+        found["lock_timeout"] = f"{max(1, round(lock_seconds * 1000))}ms"
+    return found
+
+
 async def _autocommit(conn: Conn) -> None:
     # Set here rather than in connect kwargs: procrastinate opens its LISTEN
     # connection with the pool's kwargs plus its own autocommit=True.
@@ -126,25 +140,34 @@ async def _check_if_idle(conn: Conn) -> None:
         await AsyncConnectionPool.check_connection(conn)
 
 
-def make_pool(url: str, *, name: str, min_size: int = 1, max_size: int = 10) -> Pool:
+def make_pool(
+    url: str,
+    *,
+    name: str,
+    min_size: int = 1,
+    max_size: int = 10,
+    timeout: float = 10.0,
+    session: Mapping[str, str] | None = None,
+) -> Pool:
     """An unopened pool; `await pool.open(wait=True)` in the process's lifespan.
 
     Connections are autocommit: every multi-statement unit of work opens an
     explicit ``async with conn.transaction()``, so where a transaction begins
-    and ends is visible in the code.
+    and ends is visible in the code. `timeout` bounds the wait for a free
+    connection (PoolTimeout); `session` sets server settings on each one.
     """
     return AsyncConnectionPool(
         url,
         min_size=min_size,
         max_size=max_size,
-        kwargs=connect_kwargs(f"fleet-payouts-{name}"),
+        kwargs=connect_kwargs(f"fleet-payouts-{name}", session),
         configure=_autocommit,
         connection_class=cast(Any, psycopg.AsyncConnection),
         open=False,
         check=_check_if_idle,
         reset=_note_returned,
         name=name,
-        timeout=10.0,
+        timeout=timeout,
     )
 
 

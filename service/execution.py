@@ -80,6 +80,7 @@ async def execute_payout(deps: Deps, payout_id: UUID) -> Status | None:
                 return None
             return Status(current["status"])
         db.CLOCK.observe(taken.db_now)
+        observability.bind(park_id=taken.park_id)
         return await _Run(deps, conn, taken).drive()
 
 

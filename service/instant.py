@@ -50,14 +50,19 @@ class InstantRequest:
     idempotency_key: str
     request_id: str
     amount: Decimal | None
+    # Who and from where ({"ip", "user_agent"}, built by the web edge).
+    client: dict[str, Any] | None = None
 
     @property
     def audit_details(self) -> dict[str, Any]:
         """What every audit entry of this request records about it."""
-        return {
+        details: dict[str, Any] = {
             "idempotency_key": self.idempotency_key,
             "requested_amount": str(self.amount) if self.amount is not None else None,
         }
+        if self.client is not None:
+            details["client"] = self.client
+        return details
 
     @property
     def fingerprint(self) -> str:

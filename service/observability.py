@@ -6,9 +6,13 @@ recording rules and alerts on them.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import importlib.metadata
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,8 +70,73 @@ AUDIT_MONTHS_AHEAD = Gauge(
     "Monthly audit_log partitions that exist beyond the current month.",
 )
 
+HTTP_REQUESTS = Counter(
+    "fleet_payouts_http_requests_total",
+    "HTTP requests answered by the API, by route template, method and status.",
+    ["route", "method", "status"],
+)
+HTTP_SECONDS = Histogram(
+    "fleet_payouts_http_request_seconds",
+    "Time from a request's arrival to its response, by route template.",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
 # Which process's statements a DB_QUERIES sample counts; set once at start-up.
 PROCESS = {"name": "cli"}
+
+
+# --- what every log line and Sentry event of one request or job carries ----------
+
+# The fields a request or a job has bound so far (request_id, park_id, payout_id,
+# kind...). One mutable dict per request or job: a field bound deep in a handler
+# is seen by the middleware's access line, which runs in the same context.
+_CONTEXT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "fleet_payouts_log_context", default=None
+)
+CONTEXT_FIELDS = ("request_id", "park_id", "payout_id", "kind", "job_id")
+# Fields that become Sentry tags (searchable); the request id too, to find the logs.
+SENTRY_TAGS = ("request_id", "park_id", "payout_id", "kind")
+
+
+@contextlib.contextmanager
+def log_context(**fields: Any) -> Iterator[dict[str, Any]]:
+    """A fresh context for one request or job, holding `fields` and whatever is bound later."""
+    current = {k: v for k, v in fields.items() if v is not None}
+    token = _CONTEXT.set(current)
+    try:
+        yield current
+    finally:
+        _CONTEXT.reset(token)
+
+
+def bind(**fields: Any) -> None:
+    """Add fields to the current request's or job's context (no-op outside one)."""
+    current = _CONTEXT.get()
+    if current is not None:
+        current.update({k: v for k, v in fields.items() if v is not None})
+
+
+def context() -> dict[str, Any]:
+    return dict(_CONTEXT.get() or {})
+
+
+class ContextFilter(logging.Filter):
+    """Copies the current request's or job's fields onto every record it logs.
+
+    Installed on the handler, so records of every library (uvicorn, psycopg,
+    procrastinate) logged inside a request carry its request id too.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in (_CONTEXT.get() or {}).items():
+            if record.__dict__.get(key) is None:
+                record.__dict__[key] = value
+        return True
+
+
+# What the API's access line adds (see service/web/middleware.py).
+ACCESS_FIELDS = ("method", "route", "status", "duration_ms", "client_ip")
 
 
 class JsonFormatter(logging.Formatter):
@@ -80,7 +149,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in ("payout_id", "park_id", "request_id", "job_id"):
+        for key in (*CONTEXT_FIELDS, *ACCESS_FIELDS):
             value = record.__dict__.get(key)
             if value is not None:
                 entry[key] = value
@@ -102,17 +171,86 @@ def setup(settings: Settings, process: str) -> None:
         logging.getLogger("procrastinate").setLevel(logging.WARNING)
     else:
         handler.setFormatter(JsonFormatter())
+    handler.addFilter(ContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
     # httpx logs every request URL at INFO; our own billing log lines say more.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if settings.sentry_dsn:
-        import sentry_sdk
+        init_sentry(settings)
 
-        sentry_sdk.init(
-            dsn=settings.sentry_dsn,
-            send_default_pii=False,  # no tokens, no user ids in headers
-            traces_sample_rate=0.0,
-            server_name=None,
-        )
+
+def init_sentry(settings: Settings, **options: Any) -> None:
+    """Sentry with our tags and scrubbing; `options` (a transport) are for tests.
+
+    The SDK's default collects no personal data (no cookies, client IPs or
+    sensitive headers); before_send removes what could still carry a secret.
+    """
+    import sentry_sdk
+
+    sentry_sdk.init(
+        dsn=settings.sentry_dsn,
+        traces_sample_rate=0.0,
+        server_name=None,
+        release=settings.sentry_release or f"fleet-payouts@{_version()}",
+        environment=settings.sentry_environment,
+        before_send=_before_send(_secrets(settings)),
+        **options,
+    )
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fleet-payouts")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _secrets(settings: Settings) -> tuple[str, ...]:
+    values = [*settings.api_tokens, *settings.admin_tokens, settings.billing_token]
+    # Present once webhooks are configured; never in an event.
+    values.append(getattr(settings, "webhook_secret", None))
+    return tuple(v for v in values if v)
+
+
+# Keys whose values never leave the process, wherever they sit in an event.
+_SECRET_KEYS = frozenset(
+    {"authorization", "cookie", "set-cookie", "x-api-key", "webhook_secret", "token", "password"}
+)
+REDACTED = "[redacted]"
+
+
+def _before_send(secrets: tuple[str, ...]) -> Any:
+    def before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
+        tags = event.setdefault("tags", {})
+        for key, value in (_CONTEXT.get() or {}).items():
+            if key in SENTRY_TAGS:
+                tags.setdefault(key, str(value))
+        scrubbed: dict[str, Any] = _scrub(event, secrets)
+        return scrubbed
+
+    return before_send
+
+
+def _scrub(value: Any, secrets: tuple[str, ...]) -> Any:
+    """Every secret-named key redacted, every configured secret cut out of every string."""
+    if isinstance(value, dict):
+        return {k: REDACTED if _is_secret_key(k) else _scrub(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        # Header lists come as [name, value] pairs.
+        if len(value) == 2 and isinstance(value[0], str) and _is_secret_key(value[0]):
+            return [value[0], REDACTED]
+        return [_scrub(v, secrets) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+        return value
+    return value
+
+
+def _is_secret_key(key: Any) -> bool:
+    if not isinstance(key, str):
+        return False
+    lowered = key.lower()
+    return lowered in _SECRET_KEYS or "token" in lowered or "secret" in lowered

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import ipaddress
 import math
 import urllib.parse
 from collections.abc import Mapping
@@ -63,8 +64,34 @@ class Settings:
     # The worker wakes on NOTIFY for new jobs; polling only catches retries
     # that come due, so a couple of seconds is plenty.
     worker_poll_seconds: float = 2.0
-    # On SIGTERM, running payouts get this long to finish before the worker exits.
+    # On SIGTERM, running payouts (worker) and requests in flight (API) get
+    # this long to finish before the process exits.
     shutdown_grace_seconds: float = 60.0
+    # The API's request pool, per process. A press holds a connection for a
+    # few milliseconds; ten per process serve hundreds of presses a second,
+    # and three hosts stay far below PostgreSQL's max_connections.
+    api_pool_min_size: int = 2
+    api_pool_max_size: int = 10
+    # How long a request waits for a free connection before answering 503:
+    # a caller retrying with its Idempotency-Key beats a caller left hanging.
+    api_pool_timeout_seconds: float = 2.0
+    # Set on every request-path connection, so a slow or locked database
+    # answers 503 in seconds instead of holding a pooled connection.
+    # A press takes milliseconds and holds its park's row lock as briefly.
+    api_statement_timeout_seconds: float = 3.0
+    api_lock_timeout_seconds: float = 1.0
+    # Admin reads (GET /v1/audit, GET /v1/parks) and the gauges get their own
+    # small pool: a slow report can never take a press's connection.
+    admin_pool_max_size: int = 2
+    admin_statement_timeout_seconds: float = 5.0
+    # On SIGTERM /ready answers 503 at once while the API keeps serving this
+    # long, so the load balancer stops sending before connections close.
+    api_drain_seconds: float = 5.0
+    # Peers whose X-Forwarded-For is believed (the load balancers); from any
+    # other peer the header is ignored, since anyone can write it.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    sentry_environment: str = "production"
+    sentry_release: str | None = None
 
     def __repr__(self) -> str:
         # Secrets never reach logs, even through a careless f"{settings}".
@@ -109,6 +136,41 @@ def _money_setting(env: Mapping[str, str], name: str, default: str) -> Decimal:
         return parse_money(raw)
     except (ValueError, decimal.InvalidOperation):
         raise ConfigError(name, f"expected a positive amount like {default}, got {raw!r}") from None
+
+
+def _count(env: Mapping[str, str], name: str, default: str) -> int:
+    raw = env.get(name, default).strip()
+    if not raw.isascii() or not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(name, f"expected a whole number of at least 1, got {raw!r}")
+    return int(raw)
+
+
+def _seconds(env: Mapping[str, str], name: str, default: str) -> float:
+    """A duration that may be zero (switched off)."""
+    raw = env.get(name, default).strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected a number of seconds, got {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(name, f"must be zero or a positive number, got {raw!r}")
+    return value
+
+
+def _networks(
+    env: Mapping[str, str], name: str
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    found = []
+    for item in env.get(name, "").split(","):
+        if not item.strip():
+            continue
+        try:
+            found.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                name, f"expected IP addresses or networks (10.0.0.0/8), got {item.strip()!r}"
+            ) from None
+    return tuple(found)
 
 
 def _url(env: Mapping[str, str], name: str, *, schemes: tuple[str, ...], default: str = "") -> str:
@@ -167,6 +229,10 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
     retry_hours = _positive_number(
         env, "BILLING_RETRY_WINDOW_HOURS", "24", maximum=MAX_RETRY_WINDOW_HOURS
     )
+    pool_min = _count(env, "API_POOL_MIN_SIZE", "2")
+    pool_max = _count(env, "API_POOL_MAX_SIZE", "10")
+    if pool_min > pool_max:
+        raise ConfigError("API_POOL_MIN_SIZE", f"is above API_POOL_MAX_SIZE ({pool_max})")
     return Settings(
         database_url=db_url,
         billing_url=_url(env, "BILLING_URL", schemes=("http", "https")).rstrip("/"),
@@ -194,4 +260,17 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
         retry_backoff_cap_seconds=_positive_number(env, "RETRY_BACKOFF_CAP_SECONDS", "60"),
         worker_poll_seconds=_positive_number(env, "WORKER_POLL_SECONDS", "2"),
         shutdown_grace_seconds=_positive_number(env, "SHUTDOWN_GRACE_SECONDS", "60"),
+        api_pool_min_size=pool_min,
+        api_pool_max_size=pool_max,
+        api_pool_timeout_seconds=_positive_number(env, "API_POOL_TIMEOUT_SECONDS", "2"),
+        api_statement_timeout_seconds=_positive_number(env, "API_STATEMENT_TIMEOUT_SECONDS", "3"),
+        api_lock_timeout_seconds=_positive_number(env, "API_LOCK_TIMEOUT_SECONDS", "1"),
+        admin_pool_max_size=_count(env, "ADMIN_POOL_MAX_SIZE", "2"),
+        admin_statement_timeout_seconds=_positive_number(
+            env, "ADMIN_STATEMENT_TIMEOUT_SECONDS", "5"
+        ),
+        api_drain_seconds=_seconds(env, "API_DRAIN_SECONDS", "5"),
+        trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
+        sentry_environment=env.get("SENTRY_ENVIRONMENT", "").strip() or "production",
+        sentry_release=env.get("SENTRY_RELEASE", "").strip() or None,
     )

@@ -184,3 +184,19 @@ WHERE p.status IN ('pending', 'processing')
 ORDER BY p.created_at
 LIMIT %(limit)s
 FOR UPDATE OF p SKIP LOCKED
+
+-- cancel --
+-- pending -> cancelled, with its audit entry, in one statement. No row: not
+-- this park's payout, or no longer pending (a worker took it first: the row
+-- lock orders the two, and the loser's WHERE no longer matches).
+WITH done AS (
+    UPDATE payouts SET status = 'cancelled', completed_at = now()
+    WHERE id = %(id)s AND park_id = %(park_id)s AND status = 'pending'
+    RETURNING *
+), entry AS (
+    INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, request_id,
+                           payout_id, details)
+    SELECT 'user', %(user_id)s, park_id, 'payout.cancel', 'ok', %(request_id)s, id, %(details)s
+    FROM done
+)
+SELECT * FROM done

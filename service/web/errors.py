@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psycopg
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -35,6 +36,10 @@ STATUS: dict[str, int] = {
     "unavailable": 503,
 }
 
+# What a 503 tells the caller to wait before retrying: pool and statement
+# timeouts are seconds long, and a database failover takes a few of them.
+RETRY_AFTER_SECONDS = 2
+
 
 class ApiError(Exception):
     """An error answered to the client with a stable code."""
@@ -45,6 +50,8 @@ class ApiError(Exception):
         message: str,
         details: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
+        *,
+        audited: bool = False,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -52,6 +59,13 @@ class ApiError(Exception):
         self.message = message
         self.details = details or {}
         self.headers = headers or {}
+        # The use case already wrote this refusal to the audit log.
+        self.audited = audited
+
+
+def unavailable(message: str) -> ApiError:
+    """503 with Retry-After: the request changed nothing, the caller may retry it as it is."""
+    return ApiError("unavailable", message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -76,15 +90,33 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     return error_response(ApiError("invalid_request", str(exc.detail)))
 
 
+async def on_database_trouble(request: Request, exc: Exception) -> Response:
+    # Unreachable, restarting, no pooled connection in time (PoolTimeout is an
+    # OperationalError), a statement or lock timeout, the connection lost
+    # mid-request, a deadlock: every OperationalError is the database's state,
+    # not a bug. Whatever transaction the request had open was rolled back.
+    # One warning line per request (no traceback, and no Sentry event: Sentry
+    # turns only ERROR records into events); the 5xx ratio alert counts them.
+    logger.warning("database unavailable: %s: %s", type(exc).__name__, _first_line(exc))
+    return error_response(unavailable("the database is unavailable; retry shortly"))
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
 async def on_unexpected(request: Request, exc: Exception) -> Response:
-    # Logged with the traceback (and sent to Sentry by its integration);
-    # the client gets the shape it knows and the request id to quote.
-    logger.exception("unhandled error", extra={"request_id": request.headers.get("x-request-id")})
+    # Logged with the traceback (and sent to Sentry by its integration); the
+    # request id comes from the log context that the middleware set, which
+    # is the one the response carries, whether the client sent it or not.
+    logger.exception("unhandled error")
     return error_response(ApiError("internal_error", "internal error; quote the X-Request-Id"))
 
 
 EXCEPTION_HANDLERS = {
     ApiError: on_api_error,
     HTTPException: on_http_error,
+    psycopg.OperationalError: on_database_trouble,
     Exception: on_unexpected,
 }

@@ -93,7 +93,19 @@ async def keep_budget_share(deps: Deps, worker: Worker) -> None:
     await deps.billing.budget.set_share(live + (1 if worker.worker_id is None else 0))
 
 
+class QuietHandBack(logging.Filter):
+    """procrastinate logs a job cut short by a graceful stop with the CancelledError's
+    traceback; our retry strategy already said which payout went back, at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "action", None) in ("job_aborted", "job_aborted_retry"):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int | None) -> None:
+    logging.getLogger("procrastinate.worker").addFilter(QuietHandBack())
     if metrics_port is not None:
         from prometheus_client import start_http_server
 

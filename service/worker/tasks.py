@@ -8,6 +8,7 @@ rows in SQL under those names.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import uuid
@@ -15,15 +16,21 @@ from datetime import timedelta
 from typing import Any
 
 from procrastinate import JobContext, RetryDecision
+from procrastinate.exceptions import JobAborted
 from procrastinate.jobs import Job
 from procrastinate.retry import BaseRetryStrategy
 
-from service import db, queue
+from service import db, observability, queue
 from service.execution import Deps, RetryLater
 from service.execution import execute_payout as run_payout
 from service.worker.app import app
 
 logger = logging.getLogger(__name__)
+
+
+def payout_kind(priority: int) -> str:
+    """The kind a payout job was deferred for: its priority says it, one to one."""
+    return "instant" if priority == queue.PRIORITY_INSTANT else "periodic"
 
 
 class PayoutRetry(BaseRetryStrategy):
@@ -44,6 +51,16 @@ class PayoutRetry(BaseRetryStrategy):
         self.cap_seconds = cap_seconds
 
     def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision:
+        if isinstance(exception, asyncio.CancelledError | JobAborted):
+            # The worker is stopping (a deploy) and cut the job short: not an
+            # error. The payout is hand-back-safe at any point (a later run resends
+            # Billing under the same key), so another worker takes it at once.
+            logger.info(
+                "worker stopping: payout handed back to the queue (job %s)",
+                job.id,
+                extra={"payout_id": job.task_kwargs.get("payout_id"), "job_id": job.id},
+            )
+            return RetryDecision(retry_at=db.CLOCK.now())
         base = min(self.cap_seconds, 2.0 ** min(job.attempts, 16))
         delay = base * random.uniform(0.75, 1.25)
         if isinstance(exception, RetryLater) and exception.retry_after is not None:
@@ -66,4 +83,8 @@ def deps_of(context: JobContext) -> Deps:
 @app.task(name=queue.TASK_EXECUTE_PAYOUT, queue=queue.QUEUE_PAYOUTS, pass_context=True, retry=RETRY)
 async def execute_payout(context: JobContext, payout_id: str) -> None:
     """Drive one payout to a final status (see service/execution.py)."""
-    await run_payout(deps_of(context), uuid.UUID(payout_id))
+    job = context.job
+    with observability.log_context(
+        payout_id=payout_id, job_id=job.id, kind=payout_kind(job.priority)
+    ):
+        await run_payout(deps_of(context), uuid.UUID(payout_id))

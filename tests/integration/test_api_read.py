@@ -285,6 +285,7 @@ def test_put_park_creates_then_updates(client: TestClient) -> None:
         "instant_payouts_enabled": False,
         "periodic_payouts_enabled": True,
         "params": {},
+        "hold": None,
         "last_payout_at": None,
     } == {
         k: body[k]
@@ -293,10 +294,12 @@ def test_put_park_creates_then_updates(client: TestClient) -> None:
             "instant_payouts_enabled",
             "periodic_payouts_enabled",
             "params",
+            "hold",
             "last_payout_at",
         )
     }
     assert {
+        "hold",
         "park_id",
         "instant_payouts_enabled",
         "periodic_payouts_enabled",

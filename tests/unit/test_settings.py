@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 from datetime import timedelta
@@ -9,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from service.settings import ConfigError, load
+from service.settings import ConfigError, Settings, load
 from tests.conftest import service_env
 from tests.helpers.emulator import REPO_ROOT
 
@@ -91,6 +92,16 @@ def test_tokens_are_split_on_commas() -> None:
         ("BILLING_RPS", "1e9"),
         ("PAYOUT_MIN_AMOUNT", "0"),
         ("PAYOUT_MIN_AMOUNT", "200000.00"),
+        ("API_POOL_MAX_SIZE", "0"),
+        ("API_POOL_MAX_SIZE", "ten"),
+        ("API_POOL_MIN_SIZE", "20"),
+        ("API_POOL_TIMEOUT_SECONDS", "0"),
+        ("API_STATEMENT_TIMEOUT_SECONDS", "-1"),
+        ("API_LOCK_TIMEOUT_SECONDS", "soon"),
+        ("ADMIN_POOL_MAX_SIZE", "1.5"),
+        ("ADMIN_STATEMENT_TIMEOUT_SECONDS", "nan"),
+        ("API_DRAIN_SECONDS", "-1"),
+        ("TRUSTED_PROXIES", "10.0.0.1,lb.example"),
     ],
 )
 def test_bad_value_raises_config_error_naming_the_variable(variable: str, value: str) -> None:
@@ -99,6 +110,40 @@ def test_bad_value_raises_config_error_naming_the_variable(variable: str, value:
         load(env(**{variable: value}))
     assert variable == info.value.variable
     assert variable in str(info.value)
+
+
+def test_edge_settings_have_defaults_and_parse() -> None:
+    """Pool, timeout, drain and proxy settings default sensibly and parse what operators write."""
+    assert (2, 10, 2.0, 3.0, 1.0, 2, 5.0, 5.0, ()) == _edge(load(BASE))
+    s = load(
+        env(
+            API_POOL_MIN_SIZE="1",
+            API_POOL_MAX_SIZE="4",
+            API_POOL_TIMEOUT_SECONDS="0.5",
+            API_STATEMENT_TIMEOUT_SECONDS="1.5",
+            API_LOCK_TIMEOUT_SECONDS="0.2",
+            ADMIN_POOL_MAX_SIZE="1",
+            ADMIN_STATEMENT_TIMEOUT_SECONDS="30",
+            API_DRAIN_SECONDS="0",
+            TRUSTED_PROXIES="10.0.0.0/8, 192.168.1.7,::1",
+        )
+    )
+    networks = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "192.168.1.7/32", "::1/128"))
+    assert (1, 4, 0.5, 1.5, 0.2, 1, 30.0, 0.0, networks) == _edge(s)
+
+
+def _edge(s: Settings) -> tuple[object, ...]:
+    return (
+        s.api_pool_min_size,
+        s.api_pool_max_size,
+        s.api_pool_timeout_seconds,
+        s.api_statement_timeout_seconds,
+        s.api_lock_timeout_seconds,
+        s.admin_pool_max_size,
+        s.admin_statement_timeout_seconds,
+        s.api_drain_seconds,
+        s.trusted_proxies,
+    )
 
 
 @pytest.mark.parametrize("variable", ["BILLING_URL", "DATABASE_URL"])

@@ -1,80 +1,35 @@
-"""Request plumbing: request ids, authentication, headers, bodies, cursors, JSON."""
+"""Request parameters: headers, path and query values, JSON bodies, cursors.
+
+Every reader refuses what the database could not store or compare (NUL
+bytes, lone surrogates, numbers out of range) with a 400 here, at the edge,
+rather than as a 500 from deep inside a query.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import json
 import math
+import re
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.domain import format_money, is_park_id, is_visible_ascii
-from service.settings import Settings
+from service.domain import is_park_id, is_visible_ascii
 from service.web.errors import ApiError
+from service.web.views import timestamp
 
 MAX_BODY_BYTES = 16 * 1024
-
-
-class RequestIdMiddleware:
-    """Every response carries X-Request-Id: the caller's if usable, else a new one.
-
-    Pure ASGI and outermost, so even a 500 from the error middleware has it.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if is_visible_ascii(given, 128) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
-                headers.append((b"x-request-id", request_id.encode()))
-                message["headers"] = headers
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
-def request_id(request: Request) -> str:
-    return str(request.state.request_id)
-
-
-def authenticate(request: Request, settings: Settings, scope: Literal["api", "admin"]) -> None:
-    """Bearer token check; constant time, and every configured token is compared."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise ApiError("unauthorized", "missing or malformed Authorization: Bearer token")
-    presented = token.strip().encode()
-    is_api = _matches(presented, settings.api_tokens)
-    is_admin = _matches(presented, settings.admin_tokens)
-    if not (is_api or is_admin):
-        raise ApiError("unauthorized", "unknown token")
-    if (scope == "admin" and not is_admin) or (scope == "api" and not is_api):
-        raise ApiError("forbidden", f"this token is not valid for {scope} endpoints")
-
-
-def _matches(presented: bytes, tokens: tuple[str, ...]) -> bool:
-    found = False
-    for token in tokens:
-        # No early exit: the time taken does not tell which token matched.
-        found |= hmac.compare_digest(presented, token.encode())
-    return found
+# ASCII digits only: str.isdigit() also says yes to "²", which int() refuses.
+_LIMIT_RE = re.compile(r"[0-9]{1,3}")
+_LENGTH_RE = re.compile(r"[0-9]{1,18}")
+# PostgreSQL text and jsonb cannot hold NUL; a lone surrogate is not UTF-8.
+_UNSTORABLE_RE = re.compile("[\x00\ud800-\udfff]")
 
 
 def header(request: Request, name: str, check: Callable[[str], bool], what: str) -> str:
@@ -119,6 +74,33 @@ def park_path(request: Request) -> str:
     return park_id
 
 
+def query_value(request: Request, name: str, check: Callable[[str], bool], what: str) -> str | None:
+    """An optional query parameter, None when absent or empty; malformed is a 400."""
+    value = request.query_params.get(name)
+    if not value:
+        return None
+    if not check(value):
+        raise ApiError("invalid_request", f"malformed query parameter {name}: {what}")
+    return value
+
+
+def limit_param(request: Request, default: int = 20) -> int:
+    raw = request.query_params.get("limit", str(default))
+    if not _LIMIT_RE.fullmatch(raw) or not 1 <= int(raw) <= 100:
+        raise ApiError("invalid_request", "limit must be an integer from 1 to 100")
+    return int(raw)
+
+
+def time_param(request: Request, name: str) -> datetime | None:
+    raw = request.query_params.get(name)
+    if not raw:
+        return None
+    try:
+        return parse_time(raw)
+    except ValueError:
+        raise ApiError("invalid_request", f"{name} must be an RFC 3339 timestamp") from None
+
+
 async def json_object(
     request: Request, allowed: set[str], *, decimals: bool = True
 ) -> dict[str, Any]:
@@ -128,7 +110,9 @@ async def json_object(
     pass-through documents (park params) keep plain JSON numbers.
     """
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+    if declared is not None and (
+        not _LENGTH_RE.fullmatch(declared) or int(declared) > MAX_BODY_BYTES
+    ):
         raise ApiError("invalid_request", f"body over {MAX_BODY_BYTES} bytes")
     chunks: list[bytes] = []
     size = 0
@@ -151,7 +135,25 @@ async def json_object(
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise ApiError("invalid_request", "unknown fields", {"fields": unknown[:10]})
+    if not _storable(body):
+        raise ApiError("invalid_request", "body holds a NUL character or a lone surrogate")
     return body
+
+
+def _storable(value: Any) -> bool:
+    """No string anywhere in the document (keys included) that PostgreSQL would refuse."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _UNSTORABLE_RE.search(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 def _finite_float(text: str) -> float:
@@ -165,16 +167,19 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def limit_param(request: Request, default: int = 20) -> int:
-    raw = request.query_params.get("limit", str(default))
-    if not raw.isdigit() or not 1 <= int(raw) <= 100:
-        raise ApiError("invalid_request", "limit must be an integer from 1 to 100")
-    return int(raw)
-
-
 def encode_cursor(*parts: Any) -> str:
     raw = json.dumps([_plain(p) for p in parts], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def page(
+    rows: list[dict[str, Any]], limit: int, *keys: str
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The first `limit` of `limit + 1` rows fetched, and the cursor after them if more exist."""
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    return rows, encode_cursor(*(rows[-1][key] for key in keys))
 
 
 def decode_cursor(
@@ -192,6 +197,13 @@ def decode_cursor(
         raise ApiError("invalid_request", "cursor was not issued by this API") from None
 
 
+def row_id(raw: Any) -> int:
+    """An audit entry id inside a cursor: a bigint, nothing else."""
+    if not isinstance(raw, int) or isinstance(raw, bool) or not 0 < raw < 2**63:
+        raise ValueError("not an entry id")
+    return raw
+
+
 def parse_time(raw: Any) -> datetime:
     if not isinstance(raw, str):
         raise ValueError("not a timestamp")
@@ -201,40 +213,9 @@ def parse_time(raw: Any) -> datetime:
     return value
 
 
-def timestamp(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, datetime):
         return timestamp(value)
     if isinstance(value, uuid.UUID):
         return str(value)
     return value
-
-
-def money(value: Decimal | None) -> str | None:
-    return format_money(value) if value is not None else None
-
-
-def payout_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": str(row["id"]),
-        "park_id": row["park_id"],
-        "kind": row["kind"],
-        "status": row["status"],
-        "requested_amount": money(row["requested_amount"]),
-        "amount": money(row["amount"]),
-        "currency": row["currency"],
-        "billing_payout_id": row["billing_payout_id"],
-        "failure_code": row["failure_code"],
-        # While retries go on, the column holds the last transient problem
-        # for support; the client sees a failure message only on a failure.
-        "failure_message": row["failure_message"] if row["status"] == "failed" else None,
-        "requested_by": row["requested_by"],
-        "created_at": timestamp(row["created_at"]),
-        "updated_at": timestamp(row["updated_at"]),
-        "completed_at": timestamp(row["completed_at"]),
-    }

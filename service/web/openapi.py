@@ -1,0 +1,464 @@
+"""The OpenAPI 3.1 description of SPEC section 3, served at GET /openapi.json.
+
+Written by hand from the SPEC, not derived from the handlers: it is the
+contract the handlers are held to. tests/integration/test_openapi.py keeps
+it in step with the routes (every route described, every described
+operation routed), and the fuzz test checks every answer against it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from service.web.errors import STATUS
+
+# --- reusable pieces -----------------------------------------------------------------
+
+PARK_ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$", "examples": ["park-alpha"]}
+VISIBLE_ASCII = {"type": "string", "pattern": "^[!-~]{1,128}$"}
+MONEY = {"type": "string", "pattern": r"^[0-9]+\.[0-9]{2}$", "examples": ["1500.00"]}
+TIMESTAMP = {"type": "string", "format": "date-time"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _object(properties: dict[str, Any], *, required: bool = True) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties) if required else [],
+        "additionalProperties": False,
+    }
+
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "description": "The one error shape; `code` is stable, `message` is for people.",
+        "properties": {
+            "code": {"type": "string", "enum": sorted(STATUS)},
+            "message": {"type": "string"},
+            "details": {"type": "object"},
+        },
+        "required": ["code", "message", "details"],
+        "additionalProperties": False,
+    },
+    "Payout": _object(
+        {
+            "id": {"type": "string", "format": "uuid"},
+            "park_id": PARK_ID,
+            "kind": {"type": "string", "enum": ["instant", "periodic"]},
+            "status": {
+                "type": "string",
+                "enum": ["pending", "processing", "succeeded", "failed", "skipped", "cancelled"],
+            },
+            "requested_amount": _nullable(MONEY),
+            "amount": _nullable(MONEY),
+            "currency": _nullable({"type": "string"}),
+            "billing_payout_id": _nullable({"type": "string"}),
+            "failure_code": _nullable({"type": "string"}),
+            "failure_message": _nullable({"type": "string"}),
+            "requested_by": _nullable({"type": "string"}),
+            "created_at": TIMESTAMP,
+            "updated_at": TIMESTAMP,
+            "completed_at": _nullable(TIMESTAMP),
+        }
+    ),
+    "PayoutPage": _object(
+        {
+            "payouts": {"type": "array", "items": {"$ref": "#/components/schemas/Payout"}},
+            "next_cursor": _nullable({"type": "string"}),
+        }
+    ),
+    "InstantRequest": {
+        **_object({"amount": {**MONEY, "pattern": r"^[0-9]+(\.[0-9]{1,2})?$"}}, required=False),
+        "description": "Empty, {}, or an amount: no amount pays all that is available, "
+        "up to the limit.",
+    },
+    "Availability": _object(
+        {
+            "available": {"type": "boolean"},
+            "reason": {
+                "enum": [
+                    None,
+                    "cooldown_active",
+                    "payout_in_progress",
+                    "instant_payouts_disabled",
+                    "park_on_hold",
+                ]
+            },
+            "next_available_at": _nullable(TIMESTAMP),
+            "max_amount": MONEY,
+            "min_amount": MONEY,
+            "cooldown_hours": {"type": "number"},
+        }
+    ),
+    "ParkUpdate": {
+        **_object(
+            {
+                "instant_payouts_enabled": {"type": "boolean"},
+                "periodic_payouts_enabled": {"type": "boolean"},
+                "params": {
+                    "type": "object",
+                    "description": "Passed through to Billing with each payout.",
+                },
+                "hold": _nullable(
+                    {
+                        **_object({"reason": {"type": "string", "minLength": 1, "maxLength": 500}}),
+                        "description": "Put the park on hold with a reason; null releases it.",
+                    }
+                ),
+            },
+            required=False,
+        ),
+        "description": "All fields optional; on update, what is left out stays as it is.",
+    },
+    "Park": _object(
+        {
+            "park_id": PARK_ID,
+            "instant_payouts_enabled": {"type": "boolean"},
+            "periodic_payouts_enabled": {"type": "boolean"},
+            "params": {"type": "object"},
+            "hold": _nullable(
+                _object(
+                    {
+                        "reason": {"type": "string"},
+                        "since": TIMESTAMP,
+                        "by": _nullable({"type": "string"}),
+                    }
+                )
+            ),
+            "registered_at": TIMESTAMP,
+            "last_payout_at": _nullable(TIMESTAMP),
+            "next_periodic_payout_at": _nullable(TIMESTAMP),
+        }
+    ),
+    "AuditEntry": _object(
+        {
+            "id": {"type": "integer"},
+            "at": TIMESTAMP,
+            "actor_type": {"type": "string", "enum": ["user", "admin", "system"]},
+            "actor_id": _nullable({"type": "string"}),
+            "park_id": _nullable({"type": "string"}),
+            "action": {"type": "string"},
+            "outcome": {"type": "string", "description": '"ok" or the refusal\'s error code'},
+            "request_id": _nullable({"type": "string"}),
+            "payout_id": _nullable({"type": "string", "format": "uuid"}),
+            "details": {
+                "type": "object",
+                "description": 'What the action carried; user and admin actions add "client": '
+                '{"ip", "user_agent"}.',
+            },
+        }
+    ),
+    "AuditPage": _object(
+        {
+            "entries": {"type": "array", "items": {"$ref": "#/components/schemas/AuditEntry"}},
+            "next_cursor": _nullable({"type": "string"}),
+        }
+    ),
+    "Status": _object({"status": {"type": "string"}}),
+}
+
+REQUEST_ID = {
+    "name": "X-Request-Id",
+    "in": "header",
+    "required": False,
+    "description": "Echoed on the response when 1-128 visible ASCII characters; "
+    "generated otherwise.",
+    "schema": VISIBLE_ASCII,
+}
+PARK_HEADER = {
+    "name": "X-Park-Id",
+    "in": "header",
+    "required": True,
+    "description": "The park the Opteum user acts for.",
+    "schema": PARK_ID,
+}
+USER_HEADER = {
+    "name": "X-User-Id",
+    "in": "header",
+    "required": True,
+    "description": "The acting user, for the audit log.",
+    "schema": {**VISIBLE_ASCII, "examples": ["user-1"]},
+}
+KEY_HEADER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": True,
+    "schema": VISIBLE_ASCII,
+}
+LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+}
+CURSOR = {
+    "name": "cursor",
+    "in": "query",
+    "required": False,
+    "description": "A next_cursor this API issued; anything else is 400.",
+    "schema": {"type": "string"},
+}
+
+
+def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema}
+
+
+def _path(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+RETRY_AFTER = {
+    "description": "Seconds to wait before retrying.",
+    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+}
+X_REQUEST_ID_HEADER = {"description": "The request's id.", "schema": {"type": "string"}}
+
+
+def _json(schema_name: str, description: str, **headers: Any) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": {"X-Request-Id": X_REQUEST_ID_HEADER, **headers},
+        "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}
+        },
+    }
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    """One response per status, its `code` restricted to the codes this operation answers."""
+    by_status: dict[int, list[str]] = {}
+    for code in codes:
+        by_status.setdefault(STATUS[code], []).append(code)
+    responses: dict[str, Any] = {}
+    for status, names in sorted(by_status.items()):
+        headers = {"Retry-After": RETRY_AFTER} if status in (429, 503) else {}
+        response = _json("Error", ", ".join(names), **headers)
+        response["content"]["application/json"]["schema"] = {
+            "allOf": [
+                {"$ref": "#/components/schemas/Error"},
+                {"properties": {"code": {"enum": names}}},
+            ]
+        }
+        responses[str(status)] = response
+    return responses
+
+
+# Every authenticated operation can answer these; SPEC section 3.
+AUTH_ERRORS = ("invalid_request", "unauthorized", "forbidden", "unavailable")
+API: list[dict[str, list[str]]] = [{"apiToken": []}]
+ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
+
+PATHS: dict[str, Any] = {
+    "/v1/payouts/instant": {
+        "post": {
+            "summary": "Pay out now: accept and queue an instant payout",
+            "security": API,
+            "parameters": [PARK_HEADER, USER_HEADER, KEY_HEADER, REQUEST_ID],
+            "requestBody": {
+                "required": False,
+                "description": "At most 16 KiB.",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/InstantRequest"}}
+                },
+            },
+            "responses": {
+                "200": _json("Payout", "Replay of a payout that has moved on (same key, body)"),
+                "202": _json("Payout", "Accepted and queued; or a replay still pending"),
+                **_errors(
+                    *AUTH_ERRORS,
+                    "instant_payouts_disabled",
+                    "park_on_hold",
+                    "park_not_found",
+                    "payout_in_progress",
+                    "amount_above_limit",
+                    "amount_below_minimum",
+                    "idempotency_key_reused",
+                    "cooldown_active",
+                ),
+            },
+        }
+    },
+    "/v1/payouts/instant/availability": {
+        "get": {
+            "summary": "Whether the park may press now, and until when it may not",
+            "security": API,
+            "parameters": [PARK_HEADER, REQUEST_ID],
+            "responses": {
+                "200": _json("Availability", "The button's state"),
+                **_errors(*AUTH_ERRORS, "park_not_found"),
+            },
+        }
+    },
+    "/v1/payouts/{payout_id}": {
+        "get": {
+            "summary": "One of the park's payouts",
+            "security": API,
+            "parameters": [
+                _path("payout_id", {"type": "string", "format": "uuid"}),
+                PARK_HEADER,
+                REQUEST_ID,
+            ],
+            "responses": {
+                "200": _json("Payout", "The payout"),
+                **_errors(*AUTH_ERRORS, "payout_not_found"),
+            },
+        }
+    },
+    "/v1/payouts/{payout_id}/cancel": {
+        "post": {
+            "summary": "Cancel a payout no worker has taken yet (audited)",
+            "security": API,
+            "parameters": [
+                _path("payout_id", {"type": "string", "format": "uuid"}),
+                PARK_HEADER,
+                USER_HEADER,
+                REQUEST_ID,
+            ],
+            "responses": {
+                "200": _json("Payout", "Cancelled (also when it already was)"),
+                **_errors(*AUTH_ERRORS, "payout_not_found", "payout_not_cancellable"),
+            },
+        }
+    },
+    "/v1/payouts": {
+        "get": {
+            "summary": "The park's payouts, newest first",
+            "security": API,
+            "parameters": [PARK_HEADER, LIMIT, CURSOR, REQUEST_ID],
+            "responses": {
+                "200": _json("PayoutPage", "A page of payouts"),
+                **_errors(*AUTH_ERRORS),
+            },
+        }
+    },
+    "/v1/parks/{park_id}": {
+        "put": {
+            "summary": "Register or update a park (audited)",
+            "security": ADMIN,
+            "parameters": [_path("park_id", PARK_ID), USER_HEADER, REQUEST_ID],
+            "requestBody": {
+                "required": False,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ParkUpdate"}}
+                },
+            },
+            "responses": {
+                "200": _json("Park", "Updated"),
+                "201": _json("Park", "Registered"),
+                **_errors(*AUTH_ERRORS),
+            },
+        },
+        "get": {
+            "summary": "A registered park",
+            "security": ADMIN,
+            "parameters": [_path("park_id", PARK_ID), REQUEST_ID],
+            "responses": {
+                "200": _json("Park", "The park"),
+                **_errors(*AUTH_ERRORS, "park_not_found"),
+            },
+        },
+    },
+    "/v1/audit": {
+        "get": {
+            "summary": "Audit entries, newest first, filtered",
+            "security": ADMIN,
+            "parameters": [
+                _query("park_id", PARK_ID),
+                _query("actor_id", VISIBLE_ASCII),
+                _query("action", VISIBLE_ASCII),
+                _query("since", TIMESTAMP),
+                _query("until", TIMESTAMP),
+                {**LIMIT, "description": "1-100, default 50"},
+                CURSOR,
+                REQUEST_ID,
+            ],
+            "responses": {
+                "200": _json("AuditPage", "A page of entries"),
+                **_errors(*AUTH_ERRORS),
+            },
+        }
+    },
+    "/ping": {
+        "get": {
+            "summary": "200 while the process runs",
+            "security": [],
+            "responses": {"200": _json("Status", "Alive")},
+        }
+    },
+    "/ready": {
+        "get": {
+            "summary": "200 when the database answers; 503 otherwise and from SIGTERM on",
+            "security": [],
+            "responses": {
+                "200": _json("Status", "Ready"),
+                **_errors("unavailable"),
+            },
+        }
+    },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus text format (SPEC section 6)",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "Metrics",
+                    "headers": {"X-Request-Id": X_REQUEST_ID_HEADER},
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "summary": "This description",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "OpenAPI 3.1",
+                    "headers": {"X-Request-Id": X_REQUEST_ID_HEADER},
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
+        }
+    },
+}
+
+
+@functools.cache
+def document() -> dict[str, Any]:
+    """The whole description (built once; handlers must not mutate it)."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "fleet-payouts",
+            "version": "1",
+            "description": "Pays taxi fleet companies (parks) the money they earned in Billing, "
+            "exactly once. Every response carries X-Request-Id; unknown routes answer "
+            "404 not_found and a wrong method 405 method_not_allowed, in the error shape. "
+            "A 503 unavailable changed nothing: retry it, with the same Idempotency-Key.",
+        },
+        "security": API,
+        "paths": PATHS,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "apiToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A token from API_TOKENS (Opteum): park-scoped endpoints.",
+                },
+                "adminToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A token from ADMIN_TOKENS: admin endpoints.",
+                },
+            },
+        },
+    }

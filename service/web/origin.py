@@ -1,0 +1,57 @@
+"""Who and from where: the client facts an audit entry keeps about a request.
+
+X-Forwarded-For is anyone's to write: it is believed only when the peer is
+one of TRUSTED_PROXIES, and then read from the right, skipping our own
+proxies, so the first address a trusted proxy saw is the client's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from starlette.requests import Request
+
+from service.web.state import settings_of
+
+# Enough to tell browsers and integrations apart; an audit row is not a log dump.
+MAX_USER_AGENT = 256
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def client_details(request: Request) -> dict[str, Any]:
+    """{"ip": ..., "user_agent": ...}: what every user and admin audit entry stores as "client"."""
+    return {"ip": client_ip(request), "user_agent": _user_agent(request)}
+
+
+def client_ip(request: Request) -> str | None:
+    peer = _address(request.client.host if request.client else None)
+    if peer is None:
+        return None
+    trusted = settings_of(request).trusted_proxies
+    if not any(peer in net for net in trusted):
+        return str(peer)
+    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",")]
+    for hop in reversed(hops):
+        address = _address(hop)
+        if address is None:
+            break  # a malformed hop: nothing left of it can be trusted
+        if not any(address in net for net in trusted):
+            return str(address)
+        peer = address
+    return str(peer)
+
+
+def _address(raw: str | None) -> Address | None:
+    try:
+        return ipaddress.ip_address(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def _user_agent(request: Request) -> str | None:
+    raw = request.headers.get("user-agent")
+    if raw is None:
+        return None
+    # Headers arrive as latin-1 text; keep the printable part (no control bytes).
+    return "".join(c for c in raw if c.isprintable())[:MAX_USER_AGENT] or None
