@@ -14,7 +14,7 @@ import logging
 
 from procrastinate import App
 
-from service import audit, db, migrate, observability, payouts
+from service import audit, db, migrate, observability, payouts, webhooks
 from service.background import Every
 from service.execution import Deps
 from service.worker import tasks
@@ -74,7 +74,7 @@ def gauge_refresher(pool: db.Pool) -> Every:
 
 
 async def refresh_gauges(pool: db.Pool) -> None:
-    """Queue depth, oldest in-flight payout, product metric, audit runway."""
+    """Queue depth, oldest in-flight payout, product metric, audit runway, webhook backlog."""
     async with pool.connection() as conn:
         jobs = await db.fetch_all(
             conn, "SELECT status::text AS status, count(*) AS n FROM procrastinate_jobs GROUP BY 1"
@@ -88,3 +88,4 @@ async def refresh_gauges(pool: db.Pool) -> None:
             observability.INSTANT_PARKS.labels(window).set(parks[key])
         months = await db.fetch_one(conn, audit.Q["months_ahead"])
         observability.AUDIT_MONTHS_AHEAD.set(months["months"] if months else 0)
+        observability.EVENTS_UNDELIVERED.set(await webhooks.undelivered(conn))

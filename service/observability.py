@@ -57,6 +57,10 @@ OLDEST_IN_FLIGHT = Gauge(
     "fleet_payouts_payout_oldest_in_flight_seconds",
     "Age of the oldest pending or processing payout (0 when none).",
 )
+EVENTS_UNDELIVERED = Gauge(
+    "fleet_payouts_events_undelivered",
+    "Events not yet delivered to WEBHOOK_URL (0 while webhooks have never been on).",
+)
 AUDIT_MONTHS_AHEAD = Gauge(
     "fleet_payouts_audit_partitions_ahead",
     "Monthly audit_log partitions that exist beyond the current month.",

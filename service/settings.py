@@ -60,6 +60,9 @@ class Settings:
     worker_poll_seconds: float = 2.0
     # On SIGTERM, running payouts get this long to finish before the worker exits.
     shutdown_grace_seconds: float = 60.0
+    # SPEC section 3: every event is POSTed there, signed with the secret. None: off.
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
 
     def __repr__(self) -> str:
         # Secrets never reach logs, even through a careless f"{settings}".
@@ -106,6 +109,20 @@ def _tokens(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tokens
 
 
+def _webhook(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """WEBHOOK_URL and the WEBHOOK_SECRET it requires; (None, None) when off."""
+    if not env.get("WEBHOOK_URL", "").strip():
+        return None, None
+    url = _url(env, "WEBHOOK_URL", schemes=("http", "https"))
+    secret = env.get("WEBHOOK_SECRET", "").strip()
+    if not secret:
+        raise ConfigError("WEBHOOK_SECRET", "is required when WEBHOOK_URL is set")
+    # The HMAC key consumers verify signatures with: as hard to guess as a token.
+    if len(secret) < 16 or not secret.isprintable():
+        raise ConfigError("WEBHOOK_SECRET", "must be at least 16 printable characters")
+    return url, secret
+
+
 def database_url(env: Mapping[str, str]) -> str:
     """Only DATABASE_URL, for commands that need nothing else (migrate, parks import)."""
     return _url(env, "DATABASE_URL", schemes=("postgresql", "postgres"))
@@ -138,6 +155,7 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
         _url(env, "SENTRY_DSN", schemes=("http", "https"))
 
     retry_hours = _positive_number(env, "BILLING_RETRY_WINDOW_HOURS", "24")
+    webhook_url, webhook_secret = _webhook(env)
     return Settings(
         database_url=db_url,
         billing_url=_url(env, "BILLING_URL", schemes=("http", "https")).rstrip("/"),
@@ -159,4 +177,6 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
         retry_backoff_cap_seconds=_positive_number(env, "RETRY_BACKOFF_CAP_SECONDS", "60"),
         worker_poll_seconds=_positive_number(env, "WORKER_POLL_SECONDS", "2"),
         shutdown_grace_seconds=_positive_number(env, "SHUTDOWN_GRACE_SECONDS", "60"),
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
     )

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp
 from service import audit, db, instant, maintenance, parks, payouts
 from service.domain import is_park_id, next_periodic_payout_at, parse_money
 from service.settings import Settings
+from service.web import events as events_web
 from service.web import http
 from service.web.errors import EXCEPTION_HANDLERS, ApiError
 from service.worker.app import app as queue_app
@@ -303,6 +304,7 @@ ROUTES = [
     Route("/ping", ping, methods=["GET"]),
     Route("/ready", ready, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
+    *events_web.ROUTES,
 ]
 
 

@@ -16,6 +16,7 @@ from procrastinate import JobContext, RetryDecision
 from procrastinate.jobs import Job
 from procrastinate.retry import BaseRetryStrategy
 
+from service import webhooks
 from service.execution import Deps, RetryLater
 from service.execution import execute_payout as run_payout
 from service.worker.app import app
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 QUEUE_PAYOUTS = "payouts"
 QUEUE_MAINTENANCE = "maintenance"
+QUEUE_WEBHOOKS = "webhooks"
 
 # Workers take the highest priority first. When 80,000 parks come due at
 # once their jobs take hours to drain through the Billing budget: a park
@@ -31,6 +33,9 @@ QUEUE_MAINTENANCE = "maintenance"
 # (stalled jobs) must not wait behind anything.
 PRIORITY_MAINTENANCE = 100
 PRIORITY_INSTANT = 50
+# Webhook rounds are short and come every second: behind a press, but ahead
+# of a periodic backlog that can take hours to drain.
+PRIORITY_WEBHOOKS = 25
 PRIORITY_PERIODIC = 0
 
 
@@ -74,3 +79,19 @@ def deps_of(context: JobContext) -> Deps:
 async def execute_payout(context: JobContext, payout_id: str) -> None:
     """Drive one payout to a final status (see service/execution.py)."""
     await run_payout(deps_of(context), uuid.UUID(payout_id))
+
+
+# lock: one round at a time across hosts. queueing_lock: ticks that come while
+# a round waits are dropped, not piled up (no retry strategy here, so the
+# queueing_lock + retry problem of QUEUE-NOTES does not arise).
+@app.task(
+    name="deliver_webhooks",
+    queue=QUEUE_WEBHOOKS,
+    lock="webhooks",
+    queueing_lock="webhooks",
+    pass_context=True,
+)
+async def deliver_webhooks(context: JobContext, timestamp: int) -> None:
+    """One webhook delivery round (see service/webhooks.py)."""
+    extra: dict[str, Any] = context.additional_context or {}
+    await webhooks.tick(extra.get("webhooks"))
