@@ -60,8 +60,8 @@ def stored(pg: Conn, park: str | None = None) -> list[DictRow]:
     """The events table in feed order, (xid, seq), one park's or all; `id` as the API gives it."""
     where = "WHERE park_id = %(park)s" if park else ""
     return pg.execute(
-        f"SELECT 'evt_' || seq AS id, seq, xid::text AS xid, type, park_id,"
-        f" payout_id::text AS payout_id FROM events {where} ORDER BY xid, seq",
+        f"SELECT 'evt_' || e.seq AS id, e.seq, e.xid::text AS xid, e.type, e.park_id,"
+        f" e.payout_id::text AS payout_id FROM events e {where} ORDER BY e.xid, e.seq",
         {"park": park},
     ).fetchall()
 
