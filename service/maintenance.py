@@ -88,4 +88,6 @@ async def refresh_gauges(pool: db.Pool) -> None:
             observability.INSTANT_PARKS.labels(window).set(parks[key])
         months = await db.fetch_one(conn, audit.Q["months_ahead"])
         observability.AUDIT_MONTHS_AHEAD.set(months["months"] if months else 0)
-        observability.EVENTS_UNDELIVERED.set(await webhooks.undelivered(conn))
+        webhook_backlog = await webhooks.backlog(conn)
+        observability.EVENTS_UNDELIVERED.set(webhook_backlog.events)
+        observability.EVENTS_OLDEST_UNDELIVERED.set(webhook_backlog.oldest_seconds)

@@ -61,6 +61,10 @@ EVENTS_UNDELIVERED = Gauge(
     "fleet_payouts_events_undelivered",
     "Events not yet delivered to WEBHOOK_URL (0 while webhooks have never been on).",
 )
+EVENTS_OLDEST_UNDELIVERED = Gauge(
+    "fleet_payouts_events_oldest_undelivered_seconds",
+    "How long the oldest event not yet delivered to WEBHOOK_URL has waited (0 when none).",
+)
 AUDIT_MONTHS_AHEAD = Gauge(
     "fleet_payouts_audit_partitions_ahead",
     "Monthly audit_log partitions that exist beyond the current month.",

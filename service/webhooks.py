@@ -244,10 +244,19 @@ async def _record(conn: db.Conn, outcomes: list[Outcome]) -> None:
     )
 
 
-async def undelivered(conn: db.Conn) -> int:
-    """Events not yet delivered to WEBHOOK_URL (0 if webhooks were never on)."""
+@dataclasses.dataclass(frozen=True)
+class Backlog:
+    """Events not yet delivered to WEBHOOK_URL, and how long the oldest has waited."""
+
+    events: int
+    oldest_seconds: float
+
+
+async def backlog(conn: db.Conn) -> Backlog:
+    """The webhook backlog (zero if webhooks were never switched on)."""
     row = await db.fetch_one(conn, Q["undelivered"])
-    return int(row["n"]) if row else 0
+    assert row is not None
+    return Backlog(int(row["n"]), float(row["oldest_seconds"]))
 
 
 async def tick(dispatcher: Dispatcher | None) -> None:

@@ -90,15 +90,22 @@ WHERE w.park_id = r.park_id
   AND (r.xid IS NULL OR (r.xid, r.seq) > (w.delivered_xid, w.delivered_seq))
 
 -- undelivered --
--- Events not delivered yet: those the dispatcher has not reached, and those
--- parks are still owed. Zero while webhooks have never been switched on.
-SELECT coalesce((
-    SELECT (SELECT count(*) FROM events e WHERE (e.xid, e.seq) > (s.xid, s.seq))
-           + (SELECT count(*)
-              FROM webhook_parks w
-              JOIN events e ON e.park_id = w.park_id
-                           AND (e.xid, e.seq) > (w.delivered_xid, w.delivered_seq)
-                           AND (e.xid, e.seq) <= (w.pending_xid, w.pending_seq)
-              WHERE w.next_attempt_at IS NOT NULL)
+-- Events not delivered yet, and the age of the oldest: those the dispatcher
+-- has not reached, and those parks are still owed. Zero while webhooks have
+-- never been switched on.
+WITH ahead AS (
+    SELECT count(*) AS n, min(e.created_at) AS oldest
     FROM webhook_state s
-), 0) AS n
+    JOIN events e ON (e.xid, e.seq) > (s.xid, s.seq)
+), owed AS (
+    SELECT count(*) AS n, min(e.created_at) AS oldest
+    FROM webhook_parks w
+    JOIN events e ON e.park_id = w.park_id
+                 AND (e.xid, e.seq) > (w.delivered_xid, w.delivered_seq)
+                 AND (e.xid, e.seq) <= (w.pending_xid, w.pending_seq)
+    WHERE w.next_attempt_at IS NOT NULL
+)
+SELECT ahead.n + owed.n AS n,
+       coalesce(extract(epoch FROM now() - least(ahead.oldest, owed.oldest)), 0)::float8
+           AS oldest_seconds
+FROM ahead, owed

@@ -13,9 +13,10 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 from psycopg.rows import dict_row
 
-from service import db, webhooks
+from service import db, maintenance, webhooks
 from tests.conftest import make_settings
 from tests.helpers.events import Conn, finish, insert_payout, register_parks, stored
 
@@ -93,7 +94,7 @@ def make_due(pg: Conn) -> None:
 
 async def undelivered(pool: db.Pool) -> int:
     async with pool.connection() as conn:
-        return await webhooks.undelivered(conn)
+        return (await webhooks.backlog(conn)).events
 
 
 async def test_every_event_is_sent_once_signed_and_in_order(
@@ -134,8 +135,9 @@ async def test_the_body_is_the_api_s_event(
 async def test_a_failing_park_waits_alone_and_resumes_in_order(
     pg: Conn, dispatcher: webhooks.Dispatcher, consumer: Consumer, pool: db.Pool
 ) -> None:
-    """Events of a park whose consumer answers 500 wait with a backoff and a recorded error;
-    other parks are served meanwhile; once accepted, the park's events arrive in order."""
+    """Events of a park whose consumer answers 500 wait with a backoff and a recorded error,
+    counted by the undelivered gauges; other parks are served meanwhile; once accepted, the
+    park's events arrive in order and the gauges drop to zero."""
     register_parks(pg, "a", "b")
     for park in ("a", "b", "a", "b"):
         finish(pg, insert_payout(pg, park), "failed")
@@ -148,6 +150,9 @@ async def test_a_failing_park_waits_alone_and_resumes_in_order(
         park_state(pg, "a")
     )
     assert 4 == await undelivered(pool)
+    await maintenance.refresh_gauges(pool)
+    assert 4 == REGISTRY.get_sample_value("fleet_payouts_events_undelivered")
+    assert 0 < (REGISTRY.get_sample_value("fleet_payouts_events_oldest_undelivered_seconds") or 0)
     await dispatcher.run_round()  # not due yet: nothing is tried
     assert [] == consumer.ids("a")
 
@@ -158,7 +163,9 @@ async def test_a_failing_park_waits_alone_and_resumes_in_order(
     assert {"failures": 0, "last_error": None, "idle": True, "waiting": None} == (
         park_state(pg, "a")
     )
-    assert 0 == await undelivered(pool)
+    await maintenance.refresh_gauges(pool)
+    assert 0 == REGISTRY.get_sample_value("fleet_payouts_events_undelivered")
+    assert 0 == REGISTRY.get_sample_value("fleet_payouts_events_oldest_undelivered_seconds")
 
 
 async def test_a_failure_midway_resends_from_the_first_unaccepted_event(
