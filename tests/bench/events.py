@@ -37,10 +37,11 @@ import httpx
 import psycopg
 from psycopg.rows import dict_row
 
-from service import db, events, instant, migrate, observability
+from service import db, events, instant, migrate
 from service.settings import Settings
 from service.worker.app import app as queue_app
 from tests.conftest import with_dbname
+from tests.helpers.metrics import statements_sent
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 API_TOKEN = "bench-api-token-0123456789"
@@ -279,7 +280,7 @@ async def presses(url: str, parks: list[str]) -> PressCost:
             await conn.execute("SET pg_stat_statements.track = 'all'")
             await conn.execute("SELECT pg_stat_statements_reset()")
             triggers_before = await _trigger_ms(conn)
-            sent = _round_trips()
+            sent = statements_sent()
             cpu = time.process_time()
             for park in parks:
                 req = instant.InstantRequest(
@@ -292,7 +293,7 @@ async def presses(url: str, parks: list[str]) -> PressCost:
                 accepted = await instant.request_instant(conn, settings, req)
                 assert not accepted.replay
             cpu = time.process_time() - cpu
-            sent = _round_trips() - sent
+            sent = statements_sent() - sent
             cur = await conn.execute(
                 "SELECT sum(calls) AS calls, sum(total_exec_time) FILTER (WHERE toplevel) AS ms"
                 " FROM pg_stat_statements"
@@ -328,15 +329,6 @@ async def _dbid(conn: db.Conn) -> int:
     row = await cur.fetchone()
     assert row is not None
     return int(row["oid"])
-
-
-def _round_trips() -> float:
-    return sum(
-        s.value
-        for metric in observability.DB_QUERIES.collect()
-        for s in metric.samples
-        if s.name.endswith("_total")
-    )
 
 
 def figure_press_cost(server_url: str, scale: float) -> Figure:

@@ -11,7 +11,7 @@ import pytest
 from psycopg.rows import dict_row
 from starlette.testclient import TestClient
 
-from service import db, events, observability
+from service import db, events
 from tests.helpers.api import ADMIN_AUTH, assert_error, park_headers, press_headers, register
 from tests.helpers.events import (
     Conn,
@@ -22,6 +22,7 @@ from tests.helpers.events import (
     register_parks,
     stored,
 )
+from tests.helpers.metrics import statements_sent
 
 
 def cursor_of(value: Any) -> str:
@@ -142,23 +143,14 @@ async def test_an_empty_page_is_one_indexed_statement(db_url: str, pg: Conn) -> 
     async with conn:
         last = (await events.page(conn, after=events.START, limit=100, park_id=None)).next
         end = events.Position(int(stored(pg)[-1]["xid"]), stored(pg)[-1]["seq"])
-        before = _statements_sent()
+        before = statements_sent()
         page = await events.page(conn, after=end, limit=100, park_id=None)
-        assert 1 == _statements_sent() - before
+        assert 1 == statements_sent() - before
         assert ([], end) == (page.events, page.next)
         for name, park in (("page", None), ("park_page", "p7")):
             plan = await _plan(conn, events.Q[name], last, park)
             assert "Seq Scan" not in plan, plan
     assert last < end
-
-
-def _statements_sent() -> float:
-    return sum(
-        s.value
-        for metric in observability.DB_QUERIES.collect()
-        for s in metric.samples
-        if s.name.endswith("_total")
-    )
 
 
 async def _plan(conn: db.Conn, query: Any, after: events.Position, park: str | None) -> str:
