@@ -120,11 +120,15 @@ CREATE TRIGGER payouts_events_final AFTER UPDATE OF status ON payouts
 -- Where the dispatcher is in the feed: every event at or before this position
 -- has been handed to its park's row below. No row: webhooks were never
 -- switched on (the row is created by the first delivery round).
+-- The lease makes one round run at a time; a round whose worker dies lets it
+-- lapse, so nobody waits for a recovery (no procrastinate lock is involved).
 CREATE TABLE webhook_state (
-    id         boolean PRIMARY KEY DEFAULT true CHECK (id),
-    xid        xid8 NOT NULL,
-    seq        bigint NOT NULL,
-    updated_at timestamptz NOT NULL DEFAULT now()
+    id           boolean PRIMARY KEY DEFAULT true CHECK (id),
+    xid          xid8 NOT NULL,
+    seq          bigint NOT NULL,
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    lease_holder text,
+    lease_until  timestamptz
 );
 
 -- Per park: delivered up to `delivered`, known up to `pending`; the events in

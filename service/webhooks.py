@@ -1,8 +1,8 @@
 """Webhooks (SPEC section 3): every event POSTed to WEBHOOK_URL, signed, at
 least once, in commit order per park.
 
-One dispatcher at a time runs a *round* (the `deliver_webhooks` job, every
-second, under a procrastinate lock):
+One *round* at a time (the `deliver_webhooks` job, every second; a round
+leases `webhook_state`, and a tick that finds it leased ends at once):
 
 1. hand out: what the feed has committed since the last round is handed to
    its parks (`webhook_parks` keeps, per park, what was delivered and what is
@@ -28,6 +28,7 @@ import json
 import logging
 import random
 import time
+import uuid
 
 import httpx
 import psycopg
@@ -55,6 +56,9 @@ HAND_OUT_BATCHES_PER_ROUND = 10
 # Nothing new (no park, no next event) is started after this: a round lasts at
 # most this plus one request timeout.
 ROUND_SECONDS = 10.0
+# The round's lease: well past the longest round, so two never overlap; short
+# enough that a round whose worker died holds nobody up for long.
+LEASE_SECONDS = 3 * (ROUND_SECONDS + REQUEST_TIMEOUT_SECONDS)
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -83,6 +87,8 @@ class RoundResult:
     handed_out: int
     delivered: int
     failing_parks: int
+    # Another round held the lease: this one did nothing.
+    busy: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,10 +128,21 @@ class Dispatcher:
         await self.client.aclose()
 
     async def run_round(self) -> RoundResult:
+        holder = uuid.uuid4().hex
         async with self.pool.connection() as conn:
             if not self._started:
                 await db.execute(conn, Q["start"])
                 self._started = True
+            if not await db.fetch_one(conn, Q["acquire"], holder=holder, seconds=LEASE_SECONDS):
+                return RoundResult(0, 0, 0, busy=True)
+        try:
+            return await self._round()
+        finally:
+            async with self.pool.connection() as conn:
+                await db.execute(conn, Q["release"], holder=holder)
+
+    async def _round(self) -> RoundResult:
+        async with self.pool.connection() as conn:
             handed = await _hand_out(conn)
             rows = await db.fetch_all(
                 conn, Q["due"], parks=PARKS_PER_ROUND, per_park=EVENTS_PER_PARK

@@ -3,6 +3,18 @@
 -- on, the first time only.
 INSERT INTO webhook_state (xid, seq) VALUES ('0', 0) ON CONFLICT (id) DO NOTHING
 
+-- acquire --
+-- One round at a time: a round leases the dispatcher's row for `seconds`
+-- (longer than a round can last), or finds it leased and does nothing.
+UPDATE webhook_state
+SET lease_holder = %(holder)s, lease_until = now() + make_interval(secs => %(seconds)s)
+WHERE id AND (lease_until IS NULL OR lease_until < now())
+RETURNING lease_holder
+
+-- release --
+-- The round is over: the next one may start at once.
+UPDATE webhook_state SET lease_until = NULL WHERE id AND lease_holder = %(holder)s
+
 -- hand_out --
 -- The next events of the feed (readable ones only, as GET /v1/events reads
 -- them) are handed to their parks: a park's newest becomes its pending mark,

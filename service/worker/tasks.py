@@ -81,16 +81,11 @@ async def execute_payout(context: JobContext, payout_id: str) -> None:
     await run_payout(deps_of(context), uuid.UUID(payout_id))
 
 
-# lock: one round at a time across hosts. queueing_lock: ticks that come while
-# a round waits are dropped, not piled up (no retry strategy here, so the
-# queueing_lock + retry problem of QUEUE-NOTES does not arise).
-@app.task(
-    name="deliver_webhooks",
-    queue=QUEUE_WEBHOOKS,
-    lock="webhooks",
-    queueing_lock="webhooks",
-    pass_context=True,
-)
+# No procrastinate lock nor queueing_lock: rounds exclude each other with a
+# lease in the database (a tick that finds it taken ends at once, so ticks
+# never pile up), and a queueing_lock would make the stalled-job recovery's
+# retry of a dead worker's round hit a unique violation (QUEUE-NOTES).
+@app.task(name="deliver_webhooks", queue=QUEUE_WEBHOOKS, pass_context=True)
 async def deliver_webhooks(context: JobContext, timestamp: int) -> None:
     """One webhook delivery round (see service/webhooks.py)."""
     extra: dict[str, Any] = context.additional_context or {}

@@ -3,6 +3,7 @@ httpx mock: what a round sends, signs, retries and records (service/webhooks.py)
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -223,3 +224,36 @@ async def test_a_consumer_that_cannot_be_reached_is_recorded(
         state["last_error"],
         state["waiting"],
     )
+
+
+async def test_one_round_at_a_time_and_a_dead_round_s_lease_lapses(
+    pg: Conn, db_url: str, pool: db.Pool
+) -> None:
+    """A round that starts while another holds the lease does nothing; a lease left by a
+    round whose worker died lapses, and the next round runs."""
+    register_parks(pg, "a")
+    insert_payout(pg, "a")
+    in_consumer = asyncio.Event()
+    let_go = asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        in_consumer.set()
+        await let_go.wait()
+        return httpx.Response(200)
+
+    settings = make_settings(db_url, webhook_url="http://consumer.test/", webhook_secret=SECRET)
+    d = webhooks.Dispatcher(pool, settings, transport=httpx.MockTransport(slow))
+    try:
+        first = asyncio.create_task(d.run_round())
+        await asyncio.wait_for(in_consumer.wait(), timeout=10)
+        assert webhooks.RoundResult(0, 0, 0, busy=True) == await d.run_round()
+        let_go.set()
+        assert (1, False) == ((r := await first).delivered, r.busy)
+
+        pg.execute(
+            "UPDATE webhook_state SET lease_holder = 'dead', lease_until = now() - interval '1s'"
+        )
+        finish(pg, stored(pg, "a")[0]["payout_id"], "skipped")  # one more event
+        assert (1, False) == ((r := await d.run_round()).delivered, r.busy)
+    finally:
+        await d.aclose()
