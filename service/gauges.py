@@ -1,4 +1,4 @@
-"""Database-backed gauges: queue depth, in-flight ages, the product metric, audit runway.
+"""Database-backed gauges: queue depth, in-flight ages, product metric, audit runway, webhooks.
 
 Read from the database every GAUGE_SECONDS by every process (API and worker
 alike), not at scrape time: a scrape never waits on the database.
@@ -6,7 +6,7 @@ alike), not at scrape time: a scrape never waits on the database.
 
 from __future__ import annotations
 
-from service import audit, db, observability, payouts
+from service import audit, db, observability, payouts, webhooks
 from service.background import Every
 
 GAUGE_SECONDS = 15.0
@@ -33,3 +33,6 @@ async def refresh_gauges(pool: db.Pool) -> None:
             observability.INSTANT_PARKS.labels(window).set(parks[key])
         months = await db.fetch_one(conn, audit.Q["months_ahead"])
         observability.AUDIT_MONTHS_AHEAD.set(months["months"] if months else 0)
+        webhook_backlog = await webhooks.backlog(conn)
+        observability.EVENTS_UNDELIVERED.set(webhook_backlog.events)
+        observability.EVENTS_OLDEST_UNDELIVERED.set(webhook_backlog.oldest_seconds)

@@ -65,6 +65,14 @@ OLDEST_OPEN_ORDER = Gauge(
     "fleet_payouts_payout_oldest_open_order_seconds",
     "Age of the oldest order sent to Billing whose outcome Billing has not told us (0 when none).",
 )
+EVENTS_UNDELIVERED = Gauge(
+    "fleet_payouts_events_undelivered",
+    "Events not yet delivered to WEBHOOK_URL (0 while webhooks have never been on).",
+)
+EVENTS_OLDEST_UNDELIVERED = Gauge(
+    "fleet_payouts_events_oldest_undelivered_seconds",
+    "How long the oldest event not yet delivered to WEBHOOK_URL has waited (0 when none).",
+)
 AUDIT_MONTHS_AHEAD = Gauge(
     "fleet_payouts_audit_partitions_ahead",
     "Monthly audit_log partitions that exist beyond the current month.",

@@ -11,6 +11,7 @@ from typing import Any
 
 QUEUE_PAYOUTS = "payouts"
 QUEUE_MAINTENANCE = "maintenance"
+QUEUE_WEBHOOKS = "webhooks"
 
 TASK_EXECUTE_PAYOUT = "execute_payout"
 
@@ -20,6 +21,9 @@ TASK_EXECUTE_PAYOUT = "execute_payout"
 # (stalled jobs) must not wait behind anything.
 PRIORITY_MAINTENANCE = 100
 PRIORITY_INSTANT = 50
+# Webhook rounds are short and come every second: behind a press, but ahead
+# of a periodic backlog that can take hours to drain.
+PRIORITY_WEBHOOKS = 25
 PRIORITY_PERIODIC = 0
 
 

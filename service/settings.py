@@ -92,6 +92,9 @@ class Settings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     sentry_environment: str = "production"
     sentry_release: str | None = None
+    # SPEC section 3: every event is POSTed there, signed with the secret. None: off.
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
 
     def __repr__(self) -> str:
         # Secrets never reach logs, even through a careless f"{settings}".
@@ -194,6 +197,20 @@ def _tokens(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tokens
 
 
+def _webhook(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """WEBHOOK_URL and the WEBHOOK_SECRET it requires; (None, None) when off."""
+    if not env.get("WEBHOOK_URL", "").strip():
+        return None, None
+    url = _url(env, "WEBHOOK_URL", schemes=("http", "https"))
+    secret = env.get("WEBHOOK_SECRET", "").strip()
+    if not secret:
+        raise ConfigError("WEBHOOK_SECRET", "is required when WEBHOOK_URL is set")
+    # The HMAC key consumers verify signatures with: as hard to guess as a token.
+    if len(secret) < 16 or not secret.isprintable():
+        raise ConfigError("WEBHOOK_SECRET", "must be at least 16 printable characters")
+    return url, secret
+
+
 def database_url(env: Mapping[str, str]) -> str:
     """Only DATABASE_URL, for commands that need nothing else (migrate, parks import)."""
     return _url(env, "DATABASE_URL", schemes=("postgresql", "postgres"))
@@ -233,6 +250,7 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
     pool_max = _count(env, "API_POOL_MAX_SIZE", "10")
     if pool_min > pool_max:
         raise ConfigError("API_POOL_MIN_SIZE", f"is above API_POOL_MAX_SIZE ({pool_max})")
+    webhook_url, webhook_secret = _webhook(env)
     return Settings(
         database_url=db_url,
         billing_url=_url(env, "BILLING_URL", schemes=("http", "https")).rstrip("/"),
@@ -273,4 +291,6 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
         trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
         sentry_environment=env.get("SENTRY_ENVIRONMENT", "").strip() or "production",
         sentry_release=env.get("SENTRY_RELEASE", "").strip() or None,
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
     )

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp
 
 from service import db, gauges
 from service.settings import Settings
-from service.web import admin_routes, ops_routes, payout_routes
+from service.web import admin_routes, events, ops_routes, payout_routes
 from service.web.errors import EXCEPTION_HANDLERS
 from service.web.lifecycle import Drain, ReadinessProbe
 from service.web.middleware import Deadline, RequestContext
@@ -34,7 +34,7 @@ from service.web.state import State
 # The one place route modules are plugged in. Each exports ROUTES built from
 # the groups in service/web/auth.py; tests check that every route came from a
 # group and is in the OpenAPI description (service/web/openapi.py).
-ROUTE_MODULES = (payout_routes, admin_routes, ops_routes)
+ROUTE_MODULES = (payout_routes, events, admin_routes, ops_routes)
 
 
 def routes() -> list[BaseRoute]:

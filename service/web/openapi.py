@@ -67,6 +67,32 @@ SCHEMAS: dict[str, Any] = {
             "completed_at": _nullable(TIMESTAMP),
         }
     ),
+    "Event": _object(
+        {
+            "id": {"type": "string", "description": "Opaque; consumers dedupe by it."},
+            "type": {
+                "type": "string",
+                "enum": [
+                    "payout.created",
+                    "payout.succeeded",
+                    "payout.failed",
+                    "payout.skipped",
+                    "payout.cancelled",
+                ],
+            },
+            "created_at": TIMESTAMP,
+            "payout": {"$ref": "#/components/schemas/Payout"},
+        }
+    ),
+    "EventPage": _object(
+        {
+            "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
+            "next_cursor": {
+                "type": "string",
+                "description": "Always given: pass it back as `after` for what commits next.",
+            },
+        }
+    ),
     "PayoutPage": _object(
         {
             "payouts": {"type": "array", "items": {"$ref": "#/components/schemas/Payout"}},
@@ -334,6 +360,28 @@ PATHS: dict[str, Any] = {
             "parameters": [PARK_HEADER, LIMIT, CURSOR, REQUEST_ID],
             "responses": {
                 "200": _json("PayoutPage", "A page of payouts"),
+                **_errors(*AUTH_ERRORS),
+            },
+        }
+    },
+    "/v1/events": {
+        "get": {
+            "summary": "Payout events in commit order: one park's with X-Park-Id, else all",
+            "security": API,
+            "parameters": [
+                {**PARK_HEADER, "required": False},
+                {
+                    "name": "after",
+                    "in": "query",
+                    "required": False,
+                    "description": "A next_cursor this API issued; anything else is 400.",
+                    "schema": {"type": "string"},
+                },
+                LIMIT,
+                REQUEST_ID,
+            ],
+            "responses": {
+                "200": _json("EventPage", "Events committed after the cursor (maybe none)"),
                 **_errors(*AUTH_ERRORS),
             },
         }

@@ -2,43 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from decimal import Decimal
+from datetime import datetime
 from typing import Any
 
-from service.domain import format_money, next_periodic_payout_at
+from service.domain import next_periodic_payout_at
 from service.settings import Settings
+from service.wire import money, payout_json, timestamp
 
-
-def timestamp(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def money(value: Decimal | None) -> str | None:
-    return format_money(value) if value is not None else None
-
-
-def payout_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": str(row["id"]),
-        "park_id": row["park_id"],
-        "kind": row["kind"],
-        "status": row["status"],
-        "requested_amount": money(row["requested_amount"]),
-        "amount": money(row["amount"]),
-        "currency": row["currency"],
-        "billing_payout_id": row["billing_payout_id"],
-        "failure_code": row["failure_code"],
-        # While retries go on, the column holds the last transient problem
-        # for support; the client sees a failure message only on a failure.
-        "failure_message": row["failure_message"] if row["status"] == "failed" else None,
-        "requested_by": row["requested_by"],
-        "created_at": timestamp(row["created_at"]),
-        "updated_at": timestamp(row["updated_at"]),
-        "completed_at": timestamp(row["completed_at"]),
-    }
+__all__ = ["audit_json", "availability_json", "money", "park_json", "payout_json", "timestamp"]
 
 
 def park_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:

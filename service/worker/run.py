@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from procrastinate import JobContext
 from procrastinate.worker import Worker
 
-from service import db, gauges, maintenance, periodic, queue
+from service import db, gauges, maintenance, periodic, queue, webhooks
 from service.background import Every
 from service.billing.client import BillingClient, Budget, live_workers
 from service.execution import Deps
@@ -31,6 +31,10 @@ HOUSEKEEPING_CRON = "17 * * * *"
 # Finished jobs are kept a week for support, then deleted so the queue
 # table stays small; payouts and audit_log keep the history.
 KEEP_FINISHED_JOBS_HOURS = 24 * 7
+# A webhook round every second, when WEBHOOK_URL is set (seconds: sixth field).
+WEBHOOKS_CRON = "* * * * * *"
+# Its finished jobs say nothing the webhook tables do not: an hour is plenty.
+KEEP_WEBHOOK_JOBS_HOURS = 1
 
 
 @app.task(name="periodic_scan", queue=queue.QUEUE_MAINTENANCE, pass_context=True)
@@ -52,6 +56,9 @@ async def housekeeping(context: JobContext, timestamp: int) -> None:
     """Audit partitions ahead, and old finished jobs out of the queue table."""
     await maintenance.ensure_partitions(tasks.deps_of(context))
     await app.job_manager.delete_old_jobs(nb_hours=KEEP_FINISHED_JOBS_HOURS)
+    await app.job_manager.delete_old_jobs(
+        nb_hours=KEEP_WEBHOOK_JOBS_HOURS, queue=queue.QUEUE_WEBHOOKS
+    )
 
 
 def register_periodic(settings: Settings) -> None:
@@ -63,6 +70,8 @@ def register_periodic(settings: Settings) -> None:
     app.periodic(cron=settings.periodic_scan_cron, priority=urgent)(periodic_scan)
     app.periodic(cron=MAINTENANCE_CRON, priority=urgent)(maintenance_task)
     app.periodic(cron=HOUSEKEEPING_CRON, priority=urgent)(housekeeping)
+    if settings.webhook_url:
+        app.periodic(cron=WEBHOOKS_CRON, priority=queue.PRIORITY_WEBHOOKS)(tasks.deliver_webhooks)
 
 
 @contextlib.asynccontextmanager
@@ -80,6 +89,21 @@ async def worker_deps(settings: Settings, *, concurrency: int) -> AsyncIterator[
     finally:
         await billing.aclose()
         await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def webhook_dispatcher(
+    deps: Deps, settings: Settings
+) -> AsyncIterator[webhooks.Dispatcher | None]:
+    """The webhook dispatcher, with its own HTTP client; None without WEBHOOK_URL."""
+    if not settings.webhook_url:
+        yield None
+        return
+    dispatcher = webhooks.Dispatcher(deps.pool, settings)
+    try:
+        yield dispatcher
+    finally:
+        await dispatcher.aclose()
 
 
 async def keep_budget_share(deps: Deps, worker: Worker) -> None:
@@ -116,11 +140,12 @@ async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int 
     async with (
         worker_deps(settings, concurrency=concurrency) as deps,
         app.open_async(pool=deps.pool),
+        webhook_dispatcher(deps, settings) as dispatcher,
     ):
         worker = Worker(
             app=app,
             concurrency=concurrency,
-            additional_context={"deps": deps},
+            additional_context={"deps": deps, "webhooks": dispatcher},
             fetch_job_polling_interval=settings.worker_poll_seconds,
             shutdown_graceful_timeout=settings.shutdown_grace_seconds,
             install_signal_handlers=True,

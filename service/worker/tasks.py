@@ -20,7 +20,7 @@ from procrastinate.exceptions import JobAborted
 from procrastinate.jobs import Job
 from procrastinate.retry import BaseRetryStrategy
 
-from service import db, observability, queue
+from service import db, observability, queue, webhooks
 from service.execution import Deps, RetryLater
 from service.execution import execute_payout as run_payout
 from service.worker.app import app
@@ -88,3 +88,14 @@ async def execute_payout(context: JobContext, payout_id: str) -> None:
         payout_id=payout_id, job_id=job.id, kind=payout_kind(job.priority)
     ):
         await run_payout(deps_of(context), uuid.UUID(payout_id))
+
+
+# No procrastinate lock nor queueing_lock: rounds exclude each other with a
+# lease in the database (a tick that finds it taken ends at once, so ticks
+# never pile up), and a queueing_lock would make the stalled-job recovery's
+# retry of a dead worker's round hit a unique violation (QUEUE-NOTES).
+@app.task(name="deliver_webhooks", queue=queue.QUEUE_WEBHOOKS, pass_context=True)
+async def deliver_webhooks(context: JobContext, timestamp: int) -> None:
+    """One webhook delivery round (see service/webhooks.py)."""
+    extra: dict[str, Any] = context.additional_context or {}
+    await webhooks.tick(extra.get("webhooks"))
