@@ -60,6 +60,13 @@ class Settings:
     worker_poll_seconds: float = 2.0
     # On SIGTERM, running payouts get this long to finish before the worker exits.
     shutdown_grace_seconds: float = 60.0
+    # The breaker opens after this many transient Billing failures in a row
+    # (all hosts together). Ten is well past the odd lost answer, and still
+    # only seconds of calls into an outage at BILLING_RPS.
+    billing_breaker_failures: int = 10
+    # An open breaker pauses every call this long before one probe call tries
+    # Billing again: long enough not to hammer a Billing that is restarting.
+    billing_breaker_cooloff_seconds: float = 30.0
 
     def __repr__(self) -> str:
         # Secrets never reach logs, even through a careless f"{settings}".
@@ -82,6 +89,17 @@ def _positive_number(env: Mapping[str, str], name: str, default: str) -> float:
         raise ConfigError(name, f"expected a number, got {raw!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(name, f"must be a positive number, got {raw!r}")
+    return value
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: str) -> int:
+    raw = env.get(name, default).strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected a whole number, got {raw!r}") from None
+    if value < 1:
+        raise ConfigError(name, f"must be at least 1, got {raw!r}")
     return value
 
 
@@ -159,4 +177,8 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
         retry_backoff_cap_seconds=_positive_number(env, "RETRY_BACKOFF_CAP_SECONDS", "60"),
         worker_poll_seconds=_positive_number(env, "WORKER_POLL_SECONDS", "2"),
         shutdown_grace_seconds=_positive_number(env, "SHUTDOWN_GRACE_SECONDS", "60"),
+        billing_breaker_failures=_positive_int(env, "BILLING_BREAKER_FAILURES", "10"),
+        billing_breaker_cooloff_seconds=_positive_number(
+            env, "BILLING_BREAKER_COOLOFF_SECONDS", "30"
+        ),
     )

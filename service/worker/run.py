@@ -1,8 +1,8 @@
 """`fleet-payouts worker`: the worker process, periodic tasks included.
 
-Each process owns one pool (shared with procrastinate), one Billing client
-and its share of the global Billing budget, recomputed from the live worker
-count in procrastinate_workers.
+Each process owns one pool (shared with procrastinate) and one Billing client
+whose calls pass the shared gate (service/billing/gate.py): the global
+budget, Billing's Retry-After and the breaker, coordinated through the database.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from procrastinate.worker import Worker
 
 from service import db, maintenance, periodic
 from service.background import Every
-from service.billing.client import BillingClient, Budget, live_workers
+from service.billing import gate as billing_gate
+from service.billing.client import BillingClient
 from service.execution import Deps
 from service.settings import Settings
 from service.worker import tasks
@@ -31,6 +32,8 @@ HOUSEKEEPING_CRON = "17 * * * *"
 # Finished jobs are kept a week for support, then deleted so the queue
 # table stays small; payouts and audit_log keep the history.
 KEEP_FINISHED_JOBS_HOURS = 24 * 7
+# How often a worker reads the shared Billing pause for its gauge.
+GATE_REFRESH_SECONDS = 1.0
 
 
 @app.task(name="periodic_scan", queue=tasks.QUEUE_MAINTENANCE, pass_context=True)
@@ -73,24 +76,13 @@ async def worker_deps(settings: Settings, *, concurrency: int) -> AsyncIterator[
         settings.billing_url,
         token=settings.billing_token,
         timeout=settings.billing_timeout_seconds,
-        budget=Budget(settings.billing_rps),
+        budget=billing_gate.from_settings(pool, settings),
     )
     try:
         yield Deps(pool=pool, billing=billing, settings=settings)
     finally:
         await billing.aclose()
         await pool.close()
-
-
-async def keep_budget_share(deps: Deps, worker: Worker) -> None:
-    """Recount live workers as often as they beat, so the shares add up to the budget.
-
-    Until our own worker has registered it is not in the count yet: count
-    it anyway, or we would start with another worker's share on top of ours.
-    """
-    async with deps.pool.connection() as conn:
-        live = await live_workers(conn, deps.settings.stalled_job_seconds)
-    await deps.billing.budget.set_share(live + (1 if worker.worker_id is None else 0))
 
 
 async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int | None) -> None:
@@ -117,14 +109,9 @@ async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int 
             update_heartbeat_interval=heartbeat,
             stalled_worker_timeout=settings.stalled_job_seconds,
         )
-        # Recount at least every 2 s (a count on a tiny table): when a worker
-        # joins, the others shrink their shares within one recount, and the
-        # newcomer stays silent towards Billing until they have.
-        recount = min(heartbeat, 2.0)
-        deps.billing.budget.hold(1.5 * recount)
-        await keep_budget_share(deps, worker)
         background = [
-            Every(recount, lambda: keep_budget_share(deps, worker), "budget share").start(),
+            # The pause gauge must fall back to 0 on hosts that are not calling.
+            Every(GATE_REFRESH_SECONDS, deps.billing.budget.refresh, "billing gate").start(),
             maintenance.gauge_refresher(deps.pool),
         ]
         try:
