@@ -22,7 +22,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, Protocol
 
@@ -30,7 +30,7 @@ import httpx
 from aiolimiter import AsyncLimiter
 
 from service import observability
-from service.domain import format_money
+from service.domain import format_money, format_timestamp, parse_timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -252,8 +252,8 @@ class BillingClient:
     ) -> PayoutPage:
         """One page of the payouts Billing made in [since, until), oldest first."""
         params: dict[str, str | int] = {
-            "since": _timestamp(since),
-            "until": _timestamp(until),
+            "since": format_timestamp(since),
+            "until": format_timestamp(until),
             "limit": limit,
         }
         if cursor is not None:
@@ -389,19 +389,8 @@ def _payout(data: dict[str, Any], *, listed: bool = False) -> BillingPayout:
         raise Transient(f"Billing sent a malformed payout: {exc}") from exc
 
 
-def _timestamp(at: datetime) -> str:
-    if at.tzinfo is None:
-        raise ValueError("timestamps sent to Billing must be timezone-aware")
-    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def _parse_timestamp(raw: Any) -> datetime:
-    if not isinstance(raw, str):
-        raise TypeError(f"created_at must be a string, got {raw!r}")
     try:
-        at = datetime.fromisoformat(raw)
-    except ValueError:
-        raise TypeError(f"created_at is not an RFC 3339 timestamp: {raw!r}") from None
-    if at.tzinfo is None:
-        raise TypeError(f"created_at has no time zone: {raw!r}")
-    return at
+        return parse_timestamp(raw)
+    except ValueError as exc:
+        raise TypeError(f"created_at {raw!r}: {exc}") from None

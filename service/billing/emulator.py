@@ -77,6 +77,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from service.domain import parse_timestamp
+
 __all__ = ["EmulatorState", "Faults", "RateStats", "create_app", "main", "run"]
 
 MAX_SELECT_PARK_IDS = 1000
@@ -121,11 +123,9 @@ def _parse_timestamp(value: str | None, name: str) -> str | None:
     if value is None:
         return None
     try:
-        at = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidRequest(f"{name} must be an RFC 3339 timestamp") from None
-    if at.tzinfo is None:
-        raise InvalidRequest(f"{name} must carry a time zone")
+        at = parse_timestamp(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"{name} must be an RFC 3339 timestamp: {exc}") from None
     return at.astimezone(UTC).strftime(_RFC3339_FORMAT)
 
 
