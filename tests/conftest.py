@@ -30,6 +30,8 @@ from tests.helpers.emulator import run_emulator
 if TYPE_CHECKING:
     from starlette.testclient import TestClient
 
+    from service.execution import Deps
+
 TEMPLATE = f"fp_template_{os.getpid()}"
 _counter = itertools.count()
 
@@ -114,6 +116,24 @@ async def conn(db_url: str) -> AsyncIterator[db.Conn]:
     c = await db.connect(db_url, name="test")
     async with c:
         yield c
+
+
+@pytest.fixture
+async def deps(db_url: str, billing_url: str) -> AsyncIterator[Deps]:
+    """What the worker hands a job, in-process: a pool on the test's database and a Billing
+    client for the session's emulator, paced by this process alone.
+    """
+    from service.billing.client import BillingClient, Budget
+    from service.execution import Deps
+
+    pool = db.make_pool(db_url, name="test", max_size=4)
+    await pool.open(wait=True)
+    billing = BillingClient(billing_url, token=None, timeout=1.0, budget=Budget(1000))
+    try:
+        yield Deps(pool=pool, billing=billing, settings=make_settings(db_url, billing_url))
+    finally:
+        await billing.aclose()
+        await pool.close()
 
 
 @pytest.fixture(scope="session")

@@ -43,7 +43,7 @@ import psycopg
 import psycopg_pool
 
 from service import db, observability
-from service.billing.client import Outcome, Paused, Permit, pause_seconds
+from service.billing.client import BillingClient, Outcome, Paused, Permit, pause_seconds
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -326,4 +326,14 @@ def from_settings(pool: db.Pool, settings: Settings) -> SharedGate:
         # A probe that has not come back within one Billing timeout never will:
         # let another host probe after that.
         probe_lease_seconds=settings.billing_timeout_seconds + 1.0,
+    )
+
+
+def client(pool: db.Pool, settings: Settings) -> BillingClient:
+    """The process's Billing client, every call through its shared gate."""
+    return BillingClient(
+        settings.billing_url,
+        token=settings.billing_token,
+        timeout=settings.billing_timeout_seconds,
+        budget=from_settings(pool, settings),
     )

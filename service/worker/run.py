@@ -14,10 +14,9 @@ from collections.abc import AsyncIterator
 from procrastinate import JobContext
 from procrastinate.worker import Worker
 
-from service import db, maintenance, periodic
+from service import db, maintenance, periodic, reconcile
 from service.background import Every
 from service.billing import gate as billing_gate
-from service.billing.client import BillingClient
 from service.execution import Deps
 from service.settings import Settings
 from service.worker import tasks
@@ -29,6 +28,9 @@ logger = logging.getLogger(__name__)
 # stall threshold. Housekeeping (partitions, old jobs) runs hourly.
 MAINTENANCE_CRON = "* * * * * */15"
 HOUSEKEEPING_CRON = "17 * * * *"
+# Reconciliation with Billing once a day, at a quiet hour (UTC) and off the
+# hour, when housekeeping and everyone else's cron jobs run.
+RECONCILE_CRON = "40 3 * * *"
 # Finished jobs are kept a week for support, then deleted so the queue
 # table stays small; payouts and audit_log keep the history.
 KEEP_FINISHED_JOBS_HOURS = 24 * 7
@@ -57,6 +59,12 @@ async def housekeeping(context: JobContext, timestamp: int) -> None:
     await app.job_manager.delete_old_jobs(nb_hours=KEEP_FINISHED_JOBS_HOURS)
 
 
+@app.task(name="reconcile", queue=tasks.QUEUE_MAINTENANCE, pass_context=True)
+async def reconcile_task(context: JobContext, timestamp: int) -> None:
+    """Compare the last days with Billing: a run record, an audit entry and the gauge."""
+    await reconcile.run_daily(tasks.deps_of(context))
+
+
 def register_periodic(settings: Settings) -> None:
     """Periodic tasks whose schedule comes from settings are registered at start-up."""
     registry = app.periodic_registry.periodic_tasks
@@ -66,18 +74,15 @@ def register_periodic(settings: Settings) -> None:
     app.periodic(cron=settings.periodic_scan_cron, priority=urgent)(periodic_scan)
     app.periodic(cron=MAINTENANCE_CRON, priority=urgent)(maintenance_task)
     app.periodic(cron=HOUSEKEEPING_CRON, priority=urgent)(housekeeping)
+    # Not urgent: it may wait behind payouts, never the other way round.
+    app.periodic(cron=RECONCILE_CRON, priority=tasks.PRIORITY_PERIODIC)(reconcile_task)
 
 
 @contextlib.asynccontextmanager
 async def worker_deps(settings: Settings, *, concurrency: int) -> AsyncIterator[Deps]:
     pool = db.make_pool(settings.database_url, name="worker", min_size=2, max_size=concurrency + 4)
     await pool.open(wait=True)
-    billing = BillingClient(
-        settings.billing_url,
-        token=settings.billing_token,
-        timeout=settings.billing_timeout_seconds,
-        budget=billing_gate.from_settings(pool, settings),
-    )
+    billing = billing_gate.client(pool, settings)
     try:
         yield Deps(pool=pool, billing=billing, settings=settings)
     finally:
@@ -113,6 +118,11 @@ async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int 
             # The pause gauge must fall back to 0 on hosts that are not calling.
             Every(GATE_REFRESH_SECONDS, deps.billing.budget.refresh, "billing gate").start(),
             maintenance.gauge_refresher(deps.pool),
+            Every(
+                maintenance.GAUGE_SECONDS,
+                lambda: reconcile.refresh_gauges(deps.pool),
+                "reconciliation gauge",
+            ).start(),
         ]
         try:
             await worker.run()  # type: ignore[no-untyped-call]  # procrastinate leaves it unannotated
