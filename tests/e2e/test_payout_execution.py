@@ -6,7 +6,6 @@ against a fresh database and the session's emulator, reset per test.
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from decimal import Decimal
 from typing import Any
@@ -19,8 +18,9 @@ from tests.conftest import service_env
 from tests.helpers.api import (
     ADMIN,
     billing_balance,
+    count_final,
     park_headers,
-    press_headers,
+    press,
     register,
     rows,
     set_balance,
@@ -38,16 +38,6 @@ FINAL = ("succeeded", "failed", "skipped")
 # --- helpers -----------------------------------------------------------------------
 
 
-def press(api: str, park_id: str, amount: str | None = None) -> dict[str, Any]:
-    """Press "Pay out now" for the park; returns the accepted payout."""
-    headers = press_headers(park_id, user=f"user-of-{park_id}", key=uuid.uuid4().hex)
-    body = {"amount": amount} if amount is not None else {}
-    r = httpx.post(f"{api}/v1/payouts/instant", json=body, headers=headers, timeout=10)
-    assert 202 == r.status_code, r.text
-    payout: dict[str, Any] = r.json()
-    return payout
-
-
 def get_payout(api: str, park_id: str, payout_id: str) -> dict[str, Any]:
     r = httpx.get(f"{api}/v1/payouts/{payout_id}", headers=park_headers(park_id), timeout=10)
     assert 200 == r.status_code, r.text
@@ -63,16 +53,6 @@ def wait_final(api: str, park_id: str, payout_id: str, timeout: float = 30) -> d
         what=f"payout {payout_id} of {park_id} to reach a final status",
     )
     return payout
-
-
-def count_final(pg: psycopg.Connection[dict[str, Any]], ids: list[str]) -> int:
-    row = rows(
-        pg,
-        "SELECT count(*) AS n FROM payouts WHERE id = ANY(%(ids)s::uuid[]) "
-        "AND status IN ('succeeded', 'failed', 'skipped')",
-        ids=ids,
-    )[0]
-    return int(row["n"])
 
 
 # --- one payout ---------------------------------------------------------------------
@@ -277,47 +257,3 @@ def test_worker_killed_mid_order_payout_completes_once_on_another_worker(
         moved = transfers(billing_url)
         assert [(pressed["id"], "777.00")] == [(t["idempotency_key"], t["amount"]) for t in moved]
         assert Decimal("0.00") == billing_balance(billing_url, "park-k")
-
-
-def test_billing_calls_stay_within_global_rps_budget(
-    db_url: str,
-    billing_url: str,
-    tmp_path: Any,
-    pg: psycopg.Connection[dict[str, Any]],
-) -> None:
-    """Three workers together never send Billing more than BILLING_RPS=5 requests in any one-second
-    window, with a tolerance of one request for window alignment (max_rps_1s <= 6).
-    """
-    parks = [f"rps-{i:02d}" for i in range(30)]
-    with cluster(service_env(db_url, billing_url, BILLING_RPS="5"), tmp_path) as c:
-        api = c.api()
-        for park in parks:
-            register(api, park, periodic=False, status=201)
-            set_balance(billing_url, park, "50.00")
-        for _ in range(3):
-            c.worker()
-        wait_for(
-            lambda: rows(pg, "SELECT count(*) AS n FROM procrastinate_workers")[0]["n"] == 3,
-            timeout=30,
-            interval=0.1,
-            what="three workers to be registered",
-        )
-        ids = [press(api, park)["id"] for park in parks]
-
-        wait_for(
-            lambda: count_final(pg, ids) == len(ids),
-            timeout=60,
-            interval=0.5,
-            what="every payout to finish",
-        )
-
-        assert {"succeeded": 30} == dict(
-            Counter(
-                r["status"]
-                for r in rows(
-                    pg, "SELECT status FROM payouts WHERE id = ANY(%(ids)s::uuid[])", ids=ids
-                )
-            )
-        )
-        peak = stats(billing_url)["max_rps_1s"]
-        assert peak <= 5 + 1, f"Billing saw {peak} requests in one second"

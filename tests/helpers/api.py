@@ -8,6 +8,7 @@ client for the app (`app_client`, the `client` fixture), so the same helper serv
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -91,6 +92,16 @@ def register(
     return r
 
 
+def press(api: str, park_id: str, amount: str | None = None) -> dict[str, Any]:
+    """Press "Pay out now" for the park on a running API; returns the accepted payout."""
+    headers = press_headers(park_id, user=f"user-of-{park_id}", key=uuid.uuid4().hex)
+    body = {"amount": amount} if amount is not None else {}
+    r = httpx.post(f"{api}/v1/payouts/instant", json=body, headers=headers, timeout=TIMEOUT)
+    assert 202 == r.status_code, r.text
+    payout: dict[str, Any] = r.json()
+    return payout
+
+
 def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
     """The response is an error envelope with this status and code; returns its body."""
     assert status == r.status_code, r.text
@@ -111,6 +122,27 @@ def parse_ts(value: str) -> datetime:
 
 def rows(pg: psycopg.Connection[DictRow], sql: str, **params: Any) -> list[DictRow]:
     return pg.execute(sql, params).fetchall()
+
+
+def count_final(pg: psycopg.Connection[DictRow], ids: list[str]) -> int:
+    """How many of these payouts have reached a final status."""
+    row = rows(
+        pg,
+        "SELECT count(*) AS n FROM payouts WHERE id = ANY(%(ids)s::uuid[]) "
+        "AND status IN ('succeeded', 'failed', 'skipped')",
+        ids=ids,
+    )[0]
+    return int(row["n"])
+
+
+def statuses(pg: psycopg.Connection[DictRow], ids: list[str]) -> dict[str, int]:
+    """How many of these payouts are in each status."""
+    found = rows(
+        pg,
+        "SELECT status, count(*) AS n FROM payouts WHERE id = ANY(%(ids)s::uuid[]) GROUP BY 1",
+        ids=ids,
+    )
+    return {r["status"]: int(r["n"]) for r in found}
 
 
 # --- the Billing emulator's admin endpoints ----------------------------------------
@@ -148,3 +180,11 @@ def stats(billing: str) -> dict[str, Any]:
 
 def set_faults(billing: str, **faults: float) -> None:
     httpx.put(f"{billing}/admin/faults", json=faults, timeout=TIMEOUT).raise_for_status()
+
+
+def billing_requests(billing: str) -> list[dict[str, Any]]:
+    """Billing's log of contract requests: arrival (emulator's monotonic clock), path, status."""
+    r = httpx.get(f"{billing}/admin/requests", timeout=TIMEOUT)
+    r.raise_for_status()
+    logged: list[dict[str, Any]] = r.json()["requests"]
+    return logged
