@@ -191,6 +191,9 @@ def service_env(db_url: str, billing_url: str, **overrides: str) -> dict[str, st
             "BILLING_RPS": "200",
             "BILLING_TIMEOUT_SECONDS": "1",
             "RETRY_BACKOFF_CAP_SECONDS": "1",
+            # The fault tests' 30-60 % error rates open the breaker now and then:
+            # a second's cool-off keeps them to their time.
+            "BILLING_BREAKER_COOLOFF_SECONDS": "1",
             "WORKER_POLL_SECONDS": "0.5",
             "STALLED_JOB_SECONDS": "5",
             "LOG_LEVEL": "INFO",
