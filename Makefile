@@ -31,6 +31,7 @@ bench: $(STAMP)
 	command -v wrk >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && \
 		apt-get install -y -qq wrk >/dev/null 2>&1) || echo "wrk not installed"
 	$(VENV)/bin/fleet-payouts bench
+	$(PY) -m tests.bench.billing
 
 clean:
 	rm -rf $(VENV) .fleet-payouts .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -19,7 +19,6 @@ from psycopg.rows import DictRow
 
 from tests.conftest import service_env
 from tests.helpers.api import (
-    billing_requests,
     count_final,
     press,
     register,
@@ -29,7 +28,7 @@ from tests.helpers.api import (
     stats,
     statuses,
 )
-from tests.helpers.emulator import free_port
+from tests.helpers.emulator import billing_requests, free_port
 from tests.helpers.procs import cluster, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -180,11 +180,3 @@ def stats(billing: str) -> dict[str, Any]:
 
 def set_faults(billing: str, **faults: float) -> None:
     httpx.put(f"{billing}/admin/faults", json=faults, timeout=TIMEOUT).raise_for_status()
-
-
-def billing_requests(billing: str) -> list[dict[str, Any]]:
-    """Billing's log of contract requests: arrival (emulator's monotonic clock), path, status."""
-    r = httpx.get(f"{billing}/admin/requests", timeout=TIMEOUT)
-    r.raise_for_status()
-    logged: list[dict[str, Any]] = r.json()["requests"]
-    return logged

@@ -22,6 +22,7 @@ from service.billing import gate as billing_gate
 from service.billing.client import BillingClient, Paused, Permit, Transient
 from service.billing.gate import SharedGate
 from tests.helpers.api import set_faults, stats
+from tests.helpers.emulator import peak_in_one_second
 
 COOLOFF = 30.0
 
@@ -65,17 +66,6 @@ def end_cooloff(pg: psycopg.Connection[DictRow]) -> None:
 
 def paused_gauge() -> float | None:
     return REGISTRY.get_sample_value("fleet_payouts_billing_breaker_open")
-
-
-def peak_in_one_second(times: list[float]) -> int:
-    """The most events in any one-second window [t, t + 1)."""
-    times = sorted(times)
-    start = peak = 0
-    for end, t in enumerate(times):
-        while t - times[start] >= 1.0:
-            start += 1
-        peak = max(peak, end - start + 1)
-    return peak
 
 
 # --- the budget --------------------------------------------------------------------------
