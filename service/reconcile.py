@@ -413,6 +413,7 @@ async def main(
     try:
         await pool.open(wait=True, timeout=10)
     except psycopg.Error as exc:
+        await pool.close()
         print(f"fleet-payouts reconcile: database unavailable: {exc}", file=err)
         return 2
     billing = billing_gate.client(pool, settings)
