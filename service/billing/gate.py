@@ -9,12 +9,15 @@ closer to any slot of any other host. A slot is a send time: its call leaves
 no earlier than the slot (on the database clock, as far as this process can
 tell) and no later than ``SEND_WINDOW_SECONDS`` after it, or not at all.
 
-Why that holds the budget: calls leaving in a window [a, a+1) used slots in
-(a - SEND_WINDOW, a + 1), an interval of 1 + SEND_WINDOW seconds, which holds
-at most ceil((1 + SEND_WINDOW) / spacing) slots; ``spacing`` is chosen so that
-this is at most R + 1 even with ``JITTER_ALLOWANCE_SECONDS`` of delay between
-leaving here and arriving at Billing. Up to R = 20 the spacing is 1/R, the
-full budget; above, it gives up at most JITTER_ALLOWANCE (5 %) of the budget.
+Why that holds the budget: calls arriving at Billing in a window [a, a+1) used
+slots in (a - D, a + 1), where D bounds the delay from a slot to its arrival
+(the send window, then the wire and both ends' schedulers). That interval
+holds at most ceil((1 + D) / spacing) slots. Slots are spaced for
+``BUDGET_SHARE`` (95 %) of R, so this is at most R + 1 for any D up to
+``tolerated_delay(R)`` = (R + 1) / (0.95 R) - 1: 320 ms at R = 4, 160 ms at
+R = 10, 63 ms at R = 100, 54 ms at R = 1,000. The 5 % buys tolerance for the
+tens of milliseconds a loaded host adds between deciding to call and Billing
+receiving it; the +1 alone would buy only 1/R seconds of it.
 
 A process that dies loses only the slots it had claimed, at most
 LEASE_SECONDS' worth: its share is back at once, without waiting for a
@@ -56,9 +59,9 @@ LEASE_SECONDS = 0.05
 # A slot whose call could not leave within this of its time is dropped
 # unused: a late call bunched with the next ones would break the budget.
 SEND_WINDOW_SECONDS = 0.025
-# Delay allowed between leaving here and arriving at Billing (the send window
-# included) within which Billing still sees at most R + 1 calls per second.
-JITTER_ALLOWANCE_SECONDS = 0.05
+# Slots are spaced for this share of BILLING_RPS: the rest, with the +1 of
+# the contract, absorbs the delay between a slot and Billing's clock.
+BUDGET_SHARE = 0.95
 # While another host's probe is out, look again this often (the probe's
 # lease can be as long as a Billing timeout).
 PROBE_RECHECK_SECONDS = 1.0
@@ -66,8 +69,13 @@ PROBE_RECHECK_SECONDS = 1.0
 
 def spacing_us(rps: float) -> int:
     """Microseconds between two slots for a budget of `rps` calls per second."""
-    seconds = max(1.0 / rps, (1.0 + JITTER_ALLOWANCE_SECONDS) / (rps + 1.0))
-    return math.ceil(seconds * 1_000_000)
+    return math.ceil(1_000_000 / (BUDGET_SHARE * rps))
+
+
+def tolerated_delay(rps: float) -> float:
+    """The most a slot's call may be delayed (send window, wire, schedulers included)
+    with Billing still counting at most rps + 1 calls in every second."""
+    return (rps + 1) * spacing_us(rps) / 1_000_000 - 1
 
 
 @dataclasses.dataclass(frozen=True)
