@@ -36,6 +36,10 @@ BILLING_PAUSED = Gauge(
     "fleet_payouts_billing_breaker_open",
     "1 while calls to Billing are paused (breaker open or a Retry-After in force), else 0.",
 )
+BILLING_SLOTS_DROPPED = Counter(
+    "fleet_payouts_billing_slots_dropped_total",
+    "Send slots of the Billing budget given up because no call could leave in time.",
+)
 BILLING_BUDGET_RPS = Gauge(
     "fleet_payouts_billing_budget_rps",
     "The configured BILLING_RPS, so that rules and dashboards never hard-code it.",

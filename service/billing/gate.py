@@ -139,10 +139,6 @@ class SharedGate:
         self._waiting = 0
         self._claiming = asyncio.Lock()
         self.state = GateState(-math.inf, False, 0, None)
-        # Slots claimed but dropped because no call could leave in time: a
-        # health figure for the benchmark (each one is budget given up).
-        self.slots_claimed = 0
-        self.slots_dropped = 0
         observability.BILLING_BUDGET_RPS.set(rps)
 
     # --- before a call ----------------------------------------------------------------
@@ -169,7 +165,7 @@ class SharedGate:
                 if loop.time() >= slot.not_after:
                     # This event loop was too busy to send in time: the slot is
                     # gone, never used late.
-                    self.slots_dropped += 1
+                    observability.BILLING_SLOTS_DROPPED.inc()
                     self._waiting += 1
                     needs_slot = True
                     continue
@@ -182,7 +178,7 @@ class SharedGate:
     def _next_slot(self, now: float, *, pop: bool = True) -> _Slot | None:
         while self._slots and self._slots[0].not_after <= now:
             self._slots.popleft()
-            self.slots_dropped += 1
+            observability.BILLING_SLOTS_DROPPED.inc()
         if not self._slots:
             return None
         return self._slots.popleft() if pop else self._slots[0]
@@ -234,7 +230,6 @@ class SharedGate:
                             probe=state == "probe",
                         )
                     )
-                self.slots_claimed += slots
                 if state == "probe":
                     logger.info("billing breaker: cool-off over, sending one probe call")
                 return
