@@ -32,6 +32,7 @@ bench: $(STAMP)
 		apt-get install -y -qq wrk >/dev/null 2>&1) || echo "wrk not installed"
 	$(PY) -m tests.bench.service
 	$(PY) -m tests.bench.events
+	$(PY) -m tests.bench.billing
 
 clean:
 	rm -rf $(VENV) .fleet-payouts .pytest_cache .mypy_cache .ruff_cache *.egg-info

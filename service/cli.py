@@ -7,8 +7,10 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, date, datetime, time
 
 from service import settings as settings_module
+from service.domain import parse_timestamp
 from service.settings import ConfigError, Settings
 
 
@@ -80,11 +82,31 @@ def cmd_parks_import(args: argparse.Namespace) -> None:
     raise SystemExit(asyncio.run(import_csv(_database_url(), args.file)))
 
 
+def cmd_reconcile(args: argparse.Namespace) -> None:
+    from service import observability, reconcile
+
+    settings = _settings()
+    observability.setup(settings, "cli")
+    raise SystemExit(asyncio.run(reconcile.main(settings, since=args.since, until=args.until)))
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 < value < 65536:
         raise argparse.ArgumentTypeError("a TCP port is 1-65535")
     return value
+
+
+def _when(raw: str) -> datetime:
+    """A day (its midnight, UTC) or an RFC 3339 timestamp with its zone."""
+    try:
+        if len(raw) == 10:
+            return datetime.combine(date.fromisoformat(raw), time(), UTC)
+        return parse_timestamp(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "expected a date (2024-05-01) or a timestamp with its zone (2024-05-01T12:00:00Z)"
+        ) from None
 
 
 def _positive(raw: str) -> int:
@@ -129,6 +151,13 @@ def parser() -> argparse.ArgumentParser:
     )
     i.set_defaults(func=cmd_parks_import)
 
+    s = sub.add_parser(
+        "reconcile",
+        help="compare our payouts with Billing's for a window; exit 1 on any mismatch",
+    )
+    s.add_argument("--since", type=_when, default=None, help="start (default: --until - 1 day)")
+    s.add_argument("--until", type=_when, default=None, help="end, excluded (default: now)")
+    s.set_defaults(func=cmd_reconcile)
     return p
 
 

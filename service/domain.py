@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
 
 CENT = Decimal("0.01")
@@ -105,6 +105,23 @@ def parse_money(raw: str) -> Decimal:
 
 def format_money(value: Decimal) -> str:
     return str(value.quantize(CENT))
+
+
+def parse_timestamp(raw: object) -> datetime:
+    """An RFC 3339 timestamp that names its time zone; ValueError for anything else."""
+    if not isinstance(raw, str):
+        raise ValueError("a timestamp is a string")
+    value = datetime.fromisoformat(raw)
+    if value.tzinfo is None:
+        raise ValueError("a timestamp must name its time zone")
+    return value
+
+
+def format_timestamp(value: datetime) -> str:
+    """RFC 3339 in UTC, as the API and Billing write timestamps."""
+    if value.tzinfo is None:
+        raise ValueError("a timestamp must name its time zone")
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def is_park_id(value: str) -> bool:

@@ -31,6 +31,31 @@ BILLING_SECONDS = Histogram(
     ["endpoint"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+BILLING_BUDGET_WAIT = Histogram(
+    "fleet_payouts_billing_budget_wait_seconds",
+    "Time a call waited for the global Billing budget (BILLING_RPS, all hosts together).",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+BILLING_PAUSED = Gauge(
+    "fleet_payouts_billing_breaker_open",
+    "1 while calls to Billing are paused (breaker open or a Retry-After in force), else 0.",
+)
+BILLING_SLOTS_DROPPED = Counter(
+    "fleet_payouts_billing_slots_dropped_total",
+    "Send slots of the Billing budget given up because no call could leave in time.",
+)
+BILLING_BUDGET_RPS = Gauge(
+    "fleet_payouts_billing_budget_rps",
+    "The configured BILLING_RPS, so that rules and dashboards never hard-code it.",
+)
+RECONCILIATION_MISMATCHES = Gauge(
+    "fleet_payouts_reconciliation_mismatches",
+    "Mismatches with Billing found by the last daily reconciliation run.",
+)
+RECONCILIATION_LAST_RUN = Gauge(
+    "fleet_payouts_reconciliation_last_run_timestamp_seconds",
+    "When the last daily reconciliation run finished (Unix time; 0: never).",
+)
 DB_QUERIES = Counter(
     "fleet_payouts_db_queries_total",
     "SQL statements sent to PostgreSQL by this process.",

@@ -95,6 +95,13 @@ class Settings:
     # SPEC section 3: every event is POSTed there, signed with the secret. None: off.
     webhook_url: str | None = None
     webhook_secret: str | None = None
+    # The breaker opens after this many transient Billing failures in a row
+    # (all hosts together). Ten is well past the odd lost answer, and still
+    # only seconds of calls into an outage at BILLING_RPS.
+    billing_breaker_failures: int = 10
+    # An open breaker pauses every call this long before one probe call tries
+    # Billing again: long enough not to hammer a Billing that is restarting.
+    billing_breaker_cooloff_seconds: float = 30.0
 
     def __repr__(self) -> str:
         # Secrets never reach logs, even through a careless f"{settings}".
@@ -174,6 +181,17 @@ def _networks(
                 name, f"expected IP addresses or networks (10.0.0.0/8), got {item.strip()!r}"
             ) from None
     return tuple(found)
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: str) -> int:
+    raw = env.get(name, default).strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected a whole number, got {raw!r}") from None
+    if value < 1:
+        raise ConfigError(name, f"must be at least 1, got {raw!r}")
+    return value
 
 
 def _url(env: Mapping[str, str], name: str, *, schemes: tuple[str, ...], default: str = "") -> str:
@@ -293,4 +311,8 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
         sentry_release=env.get("SENTRY_RELEASE", "").strip() or None,
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
+        billing_breaker_failures=_positive_int(env, "BILLING_BREAKER_FAILURES", "10"),
+        billing_breaker_cooloff_seconds=_positive_number(
+            env, "BILLING_BREAKER_COOLOFF_SECONDS", "30"
+        ),
     )

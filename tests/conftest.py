@@ -30,6 +30,8 @@ from tests.helpers.emulator import run_emulator
 if TYPE_CHECKING:
     from starlette.testclient import TestClient
 
+    from service.execution import Deps
+
 TEMPLATE = f"fp_template_{os.getpid()}"
 _counter = itertools.count()
 
@@ -116,6 +118,24 @@ async def conn(db_url: str) -> AsyncIterator[db.Conn]:
         yield c
 
 
+@pytest.fixture
+async def deps(db_url: str, billing_url: str) -> AsyncIterator[Deps]:
+    """What the worker hands a job, in-process: a pool on the test's database and a Billing
+    client for the session's emulator, paced by this process alone.
+    """
+    from service.billing.client import BillingClient, Budget
+    from service.execution import Deps
+
+    pool = db.make_pool(db_url, name="test", max_size=4)
+    await pool.open(wait=True)
+    billing = BillingClient(billing_url, token=None, timeout=1.0, budget=Budget(1000))
+    try:
+        yield Deps(pool=pool, billing=billing, settings=make_settings(db_url, billing_url))
+    finally:
+        await billing.aclose()
+        await pool.close()
+
+
 @pytest.fixture(scope="session")
 def emulator_url() -> Iterator[str]:
     with run_emulator() as url:
@@ -171,6 +191,9 @@ def service_env(db_url: str, billing_url: str, **overrides: str) -> dict[str, st
             "BILLING_RPS": "200",
             "BILLING_TIMEOUT_SECONDS": "1",
             "RETRY_BACKOFF_CAP_SECONDS": "1",
+            # The fault tests' 30-60 % error rates open the breaker now and then:
+            # a second's cool-off keeps them to their time.
+            "BILLING_BREAKER_COOLOFF_SECONDS": "1",
             "WORKER_POLL_SECONDS": "0.5",
             "STALLED_JOB_SECONDS": "5",
             "LOG_LEVEL": "INFO",

@@ -5,35 +5,46 @@ payout job decides on meaning, not on status codes:
 
 - ``Rejected``: Billing said no for good (insufficient funds, unknown park...).
 - ``Transient``: try again later; for an order the outcome is *unknown*.
-  ``Paused`` is the Transient raised without calling Billing at all, while
-  calls are held back (Billing's Retry-After, the breaker).
+- ``Paused`` (a ``Transient``): calls are paused (Billing's Retry-After, or the
+  breaker open); nothing was done at Billing. Wait ``retry_after`` seconds:
+  waiting out a pause is not a failure.
 - ``Malformed``: Billing answered with a balance we cannot use (one park's
   bad data); that park's payout decides, nobody else waits.
 - (a ``None`` from ``find_payout``): Billing has no payout under that key.
+
+Every call first passes a ``Gate``: the global budget, the shared pause and the
+breaker (``service.billing.gate.SharedGate`` in the workers; ``Budget``, this
+process alone, where nothing else calls Billing).
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import httpx
 from aiolimiter import AsyncLimiter
 
 from service import observability
-from service.domain import format_money
+from service.domain import format_money, format_timestamp, parse_timestamp
 
 logger = logging.getLogger(__name__)
 
 _CURRENCY_RE = re.compile(r"[A-Z]{3}")
-# SPEC section 4: the bulk endpoint takes at most this many parks per call.
+# SPEC section 4: the bulk endpoint takes at most this many parks per call,
+# and the list of payouts gives at most this many per page.
 MAX_SELECT = 1000
+MAX_LIST = 1000
+# A 429 without a usable Retry-After pauses for this long; a larger one than
+# the cap is taken as the cap, so that one bad header cannot stop payouts for days.
+DEFAULT_RETRY_AFTER_SECONDS = 1.0
+MAX_RETRY_AFTER_SECONDS = 600.0
 
 
 class BillingError(Exception):
@@ -51,7 +62,7 @@ class Rejected(BillingError):
 
 
 class Transient(BillingError):
-    """Billing could not answer now (5xx, 429, timeout, network); retry later."""
+    """Billing could not answer now (5xx, timeout, network); retry later."""
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -59,7 +70,16 @@ class Transient(BillingError):
 
 
 class Paused(Transient):
-    """Calls to Billing are held back for a while; nothing was sent."""
+    """Calls to Billing are paused (Retry-After or breaker); nothing was done there.
+
+    Raised before calling Billing while a pause is in force on any host, and
+    for the 429 that starts one. Wait ``retry_after`` seconds and try again;
+    a pause does not count against a payout's retry window.
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after: float = retry_after
 
 
 class Malformed(BillingError):
@@ -80,44 +100,85 @@ class BillingPayout:
     amount: Decimal
     currency: str
     status: str
+    # Given by the list endpoint (reconciliation); the others leave them out.
+    idempotency_key: str | None = None
+    created_at: datetime | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PayoutPage:
+    """One page of GET /v1/payouts; pass next_cursor back for the next one."""
+
+    payouts: list[BillingPayout]
+    next_cursor: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Permit:
+    """Leave to make one call; a probe's outcome decides the breaker."""
+
+    probe: bool = False
+
+
+# What became of a call, as the gate needs to know it: Billing answered
+# (whatever it said), failed to (5xx, timeout, no connection), or throttled us.
+Outcome = Literal["answered", "failed", "throttled"]
+
+
+class Gate(Protocol):
+    """What every call passes before and after it leaves (see module docstring)."""
+
+    async def acquire(self) -> Permit:
+        """Wait for the budget; raise Paused while calls are paused."""
+        ...
+
+    async def report(
+        self, permit: Permit, outcome: Outcome, *, retry_after: float | None = None
+    ) -> None:
+        """Tell the gate how the call went (failures feed the breaker, 429s pause)."""
+        ...
+
+    async def refresh(self) -> None:
+        """Read the shared pause and breaker again (for the gauge of an idle host)."""
+        ...
 
 
 class Budget:
-    """This process's share of the global BILLING_RPS budget.
+    """BILLING_RPS for this process alone, paced by aiolimiter: for tests, the
+    in-process benchmark and any process that is the only one calling Billing.
 
-    The budget is for all hosts together and there is no coordinator but
-    the database: each worker takes ``BILLING_RPS / live workers`` (live =
-    a procrastinate heartbeat in the last 30 s), refreshed periodically. One
-    token at a time, spaced evenly, so no burst can exceed the share.
+    Calls are spaced evenly, one token at a time, so there is never a burst;
+    a 429 pauses this process for its Retry-After. The workers, which share
+    the budget between hosts, use ``service.billing.gate.SharedGate``.
     """
 
     def __init__(self, total_rps: float) -> None:
         self.total_rps = total_rps
-        self.share = 1
         self._limiter = AsyncLimiter(1, 1 / total_rps)
-        self._not_before = 0.0
+        self._paused_until = 0.0
 
-    def hold(self, seconds: float) -> None:
-        """Send nothing for a while: a worker that just joined waits until the
-        others have recounted and shrunk their shares to make room for it."""
-        self._not_before = time.monotonic() + seconds
-
-    async def set_share(self, workers: int) -> None:
-        workers = max(1, workers)
-        if workers != self.share:
-            logger.info("billing budget: %s workers share %s rps", workers, self.total_rps)
-            self.share = workers
-            limiter = AsyncLimiter(1, workers / self.total_rps)
-            # A new bucket starts empty, i.e. with a token to spend at once;
-            # spend it now so that a change of share is never a burst.
-            await limiter.acquire()
-            self._limiter = limiter
-
-    async def acquire(self) -> None:
-        wait = self._not_before - time.monotonic()
+    async def acquire(self) -> Permit:
+        wait = self._paused_until - time.monotonic()
         if wait > 0:
-            await asyncio.sleep(wait)
+            raise Paused(f"Billing asked us to wait {wait:.1f}s more", retry_after=wait)
         await self._limiter.acquire()
+        return Permit()
+
+    async def report(
+        self, permit: Permit, outcome: Outcome, *, retry_after: float | None = None
+    ) -> None:
+        if outcome == "throttled":
+            self._paused_until = time.monotonic() + pause_seconds(retry_after)
+
+    async def refresh(self) -> None:
+        """Nothing is shared: nothing to read again."""
+
+
+def pause_seconds(retry_after: float | None) -> float:
+    """How long a 429 pauses calls: its Retry-After, within sane bounds."""
+    if retry_after is None:
+        return DEFAULT_RETRY_AFTER_SECONDS
+    return min(retry_after, MAX_RETRY_AFTER_SECONDS)
 
 
 class BillingClient:
@@ -127,7 +188,7 @@ class BillingClient:
         *,
         token: str | None,
         timeout: float,
-        budget: Budget,
+        budget: Gate,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -201,26 +262,78 @@ class BillingClient:
             raise
         return _payout(response.json())
 
+    async def payouts_page(
+        self,
+        since: datetime,
+        until: datetime,
+        *,
+        cursor: str | None = None,
+        limit: int = MAX_LIST,
+    ) -> PayoutPage:
+        """One page of the payouts Billing made in [since, until), oldest first."""
+        params: dict[str, str | int] = {
+            "since": format_timestamp(since),
+            "until": format_timestamp(until),
+            "limit": limit,
+        }
+        if cursor is not None:
+            params["cursor"] = cursor
+        response = await self._request("payouts_list", "GET", "/v1/payouts", params=params)
+        data = response.json()
+        try:
+            items = data["payouts"]
+            next_cursor = data.get("next_cursor")
+            if not isinstance(items, list) or not (
+                next_cursor is None or isinstance(next_cursor, str)
+            ):
+                raise TypeError("payouts must be a list and next_cursor a string or null")
+            return PayoutPage([_payout(item, listed=True) for item in items], next_cursor)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise Transient(f"Billing sent a malformed payout list: {exc}") from exc
+
+    async def payouts_made(
+        self, since: datetime, until: datetime, *, cursor: str | None = None
+    ) -> AsyncIterator[PayoutPage]:
+        """Stream every payout Billing made in [since, until), a page at a time.
+
+        Holds one page in memory. Errors end the stream; a caller that wants to
+        wait out a pause resumes from the last page's ``next_cursor``.
+        """
+        while True:
+            page = await self.payouts_page(since, until, cursor=cursor)
+            yield page
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
     async def _request(self, endpoint: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        await self.budget.acquire()
+        waited = time.perf_counter()
+        permit = await self.budget.acquire()
         start = time.perf_counter()
+        observability.BILLING_BUDGET_WAIT.observe(start - waited)
         outcome = "error"
+        # What the gate hears; None (a cancelled call) tells it nothing.
+        heard: Outcome | None = None
+        retry_after: float | None = None
         try:
             try:
                 response = await self._http.request(method, url, **kwargs)
             except httpx.TimeoutException as exc:
-                outcome = "timeout"
+                outcome, heard = "timeout", "failed"
                 raise Transient(f"{endpoint}: timed out ({type(exc).__name__})") from exc
             except httpx.TransportError as exc:
+                heard = "failed"
                 raise Transient(f"{endpoint}: {type(exc).__name__}: {exc}") from exc
             if response.status_code == 429:
-                outcome = "throttled"
-                raise Transient(
-                    f"{endpoint}: throttled by Billing",
-                    retry_after=_retry_after(response.headers.get("Retry-After")),
-                )
+                outcome, heard = "throttled", "throttled"
+                retry_after = pause_seconds(_retry_after(response.headers.get("Retry-After")))
+                raise Paused(f"{endpoint}: throttled by Billing", retry_after=retry_after)
             if response.status_code >= 500:
+                heard = "failed"
                 raise Transient(f"{endpoint}: Billing answered {response.status_code}")
+            # Billing answered: whatever it said, it is up (only transport
+            # failures and 5xx feed the breaker).
+            heard = "answered"
             if response.status_code >= 400:
                 outcome = "rejected"
                 code, message = _error(response)
@@ -236,6 +349,8 @@ class BillingClient:
         finally:
             observability.BILLING_REQUESTS.labels(endpoint, outcome).inc()
             observability.BILLING_SECONDS.labels(endpoint).observe(time.perf_counter() - start)
+            if heard is not None:
+                await self.budget.report(permit, heard, retry_after=retry_after)
 
 
 def _retry_after(raw: str | None) -> float | None:
@@ -285,7 +400,7 @@ def _balance(data: Any) -> Balance:
         raise Malformed(f"park {str(park_id)[:64]!r}: unusable balance: {exc}") from None
 
 
-def _payout(data: Any) -> BillingPayout:
+def _payout(data: Any, *, listed: bool = False) -> BillingPayout:
     # After an order, a garbled answer leaves its outcome unknown: ask again.
     try:
         if not isinstance(data, dict):
@@ -296,17 +411,15 @@ def _payout(data: Any) -> BillingPayout:
             amount=_money(data["amount"]),
             currency=_currency(data["currency"]),
             status=str(data.get("status", "done")),
+            idempotency_key=str(data["idempotency_key"]) if listed else None,
+            created_at=_parse_timestamp(data["created_at"]) if listed else None,
         )
-    except (KeyError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise Transient(f"Billing sent a malformed payout: {exc}") from None
 
 
-async def live_workers(conn: Any, within_seconds: float) -> int:
-    """How many procrastinate workers sent a heartbeat recently (all hosts)."""
-    cur = await conn.execute(
-        "SELECT count(*) AS n FROM procrastinate_workers "
-        "WHERE last_heartbeat > now() - make_interval(secs => %s)",
-        (within_seconds,),
-    )
-    row = await cur.fetchone()
-    return int(row["n"]) if row else 1
+def _parse_timestamp(raw: Any) -> datetime:
+    try:
+        return parse_timestamp(raw)
+    except ValueError as exc:
+        raise TypeError(f"created_at {raw!r}: {exc}") from None

@@ -18,8 +18,8 @@ Contract endpoints (``/v1/...``) follow SPEC section 4. Choices the SPEC leaves 
 * Faults (``PUT /admin/faults``) apply to contract endpoints only, in this order:
   ``latency_ms`` is slept before anything else; then one random number ``r``
   per request picks ``error_rate`` (503 ``unavailable``, nothing done), then
-  ``throttle_rate`` (429 ``rate_limited`` with ``Retry-After: 1``, nothing done;
-  an addition to the SPEC's list so callers can test the contract's 429), then
+  ``throttle_rate`` (429 ``rate_limited`` with ``Retry-After: <retry_after_s>``,
+  1 by default, nothing done), then
   ``timeout_rate`` (sleep ``timeout_hang_ms`` and THEN handle the request
   normally: a client that gave up may still see its payout applied later, the
   realistic "outcome unknown"). The bands are laid end to end on [0, 1), so the
@@ -33,7 +33,16 @@ Contract endpoints (``/v1/...``) follow SPEC section 4. Choices the SPEC leaves 
   need one.
 * Stats. Contract requests are counted on arrival, before auth and faults,
   whatever their outcome; ``max_rps_1s`` is the largest number of arrivals in
-  any one-second sliding window.
+  any one-second sliding window. ``GET /admin/requests`` lists the latest
+  ``REQUEST_LOG_SIZE`` of them (arrival time on the emulator's monotonic clock,
+  method, path, status), for tests of *when* calls arrived.
+* Reconciliation. ``GET /v1/payouts?since&until&limit&cursor`` lists the
+  payouts made in [since, until), oldest first, with their idempotency keys.
+  Payouts are kept in the order they were made, which is creation-time order
+  (the emulator does not model a wall clock stepping back). Drift to find:
+  ``POST /admin/payouts`` records a payout made outside the service (balances
+  are left alone: the money left by another road), ``DELETE /admin/payouts/{K}``
+  makes Billing forget one.
 
 All state lives in one :class:`EmulatorState` on ``app.state.emulator``. The
 server runs one event loop and every check-then-mutate sequence runs without an
@@ -44,6 +53,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
+import bisect
 import hmac
 import json
 import os
@@ -65,9 +77,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from service.domain import parse_timestamp
+
 __all__ = ["EmulatorState", "Faults", "RateStats", "create_app", "main", "run"]
 
 MAX_SELECT_PARK_IDS = 1000
+MAX_LIST_LIMIT = 1000
+REQUEST_LOG_SIZE = 100_000
 MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_CURRENCY = "RUB"
 CENT = Decimal("0.01")
@@ -95,8 +111,48 @@ def _money(value: Decimal) -> str:
     return f"{value.quantize(CENT):f}"
 
 
+_RFC3339_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
 def _now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime(_RFC3339_FORMAT)
+
+
+def _parse_timestamp(value: str | None, name: str) -> str | None:
+    """An RFC 3339 timestamp with a zone, in the fixed form created_at has (so it sorts)."""
+    if value is None:
+        return None
+    try:
+        at = parse_timestamp(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"{name} must be an RFC 3339 timestamp: {exc}") from None
+    return at.astimezone(UTC).strftime(_RFC3339_FORMAT)
+
+
+def _encode_cursor(payout: Payout) -> str:
+    raw = json.dumps([payout.created_at, payout.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        created_at, payout_id = json.loads(raw)
+    except (binascii.Error, ValueError, TypeError):
+        raise InvalidRequest("cursor is not one this server issued") from None
+    if not isinstance(created_at, str) or not isinstance(payout_id, str):
+        raise InvalidRequest("cursor is not one this server issued")
+    return created_at, payout_id
+
+
+def _parse_limit(value: str | None) -> int:
+    if value is None:
+        return MAX_LIST_LIMIT
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= MAX_LIST_LIMIT:
+        raise InvalidRequest(f"limit must be a whole number in [1, {MAX_LIST_LIMIT}]")
+    return int(value)
 
 
 def _parse_amount(
@@ -189,13 +245,13 @@ class Payout:
             "created_at": self.created_at,
         }
 
+    def to_listed_json(self) -> dict[str, Any]:
+        """As GET /v1/payouts lists it: with the key it was made under."""
+        return {**self.to_json(), "idempotency_key": self.idempotency_key}
+
     def to_admin_json(self) -> dict[str, Any]:
         """Admin view: adds what exactly-once checks need (the key, and the params passed)."""
-        return {
-            **self.to_json(),
-            "idempotency_key": self.idempotency_key,
-            "params": self.request.params,
-        }
+        return {**self.to_listed_json(), "params": self.request.params}
 
 
 @dataclass
@@ -206,14 +262,18 @@ class Faults:
     apply_then_fail_rate: float = 0.0
     latency_ms: float = 0
     timeout_hang_ms: float = 10000
+    # The Retry-After sent with the throttle_rate 429s, in seconds.
+    retry_after_s: float = 1
 
     RATES = ("error_rate", "throttle_rate", "timeout_rate", "apply_then_fail_rate")
     DURATIONS = ("latency_ms", "timeout_hang_ms")
+    SECONDS = ("retry_after_s",)
     MAX_DURATION_MS = 600_000
+    MAX_SECONDS = 3600
 
     def update(self, data: dict[str, Any]) -> None:
         """Apply a partial update atomically: validate everything before changing anything."""
-        _reject_unknown(data, set(self.RATES) | set(self.DURATIONS))
+        _reject_unknown(data, {*self.RATES, *self.DURATIONS, *self.SECONDS})
         changes: dict[str, float] = {}
         for name, value in data.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -222,12 +282,19 @@ class Faults:
                 raise InvalidRequest(f"{name} must be in [0, 1]")
             if name in self.DURATIONS and not 0 <= value <= self.MAX_DURATION_MS:
                 raise InvalidRequest(f"{name} must be in [0, {self.MAX_DURATION_MS}]")
+            if name in self.SECONDS and not 0 <= value <= self.MAX_SECONDS:
+                raise InvalidRequest(f"{name} must be in [0, {self.MAX_SECONDS}]")
             changes[name] = value
         for name, value in changes.items():
             setattr(self, name, value)
 
+    def retry_after_header(self) -> str:
+        # HTTP's Retry-After is whole seconds; a fraction is kept for fast tests.
+        value = float(self.retry_after_s)
+        return str(int(value)) if value.is_integer() else f"{value:g}"
+
     def to_json(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in (*self.RATES, *self.DURATIONS)}
+        return {name: getattr(self, name) for name in (*self.RATES, *self.DURATIONS, *self.SECONDS)}
 
 
 @dataclass
@@ -254,6 +321,17 @@ class RateStats:
         return {"requests": self.requests, "max_rps_1s": self.max_rps_1s}
 
 
+@dataclass(frozen=True)
+class LoggedRequest:
+    at: float  # arrival, on the emulator's monotonic clock
+    method: str
+    path: str
+    status: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "method": self.method, "path": self.path, "status": self.status}
+
+
 class EmulatorState:
     """Everything Billing knows; ``reset`` returns it to a blank slate between tests."""
 
@@ -267,6 +345,7 @@ class EmulatorState:
         self.executed: list[Payout] = []
         self.faults = Faults()
         self.stats = RateStats()
+        self.request_log: deque[LoggedRequest] = deque(maxlen=REQUEST_LOG_SIZE)
 
     def reset(self) -> None:
         self.balances.clear()
@@ -275,6 +354,55 @@ class EmulatorState:
         self.executed.clear()
         self.faults = Faults()
         self.stats = RateStats()
+        self.request_log.clear()
+
+    def list_made(
+        self, since: str | None, until: str | None, after: tuple[str, str] | None, limit: int
+    ) -> tuple[list[Payout], str | None]:
+        """Payouts made in [since, until) after the cursor, in (created_at, id) order.
+
+        ``executed`` is in creation order; payouts made in the same microsecond
+        are ordered by id, so a page boundary between them is exact.
+        """
+        start = since or ""
+        if after is not None and after[0] > start:
+            start = after[0]
+        i = bisect.bisect_left(self.executed, start, key=lambda p: p.created_at)
+        page: list[Payout] = []
+        while i < len(self.executed) and len(page) <= limit:
+            created_at = self.executed[i].created_at
+            if until is not None and created_at >= until:
+                break
+            same = []
+            while i < len(self.executed) and self.executed[i].created_at == created_at:
+                same.append(self.executed[i])
+                i += 1
+            page.extend(
+                p
+                for p in sorted(same, key=lambda p: p.id)
+                if after is None or (p.created_at, p.id) > after
+            )
+        if len(page) > limit:
+            return page[:limit], _encode_cursor(page[limit - 1])
+        return page, None
+
+    def record_outside_payout(self, key: str, req: PayoutRequest) -> Payout | None:
+        """A payout made outside the service under `key`; None if the key is taken."""
+        if key in self.payouts_by_key:
+            return None
+        payout = Payout(
+            id=str(uuid.uuid4()), idempotency_key=key, request=req, created_at=_now_rfc3339()
+        )
+        self.payouts_by_key[key] = payout
+        self.executed.append(payout)
+        return payout
+
+    def forget_payout(self, key: str) -> Payout | None:
+        """Billing loses the payout made under `key` (drift for reconciliation to find)."""
+        payout = self.payouts_by_key.pop(key, None)
+        if payout is not None:
+            self.executed.remove(payout)
+        return payout
 
     def authorized(self, request: Request) -> bool:
         if self.token is None:
@@ -352,7 +480,15 @@ def _contract(handler: Handler) -> Handler:
 
     async def wrapped(request: Request) -> Response:
         state = _state(request)
-        state.stats.record(time.monotonic())
+        arrived = time.monotonic()
+        state.stats.record(arrived)
+        response = await answer(request, state)
+        state.request_log.append(
+            LoggedRequest(arrived, request.method, request.url.path, response.status_code)
+        )
+        return response
+
+    async def answer(request: Request, state: EmulatorState) -> Response:
         try:
             # Read (and cache) the body on arrival, as a real server would have it before
             # stalling: otherwise a client gone during a timeout hang would lose its order.
@@ -370,7 +506,10 @@ def _contract(handler: Handler) -> Handler:
         roll -= faults.error_rate
         if roll < faults.throttle_rate:
             return _error(
-                429, "rate_limited", "injected fault: throttle_rate", headers={"Retry-After": "1"}
+                429,
+                "rate_limited",
+                "injected fault: throttle_rate",
+                headers={"Retry-After": faults.retry_after_header()},
             )
         roll -= faults.throttle_rate
         if roll < faults.timeout_rate:
@@ -440,6 +579,17 @@ async def get_payout(request: Request) -> Response:
     return JSONResponse(payout.to_json())
 
 
+@_contract
+async def list_made_payouts(request: Request) -> Response:
+    query = request.query_params
+    since = _parse_timestamp(query.get("since"), "since")
+    until = _parse_timestamp(query.get("until"), "until")
+    after = _decode_cursor(query.get("cursor"))
+    limit = _parse_limit(query.get("limit"))
+    page, next_cursor = _state(request).list_made(since, until, after, limit)
+    return JSONResponse({"payouts": [p.to_listed_json() for p in page], "next_cursor": next_cursor})
+
+
 # --- admin endpoints (no auth, no faults, not counted) -----------------------------------
 
 
@@ -471,6 +621,37 @@ async def get_admin_balance(request: Request) -> Response:
 
 async def list_payouts(request: Request) -> Response:
     return JSONResponse({"payouts": [p.to_admin_json() for p in _state(request).executed]})
+
+
+@_handles_bad_input
+async def post_outside_payout(request: Request) -> Response:
+    data = await _json_object(request)
+    _reject_unknown(data, {"park_id", "amount", "currency", "idempotency_key"})
+    key = data.get("idempotency_key")
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+        raise InvalidRequest("idempotency_key must be 1-255 visible ASCII characters")
+    req = PayoutRequest(
+        park_id=_parse_id(data.get("park_id"), "park_id"),
+        amount=_parse_amount(data.get("amount"), "amount", allow_zero=False),
+        currency=_parse_currency(data.get("currency", DEFAULT_CURRENCY)),
+        params={},
+    )
+    payout = _state(request).record_outside_payout(key, req)
+    if payout is None:
+        return _error(409, "idempotency_key_reused", "a payout was already made with this key")
+    return JSONResponse(payout.to_admin_json(), status_code=201)
+
+
+async def delete_payout(request: Request) -> Response:
+    payout = _state(request).forget_payout(request.path_params["key"])
+    if payout is None:
+        return _error(404, "payout_not_found", "no payout was made with this key")
+    return JSONResponse(payout.to_admin_json())
+
+
+async def get_requests(request: Request) -> Response:
+    log = _state(request).request_log
+    return JSONResponse({"requests": [r.to_json() for r in log]})
 
 
 @_handles_bad_input
@@ -511,13 +692,17 @@ def create_app(token: str | None = None, *, seed: int | None = None) -> Starlett
         Route("/v1/balance", get_balance, methods=["GET"]),
         Route("/v1/balances/select", select_balances, methods=["POST"]),
         Route("/v1/payouts", create_payout, methods=["POST"]),
+        Route("/v1/payouts", list_made_payouts, methods=["GET"]),
         Route("/v1/payouts/{key}", get_payout, methods=["GET"]),
         Route("/admin/balances/{park_id}", put_balance, methods=["PUT"]),
         Route("/admin/balances/{park_id}", get_admin_balance, methods=["GET"]),
         Route("/admin/payouts", list_payouts, methods=["GET"]),
+        Route("/admin/payouts", post_outside_payout, methods=["POST"]),
+        Route("/admin/payouts/{key}", delete_payout, methods=["DELETE"]),
         Route("/admin/faults", put_faults, methods=["PUT"]),
         Route("/admin/faults", get_faults, methods=["GET"]),
         Route("/admin/stats", get_stats, methods=["GET"]),
+        Route("/admin/requests", get_requests, methods=["GET"]),
         Route("/admin/reset", reset, methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})

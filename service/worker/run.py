@@ -1,8 +1,8 @@
 """`fleet-payouts worker`: the worker process, periodic tasks included.
 
-Each process owns one pool (shared with procrastinate), one Billing client
-and its share of the global Billing budget, recomputed from the live worker
-count in procrastinate_workers.
+Each process owns one pool (shared with procrastinate) and one Billing client
+whose calls pass the shared gate (service/billing/gate.py): the global
+budget, Billing's Retry-After and the breaker, coordinated through the database.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 from procrastinate import JobContext
 from procrastinate.worker import Worker
 
-from service import db, gauges, maintenance, periodic, queue, webhooks
+from service import db, gauges, maintenance, periodic, queue, reconcile, webhooks
 from service.background import Every
-from service.billing.client import BillingClient, Budget, live_workers
+from service.billing import gate as billing_gate
 from service.execution import Deps
 from service.settings import Settings
 from service.worker import tasks
@@ -31,6 +31,11 @@ HOUSEKEEPING_CRON = "17 * * * *"
 # Finished jobs are kept a week for support, then deleted so the queue
 # table stays small; payouts and audit_log keep the history.
 KEEP_FINISHED_JOBS_HOURS = 24 * 7
+# Reconciliation with Billing once a day, at a quiet hour (UTC) and off the
+# hour, when housekeeping and everyone else's cron jobs run.
+RECONCILE_CRON = "40 3 * * *"
+# How often a worker reads the shared Billing pause for its gauge.
+GATE_REFRESH_SECONDS = 1.0
 # A webhook round every second, when WEBHOOK_URL is set (seconds: sixth field).
 WEBHOOKS_CRON = "* * * * * *"
 # Its finished jobs say nothing the webhook tables do not: an hour is plenty.
@@ -61,6 +66,12 @@ async def housekeeping(context: JobContext, timestamp: int) -> None:
     )
 
 
+@app.task(name="reconcile", queue=queue.QUEUE_MAINTENANCE, pass_context=True)
+async def reconcile_task(context: JobContext, timestamp: int) -> None:
+    """Compare the last days with Billing: a run record, an audit entry and the gauge."""
+    await reconcile.run_daily(tasks.deps_of(context))
+
+
 def register_periodic(settings: Settings) -> None:
     """Periodic tasks whose schedule comes from settings are registered at start-up."""
     registry = app.periodic_registry.periodic_tasks
@@ -70,6 +81,8 @@ def register_periodic(settings: Settings) -> None:
     app.periodic(cron=settings.periodic_scan_cron, priority=urgent)(periodic_scan)
     app.periodic(cron=MAINTENANCE_CRON, priority=urgent)(maintenance_task)
     app.periodic(cron=HOUSEKEEPING_CRON, priority=urgent)(housekeeping)
+    # Not urgent: it may wait behind payouts, never the other way round.
+    app.periodic(cron=RECONCILE_CRON, priority=queue.PRIORITY_PERIODIC)(reconcile_task)
     if settings.webhook_url:
         app.periodic(cron=WEBHOOKS_CRON, priority=queue.PRIORITY_WEBHOOKS)(tasks.deliver_webhooks)
 
@@ -78,12 +91,7 @@ def register_periodic(settings: Settings) -> None:
 async def worker_deps(settings: Settings, *, concurrency: int) -> AsyncIterator[Deps]:
     pool = db.make_pool(settings.database_url, name="worker", min_size=2, max_size=concurrency + 4)
     await pool.open(wait=True)
-    billing = BillingClient(
-        settings.billing_url,
-        token=settings.billing_token,
-        timeout=settings.billing_timeout_seconds,
-        budget=Budget(settings.billing_rps),
-    )
+    billing = billing_gate.client(pool, settings)
     try:
         yield Deps(pool=pool, billing=billing, settings=settings)
     finally:
@@ -104,17 +112,6 @@ async def webhook_dispatcher(
         yield dispatcher
     finally:
         await dispatcher.aclose()
-
-
-async def keep_budget_share(deps: Deps, worker: Worker) -> None:
-    """Recount live workers as often as they beat, so the shares add up to the budget.
-
-    Until our own worker has registered it is not in the count yet: count
-    it anyway, or we would start with another worker's share on top of ours.
-    """
-    async with deps.pool.connection() as conn:
-        live = await live_workers(conn, deps.settings.stalled_job_seconds)
-    await deps.billing.budget.set_share(live + (1 if worker.worker_id is None else 0))
 
 
 class QuietHandBack(logging.Filter):
@@ -154,15 +151,15 @@ async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int 
             update_heartbeat_interval=heartbeat,
             stalled_worker_timeout=settings.stalled_job_seconds,
         )
-        # Recount at least every 2 s (a count on a tiny table): when a worker
-        # joins, the others shrink their shares within one recount, and the
-        # newcomer stays silent towards Billing until they have.
-        recount = min(heartbeat, 2.0)
-        deps.billing.budget.hold(1.5 * recount)
-        await keep_budget_share(deps, worker)
         background = [
-            Every(recount, lambda: keep_budget_share(deps, worker), "budget share").start(),
+            # The pause gauge must fall back to 0 on hosts that are not calling.
+            Every(GATE_REFRESH_SECONDS, deps.billing.budget.refresh, "billing gate").start(),
             gauges.gauge_refresher(deps.pool),
+            Every(
+                gauges.GAUGE_SECONDS,
+                lambda: reconcile.refresh_gauges(deps.pool),
+                "reconciliation gauge",
+            ).start(),
         ]
         try:
             await worker.run()  # type: ignore[no-untyped-call]  # procrastinate leaves it unannotated

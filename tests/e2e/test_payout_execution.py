@@ -18,6 +18,7 @@ from tests.conftest import service_env
 from tests.helpers.api import (
     ADMIN,
     billing_balance,
+    count_final,
     get_payout,
     press,
     register,
@@ -36,16 +37,6 @@ FINAL = ("succeeded", "failed", "skipped")
 
 
 # --- helpers -----------------------------------------------------------------------
-
-
-def count_final(pg: psycopg.Connection[dict[str, Any]], ids: list[str]) -> int:
-    row = rows(
-        pg,
-        "SELECT count(*) AS n FROM payouts WHERE id = ANY(%(ids)s::uuid[]) "
-        "AND status IN ('succeeded', 'failed', 'skipped')",
-        ids=ids,
-    )[0]
-    return int(row["n"])
 
 
 # --- one payout ---------------------------------------------------------------------
@@ -250,47 +241,3 @@ def test_worker_killed_mid_order_payout_completes_once_on_another_worker(
         moved = transfers(billing_url)
         assert [(pressed["id"], "777.00")] == [(t["idempotency_key"], t["amount"]) for t in moved]
         assert Decimal("0.00") == billing_balance(billing_url, "park-k")
-
-
-def test_billing_calls_stay_within_global_rps_budget(
-    db_url: str,
-    billing_url: str,
-    tmp_path: Any,
-    pg: psycopg.Connection[dict[str, Any]],
-) -> None:
-    """Three workers together never send Billing more than BILLING_RPS=5 requests in any one-second
-    window, with a tolerance of one request for window alignment (max_rps_1s <= 6).
-    """
-    parks = [f"rps-{i:02d}" for i in range(30)]
-    with cluster(service_env(db_url, billing_url, BILLING_RPS="5"), tmp_path) as c:
-        api = c.api()
-        for park in parks:
-            register(api, park, periodic=False, status=201)
-            set_balance(billing_url, park, "50.00")
-        for _ in range(3):
-            c.worker()
-        wait_for(
-            lambda: rows(pg, "SELECT count(*) AS n FROM procrastinate_workers")[0]["n"] == 3,
-            timeout=30,
-            interval=0.1,
-            what="three workers to be registered",
-        )
-        ids = [press(api, park)["id"] for park in parks]
-
-        wait_for(
-            lambda: count_final(pg, ids) == len(ids),
-            timeout=60,
-            interval=0.5,
-            what="every payout to finish",
-        )
-
-        assert {"succeeded": 30} == dict(
-            Counter(
-                r["status"]
-                for r in rows(
-                    pg, "SELECT status FROM payouts WHERE id = ANY(%(ids)s::uuid[])", ids=ids
-                )
-            )
-        )
-        peak = stats(billing_url)["max_rps_1s"]
-        assert peak <= 5 + 1, f"Billing saw {peak} requests in one second"

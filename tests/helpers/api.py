@@ -173,6 +173,27 @@ def finish(pg: psycopg.Connection[DictRow], payout_id: str, status: str) -> None
         )
 
 
+def count_final(pg: psycopg.Connection[DictRow], ids: list[str]) -> int:
+    """How many of these payouts have reached a final status."""
+    row = rows(
+        pg,
+        "SELECT count(*) AS n FROM payouts WHERE id = ANY(%(ids)s::uuid[]) "
+        "AND status IN ('succeeded', 'failed', 'skipped', 'cancelled')",
+        ids=ids,
+    )[0]
+    return int(row["n"])
+
+
+def statuses(pg: psycopg.Connection[DictRow], ids: list[str]) -> dict[str, int]:
+    """How many of these payouts are in each status."""
+    found = rows(
+        pg,
+        "SELECT status, count(*) AS n FROM payouts WHERE id = ANY(%(ids)s::uuid[]) GROUP BY 1",
+        ids=ids,
+    )
+    return {r["status"]: int(r["n"]) for r in found}
+
+
 # --- the Billing emulator's admin endpoints ----------------------------------------
 
 

@@ -12,11 +12,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from service.billing.emulator import RateStats
 from service.devenv.processes import free_port, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -101,3 +103,19 @@ def run_emulator(port: int | None = None, env: dict[str, str] | None = None) -> 
                 return
             finally:
                 stop_process(proc, STOP_TIMEOUT_S)
+
+
+def billing_requests(base_url: str) -> list[dict[str, Any]]:
+    """The emulator's log of contract requests: arrival (its monotonic clock), path, status."""
+    r = httpx.get(f"{base_url}/admin/requests", timeout=10)
+    r.raise_for_status()
+    logged: list[dict[str, Any]] = r.json()["requests"]
+    return logged
+
+
+def peak_in_one_second(times: Iterable[float]) -> int:
+    """The most events in any one-second window, counted as the emulator counts max_rps_1s."""
+    stats = RateStats()
+    for t in sorted(times):
+        stats.record(t)
+    return stats.max_rps_1s

@@ -103,9 +103,12 @@ class Cluster:
         self.api_url = url
         return url
 
-    def worker(self, concurrency: int = 10, **env: str) -> Proc:
+    def worker(self, concurrency: int = 10, metrics_port: int | None = None, **env: str) -> Proc:
         index = sum(1 for p in self.procs if p.args[0] == "worker")
-        return self._spawn(["worker", "--concurrency", str(concurrency)], f"worker-{index}", env)
+        args = ["worker", "--concurrency", str(concurrency)]
+        if metrics_port is not None:
+            args += ["--metrics-port", str(metrics_port)]
+        return self._spawn(args, f"worker-{index}", env)
 
     def _spawn(self, args: list[str], name: str, env: dict[str, str]) -> Proc:
         proc = Proc(args, {**self.env, **env}, self.log_dir / f"{name}.log")

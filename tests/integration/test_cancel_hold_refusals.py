@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -14,9 +13,8 @@ from psycopg.rows import DictRow
 from starlette.testclient import TestClient
 
 from service import cancel, db, periodic
-from service.billing.client import BillingClient, Budget
 from service.execution import Deps, execute_payout
-from tests.conftest import API_TOKEN, make_settings
+from tests.conftest import API_TOKEN
 from tests.helpers.api import (
     ADMIN,
     assert_error,
@@ -96,18 +94,6 @@ def test_a_cancelled_payout_starts_no_cooldown(client: TestClient) -> None:
     register(client)
     cancel_payout(client, press(client).json()["id"])
     assert 202 == press(client).status_code
-
-
-@pytest.fixture
-async def deps(db_url: str, billing_url: str) -> AsyncIterator[Deps]:
-    pool = db.make_pool(db_url, name="test", max_size=6)
-    await pool.open(wait=True)
-    billing = BillingClient(billing_url, token=None, timeout=2.0, budget=Budget(1000))
-    try:
-        yield Deps(pool=pool, billing=billing, settings=make_settings(db_url, billing_url))
-    finally:
-        await billing.aclose()
-        await pool.close()
 
 
 async def test_cancel_racing_a_worker_has_exactly_one_winner(

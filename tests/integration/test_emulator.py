@@ -372,6 +372,14 @@ def test_throttle_rate_answers_429_with_retry_after(client: httpx.Client) -> Non
     assert [] == executed(client)
 
 
+def test_throttle_sends_the_configured_retry_after(client: httpx.Client) -> None:
+    """retry_after_s sets the Retry-After header of the injected 429s."""
+    set_faults(client, throttle_rate=1.0, retry_after_s=3)
+
+    r = client.get("/v1/balance", params={"park_id": "p1"})
+    assert (429, "3") == (r.status_code, r.headers["Retry-After"])
+
+
 def test_latency_delays_contract_requests_only(client: httpx.Client) -> None:
     """latency_ms delays every contract request by at least that long, admin ones not at all."""
     set_balance(client, "p1", "500.00")
@@ -400,6 +408,7 @@ def test_faults_do_not_touch_admin_and_reset_clears_them(client: httpx.Client) -
         "apply_then_fail_rate": 0.0,
         "latency_ms": 0,
         "timeout_hang_ms": 10000,
+        "retry_after_s": 1,
     } == client.get("/admin/faults").json()
 
 
@@ -428,6 +437,97 @@ def test_rate_stats_sliding_window() -> None:
     # An arrival exactly one second after another is in a new window.
     stats.record(3.5)
     assert 3 == stats.max_rps_1s
+
+
+def test_request_log_lists_contract_arrivals_with_their_status(client: httpx.Client) -> None:
+    """/admin/requests lists each contract request in arrival order with its answer's status."""
+    set_balance(client, "p1", "1.00")
+    client.get("/v1/balance", params={"park_id": "p1"})
+    client.get("/admin/stats")  # admin requests are not logged
+    client.get("/v1/balance", params={"park_id": "ghost"})
+
+    logged = client.get("/admin/requests").json()["requests"]
+    assert [("GET", "/v1/balance", 200), ("GET", "/v1/balance", 404)] == [
+        (r["method"], r["path"], r["status"]) for r in logged
+    ]
+    assert logged[0]["at"] <= logged[1]["at"]
+
+
+# --- reconciliation: the list of payouts made and the drift ------------------------------
+
+
+def made(client: httpx.Client, **params: Any) -> httpx.Response:
+    return client.get("/v1/payouts", params=params)
+
+
+def test_list_pages_through_payouts_made_in_the_window(client: httpx.Client) -> None:
+    """GET /v1/payouts lists every payout made in [since, until), oldest first, with its key,
+    page by page without loss or repetition.
+    """
+    set_balance(client, "p1", "500.00")
+    created = [pay(client, f"k{i}", amount="1.00").json()["created_at"] for i in range(5)]
+
+    keys: list[str] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        params: dict[str, Any] = {"limit": 2} if cursor is None else {"limit": 2, "cursor": cursor}
+        body = made(client, **params).json()
+        keys += [p["idempotency_key"] for p in body["payouts"]]
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert ([f"k{i}" for i in range(5)], 3) == (keys, pages)
+    window = made(client, since=created[1], until=created[4]).json()
+    assert (["k1", "k2", "k3"], None) == (
+        [p["idempotency_key"] for p in window["payouts"]],
+        window["next_cursor"],
+    )
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"limit": 0},
+        {"limit": 1001},
+        {"limit": "ten"},
+        {"since": "yesterday"},
+        {"since": "2024-05-01T00:00:00"},  # no time zone
+        {"cursor": "not-ours"},
+    ],
+)
+def test_list_refuses_bad_parameters(client: httpx.Client, params: dict[str, Any]) -> None:
+    """A bad limit, timestamp or cursor is a 400 invalid_request."""
+    r = made(client, **params)
+    assert (400, "invalid_request") == (r.status_code, r.json()["code"])
+
+
+def test_payout_made_outside_is_listed_and_leaves_balances(client: httpx.Client) -> None:
+    """POST /admin/payouts records a payout Billing made by another road: listed and found by
+    its key, no balance touched; its key cannot be used twice.
+    """
+    set_balance(client, "p1", "50.00")
+    body = {"park_id": "p1", "amount": "70.00", "currency": "RUB", "idempotency_key": "ext-1"}
+
+    r = client.post("/admin/payouts", json=body)
+    assert 201 == r.status_code, r.text
+    assert ["ext-1"] == [p["idempotency_key"] for p in made(client).json()["payouts"]]
+    assert "70.00" == client.get("/v1/payouts/ext-1").json()["amount"]
+    assert "50.00" == available(client, "p1")
+    assert 409 == client.post("/admin/payouts", json=body).status_code
+
+
+def test_forgotten_payout_is_gone_from_billing(client: httpx.Client) -> None:
+    """DELETE /admin/payouts/{K} makes Billing forget that payout: not listed, 404 by key."""
+    set_balance(client, "p1", "50.00")
+    pay(client, "k1", amount="10.00")
+    pay(client, "k2", amount="10.00")
+
+    assert "k1" == client.delete("/admin/payouts/k1").json()["idempotency_key"]
+    assert 404 == client.get("/v1/payouts/k1").status_code
+    assert ["k2"] == [p["idempotency_key"] for p in made(client).json()["payouts"]]
+    assert 404 == client.delete("/admin/payouts/k1").status_code
 
 
 # --- auth ----------------------------------------------------------------------------------

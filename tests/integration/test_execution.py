@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -12,24 +11,11 @@ import httpx
 import pytest
 
 from service import db
-from service.billing.client import BillingClient, Budget
 from service.domain import Status
 from service.execution import Deps, RetryLater, execute_payout
 from tests.conftest import make_settings
 
 PARK = "exec-park"
-
-
-@pytest.fixture
-async def deps(db_url: str, billing_url: str) -> AsyncIterator[Deps]:
-    pool = db.make_pool(db_url, name="test", max_size=4)
-    await pool.open(wait=True)
-    billing = BillingClient(billing_url, token=None, timeout=1.0, budget=Budget(1000))
-    try:
-        yield Deps(pool=pool, billing=billing, settings=make_settings(db_url, billing_url))
-    finally:
-        await billing.aclose()
-        await pool.close()
 
 
 def emulator(billing_url: str, method: str, path: str, body: Any = None) -> Any:

@@ -31,6 +31,7 @@ def test_defaults_follow_the_spec() -> None:
     assert timedelta(hours=24) == s.instant_cooldown
     assert Decimal("100000.00") == s.payout_max_amount
     assert 10 == s.billing_rps
+    assert (10, 30.0) == (s.billing_breaker_failures, s.billing_breaker_cooloff_seconds)
     assert "*/5 * * * *" == s.periodic_scan_cron
     assert "INFO" == s.log_level
     assert s.billing_token is None
@@ -79,6 +80,9 @@ def test_tokens_are_split_on_commas() -> None:
         ("PAYOUT_MAX_AMOUNT", "1.234"),
         ("PAYOUT_MAX_AMOUNT", "abc"),
         ("BILLING_RPS", "0"),
+        ("BILLING_BREAKER_FAILURES", "0"),
+        ("BILLING_BREAKER_FAILURES", "2.5"),
+        ("BILLING_BREAKER_COOLOFF_SECONDS", "-1"),
         ("PERIODIC_SCAN_CRON", "not a cron"),
         ("PERIODIC_SCAN_CRON", "* * *"),
         ("BILLING_URL", "ftp://x"),

@@ -1,0 +1,342 @@
+"""The gate every call to Billing passes, shared by all hosts through the database.
+
+**Budget (SPEC section 4): at most BILLING_RPS + 1 calls leave the service in
+any one-second window, however many workers run, join or die.** The database
+keeps a ledger of send slots (``billing_gate.next_slot_at``, a generic cell
+rate algorithm on the database's clock): a process claims the slots of the
+next ``LEASE_SECONDS`` in one update, each slot ``spacing`` apart and none
+closer to any slot of any other host. A slot is a send time: its call leaves
+no earlier than the slot (on the database clock, as far as this process can
+tell) and no later than ``SEND_WINDOW_SECONDS`` after it, or not at all.
+
+Why that holds the budget: calls arriving at Billing in a window [a, a+1) used
+slots in (a - D, a + 1), where D bounds the delay from a slot to its arrival
+(the send window, then the wire and both ends' schedulers). That interval
+holds at most ceil((1 + D) / spacing) slots. Slots are spaced for
+``BUDGET_SHARE`` (95 %) of R, so this is at most R + 1 for any D up to
+``tolerated_delay(R)`` = (R + 1) / (0.95 R) - 1: 320 ms at R = 4, 160 ms at
+R = 10, 63 ms at R = 100, 54 ms at R = 1,000. The 5 % buys tolerance for the
+tens of milliseconds a loaded host adds between deciding to call and Billing
+receiving it; the +1 alone would buy only 1/R seconds of it.
+
+A process that dies loses only the slots it had claimed, at most
+LEASE_SECONDS' worth: its share is back at once, without waiting for a
+heartbeat to go stale. Nothing is handed out ahead, so a newcomer needs no
+warm-up either. Local pacing is the slot times themselves; aiolimiter paces
+``Budget``, the single-process gate.
+
+**Shared back-off and breaker.** A 429's Retry-After, and the breaker's
+cool-off after ``breaker_failures`` transient failures in a row (all hosts
+together), set ``paused_until`` for every host; a claim during a pause, or
+while another host's single probe is out, raises ``Paused`` without calling
+Billing. A process learns of a pause at its next claim (at most LEASE_SECONDS
+away while it is calling) or from ``refresh`` (the gauge, once a second).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import psycopg
+import psycopg_pool
+
+from service import db, observability
+from service.billing.client import BillingClient, Outcome, Paused, Permit, pause_seconds
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+Q = db.queries("billing")
+
+# How far ahead of its send time a slot is handed out. It bounds the budget a
+# dead process can take with it and how long a pause takes to reach a host
+# that is calling; a claim's round trip must fit in it many times over.
+LEASE_SECONDS = 0.05
+# A slot whose call could not leave within this of its time is dropped
+# unused: a late call bunched with the next ones would break the budget.
+SEND_WINDOW_SECONDS = 0.025
+# Slots are spaced for this share of BILLING_RPS: the rest, with the +1 of
+# the contract, absorbs the delay between a slot and Billing's clock.
+BUDGET_SHARE = 0.95
+# While another host's probe is out, look again this often (the probe's
+# lease can be as long as a Billing timeout).
+PROBE_RECHECK_SECONDS = 1.0
+
+
+def spacing_us(rps: float) -> int:
+    """Microseconds between two slots for a budget of `rps` calls per second."""
+    return math.ceil(1_000_000 / (BUDGET_SHARE * rps))
+
+
+def tolerated_delay(rps: float) -> float:
+    """The most a slot's call may be delayed (send window, wire, schedulers included)
+    with Billing still counting at most rps + 1 calls in every second."""
+    return (rps + 1) * spacing_us(rps) / 1_000_000 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Clock:
+    """The database's clock as seen from this process's monotonic clock.
+
+    The database read ``db_now`` at some local moment in [sent, received];
+    every conversion takes the bound that keeps the budget safe.
+    """
+
+    db_now: float
+    sent: float
+    received: float
+
+    def surely_reached(self, db_time: float) -> float:
+        """Local time by which the database clock has certainly reached db_time."""
+        return db_time - self.db_now + self.received
+
+    def maybe_reached(self, db_time: float) -> float:
+        """Earliest local time at which the database clock may reach db_time."""
+        return db_time - self.db_now + self.sent
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    not_before: float  # local monotonic time
+    not_after: float
+    probe: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class GateState:
+    """The shared pause and breaker as one process last saw them."""
+
+    paused_until: float  # local monotonic time; -inf when none
+    breaker_open: bool
+    consecutive_failures: int
+    pause_reason: str | None
+
+
+class SharedGate:
+    """The global budget, shared back-off and breaker: one per process."""
+
+    def __init__(
+        self,
+        pool: db.Pool,
+        *,
+        rps: float,
+        breaker_failures: int,
+        breaker_cooloff_seconds: float,
+        probe_lease_seconds: float,
+    ) -> None:
+        self._pool = pool
+        self.rps = rps
+        self.spacing_us = spacing_us(rps)
+        self._max_batch = max(1, math.ceil(LEASE_SECONDS * 1_000_000 / self.spacing_us))
+        self._breaker_failures = breaker_failures
+        self._cooloff_us = round(breaker_cooloff_seconds * 1_000_000)
+        self._probe_lease_us = round(probe_lease_seconds * 1_000_000)
+        self._slots: collections.deque[_Slot] = collections.deque()
+        self._waiting = 0
+        self._claiming = asyncio.Lock()
+        self.state = GateState(-math.inf, False, 0, None)
+        observability.BILLING_BUDGET_RPS.set(rps)
+
+    # --- before a call ----------------------------------------------------------------
+
+    async def acquire(self) -> Permit:
+        loop = asyncio.get_running_loop()
+        self._waiting += 1
+        needs_slot = True
+        try:
+            while True:
+                self._raise_if_paused(loop.time())
+                slot = self._next_slot(loop.time())
+                if slot is None:
+                    async with self._claiming:
+                        # Another waiter may have claimed while we queued for the lock.
+                        if self._next_slot(loop.time(), pop=False) is None:
+                            await self._claim(loop)
+                    continue
+                self._waiting -= 1
+                needs_slot = False
+                delay = slot.not_before - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if loop.time() >= slot.not_after:
+                    # This event loop was too busy to send in time: the slot is
+                    # gone, never used late.
+                    observability.BILLING_SLOTS_DROPPED.inc()
+                    self._waiting += 1
+                    needs_slot = True
+                    continue
+                self._raise_if_paused(loop.time())
+                return Permit(probe=slot.probe)
+        finally:
+            if needs_slot:
+                self._waiting -= 1
+
+    def _next_slot(self, now: float, *, pop: bool = True) -> _Slot | None:
+        while self._slots and self._slots[0].not_after <= now:
+            self._slots.popleft()
+            observability.BILLING_SLOTS_DROPPED.inc()
+        if not self._slots:
+            return None
+        return self._slots.popleft() if pop else self._slots[0]
+
+    def _raise_if_paused(self, now: float) -> None:
+        remaining = self.state.paused_until - now
+        if remaining > 0:
+            reason = self.state.pause_reason or "paused"
+            raise Paused(
+                f"calls to Billing are paused ({reason}) for {remaining:.1f}s more",
+                retry_after=remaining,
+            )
+
+    async def _claim(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Claim slots for the waiters, waiting until some are within the lease."""
+        while True:
+            want = max(1, min(self._waiting, self._max_batch))
+            async with self._pool.connection() as conn:
+                sent = loop.time()
+                row = await db.fetch_one(
+                    conn,
+                    Q["claim_slots"],
+                    want=want,
+                    spacing_us=self.spacing_us,
+                    lease_us=round(LEASE_SECONDS * 1_000_000),
+                    probe_lease_us=self._probe_lease_us,
+                )
+                received = loop.time()
+            if row is None:
+                raise RuntimeError("the billing_gate row is missing: run `fleet-payouts migrate`")
+            clock = _Clock(row["now"], sent, received)
+            state = row["state"]
+            if state == "probing":
+                # Another host's probe decides; look again soon.
+                recheck = min(row["probe_until"], row["now"] + PROBE_RECHECK_SECONDS)
+                self._learn(row, clock, paused_until=recheck)
+            else:
+                self._learn(row, clock)
+            self._raise_if_paused(loop.time())
+            slots = int(row["slots"])
+            if slots:
+                spacing = self.spacing_us / 1_000_000
+                for i in range(slots):
+                    at = row["first_at"] + i * spacing
+                    self._slots.append(
+                        _Slot(
+                            not_before=clock.surely_reached(at),
+                            not_after=clock.maybe_reached(at + SEND_WINDOW_SECONDS),
+                            probe=state == "probe",
+                        )
+                    )
+                if state == "probe":
+                    logger.info("billing breaker: cool-off over, sending one probe call")
+                return
+            # Every slot within the lease is taken: come back when the next
+            # free one is about to enter it.
+            wake = clock.maybe_reached(row["first_at"] - LEASE_SECONDS)
+            await asyncio.sleep(max(0.0, wake - loop.time()))
+
+    # --- after a call -----------------------------------------------------------------
+
+    async def report(
+        self, permit: Permit, outcome: Outcome, *, retry_after: float | None = None
+    ) -> None:
+        """Feed the shared breaker and back-off; the call's own result stands either way."""
+        if outcome == "answered" and not (
+            permit.probe or self.state.breaker_open or self.state.consecutive_failures
+        ):
+            return  # the common case costs the database nothing
+        loop = asyncio.get_running_loop()
+        try:
+            async with self._pool.connection() as conn:
+                sent = loop.time()
+                if outcome == "throttled":
+                    seconds = pause_seconds(retry_after)
+                    row = await db.fetch_one(
+                        conn, Q["record_throttle"], pause_us=round(seconds * 1_000_000)
+                    )
+                    logger.warning("Billing answered 429: every host pauses %.1fs", seconds)
+                elif outcome == "failed":
+                    row = await db.fetch_one(
+                        conn,
+                        Q["record_failure"],
+                        threshold=self._breaker_failures,
+                        cooloff_us=self._cooloff_us,
+                        probe=permit.probe,
+                    )
+                else:
+                    row = await db.fetch_one(conn, Q["record_answer"])
+                received = loop.time()
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            # The call's result matters more than the bookkeeping: the next
+            # claim reads the shared state again anyway.
+            logger.warning("could not record a Billing call's outcome (%s): %s", outcome, exc)
+            return
+        if row is None:  # record_answer found nothing to reset
+            self.state = dataclasses.replace(self.state, breaker_open=False, consecutive_failures=0)
+            return
+        was_open = self.state.breaker_open
+        self._learn(row, _Clock(row["now"], sent, received))
+        if self.state.breaker_open and not was_open:
+            logger.warning(
+                "billing breaker open after %s transient failures in a row: "
+                "calls paused for a cool-off, then one probe",
+                row["consecutive_failures"],
+            )
+        elif was_open and not self.state.breaker_open:
+            logger.info("billing breaker closed: Billing answered")
+
+    # --- for the gauge ----------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Read the shared state, so the gauge is right on hosts that are not calling."""
+        loop = asyncio.get_running_loop()
+        async with self._pool.connection() as conn:
+            sent = loop.time()
+            row = await db.fetch_one(conn, Q["gate_state"])
+            received = loop.time()
+        if row is not None:
+            self._learn(row, _Clock(row["now"], sent, received))
+
+    def paused(self, now: float | None = None) -> bool:
+        """Calls are paused: a pause in force, or the breaker open (awaiting its probe)."""
+        if now is None:
+            now = asyncio.get_running_loop().time()
+        return self.state.breaker_open or self.state.paused_until > now
+
+    def _learn(
+        self, row: dict[str, Any], clock: _Clock, *, paused_until: float | None = None
+    ) -> None:
+        until = row["paused_until"] if paused_until is None else paused_until
+        self.state = GateState(
+            paused_until=clock.surely_reached(until),
+            breaker_open=bool(row["breaker_open"]),
+            consecutive_failures=int(row["consecutive_failures"]),
+            pause_reason=row["pause_reason"] if paused_until is None else "breaker probe out",
+        )
+        observability.BILLING_PAUSED.set(1 if self.paused(clock.received) else 0)
+
+
+def from_settings(pool: db.Pool, settings: Settings) -> SharedGate:
+    """The process's gate, as configured."""
+    return SharedGate(
+        pool,
+        rps=settings.billing_rps,
+        breaker_failures=settings.billing_breaker_failures,
+        breaker_cooloff_seconds=settings.billing_breaker_cooloff_seconds,
+        # A probe that has not come back within one Billing timeout never will:
+        # let another host probe after that.
+        probe_lease_seconds=settings.billing_timeout_seconds + 1.0,
+    )
+
+
+def client(pool: db.Pool, settings: Settings) -> BillingClient:
+    """The process's Billing client, every call through its shared gate."""
+    return BillingClient(
+        settings.billing_url,
+        token=settings.billing_token,
+        timeout=settings.billing_timeout_seconds,
+        budget=from_settings(pool, settings),
+    )
