@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from datetime import date
 
 from service import settings as settings_module
 from service.settings import ConfigError, Settings
@@ -90,6 +91,20 @@ def cmd_parks_import(args: argparse.Namespace) -> None:
     raise SystemExit(asyncio.run(import_csv(_database_url(), args.file)))
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> None:
+    import psycopg
+
+    from service import audit_chain
+
+    try:
+        code = asyncio.run(audit_chain.run(_database_url(), since=args.since))
+    except psycopg.Error as exc:
+        # Not a verdict on the log: 1 means "broken", so a failure to look is 2.
+        print(f"fleet-payouts audit verify: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(code)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from service.bench import main as bench_main
 
@@ -108,6 +123,13 @@ def _positive(raw: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _date(raw: str) -> date:
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a date is YYYY-MM-DD") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -144,6 +166,16 @@ def parser() -> argparse.ArgumentParser:
         "file", help="CSV with park_id[,instant_payouts_enabled,periodic_payouts_enabled]"
     )
     i.set_defaults(func=cmd_parks_import)
+
+    s = sub.add_parser("audit", help="audit log tools")
+    audit_sub = s.add_subparsers(dest="audit_command", required=True)
+    v = audit_sub.add_parser(
+        "verify", help="walk the audit log's hash chains; exit 1 naming the first broken link"
+    )
+    v.add_argument(
+        "--since", type=_date, default=None, help="start at the month of this date (YYYY-MM-DD)"
+    )
+    v.set_defaults(func=cmd_audit_verify)
 
     s = sub.add_parser("bench", help="run the benchmarks and print figures against baselines")
     s.add_argument("--only", choices=["instant", "periodic"], default=None)

@@ -14,7 +14,7 @@ import logging
 
 from procrastinate import App
 
-from service import audit, db, migrate, observability, payouts
+from service import audit, db, observability, payouts
 from service.background import Every
 from service.execution import Deps
 from service.worker import tasks
@@ -60,7 +60,7 @@ async def redrive_orphans(deps: Deps) -> int:
 
 async def ensure_partitions(deps: Deps) -> int:
     async with deps.pool.connection() as conn:
-        return await migrate.ensure_audit_partitions(conn)
+        return await audit.ensure_partitions(conn)
 
 
 # Gauges are read from the database this often by every process (API and
