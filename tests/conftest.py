@@ -23,7 +23,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 
-from service import db, migrate
+from service import db, migrate, roles
 from service.settings import Settings
 from tests.helpers.emulator import run_emulator
 
@@ -45,6 +45,14 @@ def with_dbname(url: str, name: str) -> str:
     port = params.get("port") or "5432"
     password = f":{params['password']}" if params.get("password") else ""
     return f"postgresql://{user}{password}@{host}:{port}/{name}"
+
+
+def with_user(url: str, user: str) -> str:
+    """The same database, logged in as another role (the suite's server trusts local logins)."""
+    params = conninfo_to_dict(url)
+    host = params.get("host") or "127.0.0.1"
+    port = params.get("port") or "5432"
+    return f"postgresql://{user}@{host}:{port}/{params['dbname']}"
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +107,12 @@ def db_url(pg_server_url: str, template_url: str) -> Iterator[str]:
     url = create_database(pg_server_url, template=TEMPLATE)
     yield url
     drop_database(pg_server_url, url)
+
+
+@pytest.fixture
+def app_db_url(db_url: str) -> str:
+    """This test's database as `serve` and `worker` see it: logged in as fleet_payouts_app."""
+    return with_user(db_url, roles.ROLES.app)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from service import db, migrate
 from tests.helpers.emulator import REPO_ROOT
 
-EXPECTED_FIRST_RUN = ["procrastinate/schema", "0001_schema.sql"]
+EXPECTED_FIRST_RUN = ["procrastinate/schema", "0001_schema.sql", "0003_audit_chain.sql"]
 TABLES = ["parks", "payouts", "audit_log", "procrastinate_jobs", "schema_migrations"]
 
 
@@ -83,7 +83,8 @@ def test_three_concurrent_migrate_commands_succeed(empty_db_url: str) -> None:
     assert [
         "migrate: applied 0 migration(s)",
         "migrate: applied 0 migration(s)",
-        "migrate: applied 2 migration(s): procrastinate/schema, 0001_schema.sql",
+        "migrate: applied 3 migration(s): procrastinate/schema, 0001_schema.sql, "
+        "0003_audit_chain.sql",
     ] == summary, outputs
     fourth = subprocess.run(
         cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False
