@@ -97,7 +97,9 @@ async def page(
     return await cur.fetchall()
 
 
-async def ensure_partitions(conn: db.Conn, months_ahead: int = MONTHS_AHEAD) -> int:
+async def ensure_partitions(
+    conn: db.Conn, months_ahead: int = MONTHS_AHEAD, *, attempts: int = PARTITION_ATTEMPTS
+) -> int:
     """Create the missing monthly partitions up to `months_ahead`; returns how many.
 
     Never blocks a press: each ATTACH waits at most 200 ms for its lock. A month that
@@ -105,14 +107,15 @@ async def ensure_partitions(conn: db.Conn, months_ahead: int = MONTHS_AHEAD) -> 
     AuditPartitionsRunningOut alert watches the runway).
     """
     created = 0
-    for attempt in range(PARTITION_ATTEMPTS):
+    missing = 0
+    for attempt in range(attempts):
         row = await db.fetch_one(conn, Q["ensure_partitions"], months_ahead=months_ahead)
         created += int(row["created"]) if row else 0
         row = await db.fetch_one(conn, Q["missing_partitions"], months_ahead=months_ahead)
         missing = int(row["missing"]) if row else 0
         if not missing:
             return created
-        if attempt + 1 < PARTITION_ATTEMPTS:
+        if attempt + 1 < attempts:
             await asyncio.sleep(0.2 * 2**attempt)
     logger.warning(
         "audit_log: %d of the next %d monthly partitions still missing (lock timeouts); "

@@ -10,10 +10,24 @@ from typing import Any
 import psycopg
 from psycopg.rows import DictRow, dict_row
 
-from service import audit_chain, db
+from service import audit_chain, db, roles
 from service.audit_chain import Broken, MonthResult, Summary
 
 Pg = psycopg.Connection[DictRow]
+NOW = datetime.now(UTC)
+THIS_MONTH = date(NOW.year, NOW.month, 1)
+
+
+def months_back(n: int) -> date:
+    """The first day of the month `n` months before this one."""
+    index = THIS_MONTH.year * 12 + THIS_MONTH.month - 1 - n
+    return date(index // 12, index % 12 + 1, 1)
+
+
+def broken(outcome: Summary | Broken) -> Broken:
+    """The verifier's verdict, which must be a broken link."""
+    assert isinstance(outcome, Broken), outcome
+    return outcome
 
 
 def connect(url: str, *, autocommit: bool = True) -> Pg:
@@ -26,13 +40,16 @@ def partition(month: date) -> str:
 
 
 def add_month(pg: Pg, month: date) -> str:
-    """A partition for a past month (the upkeep only makes the current one and later)."""
+    """A partition for a past month (the upkeep only makes the current one and later),
+    the owner's like the upkeep's."""
     end = audit_chain.next_month(month)
     name = partition(month)
+    pg.execute(f"SET ROLE {roles.ROLES.owner}")  # type: ignore[arg-type]
     pg.execute(
         f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF audit_log "  # type: ignore[arg-type]
         f"FOR VALUES FROM ('{month}') TO ('{end}')"
     )
+    pg.execute("RESET ROLE")
     return name
 
 

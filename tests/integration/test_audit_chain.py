@@ -11,39 +11,28 @@ import subprocess
 import sys
 import threading
 import uuid
-from datetime import UTC, date, datetime
+from datetime import date
 
 import psycopg
 import pytest
 
-from service.audit_chain import Broken, Summary
+from service.audit_chain import Summary
 from tests.helpers.audit import (
+    THIS_MONTH,
     Pg,
     add_month,
+    broken,
     connect,
     guards_off,
     mid,
+    months_back,
     partition,
     verify,
     write,
 )
 from tests.helpers.emulator import REPO_ROOT
 
-NOW = datetime.now(UTC)
-THIS_MONTH = date(NOW.year, NOW.month, 1)
-
-
-def months_back(n: int) -> date:
-    index = THIS_MONTH.year * 12 + THIS_MONTH.month - 1 - n
-    return date(index // 12, index % 12 + 1, 1)
-
-
 M1, M2, M3 = months_back(3), months_back(2), months_back(1)
-
-
-def broken(outcome: Summary | Broken) -> Broken:
-    assert isinstance(outcome, Broken), outcome
-    return outcome
 
 
 @pytest.fixture

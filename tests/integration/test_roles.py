@@ -23,8 +23,7 @@ from service.domain import Status
 from service.execution import Deps, execute_payout
 from tests.conftest import create_database, drop_database, make_settings, with_user
 from tests.helpers.api import app_client, press_headers, register, set_balance
-from tests.helpers.audit import Pg, connect, partition, verify
-from tests.integration.test_audit_chain import THIS_MONTH
+from tests.helpers.audit import THIS_MONTH, Pg, connect, partition, verify
 
 APP = roles.ROLES.app
 _names = itertools.count()
