@@ -388,8 +388,10 @@ async def _verify_month(conn: db.Conn, month: date, legacy_max_id: int) -> Month
 
 def _line(result: MonthResult) -> str:
     label = f"{result.month:%Y-%m}"
-    if result.archived:
+    if result.archived and not result.entries:
         what = f"archived ({result.archived.entries:,} entries, {result.archived.location})"
+    elif result.archived:
+        what = f"{result.entries:,} entries, restored from {result.archived.location}"
     else:
         what = f"{result.entries:,} entries"
     if result.legacy:
@@ -412,5 +414,6 @@ async def run(url: str, *, since: date | None) -> int:
     extra = f", {outcome.archived} archived" if outcome.archived else ""
     if outcome.legacy:
         extra += f"; {outcome.legacy:,} entries older than the chain have no link to check"
-    print(f"audit verify: intact: {outcome.entries:,} entries in {outcome.months} months{extra}")
+    span = f"{outcome.months} month" + ("" if outcome.months == 1 else "s")
+    print(f"audit verify: intact: {outcome.entries:,} entries in {span}{extra}")
     return 0

@@ -110,9 +110,13 @@ class EmbeddedPostgres:
 
     @property
     def url(self) -> str:
+        return self.url_as("postgres")
+
+    def url_as(self, user: str) -> str:
+        """The URL for another role: local logins are trusted, no password needed."""
         if self._port is None:
             raise EmbeddedPostgresError("server not started")
-        return f"postgresql://postgres@127.0.0.1:{self._port}/postgres"
+        return f"postgresql://{user}@127.0.0.1:{self._port}/postgres"
 
     def start(self) -> str:
         """Initialise the data directory if needed, start (or reuse) the server, return its URL."""

@@ -241,7 +241,7 @@ def test_cli_exits_0_when_intact_and_1_naming_the_entry(pg: Pg, db_url: str) -> 
     env = {**os.environ, "DATABASE_URL": db_url}
     ok = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert 0 == ok.returncode, ok.stderr
-    assert "audit verify: intact: 3 entries in 1 months" in ok.stdout
+    assert "audit verify: intact: 3 entries in 1 month" in ok.stdout
     with guards_off(pg):
         pg.execute("UPDATE audit_log SET details = '{\"x\": 1}' WHERE id = %s", (ids[1],))
     bad = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
