@@ -214,6 +214,11 @@ DECLARE
     part_name   text;
     created     integer := 0;
 BEGIN
+    -- The app role calls this with the owner's rights: it gets a year of runway at most.
+    IF months_ahead NOT BETWEEN 0 AND 12 THEN
+        RAISE EXCEPTION 'months_ahead must be between 0 and 12, not %', months_ahead
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     -- Another host is at it right now: its run covers this one.
     IF NOT pg_try_advisory_xact_lock(hashtext('fleet_payouts.audit_log_partitions')) THEN
         RETURN 0;

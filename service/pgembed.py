@@ -17,7 +17,10 @@ import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -377,3 +380,16 @@ class EmbeddedPostgres:
                     ) from exc
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+
+@contextmanager
+def temporary_server(prefix: str, *, fast_unsafe: bool) -> Iterator[str]:
+    """A throw-away server in a fresh directory under /tmp (tests, benchmarks); its URL."""
+    base = Path(tempfile.mkdtemp(dir="/tmp", prefix=prefix))
+    base.chmod(0o755)  # the postgres account must reach the data dir when we are root
+    pg = EmbeddedPostgres(base / "data", fast_unsafe=fast_unsafe)
+    try:
+        yield pg.start()
+    finally:
+        pg.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -10,12 +10,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -62,16 +59,10 @@ def pg_server_url() -> Iterator[str]:
     if given:
         yield given
         return
-    from service.pgembed import EmbeddedPostgres
+    from service.pgembed import temporary_server
 
-    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="fp-test-pg-"))
-    base.chmod(0o755)
-    pg = EmbeddedPostgres(base / "data", fast_unsafe=True)
-    try:
-        yield pg.start()
-    finally:
-        pg.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    with temporary_server("fp-test-pg-", fast_unsafe=True) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
