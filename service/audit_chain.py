@@ -27,7 +27,7 @@ import hashlib
 import struct
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from psycopg.rows import tuple_row
@@ -170,6 +170,8 @@ class MonthResult:
 # id, at, actor_type, actor_id, park_id, action, outcome, request_id, payout_id,
 # details::text, chain_stripe, chain_seq, chain_hash: the chain_entries query's columns.
 Row = tuple[Any, ...]
+# The first ten of them: what an entry says.
+Content = tuple[int, datetime, str, str | None, str | None, str, str, str | None, UUID | None, str]
 
 
 class MonthVerifier:
@@ -223,20 +225,7 @@ class MonthVerifier:
             return self._broken(
                 entry_id, "the chain heads do not know this entry (written around them)", seq
             )
-        content = canonical(
-            entry_id,
-            row[1],
-            row[2],
-            row[3],
-            row[4],
-            row[5],
-            row[6],
-            row[7],
-            row[8],
-            row[9],
-            stripe,
-            seq,
-        )
+        content = canonical(*cast(Content, row[:10]), stripe, seq)
         link = hashlib.sha256(self._prev + content).digest()
         if link != stored:
             return self._broken(
