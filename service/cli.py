@@ -82,6 +82,20 @@ def cmd_parks_import(args: argparse.Namespace) -> None:
     raise SystemExit(asyncio.run(import_csv(_database_url(), args.file)))
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> None:
+    import psycopg
+
+    from service import audit_chain
+
+    try:
+        code = asyncio.run(audit_chain.run(_database_url(), since=args.since))
+    except psycopg.Error as exc:
+        # Not a verdict on the log: 1 means "broken", so a failure to look is 2.
+        print(f"fleet-payouts audit verify: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(code)
+
+
 def cmd_reconcile(args: argparse.Namespace) -> None:
     from service import observability, reconcile
 
@@ -114,6 +128,13 @@ def _positive(raw: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _date(raw: str) -> date:
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a date is YYYY-MM-DD") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -158,6 +179,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--since", type=_when, default=None, help="start (default: --until - 1 day)")
     s.add_argument("--until", type=_when, default=None, help="end, excluded (default: now)")
     s.set_defaults(func=cmd_reconcile)
+
+    s = sub.add_parser("audit", help="audit log tools")
+    audit_sub = s.add_subparsers(dest="audit_command", required=True)
+    v = audit_sub.add_parser(
+        "verify", help="walk the audit log's hash chains; exit 1 naming the first broken link"
+    )
+    v.add_argument(
+        "--since", type=_date, default=None, help="start at the month of this date (YYYY-MM-DD)"
+    )
+    v.set_defaults(func=cmd_audit_verify)
     return p
 
 

@@ -7,24 +7,30 @@ its job commit together or not at all.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import importlib.resources
+import itertools
+import logging
 import pathlib
 import re
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from importlib.resources.abc import Traversable
 from typing import Any, LiteralString, TypeVar, cast
 
 import psycopg
+import psycopg.errors
 import psycopg.rows
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from service import observability
+
+logger = logging.getLogger(__name__)
 
 Conn = psycopg.AsyncConnection[psycopg.rows.DictRow]
 Pool = AsyncConnectionPool[Conn]
@@ -243,3 +249,26 @@ async def fetch_all(conn: Conn, query: LiteralString, **params: Any) -> list[dic
 async def execute(conn: Conn, query: LiteralString, **params: Any) -> int:
     cur = await conn.execute(query, _adapt(params))
     return cur.rowcount
+
+
+# DDL waits for every transaction that holds a lock it needs, and everything that
+# needs the table after it queues behind it: a migration stuck behind a long report
+# would hold up every press for as long. So schema changes wait at most this long for
+# their locks, roll back, and try again a little later.
+DDL_LOCK_TIMEOUT = "1s"
+DDL_ATTEMPTS = 20
+
+
+async def ddl_transaction(conn: Conn, body: Callable[[], Awaitable[None]], what: str) -> None:
+    """Run `body` in one transaction whose lock waits are short; retry it on a lock timeout."""
+    for attempt in itertools.count(1):
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'")
+                await body()
+            return
+        except psycopg.errors.LockNotAvailable:
+            if attempt >= DDL_ATTEMPTS:
+                raise
+            logger.warning("%s: a lock was not free within %s; retrying", what, DDL_LOCK_TIMEOUT)
+            await asyncio.sleep(min(5.0, 0.25 * 2**attempt))

@@ -14,7 +14,7 @@ import logging
 
 from procrastinate import App
 
-from service import migrate, payouts
+from service import audit, payouts
 from service.execution import Deps
 
 logger = logging.getLogger(__name__)
@@ -55,4 +55,4 @@ async def redrive_orphans(deps: Deps) -> int:
 
 async def ensure_partitions(deps: Deps) -> int:
     async with deps.pool.connection() as conn:
-        return await migrate.ensure_audit_partitions(conn)
+        return await audit.ensure_partitions(conn)

@@ -8,26 +8,36 @@ everything recorded does nothing.
 procrastinate tracks nothing itself: on an empty database we apply its full
 schema and record every upgrade file it ships as already applied; later
 versions' upgrade files are then applied in version order.
+
+Around the files: the database roles (service/roles.py) before, so that what the
+files create belongs to fleet_payouts_owner, and their privileges after; then the
+audit partitions ahead, and the partition indexes that a migration created
+`ON ONLY` the parent, built CONCURRENTLY so that no insert waits for them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import pathlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import LiteralString
+from typing import LiteralString, cast
 
 from procrastinate.schema import SchemaManager
+from psycopg import sql
 
-from service import db
+from service import audit, db, roles
 
 logger = logging.getLogger(__name__)
 
 # Arbitrary but fixed: every host must take the same lock.
 MIGRATION_LOCK_KEY = 0x666C_7065_6D69_6772 & 0x7FFF_FFFF_FFFF_FFFF
-# Current month plus four: at least three months ahead on the month's last day.
-AUDIT_MONTHS_AHEAD = 4
+# Waiting runs poll for the lock rather than queue for it: a session waiting inside
+# pg_advisory_lock() holds a snapshot that CREATE INDEX CONCURRENTLY, run by the
+# holder, would wait for in turn.
+LOCK_POLL_SECONDS = 0.2
 PROCRASTINATE_BASE = "procrastinate/schema"
 
 CREATE_LEDGER: LiteralString = """
@@ -48,6 +58,9 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
+Q_MIGRATE = db.queries("migrate")
+
+
 class MigrationError(Exception):
     """An applied migration file was edited afterwards, or one failed to apply."""
 
@@ -66,13 +79,14 @@ def own_migrations() -> list[Migration]:
     return [Migration(n, files.joinpath(n).read_text("utf-8")) for n in names]
 
 
-async def migrate(url: str) -> list[str]:
+async def migrate(url: str, *, role_names: roles.Roles = roles.ROLES) -> list[str]:
     """Bring the database to the current version; return the names applied."""
     applied_now: list[str] = []
     conn = await db.connect(url, name="migrate")
     async with conn:
-        await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        await _lock(conn)
         try:
+            await roles.prepare(conn, role_names)
             await conn.execute(CREATE_LEDGER)
             rows = await (
                 await conn.execute("SELECT name, checksum FROM schema_migrations")
@@ -105,23 +119,66 @@ async def migrate(url: str) -> list[str]:
 
             for migration in pending:
                 logger.info("applying migration %s", migration.name)
-                async with conn.transaction():
-                    await conn.execute(migration.sql)
-                    await _record(conn, migration)
+                await db.ddl_transaction(
+                    conn, _applying(conn, migration), f"migration {migration.name}"
+                )
                 applied_now.append(migration.name)
 
-            await ensure_audit_partitions(conn)
+            await audit.ensure_partitions(conn)
+            await complete_partition_indexes(conn)
+            await roles.grant(conn, role_names)
         finally:
+            await conn.execute("RESET ROLE")
             await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
     return applied_now
 
 
-async def ensure_audit_partitions(conn: db.Conn) -> int:
-    cur = await conn.execute(
-        "SELECT audit_log_ensure_partitions(%s) AS created", (AUDIT_MONTHS_AHEAD,)
-    )
-    row = await cur.fetchone()
-    return int(row["created"]) if row else 0
+async def _lock(conn: db.Conn) -> None:
+    while True:
+        cur = await conn.execute("SELECT pg_try_advisory_lock(%s) AS got", (MIGRATION_LOCK_KEY,))
+        row = await cur.fetchone()
+        if row and row["got"]:
+            return
+        await asyncio.sleep(LOCK_POLL_SECONDS)
+
+
+def _applying(conn: db.Conn, migration: Migration) -> Callable[[], Awaitable[None]]:
+    async def apply() -> None:
+        await conn.execute(migration.sql)
+        await _record(conn, migration)
+
+    return apply
+
+
+async def complete_partition_indexes(conn: db.Conn) -> int:
+    """Build, CONCURRENTLY, each partition's share of an index that a migration created
+    `ON ONLY` a partitioned table, and attach it; the parent index turns valid once
+    every partition has its share. Returns how many it built.
+
+    A plain CREATE INDEX on a partitioned table holds a SHARE lock on every partition
+    until it has indexed them all: on a log of millions of rows, every audited press
+    would wait that long. An index left invalid by an interrupted run is rebuilt.
+    """
+    built = 0
+    for row in await db.fetch_all(conn, Q_MIGRATE["unattached_partition_indexes"]):
+        child = sql.Identifier(row["child"])
+        if row["child_valid"] is False:
+            await conn.execute(sql.SQL("DROP INDEX CONCURRENTLY {}").format(child))
+        if row["child_valid"] is not True:
+            # Catalog text (pg_get_indexdef) after its "USING": method and columns.
+            method_and_columns = sql.SQL(cast(LiteralString, row["using_clause"]))
+            await conn.execute(
+                sql.SQL("CREATE INDEX CONCURRENTLY {} ON {}{}").format(
+                    child, sql.Identifier(row["partition"]), method_and_columns
+                )
+            )
+            built += 1
+        await conn.execute(
+            sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
+                sql.Identifier(row["parent_index"]), child
+            )
+        )
+    return built
 
 
 async def _record(conn: db.Conn, migration: Migration) -> None:

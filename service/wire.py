@@ -6,17 +6,15 @@ webhooks (service/events.py), so it belongs to neither edge.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from service.domain import format_money
+from service.domain import format_money, format_timestamp
 
 
 def timestamp(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return format_timestamp(value) if value is not None else None
 
 
 def money(value: Decimal | None) -> str | None:

@@ -8,3 +8,52 @@ RETURNING id, at
 -- months_ahead --
 -- How many monthly partitions exist beyond the current month.
 SELECT audit_log_months_ahead() AS months
+
+-- ensure_partitions --
+-- Monthly partitions up to `months_ahead` ahead (the owner's SECURITY DEFINER function).
+SELECT audit_log_ensure_partitions(%(months_ahead)s) AS created
+
+-- missing_partitions --
+-- How many months, from the current one to `months_ahead` ahead, have no partition yet.
+SELECT count(*)::integer AS missing
+FROM generate_series(0, %(months_ahead)s) AS i
+WHERE to_regclass('audit_log_' || to_char(
+          date_trunc('month', now() AT TIME ZONE 'UTC') + make_interval(months => i),
+          'YYYY_MM')) IS NULL
+
+-- chain_span --
+-- The first and last month `audit verify` has to look at: wherever there are entries,
+-- chain heads that count some, or archive records.
+SELECT least(
+           (SELECT min(month) FROM audit_chain_heads WHERE last_seq > 0),
+           (SELECT min(month) FROM audit_archive),
+           (SELECT date_trunc('month', min(at) AT TIME ZONE 'UTC')::date FROM audit_log)
+       ) AS first,
+       greatest(
+           (SELECT max(month) FROM audit_chain_heads WHERE last_seq > 0),
+           (SELECT max(month) FROM audit_archive),
+           (SELECT date_trunc('month', max(at) AT TIME ZONE 'UTC')::date FROM audit_log)
+       ) AS last,
+       (SELECT max_id FROM audit_chain_legacy) AS legacy_max_id
+
+-- chain_heads --
+-- The last link of every chain of one month that has any.
+SELECT stripe, last_seq, last_hash, first_id, last_id
+FROM audit_chain_heads
+WHERE month = %(month)s AND last_seq > 0
+ORDER BY stripe
+
+-- chain_archive --
+-- The archive record of one month, if a DBA archived it.
+SELECT month, entries, month_digest, location, export_sha256
+FROM audit_archive
+WHERE month = %(month)s
+
+-- chain_entries --
+-- One month's entries as `audit verify` reads them: chain by chain, link by link,
+-- entries without a link (older than the chain, or written with its trigger off) last.
+SELECT id, at, actor_type, actor_id, park_id, action, outcome, request_id, payout_id,
+       details::text AS details, chain_stripe, chain_seq, chain_hash
+FROM audit_log
+WHERE at >= %(start)s AND at < %(end)s
+ORDER BY chain_stripe, chain_seq

@@ -10,12 +10,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -23,7 +20,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 
-from service import db, migrate
+from service import db, migrate, roles
 from service.settings import Settings
 from tests.helpers.emulator import run_emulator
 
@@ -49,6 +46,14 @@ def with_dbname(url: str, name: str) -> str:
     return f"postgresql://{user}{password}@{host}:{port}/{name}"
 
 
+def with_user(url: str, user: str) -> str:
+    """The same database, logged in as another role (the suite's server trusts local logins)."""
+    params = conninfo_to_dict(url)
+    host = params.get("host") or "127.0.0.1"
+    port = params.get("port") or "5432"
+    return f"postgresql://{user}@{host}:{port}/{params['dbname']}"
+
+
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str]:
     """A PostgreSQL server for the whole session: TEST_DATABASE_URL, or our own."""
@@ -56,16 +61,10 @@ def pg_server_url() -> Iterator[str]:
     if given:
         yield given
         return
-    from service.devenv.postgres import EmbeddedPostgres
+    from service.devenv.postgres import temporary_server
 
-    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="fp-test-pg-"))
-    base.chmod(0o755)
-    pg = EmbeddedPostgres(base / "data", fast_unsafe=True)
-    try:
-        yield pg.start()
-    finally:
-        pg.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    with temporary_server("fp-test-pg-", fast_unsafe=True) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +100,12 @@ def db_url(pg_server_url: str, template_url: str) -> Iterator[str]:
     url = create_database(pg_server_url, template=TEMPLATE)
     yield url
     drop_database(pg_server_url, url)
+
+
+@pytest.fixture
+def app_db_url(db_url: str) -> str:
+    """This test's database as `serve` and `worker` see it: logged in as fleet_payouts_app."""
+    return with_user(db_url, roles.ROLES.app)
 
 
 @pytest.fixture

@@ -16,7 +16,10 @@ import re
 import shutil
 import stat
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -100,9 +103,13 @@ class EmbeddedPostgres:
 
     @property
     def url(self) -> str:
+        return self.url_as("postgres")
+
+    def url_as(self, user: str) -> str:
+        """The URL for another role: local logins are trusted, no password needed."""
         if self._port is None:
             raise EmbeddedPostgresError("server not started")
-        return f"postgresql://postgres@127.0.0.1:{self._port}/postgres"
+        return f"postgresql://{user}@127.0.0.1:{self._port}/postgres"
 
     def start(self) -> str:
         """Initialise the data directory if needed, start (or reuse) the server, return its URL."""
@@ -363,3 +370,16 @@ class EmbeddedPostgres:
                     ) from exc
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+
+@contextmanager
+def temporary_server(prefix: str, *, fast_unsafe: bool) -> Iterator[str]:
+    """A throw-away server in a fresh directory under /tmp (tests, benchmarks); its URL."""
+    base = Path(tempfile.mkdtemp(dir="/tmp", prefix=prefix))
+    base.chmod(0o755)  # the postgres account must reach the data dir when we are root
+    pg = EmbeddedPostgres(base / "data", fast_unsafe=fast_unsafe)
+    try:
+        yield pg.start()
+    finally:
+        pg.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from service import db, migrate, parks
+from service import db, migrate, parks, roles
 from service.devenv.processes import port_is_free, stop_process, wait_until
 
 DATA_DIR = Path(".fleet-payouts")
@@ -44,11 +44,12 @@ def say(message: str) -> None:
 
 
 @contextlib.contextmanager
-def database() -> Iterator[str]:
+def database() -> Iterator[tuple[str, str]]:
+    """The URL migrate uses and the one the API and the worker log in with."""
     url = os.environ.get("DATABASE_URL")
     if url:
         say("using DATABASE_URL from the environment")
-        yield url
+        yield url, url
         return
     from service.devenv.postgres import EmbeddedPostgres
 
@@ -57,7 +58,9 @@ def database() -> Iterator[str]:
     say(f"starting embedded PostgreSQL in {data} ...")
     url = pg.start()
     try:
-        yield url
+        # As in production: migrate as a superuser (it creates the roles), the
+        # services as fleet_payouts_app, so dev meets the same privileges.
+        yield url, pg.url_as(roles.ROLES.app)
     finally:
         say("stopping PostgreSQL")
         pg.stop()
@@ -129,9 +132,9 @@ def run(*, port: int, billing_port: int) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    with database() as url:
+    with database() as (url, app_url):
         try:
-            serve_all(url, port, billing_port, children, lambda: stopping)
+            serve_all(url, app_url, port, billing_port, children, lambda: stopping)
         finally:
             # Children first: they need the database to shut down cleanly.
             stop(children)
@@ -140,6 +143,7 @@ def run(*, port: int, billing_port: int) -> int:
 
 def serve_all(
     url: str,
+    app_url: str,
     port: int,
     billing_port: int,
     children: list[subprocess.Popen[bytes]],
@@ -150,7 +154,7 @@ def serve_all(
     billing_url = f"http://127.0.0.1:{billing_port}"
     env = {
         **os.environ,
-        "DATABASE_URL": url,
+        "DATABASE_URL": app_url,
         "BILLING_URL": os.environ.get("BILLING_URL", billing_url),
         "API_TOKENS": os.environ.get("API_TOKENS", DEV_API_TOKEN),
         "ADMIN_TOKENS": os.environ.get("ADMIN_TOKENS", DEV_ADMIN_TOKEN),
@@ -175,7 +179,7 @@ def serve_all(
         wait_port_free(taken)
     emulator = spawn("billing-emulator", "--port", str(billing_port))
     wait_http(f"{billing_url}/admin/stats", emulator)
-    asyncio.run(seed(url, billing_url))
+    asyncio.run(seed(app_url, billing_url))
     api = spawn("serve", "--port", str(port))
     spawn("worker", "--concurrency", "4", "--metrics-port", str(worker_metrics))
     wait_http(f"http://127.0.0.1:{port}/ping", api)

@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from service.domain import is_park_id, is_visible_ascii
+from service.domain import is_park_id, is_visible_ascii, parse_timestamp
 from service.web.errors import ApiError
 from service.web.views import timestamp
 
@@ -204,13 +204,8 @@ def row_id(raw: Any) -> int:
     return raw
 
 
-def parse_time(raw: Any) -> datetime:
-    if not isinstance(raw, str):
-        raise ValueError("not a timestamp")
-    value = datetime.fromisoformat(raw)
-    if value.tzinfo is None:
-        raise ValueError("timestamp without a time zone")
-    return value
+# A cursor's and a query's timestamps read as Billing's and ours are written.
+parse_time = parse_timestamp
 
 
 def _plain(value: Any) -> Any:

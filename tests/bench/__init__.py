@@ -1,0 +1,1 @@
+"""Benchmarks: each prints its figures with their goals and a baseline from the same run."""

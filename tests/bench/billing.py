@@ -213,7 +213,7 @@ def postgres(workdir: Path) -> Iterator[str]:
     if given:
         yield given
         return
-    from service.pgembed import EmbeddedPostgres
+    from service.devenv.postgres import EmbeddedPostgres
 
     pg = EmbeddedPostgres(workdir / "pg", fast_unsafe=True)
     try:

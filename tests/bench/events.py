@@ -83,7 +83,7 @@ def server(workdir: Path) -> Iterator[str]:
     if given:
         yield given
         return
-    from service.pgembed import EmbeddedPostgres
+    from service.devenv.postgres import EmbeddedPostgres
 
     pg = EmbeddedPostgres(workdir / "pg", fast_unsafe=True)
     try:
@@ -232,12 +232,9 @@ def api_process(url: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def socket_port() -> Iterator[int]:
-    import socket
+    from service.devenv.processes import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    yield port
+    yield free_port()
 
 
 # --- 2. the outbox's cost on the instant press -----------------------------------------------

@@ -1,0 +1,249 @@
+"""The audit log's hash chains: linked by the database at insert, checked by `audit verify`.
+
+Tampering is done as a superuser can: with audit_log's append-only trigger switched off,
+or by dropping a partition.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from datetime import date
+
+import psycopg
+import pytest
+
+from service.audit_chain import Summary
+from tests.helpers.audit import (
+    THIS_MONTH,
+    Pg,
+    add_month,
+    broken,
+    connect,
+    guards_off,
+    mid,
+    months_back,
+    partition,
+    verify,
+    write,
+)
+from tests.helpers.emulator import REPO_ROOT
+
+M1, M2, M3 = months_back(3), months_back(2), months_back(1)
+
+
+@pytest.fixture
+def three_months(pg: Pg, db_url: str) -> dict[date, list[int]]:
+    """Entries in three past months, from two connections (so two chains a month)."""
+    ids: dict[date, list[int]] = {}
+    with connect(db_url) as other:
+        for month in (M1, M2, M3):
+            add_month(pg, month)
+            ids[month] = []
+            for day in range(1, 7):
+                writer = pg if day % 2 else other
+                ids[month].append(write(writer, at=mid(month, day), actor_id=f"u-{day}")["id"])
+    return ids
+
+
+def chain_of(pg: Pg, entry_id: int) -> list[int]:
+    """The ids of the chain an entry is on, in chain order."""
+    rows = pg.execute(
+        "SELECT b.id FROM audit_log a JOIN audit_log b "
+        "ON date_trunc('month', b.at) = date_trunc('month', a.at) "
+        "AND b.chain_stripe = a.chain_stripe WHERE a.id = %s ORDER BY b.chain_seq",
+        (entry_id,),
+    ).fetchall()
+    return [r["id"] for r in rows]
+
+
+async def test_untouched_log_verifies(
+    pg: Pg, db_url: str, three_months: dict[date, list[int]]
+) -> None:
+    """Entries of three months, varied content, verify intact; each month is reported once."""
+    write(pg, details={"amount": "1.50", "nested": {"z": [1, 2.50, None]}, "é": "ü"})
+    write(pg, actor_type="system", actor_id=None, park_id=None, payout_id=uuid.uuid4())
+    outcome, reported = await verify(db_url)
+    assert Summary(months=4, entries=20, archived=0, legacy=0) == outcome
+    assert [M1, M2, M3, THIS_MONTH] == [r.month for r in reported]
+
+
+async def test_database_and_verifier_agree_on_the_month_digest(
+    pg: Pg, db_url: str, three_months: dict[date, list[int]]
+) -> None:
+    """The digest `audit verify` computes from the entries is audit_month_digest() in SQL."""
+    _, reported = await verify(db_url)
+    for result in reported:
+        row = pg.execute("SELECT audit_month_digest(%s) AS d", (result.month,)).fetchone()
+        assert row is not None
+        assert row["d"] == result.digest
+
+
+def test_a_press_never_waits_for_another_presses_chain(pg: Pg, db_url: str) -> None:
+    """While another transaction holds a writer's own chain until it commits, the writer
+    links its entry into the next chain at once instead of waiting."""
+    with connect(db_url, autocommit=False) as holder, connect(db_url) as writer:
+        own = write(writer)["chain_stripe"]  # each backend starts at its own chain
+        holder.execute(
+            "SELECT 1 FROM audit_chain_heads WHERE month = %s AND stripe = %s FOR UPDATE",
+            (THIS_MONTH, own),
+        )
+        writer.execute("SET lock_timeout = '500ms'")
+        entry = write(writer)
+        holder.commit()
+    assert (own + 1) % 64 == entry["chain_stripe"]
+
+
+async def test_concurrent_writers_form_chains_that_verify(pg: Pg, db_url: str) -> None:
+    """Three connections writing at once leave intact chains and heads that count every entry."""
+
+    def writer() -> None:
+        with connect(db_url) as c:
+            for _ in range(50):
+                write(c)
+
+    threads = [threading.Thread(target=writer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    outcome, _ = await verify(db_url)
+    assert Summary(months=1, entries=150, archived=0, legacy=0) == outcome
+    row = pg.execute("SELECT sum(last_seq) AS n FROM audit_chain_heads").fetchone()
+    assert row is not None
+    assert 150 == row["n"]
+
+
+async def test_edited_entry_is_named(
+    pg: Pg, db_url: str, three_months: dict[date, list[int]]
+) -> None:
+    """An entry whose outcome a superuser rewrote is the first broken link."""
+    target = three_months[M2][2]
+    with guards_off(pg):
+        pg.execute("UPDATE audit_log SET outcome = 'cooldown_active' WHERE id = %s", (target,))
+    assert target == broken((await verify(db_url))[0]).entry_id
+
+
+async def test_deleted_entry_is_named_at_the_next_one(
+    pg: Pg, db_url: str, three_months: dict[date, list[int]]
+) -> None:
+    """A deleted entry in the middle of its chain breaks the link of the entry after it."""
+    chain = chain_of(pg, three_months[M2][0])
+    with guards_off(pg):
+        pg.execute("DELETE FROM audit_log WHERE id = %s", (chain[1],))
+    outcome = broken((await verify(db_url))[0])
+    assert chain[2] == outcome.entry_id
+    assert "missing" in outcome.reason
+
+
+async def test_deleted_last_entry_is_named(
+    pg: Pg, db_url: str, three_months: dict[date, list[int]]
+) -> None:
+    """Deleting the last entry of a chain is caught against the chain's head, which names it."""
+    chain = chain_of(pg, three_months[M2][0])
+    with guards_off(pg):
+        pg.execute("DELETE FROM audit_log WHERE id = %s", (chain[-1],))
+    assert chain[-1] == broken((await verify(db_url))[0]).entry_id
+
+
+async def test_swapped_contents_are_caught(
+    pg: Pg, db_url: str, three_months: dict[date, list[int]]
+) -> None:
+    """Two entries that swap what they say (actor, outcome) break at the first of them."""
+    chain = chain_of(pg, three_months[M1][0])
+    a, b = chain[0], chain[1]
+    with guards_off(pg):
+        pg.execute(
+            "UPDATE audit_log x SET actor_id = y.actor_id, outcome = y.outcome "
+            "FROM audit_log y WHERE (x.id, y.id) IN ((%s, %s), (%s, %s))",
+            (a, b, b, a),
+        )
+    rows = pg.execute(
+        "SELECT actor_id FROM audit_log WHERE id IN (%s, %s) ORDER BY id", (a, b)
+    ).fetchall()
+    assert ["u-3", "u-1"] == [r["actor_id"] for r in rows]  # really swapped
+    assert a == broken((await verify(db_url))[0]).entry_id
+
+
+@pytest.mark.parametrize("how", ["delete every row", "detach and drop"])
+async def test_emptied_middle_month_is_caught(
+    pg: Pg, db_url: str, three_months: dict[date, list[int]], how: str
+) -> None:
+    """A month emptied in the middle of the log is caught, naming its first chain's first entry."""
+    if how == "delete every row":
+        with guards_off(pg):
+            pg.execute(f"DELETE FROM {partition(M2)}")  # type: ignore[arg-type]
+    else:
+        pg.execute(f"ALTER TABLE audit_log DETACH PARTITION {partition(M2)}")  # type: ignore[arg-type]
+        pg.execute(f"DROP TABLE {partition(M2)}")  # type: ignore[arg-type]
+    outcome = broken((await verify(db_url))[0])
+    first = pg.execute(
+        "SELECT first_id FROM audit_chain_heads WHERE month = %s AND last_seq > 0 "
+        "ORDER BY stripe LIMIT 1",
+        (M2,),
+    ).fetchone()
+    assert first is not None
+    assert (M2, first["first_id"]) == (outcome.month, outcome.entry_id)
+    assert first["first_id"] in three_months[M2]
+
+
+async def test_entry_written_with_the_chain_trigger_off_is_named(pg: Pg, db_url: str) -> None:
+    """An entry a superuser slipped in with the chain trigger disabled has no link: named."""
+    write(pg)
+    pg.execute("ALTER TABLE audit_log DISABLE TRIGGER zz_audit_log_chain")
+    try:
+        forged = write(pg, outcome="ok", actor_id="someone-else")
+    finally:
+        pg.execute("ALTER TABLE audit_log ENABLE ALWAYS TRIGGER zz_audit_log_chain")
+    assert forged["chain_hash"] is None
+    assert forged["id"] == broken((await verify(db_url))[0]).entry_id
+
+
+async def test_entries_older_than_the_chain_are_counted_not_failed(pg: Pg, db_url: str) -> None:
+    """Unlinked entries up to the recorded legacy id (written before 0003) verify as legacy."""
+    pg.execute("ALTER TABLE audit_log DISABLE TRIGGER zz_audit_log_chain")
+    try:
+        old = [write(pg)["id"] for _ in range(3)]
+    finally:
+        pg.execute("ALTER TABLE audit_log ENABLE ALWAYS TRIGGER zz_audit_log_chain")
+    pg.execute("UPDATE audit_chain_legacy SET max_id = %s", (max(old),))
+    write(pg)
+    outcome, _ = await verify(db_url)
+    assert Summary(months=1, entries=1, archived=0, legacy=3) == outcome
+
+
+async def test_since_starts_at_its_month(
+    pg: Pg, db_url: str, three_months: dict[date, list[int]]
+) -> None:
+    """--since skips the months before its own: a break there is not looked at."""
+    with guards_off(pg):
+        pg.execute("UPDATE audit_log SET outcome = 'x' WHERE id = %s", (three_months[M1][0],))
+    outcome, reported = await verify(db_url, since=date(M2.year, M2.month, 20))
+    assert Summary(months=2, entries=12, archived=0, legacy=0) == outcome
+    assert [M2, M3] == [r.month for r in reported]
+
+
+def test_replica_mode_does_not_switch_the_guards_off(pg: Pg) -> None:
+    """Under session_replication_role = replica the append-only trigger still refuses."""
+    entry = write(pg)
+    pg.execute("SET session_replication_role = replica")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+        pg.execute("DELETE FROM audit_log WHERE id = %s", (entry["id"],))
+
+
+def test_cli_exits_0_when_intact_and_1_naming_the_entry(pg: Pg, db_url: str) -> None:
+    """`fleet-payouts audit verify` exits 0 on an intact log, 1 naming the edited entry's id."""
+    ids = [write(pg)["id"] for _ in range(3)]
+    cmd = [sys.executable, "-m", "service", "audit", "verify"]
+    env = {**os.environ, "DATABASE_URL": db_url}
+    ok = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert 0 == ok.returncode, ok.stderr
+    assert "audit verify: intact: 3 entries in 1 month" in ok.stdout
+    with guards_off(pg):
+        pg.execute("UPDATE audit_log SET details = '{\"x\": 1}' WHERE id = %s", (ids[1],))
+    bad = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert 1 == bad.returncode, bad.stderr
+    assert f"audit verify: BROKEN at entry {ids[1]} " in bad.stdout
