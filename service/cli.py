@@ -168,7 +168,8 @@ def parser() -> argparse.ArgumentParser:
     parks_sub = s.add_subparsers(dest="parks_command", required=True)
     i = parks_sub.add_parser("import", help="register or update parks from a CSV file")
     i.add_argument(
-        "file", help="CSV with park_id[,instant_payouts_enabled,periodic_payouts_enabled]"
+        "file",
+        help="CSV: park_id[,instant_payouts_enabled,periodic_payouts_enabled,hold_reason]",
     )
     i.set_defaults(func=cmd_parks_import)
 

@@ -21,7 +21,11 @@ from service.domain import is_park_id
 CHUNK = 5000
 TRUE = {"true", "1", "yes", "y", "t"}
 FALSE = {"false", "0", "no", "n", "f"}
-COLUMNS = ("park_id", "instant_payouts_enabled", "periodic_payouts_enabled")
+COLUMNS = ("park_id", "instant_payouts_enabled", "periodic_payouts_enabled", "hold_reason")
+# In the hold_reason column: empty leaves the hold as it is, this releases it,
+# any other text puts the park on hold with that reason.
+RELEASE = "-"
+MAX_HOLD_REASON = 500
 
 
 class ImportError_(Exception):
@@ -39,7 +43,19 @@ def _flag(raw: str | None, line: int, column: str) -> bool | None:
     raise ImportError_(f"line {line}: {column} must be true or false, got {raw!r}")
 
 
-def read_rows(path: Path) -> Iterator[tuple[str, bool | None, bool | None]]:
+def _hold(raw: str | None, line: int) -> str | None:
+    """The staged hold: None (leave), RELEASE, or a reason."""
+    value = (raw or "").strip()
+    if not value:
+        return None
+    if len(value) > MAX_HOLD_REASON or not value.isprintable():
+        raise ImportError_(
+            f"line {line}: hold_reason must be 1-{MAX_HOLD_REASON} printable characters"
+        )
+    return value
+
+
+def read_rows(path: Path) -> Iterator[tuple[str, bool | None, bool | None, str | None]]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "park_id" not in reader.fieldnames:
@@ -56,6 +72,7 @@ def read_rows(path: Path) -> Iterator[tuple[str, bool | None, bool | None]]:
                 park_id,
                 _flag(row.get("instant_payouts_enabled"), line, "instant_payouts_enabled"),
                 _flag(row.get("periodic_payouts_enabled"), line, "periodic_payouts_enabled"),
+                _hold(row.get("hold_reason"), line),
             )
 
 
@@ -100,7 +117,7 @@ async def import_csv(url: str, file: str) -> int:
                         progress.show(rows)
             await conn.execute(parks.Q["import_dedupe"])
             # Updates first (only parks whose flags really change), then the new parks.
-            who = {"actor_id": actor, "file": path.name}
+            who = {"actor_id": actor, "file": path.name, "release": RELEASE}
             updated = (await conn.execute(parks.Q["import_update"], who)).rowcount
             created = (await conn.execute(parks.Q["import_insert"], who)).rowcount
             await audit.write(

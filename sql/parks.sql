@@ -34,12 +34,12 @@ UPDATE parks SET last_payout_at = greatest(last_payout_at, %(at)s) WHERE park_id
 
 -- import_stage --
 -- The import's staging table, gone at commit.
-CREATE TEMPORARY TABLE parks_import (park_id text, instant boolean, periodic boolean)
+CREATE TEMPORARY TABLE parks_import (park_id text, instant boolean, periodic boolean, hold text)
 ON COMMIT DROP
 
 -- import_copy --
 -- Rows of the CSV file, streamed in.
-COPY parks_import (park_id, instant, periodic) FROM STDIN
+COPY parks_import (park_id, instant, periodic, hold) FROM STDIN
 
 -- import_dedupe --
 -- Duplicates in the file: the last line for a park wins.
@@ -47,47 +47,66 @@ DELETE FROM parks_import a USING parks_import b
 WHERE a.park_id = b.park_id AND a.ctid < b.ctid
 
 -- import_update --
--- Parks whose flags really change (an empty flag leaves the current value),
--- each with an audit entry naming what changed: a park's history shows its
--- imports like any other admin change.
+-- Parks whose flags or hold really change (an empty cell leaves the current
+-- value; '-' in hold_reason releases it), each with an audit entry naming
+-- what changed: a park's history shows its imports like any other admin change.
 WITH before AS (
     SELECT p.park_id, p.instant_payouts_enabled AS instant, p.periodic_payouts_enabled AS periodic,
+           p.hold_reason AS hold,
            coalesce(i.instant, p.instant_payouts_enabled) AS new_instant,
-           coalesce(i.periodic, p.periodic_payouts_enabled) AS new_periodic
+           coalesce(i.periodic, p.periodic_payouts_enabled) AS new_periodic,
+           CASE WHEN i.hold IS NULL THEN p.hold_reason
+                WHEN i.hold = %(release)s THEN NULL
+                ELSE i.hold END AS new_hold
     FROM parks p JOIN parks_import i USING (park_id)
-    WHERE (coalesce(i.instant, p.instant_payouts_enabled),
-           coalesce(i.periodic, p.periodic_payouts_enabled))
-          IS DISTINCT FROM (p.instant_payouts_enabled, p.periodic_payouts_enabled)
     FOR UPDATE OF p
+), changes AS (
+    SELECT *,
+           CASE WHEN new_instant IS DISTINCT FROM instant
+                THEN jsonb_build_object('instant_payouts_enabled', new_instant) ELSE '{}' END
+           || CASE WHEN new_periodic IS DISTINCT FROM periodic
+                   THEN jsonb_build_object('periodic_payouts_enabled', new_periodic) ELSE '{}' END
+           || CASE WHEN new_hold IS DISTINCT FROM hold
+                   THEN jsonb_build_object('hold', CASE WHEN new_hold IS NULL THEN NULL
+                                                   ELSE jsonb_build_object('reason', new_hold) END)
+                   ELSE '{}' END AS diff
+    FROM before
 ), changed AS (
     UPDATE parks p
-    SET instant_payouts_enabled = b.new_instant, periodic_payouts_enabled = b.new_periodic,
+    SET instant_payouts_enabled = c.new_instant, periodic_payouts_enabled = c.new_periodic,
+        hold_reason = c.new_hold,
+        hold_since = CASE WHEN c.new_hold IS NULL THEN NULL
+                          WHEN c.hold IS NULL THEN now() ELSE p.hold_since END,
+        hold_by = CASE WHEN c.new_hold IS NULL THEN NULL
+                       WHEN c.new_hold IS DISTINCT FROM c.hold THEN %(actor_id)s
+                       ELSE p.hold_by END,
         updated_at = now()
-    FROM before b
-    WHERE p.park_id = b.park_id
+    FROM changes c
+    WHERE p.park_id = c.park_id AND c.diff <> '{}'
     RETURNING p.park_id
 )
 INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, details)
-SELECT 'admin', %(actor_id)s, b.park_id, 'park.update', 'ok',
-       jsonb_build_object('source', 'import', 'file', %(file)s::text, 'changes', jsonb_strip_nulls(
-           jsonb_build_object(
-               'instant_payouts_enabled',
-               CASE WHEN b.new_instant IS DISTINCT FROM b.instant THEN b.new_instant END,
-               'periodic_payouts_enabled',
-               CASE WHEN b.new_periodic IS DISTINCT FROM b.periodic THEN b.new_periodic END)))
-FROM before b JOIN changed USING (park_id)
+SELECT 'admin', %(actor_id)s, c.park_id, 'park.update', 'ok',
+       jsonb_build_object('source', 'import', 'file', %(file)s::text, 'changes', c.diff)
+FROM changes c JOIN changed USING (park_id)
 
 -- import_insert --
 -- The parks the registry did not know, each with its audit entry.
 WITH created AS (
-    INSERT INTO parks (park_id, instant_payouts_enabled, periodic_payouts_enabled)
-    SELECT park_id, coalesce(instant, false), coalesce(periodic, true) FROM parks_import
+    INSERT INTO parks (park_id, instant_payouts_enabled, periodic_payouts_enabled,
+                       hold_reason, hold_since, hold_by)
+    SELECT park_id, coalesce(instant, false), coalesce(periodic, true), nullif(hold, %(release)s),
+           CASE WHEN nullif(hold, %(release)s) IS NOT NULL THEN now() END,
+           CASE WHEN nullif(hold, %(release)s) IS NOT NULL THEN %(actor_id)s END
+    FROM parks_import
     ON CONFLICT (park_id) DO NOTHING
-    RETURNING park_id, instant_payouts_enabled, periodic_payouts_enabled
+    RETURNING park_id, instant_payouts_enabled, periodic_payouts_enabled, hold_reason
 )
 INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, details)
 SELECT 'admin', %(actor_id)s, park_id, 'park.register', 'ok',
        jsonb_build_object('source', 'import', 'file', %(file)s::text, 'changes', jsonb_build_object(
            'instant_payouts_enabled', instant_payouts_enabled,
-           'periodic_payouts_enabled', periodic_payouts_enabled))
+           'periodic_payouts_enabled', periodic_payouts_enabled)
+           || CASE WHEN hold_reason IS NULL THEN '{}'::jsonb
+                   ELSE jsonb_build_object('hold', jsonb_build_object('reason', hold_reason)) END)
 FROM created

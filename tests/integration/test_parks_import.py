@@ -181,3 +181,29 @@ def test_import_audits_each_park_it_changes(
     assert {"source": "import", "file": "second.csv"} == {
         k: entries[-1]["details"][k] for k in ("source", "file")
     }
+
+
+def test_import_sets_and_releases_holds(
+    db_url: str, tmp_path: Path, pg: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """A hold_reason puts a park on hold, "-" releases it, empty leaves it; each change audited."""
+    header = "park_id,hold_reason\n"
+    first = tmp_path / "holds.csv"
+    first.write_text(header + "h-1,dispute #7\nh-2,\n", encoding="utf-8")
+    assert 0 == run_import(db_url, first).returncode
+    second = tmp_path / "release.csv"
+    second.write_text(header + "h-1,-\nh-2,\n", encoding="utf-8")
+    assert 0 == run_import(db_url, second).returncode
+
+    holds = {
+        r["park_id"]: r["hold_reason"]
+        for r in pg.execute("SELECT park_id, hold_reason FROM parks").fetchall()
+    }
+    assert {"h-1": None, "h-2": None} == holds
+    changes = [
+        r["details"]["changes"].get("hold", "-")
+        for r in pg.execute(
+            "SELECT details FROM audit_log WHERE park_id = 'h-1' ORDER BY at, id"
+        ).fetchall()
+    ]
+    assert [{"reason": "dispute #7"}, None] == changes
