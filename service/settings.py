@@ -183,17 +183,6 @@ def _networks(
     return tuple(found)
 
 
-def _positive_int(env: Mapping[str, str], name: str, default: str) -> int:
-    raw = env.get(name, default).strip()
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(name, f"expected a whole number, got {raw!r}") from None
-    if value < 1:
-        raise ConfigError(name, f"must be at least 1, got {raw!r}")
-    return value
-
-
 def _url(env: Mapping[str, str], name: str, *, schemes: tuple[str, ...], default: str = "") -> str:
     raw = env.get(name, default).strip()
     if not raw:
@@ -311,7 +300,7 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
         sentry_release=env.get("SENTRY_RELEASE", "").strip() or None,
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
-        billing_breaker_failures=_positive_int(env, "BILLING_BREAKER_FAILURES", "10"),
+        billing_breaker_failures=_count(env, "BILLING_BREAKER_FAILURES", "10"),
         billing_breaker_cooloff_seconds=_positive_number(
             env, "BILLING_BREAKER_COOLOFF_SECONDS", "30"
         ),

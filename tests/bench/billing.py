@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -40,6 +39,7 @@ from service.execution import Deps
 from service.settings import Settings
 from service.settings import load as load_settings
 from service.worker.app import app as queue_app
+from tests.bench.common import bench_server
 from tests.conftest import create_database, drop_database, service_env, with_dbname
 from tests.helpers.emulator import billing_requests, peak_in_one_second, run_emulator
 from tests.helpers.procs import Proc, wait_for
@@ -207,21 +207,6 @@ def report(run: Run, unbudgeted: Run | None) -> bool:
     return peak_ok and rate_ok
 
 
-@contextlib.contextmanager
-def postgres(workdir: Path) -> Iterator[str]:
-    given = os.environ.get("BENCH_DATABASE_URL", "").strip()
-    if given:
-        yield given
-        return
-    from service.devenv.postgres import EmbeddedPostgres
-
-    pg = EmbeddedPostgres(workdir / "pg", fast_unsafe=True)
-    try:
-        yield pg.start()
-    finally:
-        pg.stop()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the figures; 0 when every run finished (a missed goal is printed, not an error)."""
     parser = argparse.ArgumentParser(prog="python -m tests.bench.billing", description=__doc__)
@@ -234,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     template = f"fp_bench_billing_{os.getpid()}"
     started = time.monotonic()
     try:
-        with postgres(workdir) as server_url, run_emulator() as billing_url:
+        with bench_server(workdir) as server_url, run_emulator() as billing_url:
             with psycopg.connect(server_url, autocommit=True) as conn:
                 conn.execute(f'CREATE DATABASE "{template}"')
             asyncio.run(migrate.migrate(with_dbname(server_url, template)))

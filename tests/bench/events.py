@@ -40,6 +40,7 @@ from psycopg.rows import dict_row
 from service import db, events, instant, migrate
 from service.settings import Settings
 from service.worker.app import app as queue_app
+from tests.bench.common import bench_server
 from tests.conftest import with_dbname
 from tests.helpers.metrics import statements_sent
 
@@ -75,21 +76,6 @@ class Figure:
 
 
 # --- the database server and its databases ------------------------------------------------
-
-
-@contextlib.contextmanager
-def server(workdir: Path) -> Iterator[str]:
-    given = os.environ.get("BENCH_DATABASE_URL", "").strip()
-    if given:
-        yield given
-        return
-    from service.devenv.postgres import EmbeddedPostgres
-
-    pg = EmbeddedPostgres(workdir / "pg", fast_unsafe=True)
-    try:
-        yield pg.start()
-    finally:
-        pg.stop()
 
 
 @contextlib.contextmanager
@@ -406,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.chmod(0o755)  # the postgres account must reach the data dir when we are root
     failed = 0
     try:
-        with server(workdir) as url:
+        with bench_server(workdir) as url:
             print(f"events bench: scale {args.scale:g}, {os.cpu_count()} CPUs", flush=True)
             for fn in (figure_reader, figure_press_cost):
                 try:

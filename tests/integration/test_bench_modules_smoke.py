@@ -1,0 +1,41 @@
+"""The events and Billing budget benchmarks still run end to end at a tiny scale, on the
+suite's server (their figures are not checked here: they are timing, and the suite shares its
+CPUs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.emulator import REPO_ROOT
+
+BENCHES = {
+    "events": (["--scale", "0.01"], ("reader throughput", "outbox cost per instant press")),
+    "billing": (
+        ["--rps", "20", "--seconds", "2"],
+        ("peak one-second calls / limit", "achieved rate / limit"),
+    ),
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("bench", sorted(BENCHES))
+def test_bench_prints_every_figure(pg_server_url: str, bench: str) -> None:
+    """`python -m tests.bench.<bench>` at a tiny scale exits 0 and prints each of its figures."""
+    args, figures = BENCHES[bench]
+    env = {**os.environ, "BENCH_DATABASE_URL": pg_server_url}
+    r = subprocess.run(
+        [sys.executable, "-m", f"tests.bench.{bench}", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert 0 == r.returncode, r.stdout + r.stderr
+    for figure in figures:
+        assert figure in r.stdout, r.stdout
