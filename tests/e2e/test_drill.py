@@ -241,7 +241,8 @@ class Supervisor:
 
     def logs(self) -> str:
         latest = [p for h in self.hosts for p in h.procs.values()]
-        return "\n".join(f"--- {p.log.name} ---\n{p.tail(30)}" for p in latest)
+        tails = "\n".join(f"--- {p.log.name} ---\n{p.tail(30)}" for p in latest)
+        return "--- exits ---\n" + "\n".join(self.exits) + f"\n{tails}"
 
 
 # --- the load generator --------------------------------------------------------------------
