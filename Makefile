@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup dev test lint bench clean
+.PHONY: setup dev test lint bench drill clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,11 @@ bench: $(STAMP)
 	$(PY) -m tests.bench.service
 	$(PY) -m tests.bench.events
 	$(PY) -m tests.bench.billing
+
+# The suite's drill (one round of trouble) repeated for DRILL_SECONDS: three hosts, one
+# SIGKILLed, PostgreSQL restarted and crashed, Billing faults; it prints its figures.
+drill: $(STAMP)
+	DRILL_SECONDS=$${DRILL_SECONDS:-600} $(PY) -m pytest -q tests/e2e/test_drill.py
 
 clean:
 	rm -rf $(VENV) .fleet-payouts .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -22,7 +21,14 @@ from service.billing.client import BillingClient, Budget
 from service.execution import Deps
 from service.worker.app import app
 from tests.conftest import make_settings, service_env
-from tests.helpers.api import register, rows, set_balance, stats
+from tests.helpers.api import (
+    periodic_payouts,
+    register,
+    rows,
+    set_balance,
+    spacing_violations,
+    stats,
+)
 from tests.helpers.procs import cluster, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -43,40 +49,11 @@ def env(db_url: str, billing_url: str, period: timedelta, **overrides: str) -> d
     )
 
 
-def periodic_payouts(
-    pg: psycopg.Connection[dict[str, Any]], park_ids: list[str]
-) -> dict[str, list[dict[str, Any]]]:
-    """Each park's periodic payouts, oldest first (parks without any map to [])."""
-    by_park: dict[str, list[dict[str, Any]]] = {p: [] for p in park_ids}
-    for r in rows(
-        pg,
-        "SELECT * FROM payouts WHERE kind = 'periodic' AND park_id = ANY(%(parks)s) "
-        "ORDER BY created_at, id",
-        parks=park_ids,
-    ):
-        by_park[r["park_id"]].append(r)
-    return by_park
-
-
 def succeeded_counts(pg: psycopg.Connection[dict[str, Any]], park_ids: list[str]) -> dict[str, int]:
     return {
         p: sum(1 for x in xs if x["status"] == "succeeded")
         for p, xs in periodic_payouts(pg, park_ids).items()
     }
-
-
-def spacing_violations(payouts: list[dict[str, Any]], period: timedelta) -> list[str]:
-    """Payouts created before the previous one's clock (its completion if it succeeded, its creation
-    otherwise) was a period old.
-    """
-    bad = []
-    for prev, nxt in itertools.pairwise(payouts):
-        anchor = prev["created_at"]
-        if prev["status"] == "succeeded":
-            anchor = max(anchor, prev["completed_at"])
-        if nxt["created_at"] < anchor + period:
-            bad.append(f"{nxt['id']} at {nxt['created_at']} < {anchor} + {period}")
-    return bad
 
 
 @contextlib.asynccontextmanager

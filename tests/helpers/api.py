@@ -7,9 +7,10 @@ client for the app (`app_client`, the `client` fixture), so the same helper serv
 
 from __future__ import annotations
 
+import itertools
 import re
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -192,6 +193,35 @@ def statuses(pg: psycopg.Connection[DictRow], ids: list[str]) -> dict[str, int]:
         ids=ids,
     )
     return {r["status"]: int(r["n"]) for r in found}
+
+
+def periodic_payouts(
+    pg: psycopg.Connection[dict[str, Any]], park_ids: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Each park's periodic payouts, oldest first (parks without any map to [])."""
+    by_park: dict[str, list[dict[str, Any]]] = {p: [] for p in park_ids}
+    for r in rows(
+        pg,
+        "SELECT * FROM payouts WHERE kind = 'periodic' AND park_id = ANY(%(parks)s) "
+        "ORDER BY created_at, id",
+        parks=park_ids,
+    ):
+        by_park[r["park_id"]].append(r)
+    return by_park
+
+
+def spacing_violations(payouts: list[dict[str, Any]], period: timedelta) -> list[str]:
+    """Payouts created before the previous one's clock (its completion if it succeeded, its creation
+    otherwise) was a period old.
+    """
+    bad = []
+    for prev, nxt in itertools.pairwise(payouts):
+        anchor = prev["created_at"]
+        if prev["status"] == "succeeded":
+            anchor = max(anchor, prev["completed_at"])
+        if nxt["created_at"] < anchor + period:
+            bad.append(f"{nxt['id']} at {nxt['created_at']} < {anchor} + {period}")
+    return bad
 
 
 # --- the Billing emulator's admin endpoints ----------------------------------------
