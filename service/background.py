@@ -7,6 +7,9 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+import psycopg
+import psycopg_pool
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,6 +36,10 @@ class Every:
         while not self._stop.is_set():
             try:
                 await self.chore()
+            except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+                # The database is away (a restart, a failover): expected, and
+                # said by /ready and the alerts; one line, no traceback.
+                logger.warning("%s: database unavailable (%s); trying again", self.name, exc)
             except Exception:
                 logger.exception("%s failed; trying again in %.0fs", self.name, self.seconds)
             with contextlib.suppress(TimeoutError):
