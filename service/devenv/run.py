@@ -174,7 +174,8 @@ def serve_all(
         children.append(proc)
         return proc
 
-    worker_metrics = port + 2
+    # Beside the API's port, and never the emulator's (`--billing-port` may be port + 2).
+    worker_metrics = next(p for p in (port + 2, port + 3) if p != billing_port)
     for taken in (billing_port, port, worker_metrics):
         wait_port_free(taken)
     emulator = spawn("billing-emulator", "--port", str(billing_port))
