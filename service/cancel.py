@@ -58,10 +58,11 @@ async def cancel(conn: db.Conn, req: CancelRequest) -> payouts.Row:
         observability.PAYOUTS.labels(done["kind"], done["status"]).inc()
         return done
     current = await payouts.get(conn, req.payout_id, park_id=req.park_id)
-    outcome = "ok" if current and current["status"] == "cancelled" else None
     if current is None:
         outcome = "payout_not_found"
-    elif outcome is None:
+    elif current["status"] == "cancelled":
+        outcome = "ok"  # cancelled twice: the same answer, on record again
+    else:
         outcome = "payout_not_cancellable"
     async with conn.transaction():
         await audit.write(
