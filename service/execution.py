@@ -48,10 +48,15 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Refusals of an order that are not Billing deciding on it: our own
-# credentials (fixed by an operator), or another body under our key (which
-# the schema makes impossible: a person must look). The payout stays in flight.
-NOT_A_DECISION = frozenset({"unauthorized", "forbidden", "idempotency_key_reused"})
+def is_decision(exc: Rejected) -> bool:
+    """Whether a 4xx is Billing deciding on this park or order, rather than refusing us.
+
+    Our own credentials refused (401/403: an operator fixes BILLING_TOKEN) and
+    another body under our key (which the schema makes impossible: a person
+    must look) say nothing about the payout: it waits, in flight, and the
+    alerts call a person. Anything else is Billing's answer, for good.
+    """
+    return exc.status not in (401, 403) and exc.code != "idempotency_key_reused"
 
 
 class RetryLater(Exception):
@@ -125,6 +130,10 @@ class _Run:
         except Malformed as exc:
             return await self.fail("invalid_balance", str(exc))
         except Rejected as exc:
+            if not is_decision(exc):
+                logger.error("balance read refused: %s", exc, extra=self.log)
+                await payouts.note_transient(self.conn, self.payout.id, str(exc))
+                raise RetryLater(str(exc)) from exc
             return await self.fail(exc.code, exc.message)
 
         p = self.payout
@@ -182,7 +191,7 @@ class _Run:
                 params=p.billing_params,
             )
         except Rejected as exc:
-            if exc.code in NOT_A_DECISION:
+            if not is_decision(exc):
                 logger.error("order not decided by Billing: %s", exc, extra=self.log)
                 await payouts.note_transient(self.conn, p.id, str(exc))
                 raise RetryLater(str(exc)) from exc

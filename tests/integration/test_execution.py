@@ -11,9 +11,11 @@ import httpx
 import pytest
 
 from service import db
+from service.billing.client import BillingClient, Budget
 from service.domain import Status
 from service.execution import Deps, RetryLater, execute_payout
 from tests.conftest import make_settings
+from tests.helpers.emulator import run_emulator
 
 PARK = "exec-park"
 
@@ -262,3 +264,29 @@ async def test_amount_below_the_minimum_is_skipped(
 
     assert Status.SKIPPED == await execute_payout(deps, payout_id)
     assert [] == transfers(billing_url)
+
+
+async def test_billing_refusing_our_token_fails_no_payout(deps: Deps, conn: db.Conn) -> None:
+    """A 401 from Billing (our BILLING_TOKEN is wrong) is not Billing's answer: the payout waits
+    in flight, before or after its order, and is paid once the token is right."""
+    with run_emulator(env={"BILLING_TOKEN": "right-token-0123456789"}) as guarded:
+        emulator(guarded, "PUT", f"/admin/balances/{PARK}", {"available": "20.00"})
+        payout_id = await new_payout(conn)
+        wrong = BillingClient(
+            guarded, token="wrong-token-0123456789", timeout=1.0, budget=Budget(1000)
+        )
+        right = BillingClient(
+            guarded, token="right-token-0123456789", timeout=1.0, budget=Budget(1000)
+        )
+        try:
+            with pytest.raises(RetryLater):
+                await execute_payout(Deps(deps.pool, wrong, deps.settings), payout_id)
+            assert "processing" == (await row(conn, payout_id))["status"]
+
+            assert Status.SUCCEEDED == await execute_payout(
+                Deps(deps.pool, right, deps.settings), payout_id
+            )
+        finally:
+            await wrong.aclose()
+            await right.aclose()
+        assert [str(payout_id)] == [t["idempotency_key"] for t in transfers(guarded)]
