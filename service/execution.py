@@ -48,6 +48,7 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+
 def is_decision(exc: Rejected) -> bool:
     """Whether a 4xx is Billing deciding on this park or order, rather than refusing us.
 
