@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import uuid
 from decimal import Decimal
-from typing import Any
+from typing import Any, NoReturn
 from uuid import UUID
 
 from service import db, observability, payouts
@@ -120,11 +120,10 @@ class _Run:
             available, currency = await self.balance()
         except Paused as exc:
             # Nothing was asked: the shared pause spends none of the retry window.
-            raise RetryLater(str(exc), retry_after=exc.retry_after) from exc
+            await self.wait(exc)
         except Transient as exc:
             if not self.taken.retry_window_over:
-                await payouts.note_transient(self.conn, self.payout.id, str(exc))
-                raise RetryLater(str(exc), retry_after=exc.retry_after) from exc
+                await self.wait(exc)
             # Nothing was ever ordered under this key: failing moves no money.
             logger.error("Billing unavailable for the whole retry window", extra=self.log)
             return await self.fail("billing_unavailable", f"Billing unavailable: {exc}")
@@ -133,8 +132,7 @@ class _Run:
         except Rejected as exc:
             if not is_decision(exc):
                 logger.error("balance read refused: %s", exc, extra=self.log)
-                await payouts.note_transient(self.conn, self.payout.id, str(exc))
-                raise RetryLater(str(exc)) from exc
+                await self.wait(exc)
             return await self.fail(exc.code, exc.message)
 
         p = self.payout
@@ -194,15 +192,20 @@ class _Run:
         except Rejected as exc:
             if not is_decision(exc):
                 logger.error("order not decided by Billing: %s", exc, extra=self.log)
-                await payouts.note_transient(self.conn, p.id, str(exc))
-                raise RetryLater(str(exc)) from exc
+                await self.wait(exc)
             return await self.refused(exc)
         except Transient as exc:
             # The outcome is unknown: never give up on it, however long.
-            if not isinstance(exc, Paused):
-                await payouts.note_transient(self.conn, p.id, str(exc))
-            raise RetryLater(str(exc), retry_after=exc.retry_after) from exc
+            await self.wait(exc)
         return await self.succeed(done)
+
+    async def wait(self, exc: Rejected | Transient) -> NoReturn:
+        """Try again later; the problem stays visible to support meanwhile (a pause
+        asked Billing nothing, so there is no problem to show)."""
+        if not isinstance(exc, Paused):
+            await payouts.note_transient(self.conn, self.payout.id, str(exc))
+        retry_after = exc.retry_after if isinstance(exc, Transient) else None
+        raise RetryLater(str(exc), retry_after=retry_after) from exc
 
     async def succeed(self, done: BillingPayout) -> Status | None:
         p = self.payout

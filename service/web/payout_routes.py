@@ -65,13 +65,19 @@ def _amount(raw: Any) -> Decimal | None:
         raise ApiError("invalid_request", str(exc)) from None
 
 
-async def get_payout(request: Request) -> Response:
-    park_id = params.park_header(request)
+def _payout_id(request: Request) -> uuid.UUID:
+    """The path's payout id; one that is not a UUID names no payout (404)."""
     try:
         payout_id = uuid.UUID(str(request.path_params["payout_id"]))
     except ValueError:
         raise ApiError("payout_not_found", "no such payout") from None
     observability.bind(payout_id=str(payout_id))
+    return payout_id
+
+
+async def get_payout(request: Request) -> Response:
+    park_id = params.park_header(request)
+    payout_id = _payout_id(request)
     async with pool_of(request).connection() as conn:
         row = await payouts.get(conn, payout_id, park_id=park_id)
     if row is None:
@@ -106,11 +112,7 @@ async def get_availability(request: Request) -> Response:
 async def post_cancel(request: Request) -> Response:
     park_id = params.park_header(request)
     user_id = params.user_header(request)
-    try:
-        payout_id = uuid.UUID(str(request.path_params["payout_id"]))
-    except ValueError:
-        raise ApiError("payout_not_found", "no such payout") from None
-    observability.bind(payout_id=str(payout_id))
+    payout_id = _payout_id(request)
     req = cancel.CancelRequest(
         park_id=park_id,
         payout_id=payout_id,
