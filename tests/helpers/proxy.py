@@ -4,8 +4,9 @@ It lets a test play the adversary on the wire: hold an order past the
 client's timeout and deliver it later anyway, act at the moment an order
 arrives (change the park's balance), rewrite Billing's answers (one
 park's malformed or negative balance), or answer in Billing's place as an
-intermediary would (a 408, a gateway's HTML page, a redirect, junk). It records every order it saw, so a
-test can check that one key only ever carried one body.
+intermediary would (a 408, a gateway's HTML page, a redirect, junk). It
+records every order it saw, so a test can check that one key only ever
+carried one body.
 
 It runs in a thread of the test process (uvicorn on its own event loop);
 the test sets its hooks as plain attributes.
