@@ -291,7 +291,16 @@ class BillingClient:
         response = await self._request(
             "payout", "POST", "/v1/payouts", json=body, headers={"Idempotency-Key": key}
         )
-        return _payout(response.json())
+        made = _payout(response.json())
+        if (made.park_id, made.amount, made.currency) != (park_id, amount, currency):
+            # Billing answers a key with the payout of that key's one body: another
+            # payout (a cache's answer to someone else's request) says nothing of ours.
+            raise Undecided(
+                f"payout: answered with payout {made.id!r} ({made.park_id} {made.amount} "
+                f"{made.currency}), not this order's",
+                status=response.status_code,
+            )
+        return made
 
     async def find_payout(self, key: str) -> BillingPayout | None:
         """The payout Billing made under this key, or None if it made none."""

@@ -57,6 +57,17 @@ NOT_BILLINGS: dict[str, Canned] = {
     "302 redirect with JSON": _json(302, {"park_id": PARK, "available": "1.00"}),
     "200 HTML": _html(200, "Welcome to nginx!"),
     "200 JSON that is no payout": _json(200, {"ok": True}),
+    "200 another park's payout": _json(
+        200,
+        {
+            "id": "po-cached",
+            "park_id": "someone-else",
+            "amount": "70.00",
+            "currency": "RUB",
+            "status": "done",
+            "created_at": "2026-01-01T00:00:00Z",
+        },
+    ),
 }
 
 
