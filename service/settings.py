@@ -102,6 +102,9 @@ class Settings:
     # An open breaker pauses every call this long before one probe call tries
     # Billing again: long enough not to hammer a Billing that is restarting.
     billing_breaker_cooloff_seconds: float = 30.0
+    # The key page cursors are signed with (service/web/cursors.py); None: derived from
+    # the tokens. The same on every host, or cursors fail from one host to the next.
+    cursor_secret: str | None = None
 
     def __repr__(self) -> str:
         # Secrets never reach logs, even through a careless f"{settings}".
@@ -218,6 +221,14 @@ def _webhook(env: Mapping[str, str]) -> tuple[str | None, str | None]:
     return url, secret
 
 
+def _cursor_secret(env: Mapping[str, str]) -> str | None:
+    secret = env.get("CURSOR_SECRET", "").strip()
+    if secret and (len(secret) < 16 or not secret.isprintable()):
+        # A secret: name the variable, never the value.
+        raise ConfigError("CURSOR_SECRET", "must be at least 16 printable characters")
+    return secret or None
+
+
 def database_url(env: Mapping[str, str]) -> str:
     """Only DATABASE_URL, for commands that need nothing else (migrate, parks import)."""
     return _url(env, "DATABASE_URL", schemes=("postgresql", "postgres"))
@@ -304,4 +315,5 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
         billing_breaker_cooloff_seconds=_positive_number(
             env, "BILLING_BREAKER_COOLOFF_SECONDS", "30"
         ),
+        cursor_secret=_cursor_secret(env),
     )

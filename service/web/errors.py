@@ -12,6 +12,7 @@ import psycopg
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +85,23 @@ async def on_api_error(request: Request, exc: Exception) -> Response:
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return error_response(ApiError("method_not_allowed", "method not allowed here"))
+        allow = ", ".join(_allowed_methods(request))
+        return error_response(
+            ApiError("method_not_allowed", "method not allowed here", headers={"Allow": allow})
+        )
     if exc.status_code == 404:
         return error_response(ApiError("not_found", "no such endpoint"))
     return error_response(ApiError("invalid_request", str(exc.detail)))
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route answers on this path (one path may have a route per method)."""
+    path = request.scope.get("path", "")
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.path_regex.match(path):
+            methods |= route.methods or set()
+    return sorted(methods)
 
 
 async def on_database_trouble(request: Request, exc: Exception) -> Response:
