@@ -27,6 +27,10 @@ STATUS: dict[str, int] = {
     "park_not_found": 404,
     "payout_not_found": 404,
     "method_not_allowed": 405,
+    # Answered by the HTTP edge itself (service/web/edge.py), before any route.
+    "request_timeout": 408,
+    "uri_too_long": 414,
+    "headers_too_large": 431,
     "payout_in_progress": 409,
     "payout_not_cancellable": 409,
     "amount_above_limit": 422,

@@ -18,7 +18,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from service.domain import is_park_id, is_visible_ascii, parse_timestamp
 from service.web.errors import ApiError
@@ -121,11 +121,16 @@ async def json_object(
         raise ApiError("invalid_request", f"body over {MAX_BODY_BYTES} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError("invalid_request", f"body over {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise ApiError("invalid_request", f"body over {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The edge cut a body that did not arrive in time (or the client left):
+        # a refusal on record, not an unexpected error.
+        raise ApiError("invalid_request", "the request body did not arrive") from None
     raw = b"".join(chunks)
     if not raw.strip():
         return {}
