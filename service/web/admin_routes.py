@@ -73,11 +73,12 @@ def _hold(body: dict[str, Any], user_id: str) -> parks.Hold:
     if (
         not isinstance(reason, str)
         or not 0 < len(reason.strip()) <= MAX_HOLD_REASON
-        or not reason.isprintable()
+        or not params.HOLD_REASON_RE.fullmatch(reason)
     ):
         raise ApiError(
             "invalid_request",
-            f'hold must be null or {{"reason": "..."}}, 1-{MAX_HOLD_REASON} printable characters',
+            f'hold must be null or {{"reason": "..."}}, 1-{MAX_HOLD_REASON} characters, '
+            "not blank, no control characters",
         )
     return parks.Hold(reason=reason.strip(), by=user_id)
 

@@ -49,8 +49,9 @@ def sign(key: bytes, purpose: str, *parts: Any) -> str:
 def verify(
     key: bytes, purpose: str, raw: str | None, kinds: tuple[Callable[[Any], Any], ...]
 ) -> tuple[Any, ...] | None:
-    """The position in a cursor this API issued for `purpose`; anything else is a 400."""
-    if raw is None:
+    """The position in a cursor this API issued for `purpose` (None: absent or empty, the
+    first page); anything else is a 400."""
+    if not raw:
         return None
     payload, dot, tag = raw.rpartition(".")
     if not dot or not hmac.compare_digest(tag.encode(), _tag(key, purpose, payload).encode()):
