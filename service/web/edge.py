@@ -14,8 +14,8 @@ shape with an X-Request-Id, like every other answer:
   new connection must start one as soon), the body within body_seconds of the
   head: else 408 and the connection closes (slowloris, never-ending chunked
   bodies). A connection that never sent a byte is closed without an answer.
-- a response sent before its request's body was all read closes the connection,
-  so an unread body can never keep it open.
+- a response sent before its request's body was all read says Connection: close
+  and closes the connection, so an unread body can never keep it open.
 - beyond EdgeLimits.max_connections open connections, a new one is answered
   503 unavailable with Retry-After and closed: descriptors stay for the ones in
   flight and for the database.
@@ -209,16 +209,14 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
-        if self._phase != "app":
-            # Answered before its body was read: what follows on this connection is
-            # the rest of a body nobody will read, not a next request.
-            self.server_state.total_requests += 1
-            self.transport.close()
-            return
-        self._phase = "idle" if self._head_bytes == 0 else "head"
+        # (An answer sent before its body was read has closed the connection: see
+        # on_headers_complete.) With a pipelined request queued, the phase is already
+        # that request's.
+        if self._phase == "app" and not self.pipeline and not self.transport.is_closing():
+            self._phase = "idle" if self._head_bytes == 0 else "head"
+            if self._phase == "head":  # the next request's head is already arriving
+                self._arm(self.LIMITS.header_seconds)
         super().on_response_complete()
-        if self._phase == "head":  # a pipelined request's head is already arriving
-            self._arm(self.LIMITS.header_seconds)
 
     # -- answers of the edge itself -----------------------------------------------------
 

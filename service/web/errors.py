@@ -41,6 +41,10 @@ STATUS: dict[str, int] = {
     "unavailable": 503,
 }
 
+# Answered by the HTTP edge before any route (service/web/edge.py): described once in
+# the OpenAPI's info, like not_found and method_not_allowed, not per operation.
+EDGE_CODES = frozenset({"request_timeout", "uri_too_long", "headers_too_large"})
+
 # What a 503 tells the caller to wait before retrying: pool and statement
 # timeouts are seconds long, and a database failover takes a few of them.
 RETRY_AFTER_SECONDS = 2

@@ -558,7 +558,11 @@ def document() -> dict[str, Any]:
             "description": "Pays taxi fleet companies (parks) the money they earned in Billing, "
             "exactly once. Every response carries X-Request-Id; unknown routes answer "
             "404 not_found and a wrong method 405 method_not_allowed, in the error shape. "
-            "A 503 unavailable changed nothing: retry it, with the same Idempotency-Key.",
+            "A 503 unavailable changed nothing: retry it, with the same Idempotency-Key. "
+            "Before any route, the HTTP edge answers 408 request_timeout (a head or body "
+            "that does not arrive in time), 414 uri_too_long (a request line over 8 kB), "
+            "431 headers_too_large (a head over 16 kB), 503 unavailable (too many "
+            "connections) and 400 invalid_request (malformed HTTP), in the error shape.",
         },
         "security": API,
         "paths": PATHS,

@@ -270,3 +270,20 @@ class _Dropper:
 
     def close(self) -> None:
         drop_database(self.server_url, self.url)
+
+
+def test_pipelined_requests_are_all_answered_and_the_connection_kept(
+    served: tuple[str, Proc],
+) -> None:
+    """Two requests in one write (HTTP/1.1 pipelining) are both answered 200, in order, and
+    the connection stays open for a third: the edge's bookkeeping follows each request."""
+    api, _ = served
+    with connect(api) as sock:
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\nGET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 2 or not data.endswith(b"}"):
+            data += sock.recv(65536)
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        status, _, _ = read_answer(sock)
+    assert 2 == data.count(b"HTTP/1.1 200")
+    assert 200 == status
