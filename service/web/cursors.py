@@ -54,7 +54,11 @@ def verify(
     if not raw:
         return None
     payload, dot, tag = raw.rpartition(".")
-    if not dot or not hmac.compare_digest(tag.encode(), _tag(key, purpose, payload).encode()):
+    if (
+        not dot
+        or not tag.isascii()
+        or not hmac.compare_digest(tag.encode(), _tag(key, purpose, payload).encode())
+    ):
         raise ApiError("invalid_request", "cursor was not issued by this API")
     return params.decode_cursor(payload, kinds)
 
