@@ -56,6 +56,7 @@ def verify(
     payload, dot, tag = raw.rpartition(".")
     if (
         not dot
+        or not tag
         or not tag.isascii()
         or not hmac.compare_digest(tag.encode(), _tag(key, purpose, payload).encode())
     ):
@@ -67,6 +68,6 @@ def _tag(key: bytes, purpose: str, payload: str) -> str:
     try:
         message = f"{purpose}\n{payload}".encode()
     except UnicodeEncodeError:  # a lone surrogate from a query string: not ours
-        return ""
+        return ""  # never equal to a (non-empty) tag
     digest = hmac.new(key, message, hashlib.sha256).digest()[:TAG_BYTES]
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")
