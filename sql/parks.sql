@@ -2,13 +2,22 @@
 -- Register a park or update the given fields; (xmax = 0) tells a fresh insert.
 -- The hold changes only when given: a reason puts the park on hold (keeping
 -- the time it started if it already was), NULL releases it.
+-- The fee and the end date, likewise, change only when given (NULL clears them).
 INSERT INTO parks (park_id, instant_payouts_enabled, periodic_payouts_enabled, params,
-                   hold_reason, hold_since, hold_by)
+                   hold_reason, hold_since, hold_by, instant_fee_percent, instant_fee_fixed,
+                   instant_payouts_until)
 VALUES (%(park_id)s, coalesce(%(instant)s, false), coalesce(%(periodic)s, true),
         coalesce(%(params)s, '{}'::jsonb), %(hold_reason)s,
         CASE WHEN %(hold_reason)s::text IS NOT NULL THEN now() END,
-        CASE WHEN %(hold_reason)s::text IS NOT NULL THEN %(hold_by)s END)
+        CASE WHEN %(hold_reason)s::text IS NOT NULL THEN %(hold_by)s END,
+        %(fee_percent)s, %(fee_fixed)s, %(until)s)
 ON CONFLICT (park_id) DO UPDATE SET
+    instant_fee_percent = CASE WHEN %(fee_given)s THEN excluded.instant_fee_percent
+                               ELSE parks.instant_fee_percent END,
+    instant_fee_fixed = CASE WHEN %(fee_given)s THEN excluded.instant_fee_fixed
+                             ELSE parks.instant_fee_fixed END,
+    instant_payouts_until = CASE WHEN %(until_given)s THEN excluded.instant_payouts_until
+                                 ELSE parks.instant_payouts_until END,
     instant_payouts_enabled = coalesce(%(instant)s, parks.instant_payouts_enabled),
     periodic_payouts_enabled = coalesce(%(periodic)s, parks.periodic_payouts_enabled),
     params = coalesce(%(params)s, parks.params),

@@ -10,10 +10,11 @@ WITH job AS (
     RETURNING id
 ), created AS (
     INSERT INTO payouts (id, park_id, kind, idempotency_key, request_fingerprint, requested_by,
-                         request_id, requested_amount, max_amount, min_amount, job_id)
+                         request_id, requested_amount, max_amount, min_amount, fee_percent,
+                         fee_fixed, job_id)
     SELECT %(id)s, %(park_id)s, 'instant', %(idempotency_key)s, %(request_fingerprint)s,
            %(requested_by)s, %(request_id)s, %(requested_amount)s, %(max_amount)s,
-           %(min_amount)s, job.id
+           %(min_amount)s, %(fee_percent)s, %(fee_fixed)s, job.id
     FROM job
     RETURNING *
 ), entry AS (
@@ -26,23 +27,28 @@ WITH job AS (
 SELECT * FROM created
 
 -- park_state --
--- All the rules need to know about one park: the flag, the payout made with
+-- All the rules need to know about one park: the flag and the end of the
+-- subscription, the fee terms, the payout made with
 -- this Idempotency-Key (if any), whether one is in flight, the newest instant
 -- payout that counts for the cooldown, and the database's clock, the one
 -- clock every host decides time rules by. The request path runs it right
 -- after locking the park row, as a statement of its own: a statement that
 -- waited for the lock still reads from the snapshot it started with, and
 -- would miss the payout the lock holder just committed.
-SELECT k.instant_payouts_enabled, k.hold_reason,
+SELECT k.instant_payouts_enabled, k.hold_reason, k.instant_fee_percent, k.instant_fee_fixed,
+       k.instant_payouts_until,
+       coalesce(k.instant_payouts_until <= statement_timestamp(), false) AS subscription_ended,
        (SELECT x.id FROM payouts x
         WHERE x.park_id = k.park_id AND x.idempotency_key = %(idempotency_key)s) AS existing_id,
        (SELECT x.request_fingerprint FROM payouts x
         WHERE x.park_id = k.park_id AND x.idempotency_key = %(idempotency_key)s) AS existing_fingerprint,
        EXISTS (SELECT 1 FROM payouts x
                WHERE x.park_id = k.park_id AND x.status IN ('pending', 'processing')) AS in_flight,
+       -- The cooldown: domain.COOLDOWN_EXEMPT names the same statuses
+       -- (index payouts_instant_cooldown_v3).
        (SELECT max(x.created_at) FROM payouts x
         WHERE x.park_id = k.park_id AND x.kind = 'instant'
-          AND x.status NOT IN ('failed', 'skipped', 'cancelled')) AS last_counted_instant_at,
+          AND x.status NOT IN ('failed', 'skipped', 'cancelled', 'returned')) AS last_counted_instant_at,
        statement_timestamp() AS db_now
 FROM parks k
 WHERE k.park_id = %(park_id)s
@@ -81,7 +87,8 @@ RETURNING p.*, k.params AS park_params, statement_timestamp() AS db_now,
 -- sets ordered_at orders first; a concurrent run finds no row and re-reads.
 UPDATE payouts
 SET available = %(available)s, amount = %(amount)s, currency = %(currency)s,
-    billing_params = %(billing_params)s, ordered_at = now()
+    billing_params = %(billing_params)s, fee_amount = %(fee_amount)s,
+    net_amount = %(net_amount)s, ordered_at = now()
 WHERE id = %(id)s AND status = 'processing' AND ordered_at IS NULL
 RETURNING *
 

@@ -103,6 +103,10 @@ class BillingPayout:
     # Given by the list endpoint (reconciliation); the others leave them out.
     idempotency_key: str | None = None
     created_at: datetime | None = None
+    # The fee Billing credited to our revenue (SPEC 8), None without one.
+    fee: Decimal | None = None
+    # Set once the bank sent the payout back (status "returned").
+    return_code: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,13 +244,17 @@ class BillingClient:
         amount: Decimal,
         currency: str,
         params: dict[str, Any],
+        fee: Decimal | None = None,
     ) -> BillingPayout:
-        body = {
+        body: dict[str, Any] = {
             "park_id": park_id,
             "amount": format_money(amount),
             "currency": currency,
             "params": params,
         }
+        if fee is not None:
+            # Part of the one body under the key: the same fee on every resend.
+            body["fee"] = format_money(fee)
         response = await self._request(
             "payout", "POST", "/v1/payouts", json=body, headers={"Idempotency-Key": key}
         )
@@ -413,6 +421,8 @@ def _payout(data: Any, *, listed: bool = False) -> BillingPayout:
             status=str(data.get("status", "done")),
             idempotency_key=str(data["idempotency_key"]) if listed else None,
             created_at=_parse_timestamp(data["created_at"]) if listed else None,
+            fee=_money(data["fee"]) if data.get("fee") is not None else None,
+            return_code=str(data["return_code"]) if data.get("return_code") else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise Transient(f"Billing sent a malformed payout: {exc}") from None

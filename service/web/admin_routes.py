@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from service import audit, parks
-from service.domain import is_park_id, is_visible_ascii
+from service.domain import (
+    Fee,
+    is_park_id,
+    is_visible_ascii,
+    parse_fee_fixed,
+    parse_fee_percent,
+)
 from service.web import params, views
 from service.web.auth import ADMIN
 from service.web.errors import ApiError
 from service.web.origin import client_details
 from service.web.state import admin_pool_of, pool_of, request_id_of, settings_of
 
-PARK_FIELDS = {"instant_payouts_enabled", "periodic_payouts_enabled", "params", "hold"}
+PARK_FIELDS = {
+    "instant_payouts_enabled",
+    "periodic_payouts_enabled",
+    "params",
+    "hold",
+    "instant_fee",
+    "instant_payouts_until",
+}
 MAX_HOLD_REASON = 500
+# What timestamptz stores without surprise (and Python's datetime can hold).
+MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_TIME = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 async def put_park(request: Request) -> Response:
@@ -30,6 +47,12 @@ async def put_park(request: Request) -> Response:
     if "params" in body and not isinstance(body["params"], dict):
         raise ApiError("invalid_request", "params must be a JSON object")
     hold = _hold(body, user_id) if "hold" in body else None
+    fee = _fee(body["instant_fee"]) if "instant_fee" in body else parks.UNCHANGED
+    until = (
+        _until(body["instant_payouts_until"])
+        if "instant_payouts_until" in body
+        else parks.UNCHANGED
+    )
     # A write: the request pool, with its lock timeout, like every other write.
     async with pool_of(request).connection() as conn, conn.transaction():
         row, created = await parks.upsert(
@@ -39,6 +62,8 @@ async def put_park(request: Request) -> Response:
             periodic=body.get("periodic_payouts_enabled"),
             params=body.get("params"),
             hold=hold,
+            fee=fee,
+            until=until,
         )
         await audit.write(
             conn,
@@ -80,6 +105,37 @@ def _hold(body: dict[str, Any], user_id: str) -> parks.Hold:
             f'hold must be null or {{"reason": "..."}}, 1-{MAX_HOLD_REASON} printable characters',
         )
     return parks.Hold(reason=reason.strip(), by=user_id)
+
+
+def _fee(raw: Any) -> Fee | None:
+    """`{"percent": "1.00", "fixed": "0.00"}` sets the instant fee, `null` removes it."""
+    if raw is None:
+        return None
+    what = 'instant_fee must be null or {"percent": "0-100", "fixed": "0.00"}, decimal strings'
+    if not isinstance(raw, dict) or set(raw) != {"percent", "fixed"}:
+        raise ApiError("invalid_request", what)
+    percent, fixed = raw["percent"], raw["fixed"]
+    if not isinstance(percent, str) or not isinstance(fixed, str):
+        raise ApiError("invalid_request", what)
+    try:
+        return Fee(parse_fee_percent(percent), parse_fee_fixed(fixed))
+    except ValueError as exc:
+        raise ApiError("invalid_request", f"instant_fee: {exc}") from None
+
+
+def _until(raw: Any) -> datetime | None:
+    """An RFC 3339 timestamp with its zone ends the subscription then; `null` never."""
+    if raw is None:
+        return None
+    try:
+        value = params.parse_time(raw)
+    except (ValueError, TypeError):
+        raise ApiError(
+            "invalid_request", "instant_payouts_until must be null or an RFC 3339 timestamp"
+        ) from None
+    if not MIN_TIME <= value <= MAX_TIME:
+        raise ApiError("invalid_request", "instant_payouts_until is out of range")
+    return value
 
 
 def _is_text(value: str) -> bool:
