@@ -155,9 +155,6 @@ CREATE INDEX payouts_created ON payouts (created_at DESC, id DESC);
 CREATE INDEX payouts_instant_cooldown_v3 ON payouts (park_id, created_at DESC)
     WHERE kind = 'instant' AND status NOT IN ('failed', 'skipped', 'cancelled', 'returned');
 
--- The revenue metric: fees of succeeded instant payouts.
-CREATE INDEX payouts_fee_succeeded ON payouts (currency)
-    WHERE fee_amount IS NOT NULL AND status = 'succeeded';
 
 
 -- --- the state machine --------------------------------------------------------

@@ -314,5 +314,7 @@ class _Run:
             return Status(self.payout.status)
         self.payout = row
         observability.PAYOUTS.labels(row.kind, row.status).inc()
+        if row.status == Status.SUCCEEDED and row.fee_amount is not None and row.currency:
+            observability.INSTANT_FEES.labels(row.currency).inc(float(row.fee_amount))
         logger.info("payout %s %s", p.id, row.status, extra=self.log)
         return status

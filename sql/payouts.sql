@@ -207,3 +207,112 @@ WITH done AS (
     FROM done
 )
 SELECT * FROM done
+
+-- manual_by_key --
+-- The manual payout made with this admin Idempotency-Key, whichever park.
+SELECT * FROM payouts WHERE kind = 'manual' AND idempotency_key = %(idempotency_key)s
+
+-- awaiting_approval --
+-- The park's manual payout awaiting approval, if any (one at most: unique index).
+SELECT id FROM payouts WHERE park_id = %(park_id)s AND status = 'pending_approval'
+
+-- insert_manual --
+-- A manual payout awaiting a second admin, with its audit entry, in one
+-- statement. No job yet: approval enqueues it. The approval deadline is
+-- written by the database's clock.
+WITH created AS (
+    INSERT INTO payouts (id, park_id, kind, status, idempotency_key, request_fingerprint,
+                         requested_by, request_id, requested_amount, max_amount, min_amount,
+                         approval_reason, approval_expires_at)
+    VALUES (%(id)s, %(park_id)s, 'manual', 'pending_approval', %(idempotency_key)s,
+            %(request_fingerprint)s, %(requested_by)s, %(request_id)s, %(requested_amount)s,
+            %(max_amount)s, %(min_amount)s, %(reason)s, now() + %(approval_window)s)
+    RETURNING *
+), entry AS (
+    INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, request_id,
+                           payout_id, details)
+    SELECT 'admin', requested_by, park_id, 'payout.manual.request', 'ok', request_id, id,
+           %(details)s
+    FROM created
+)
+SELECT * FROM created
+
+-- manual_for_decision --
+-- A manual payout and what deciding it needs, locked: run after its park is
+-- locked, as a statement of its own (so it sees what the lock holder committed).
+SELECT p.*, k.hold_reason,
+       statement_timestamp() >= p.approval_expires_at AS approval_time_over,
+       EXISTS (SELECT 1 FROM payouts x
+               WHERE x.park_id = p.park_id AND x.status IN ('pending', 'processing')) AS in_flight
+FROM payouts p JOIN parks k USING (park_id)
+WHERE p.id = %(id)s AND p.kind = 'manual'
+FOR UPDATE OF p
+
+-- approve --
+-- pending_approval -> pending by a second admin, its job and its audit entry,
+-- in one statement. The database refuses the requester as approver
+-- (payouts_four_eyes) and an approval after the deadline (payouts_guard).
+WITH job AS (
+    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, args)
+    SELECT %(queue)s, %(task)s, %(priority)s, jsonb_build_object('payout_id', id::text)
+    FROM payouts WHERE id = %(id)s AND status = 'pending_approval'
+    RETURNING id
+), approved AS (
+    UPDATE payouts p SET status = 'pending', approved_by = %(user_id)s, approved_at = now(),
+                         job_id = job.id
+    FROM job
+    WHERE p.id = %(id)s AND p.status = 'pending_approval'
+    RETURNING p.*
+), entry AS (
+    INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, request_id,
+                           payout_id, details)
+    SELECT 'admin', %(user_id)s, park_id, 'payout.manual.approve', 'ok', %(request_id)s, id,
+           %(details)s
+    FROM approved
+)
+SELECT * FROM approved
+
+-- deny --
+-- pending_approval -> denied, with the admin's reason and the audit entry.
+WITH denied AS (
+    UPDATE payouts SET status = 'denied', denied_by = %(user_id)s, denied_reason = %(reason)s,
+                       completed_at = now()
+    WHERE id = %(id)s AND status = 'pending_approval'
+    RETURNING *
+), entry AS (
+    INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, request_id,
+                           payout_id, details)
+    SELECT 'admin', %(user_id)s, park_id, 'payout.manual.deny', 'ok', %(request_id)s, id,
+           %(details)s
+    FROM denied
+)
+SELECT * FROM denied
+
+-- expire --
+-- Manual payouts whose approval time ran out, by the database's clock: expired,
+-- each with a system audit entry. With an id, that one only (if it is due).
+WITH expired AS (
+    UPDATE payouts SET status = 'expired', completed_at = now()
+    WHERE id IN (SELECT id FROM payouts
+                 WHERE status = 'pending_approval'
+                   AND approval_expires_at <= statement_timestamp()
+                   AND (%(id)s::uuid IS NULL OR id = %(id)s::uuid)
+                 ORDER BY approval_expires_at
+                 LIMIT %(limit)s
+                 FOR UPDATE SKIP LOCKED)
+    RETURNING *
+), entry AS (
+    INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, payout_id, details)
+    SELECT 'system', 'approval-expiry', park_id, 'payout.manual.expire', 'ok', id,
+           jsonb_build_object('approval_expires_at', approval_expires_at,
+                              'requested_by', requested_by)
+    FROM expired
+)
+SELECT * FROM expired
+
+-- pending_approval_count --
+-- The approvals queue's length (gauge fleet_payouts_manual_payouts_pending_approval),
+-- and how long its oldest request has waited.
+SELECT count(*) AS waiting,
+       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_seconds
+FROM payouts WHERE status = 'pending_approval'

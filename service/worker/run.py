@@ -50,10 +50,11 @@ async def periodic_scan(context: JobContext, timestamp: int) -> None:
 
 @app.task(name="maintenance", queue=queue.QUEUE_MAINTENANCE, pass_context=True)
 async def maintenance_task(context: JobContext, timestamp: int) -> None:
-    """Requeue stalled jobs and re-drive payouts whose job is gone."""
+    """Requeue stalled jobs, re-drive payouts whose job is gone, expire unapproved ones."""
     deps = tasks.deps_of(context)
     await maintenance.recover_stalled_jobs(app, deps)
     await maintenance.redrive_orphans(deps)
+    await maintenance.expire_manual_payouts(deps)
 
 
 @app.task(name="housekeeping", queue=queue.QUEUE_MAINTENANCE, pass_context=True)
