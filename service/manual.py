@@ -132,7 +132,13 @@ async def _request(conn: db.Conn, settings: Settings, req: ManualRequest) -> Acc
         await audit.write(
             conn,
             _entry(
-                ACTION_REQUEST, req.user_id, req.park_id, existing["id"], req, "ok", replay=True
+                ACTION_REQUEST,
+                req.user_id,
+                req.park_id,
+                existing["id"],
+                req,
+                "ok",
+                {"replay": True},
             ),
         )
         return Accepted(existing, replay=True)
@@ -364,7 +370,7 @@ def _entry(
     payout_id: uuid.UUID | None,
     what: ManualRequest | Decision,
     outcome: str,
-    **extra: Any,
+    extra: dict[str, Any] | None = None,
 ) -> audit.Entry:
     details = (
         what.audit_details
@@ -379,7 +385,7 @@ def _entry(
         outcome=outcome,
         request_id=what.request_id,
         payout_id=payout_id,
-        details={**details, **extra},
+        details={**details, **(extra or {})},
     )
 
 
@@ -398,5 +404,5 @@ async def _audit(
     async with conn.transaction():
         await audit.write(
             conn,
-            _entry(action, user_id, park_id, payout_id, what, refusal.code, **extra),
+            _entry(action, user_id, park_id, payout_id, what, refusal.code, extra),
         )
