@@ -118,6 +118,23 @@ class PayoutPage:
 
 
 @dataclasses.dataclass(frozen=True)
+class BillingReturn:
+    """A payout the bank sent back, as GET /v1/returns reports it (SPEC section 8)."""
+
+    idempotency_key: str
+    code: str
+    returned_at: datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class ReturnsPage:
+    """One page of the returns feed; pass next_cursor back as `after`."""
+
+    returns: list[BillingReturn]
+    next_cursor: str | None
+
+
+@dataclasses.dataclass(frozen=True)
 class Permit:
     """Leave to make one call; a probe's outcome decides the breaker."""
 
@@ -298,6 +315,32 @@ class BillingClient:
             return PayoutPage([_payout(item, listed=True) for item in items], next_cursor)
         except (KeyError, TypeError, AttributeError) as exc:
             raise Transient(f"Billing sent a malformed payout list: {exc}") from exc
+
+    async def returns_page(self, after: str | None, *, limit: int = MAX_LIST) -> ReturnsPage:
+        """The returns Billing recorded after the cursor, in the order it recorded them."""
+        params: dict[str, str | int] = {"limit": limit}
+        if after is not None:
+            params["after"] = after
+        response = await self._request("returns", "GET", "/v1/returns", params=params)
+        data = response.json()
+        try:
+            items = data["returns"]
+            next_cursor = data.get("next_cursor")
+            if not isinstance(items, list) or not (
+                next_cursor is None or isinstance(next_cursor, str)
+            ):
+                raise TypeError("returns must be a list and next_cursor a string or null")
+            returns = [
+                BillingReturn(
+                    idempotency_key=str(item["idempotency_key"]),
+                    code=str(item["code"])[:100] or "unknown",
+                    returned_at=_parse_timestamp(item["returned_at"]),
+                )
+                for item in items
+            ]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise Transient(f"Billing sent a malformed returns page: {exc}") from exc
+        return ReturnsPage(returns, next_cursor)
 
     async def payouts_made(
         self, since: datetime, until: datetime, *, cursor: str | None = None

@@ -251,9 +251,16 @@ ALLOWED = {
     (Status.PROCESSING, Status.SUCCEEDED),
     (Status.PROCESSING, Status.FAILED),
     (Status.PROCESSING, Status.SKIPPED),
+    # Manual payouts: a second admin decides, or the approval time runs out.
+    (Status.PENDING_APPROVAL, Status.PENDING),
+    (Status.PENDING_APPROVAL, Status.DENIED),
+    (Status.PENDING_APPROVAL, Status.EXPIRED),
+    # The bank sends a succeeded payout back.
+    (Status.SUCCEEDED, Status.RETURNED),
     # Not moves: a live payout is rewritten in place (job id, a crashed run taken again).
     (Status.PENDING, Status.PENDING),
     (Status.PROCESSING, Status.PROCESSING),
+    (Status.PENDING_APPROVAL, Status.PENDING_APPROVAL),
 }
 
 
