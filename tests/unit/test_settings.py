@@ -204,3 +204,20 @@ def test_serve_with_bad_setting_exits_non_zero_naming_the_variable() -> None:
     )
     assert 0 != result.returncode
     assert "PAYOUT_PERIOD_DAYS" in result.stderr
+
+
+def test_manual_payout_approval_hours_defaults_to_72_and_takes_fractions() -> None:
+    """MANUAL_PAYOUT_APPROVAL_HOURS is 72 by default; fractions are accepted."""
+    assert timedelta(hours=72) == load(env()).manual_payout_approval_window
+    assert (
+        timedelta(hours=0.5)
+        == load(env(MANUAL_PAYOUT_APPROVAL_HOURS="0.5")).manual_payout_approval_window
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x", "1e9"])
+def test_a_bad_manual_payout_approval_window_names_the_variable(value: str) -> None:
+    """A non-positive, malformed or absurd MANUAL_PAYOUT_APPROVAL_HOURS stops start-up naming it."""
+    with pytest.raises(ConfigError) as err:
+        load(env(MANUAL_PAYOUT_APPROVAL_HOURS=value))
+    assert "MANUAL_PAYOUT_APPROVAL_HOURS" == err.value.variable
