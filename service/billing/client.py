@@ -332,8 +332,10 @@ class BillingClient:
                 raise TypeError("returns must be a list and next_cursor a string or null")
             returns = [
                 BillingReturn(
-                    idempotency_key=str(item["idempotency_key"]),
-                    code=str(item["code"])[:100] or "unknown",
+                    # PostgreSQL text cannot hold NUL: one odd return must not
+                    # stop the feed for every later one.
+                    idempotency_key=str(item["idempotency_key"]).replace("\x00", "")[:255],
+                    code=str(item["code"]).replace("\x00", "")[:100] or "unknown",
                     returned_at=_parse_timestamp(item["returned_at"]),
                 )
                 for item in items
