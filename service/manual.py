@@ -228,10 +228,14 @@ async def _decide(
                     observability.PAYOUTS.labels("manual", "denied").inc()
                 return done
     except psycopg.errors.CheckViolation as exc:
-        # The database's four eyes, should a path ever skip the check above.
-        if exc.diag.constraint_name != "payouts_four_eyes":
+        # The database's word, should a path ever skip the checks above: its four
+        # eyes, and (main's migration 0007) no payout enters flight on a held park.
+        if exc.diag.constraint_name == "payouts_four_eyes":
+            refusal = _self_approval()
+        elif exc.diag.constraint_name == "payouts_decided_under_park_lock":
+            refusal = Refused("park_on_hold", "payouts for this park are on hold")
+        else:
             raise
-        refusal = _self_approval()
     except psycopg.errors.UniqueViolation as exc:
         # The in-flight index, should a path ever skip the check above.
         if exc.diag.constraint_name != "payouts_one_in_flight_per_park":
