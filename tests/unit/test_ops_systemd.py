@@ -28,14 +28,14 @@ def unit(path: Path) -> configparser.ConfigParser:
 
 @pytest.mark.parametrize("name", ["fleet-payouts-api.service", "fleet-payouts-worker.service"])
 def test_api_and_worker_require_the_migration(name: str) -> None:
-    """api and worker Require= and come After= the migrate unit: a failed migrate keeps them down."""
+    """api and worker Require= and come After= migrate: a failed migrate keeps them down."""
     section = unit(UNITS / name)["Unit"]
     assert "fleet-payouts-migrate.service" in section.get("Requires", "").split()
     assert "fleet-payouts-migrate.service" in section.get("After", "").split()
 
 
 @pytest.mark.skipif(
-    SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed (Debian: apt-get install systemd)"
+    SYSTEMD_ANALYZE is None, reason="no systemd-analyze (Debian: apt-get install systemd)"
 )
 @pytest.mark.parametrize("path", SERVICES, ids=[p.name for p in SERVICES])
 def test_unit_exposure_is_ok(path: Path) -> None:
