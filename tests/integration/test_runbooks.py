@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
+import pytest
 from psycopg.rows import DictRow
 
 from service import audit_chain, roles
@@ -26,6 +27,9 @@ from tests.helpers.emulator import REPO_ROOT
 RUNBOOKS = REPO_ROOT / "ops" / "runbooks" / "README.md"
 OPS_ROLE = "fleet_payouts_ops"
 ROLES = (roles.ROLES.readonly, OPS_ROLE, roles.ROLES.owner)
+# The target cluster's superuser: only the restore into a fresh cluster needs it.
+SUPERUSER = "postgres"
+BACKUP_SECTION = "Backup and restore"
 MARKER = re.compile(r"^(?:--|#) as (\w+)\s*$")
 FENCE = re.compile(r"^(\s*)```(\w+)\s*$")
 # The retention runbook's example month, moved to one this database can hold.
@@ -39,14 +43,18 @@ class Block:
     lang: str
     role: str | None
     text: str
+    section: str
 
 
 def fenced_blocks(text: str) -> list[Block]:
     """Every fenced block, de-indented as it would be pasted, with its role marker."""
     blocks: list[Block] = []
     lines = text.splitlines()
+    section = ""
     i = 0
     while i < len(lines):
+        if lines[i].startswith("## "):
+            section = lines[i][3:].strip()
         opening = FENCE.match(lines[i])
         if not opening:
             i += 1
@@ -58,9 +66,8 @@ def fenced_blocks(text: str) -> list[Block]:
             body.append(lines[i][len(indent) :] if lines[i].startswith(indent) else lines[i])
             i += 1
         marker = MARKER.match(body[0]) if body else None
-        blocks.append(
-            Block(i - len(body), lang, marker.group(1) if marker else None, "\n".join(body))
-        )
+        role = marker.group(1) if marker else None
+        blocks.append(Block(i - len(body), lang, role, "\n".join(body), section))
         i += 1
     return blocks
 
@@ -71,7 +78,11 @@ def runnable(blocks: list[Block]) -> list[Block]:
 
 def test_every_block_names_its_role() -> None:
     """Each SQL and shell block of the runbooks starts with the role it runs as."""
-    unnamed = [b.line for b in runnable(fenced_blocks(RUNBOOKS.read_text())) if b.role not in ROLES]
+    unnamed = [
+        b.line
+        for b in runnable(fenced_blocks(RUNBOOKS.read_text()))
+        if b.role not in ROLES and not (b.role == SUPERUSER and b.section == BACKUP_SECTION)
+    ]
     assert [] == unnamed
 
 
@@ -148,6 +159,8 @@ def test_every_block_runs_as_its_role(
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     for block in runnable(fenced_blocks(RUNBOOKS.read_text())):
+        if block.section == BACKUP_SECTION:
+            continue  # into a fresh cluster: test_backup_restores_into_a_fresh_cluster
         assert block.role is not None
         url = urls[block.role]
         script = tmp_path / f"block_{block.line}.{block.lang}"
@@ -174,3 +187,72 @@ def test_every_block_runs_as_its_role(
     ).fetchone()
     assert archived is not None
     assert 2 == archived["n"]
+
+
+def test_backup_restores_into_a_fresh_cluster(
+    db_url: str, pg: psycopg.Connection[DictRow], tmp_path: Path
+) -> None:
+    """The backup and restore blocks, pasted as their roles, take a dump of a live database
+    holding pg_stat_statements and a payout into a fresh cluster: pg_restore exits 0, migrate
+    and audit verify pass, and the events feed check runs."""
+    from service.devenv.postgres import temporary_server
+    from tests.helpers.api import app_client, press_headers, register
+
+    pg.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")  # as compose's initdb does
+    with app_client(db_url) as client:
+        register(client, "park-backup")
+        pressed = client.post(
+            "/v1/payouts/instant", json={"amount": "10.00"}, headers=press_headers("park-backup")
+        )
+        assert pressed.status_code in (201, 202), pressed.text
+    source = with_user(db_url, dba_login(pg, roles.ROLES.readonly))
+    today = subprocess.run(["date", "+%F"], capture_output=True, text=True, check=True).stdout
+    values = {"2026-11-29": today.strip()}
+    blocks = [
+        b for b in runnable(fenced_blocks(RUNBOOKS.read_text())) if b.section == BACKUP_SECTION
+    ]
+    assert {SUPERUSER, roles.ROLES.owner, roles.ROLES.readonly} <= {b.role for b in blocks}
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    base_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    with temporary_server("fp-restore-", fast_unsafe=True) as cluster_url:
+        restored = with_dbname_of(cluster_url, "fleet_payouts_restored")
+        for block in blocks:
+            assert block.role is not None
+            if block.role == roles.ROLES.readonly and "RESTORED_URL" in block.text:
+                with psycopg.connect(restored, autocommit=True) as new:
+                    login = dba_login(new, block.role)  # type: ignore[arg-type]
+                url = with_user(restored, login)
+            else:
+                url = with_user(restored, block.role)
+            text = block.text
+            for placeholder, value in values.items():
+                text = text.replace(placeholder, value)
+            script = tmp_path / f"block_{block.line}.sh"
+            script.write_text(text + "\n")
+            env = {
+                **base_env,
+                "DATABASE_URL": source,
+                "BACKUP_DIR": str(tmp_path),
+                "NEW_CLUSTER_URL": cluster_url,
+                "RESTORED_URL": url,
+            }
+            result = subprocess.run(
+                ["bash", "-e", "-o", "pipefail", str(script)],
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            output = result.stdout + result.stderr
+            if result.returncode != 0 and "events feed: restored events wait" in output:
+                # The runbook's own check found what issue 18 left to the money-and-feed issue.
+                pytest.xfail("the events feed after a logical restore: the feed issue's fix")
+            assert 0 == result.returncode, f"block at line {block.line} as {block.role}:\n{output}"
+
+
+def with_dbname_of(url: str, name: str) -> str:
+    from tests.conftest import with_dbname
+
+    return with_dbname(url, name)
