@@ -171,6 +171,9 @@ async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int 
                 lambda: reconcile.refresh_gauges(deps.pool),
                 "reconciliation gauge",
             ).start(),
+            Every(
+                gauges.GAUGE_SECONDS, lambda: gauges.refresh_check_gauges(deps.pool), "check gauges"
+            ).start(),
         ]
         try:
             await worker.run()  # type: ignore[no-untyped-call]  # procrastinate leaves it unannotated
