@@ -36,9 +36,8 @@ KEEP_FINISHED_JOBS_HOURS = 24 * 7
 RECONCILE_CRON = "40 3 * * *"
 # How often a worker reads the shared Billing pause for its gauge.
 GATE_REFRESH_SECONDS = 1.0
-# A webhook round every second, when WEBHOOK_URL is set (seconds: sixth field).
-WEBHOOKS_CRON = "* * * * * *"
-# Its finished jobs say nothing the webhook tables do not: an hour is plenty.
+# deliver_webhooks jobs were deferred by workers of the version before (webhooks
+# are a chore of each worker now); their finished jobs say nothing: an hour.
 KEEP_WEBHOOK_JOBS_HOURS = 1
 
 
@@ -83,8 +82,6 @@ def register_periodic(settings: Settings) -> None:
     app.periodic(cron=HOUSEKEEPING_CRON, priority=urgent)(housekeeping)
     # Not urgent: it may wait behind payouts, never the other way round.
     app.periodic(cron=RECONCILE_CRON, priority=queue.PRIORITY_PERIODIC)(reconcile_task)
-    if settings.webhook_url:
-        app.periodic(cron=WEBHOOKS_CRON, priority=queue.PRIORITY_WEBHOOKS)(tasks.deliver_webhooks)
 
 
 @contextlib.asynccontextmanager
@@ -161,6 +158,9 @@ async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int 
                 "reconciliation gauge",
             ).start(),
         ]
+        if dispatcher is not None:
+            # Webhooks: the process holding the feed's lease delivers, the others wait.
+            background.append(Every(webhooks.TURN_SECONDS, dispatcher.chore, "webhooks").start())
         try:
             await worker.run()  # type: ignore[no-untyped-call]  # procrastinate leaves it unannotated
         finally:
