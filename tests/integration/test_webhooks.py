@@ -3,7 +3,6 @@ httpx mock: what a round sends, signs, retries and records (service/webhooks.py)
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
