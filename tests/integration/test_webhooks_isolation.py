@@ -164,7 +164,7 @@ async def test_48_hanging_parks_delay_no_other_park(
             await asyncio.to_thread(wave)
             # Load pacing, not synchronisation: about two waves of events a second.
             await asyncio.sleep(0.5)
-        await _wait_async(lambda: set(committed) <= set(consumer.drain()), timeout=10)
+        await _wait_async(lambda: set(committed) <= set(consumer.drain()), seconds=10)
     finally:
         await chore.stop()
         await dispatcher.aclose()
@@ -184,9 +184,8 @@ async def test_48_hanging_parks_delay_no_other_park(
     assert failing is not None and len(HANGING) == failing["n"]
 
 
-async def _wait_async(condition: Callable[[], bool], *, timeout: float) -> None:
+async def _wait_async(condition: Callable[[], bool], *, seconds: float) -> None:
     """Wait for `condition()` without blocking the loop the dispatcher runs on."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the healthy parks' events"
-        await asyncio.sleep(0.05)
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.05)
