@@ -4,14 +4,16 @@ deliveries never get an answer delay no other park's events (service/webhooks.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import multiprocessing
+import queue
 import select
 import socket
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,11 +94,15 @@ class Consumer:
     most_hanging: Any
     received: dict[tuple[str, str], float] = field(default_factory=dict)
 
-    def drain(self) -> dict[tuple[str, str], float]:
-        while not self.queue.empty():
-            payout_id, kind, at = self.queue.get()
-            self.received[(payout_id, kind)] = at
-        return self.received
+    def wait_for(self, expected: set[tuple[str, str]], seconds: float) -> None:
+        """Block (in a thread) until every expected receipt has come; fail after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while not expected <= set(self.received):
+            left = deadline - time.monotonic()
+            assert left > 0, f"{len(expected - set(self.received))} events never arrived"
+            with contextlib.suppress(queue.Empty):
+                payout_id, kind, at = self.queue.get(timeout=left)
+                self.received[(payout_id, kind)] = at
 
 
 @pytest.fixture
@@ -164,7 +170,7 @@ async def test_48_hanging_parks_delay_no_other_park(
             await asyncio.to_thread(wave)
             # Load pacing, not synchronisation: about two waves of events a second.
             await asyncio.sleep(0.5)
-        await _wait_async(lambda: set(committed) <= set(consumer.drain()), seconds=10)
+        await asyncio.to_thread(consumer.wait_for, set(committed), 10)
     finally:
         await chore.stop()
         await dispatcher.aclose()
@@ -182,10 +188,3 @@ async def test_48_hanging_parks_delay_no_other_park(
         " 'ReadTimeout%%'"
     ).fetchone()
     assert failing is not None and len(HANGING) == failing["n"]
-
-
-async def _wait_async(condition: Callable[[], bool], *, seconds: float) -> None:
-    """Wait for `condition()` without blocking the loop the dispatcher runs on."""
-    async with asyncio.timeout(seconds):
-        while not condition():
-            await asyncio.sleep(0.05)
