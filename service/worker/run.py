@@ -11,8 +11,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import psycopg
 from procrastinate import JobContext
 from procrastinate.worker import Worker
+from psycopg_pool import PoolTimeout
 
 from service import db, gauges, maintenance, periodic, queue, reconcile, webhooks
 from service.background import Every
@@ -105,6 +107,10 @@ async def webhook_dispatcher(
         yield None
         return
     dispatcher = webhooks.Dispatcher(deps.pool, settings)
+    # Before the worker registers: what commits from now on is pushed (the first time
+    # WEBHOOK_URL is set, deliveries start here). A database away: the first turn does it.
+    with contextlib.suppress(psycopg.OperationalError, PoolTimeout):
+        await dispatcher.start()
     try:
         yield dispatcher
     finally:

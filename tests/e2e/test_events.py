@@ -331,6 +331,6 @@ def _tried_and_failed(pg: Conn) -> set[str]:
     return {
         r["park_id"]
         for r in pg.execute(
-            "SELECT park_id FROM webhook_parks WHERE failures > 0 AND last_error IS NOT NULL"
+            "SELECT park_id FROM webhook_feed_parks WHERE failures > 0 AND last_error IS NOT NULL"
         ).fetchall()
     }
