@@ -208,13 +208,16 @@ class Dispatcher:
         await self.turn()
 
     async def run_round(self) -> RoundResult:
-        """Turns until every park started has finished and been recorded (tests, drills):
-        what this pass handed out, delivered and found failing; `busy` if not the holder."""
+        """Turns until nothing is due and every park started has been recorded (tests,
+        drills): what this pass handed out, delivered and found failing; `busy` if another
+        process holds the lease."""
         before = self.totals
-        if not await self.turn():
-            return RoundResult(0, 0, 0, busy=True)
-        while self.running:
-            await asyncio.wait(self.running.values(), return_when=asyncio.FIRST_COMPLETED)
+        while True:
+            if not await self.turn():
+                return RoundResult(0, 0, 0, busy=True)
+            if not self.running:
+                break
+            await asyncio.wait(self.running.values())
             async with self.pool.connection() as conn:
                 await self._settle(conn)
         after = self.totals

@@ -255,3 +255,36 @@ async def test_one_process_delivers_at_a_time_and_a_dead_holder_s_lease_lapses(
     finally:
         await first.aclose()
         await second.aclose()
+
+
+async def test_the_undelivered_gauge_reads_a_bounded_amount(
+    pg: Conn, dispatcher: webhooks.Dispatcher, pool: db.Pool
+) -> None:
+    """With thousands of delivered events and a few owed, the undelivered gauge counts the
+    owed ones exactly and reads a handful of pages (indexes and two state rows, never the
+    history): a year of events costs it what a day does."""
+    parks = [f"p{i}" for i in range(3000)]
+    register_parks(pg, *parks)
+    pg.execute(
+        "INSERT INTO payouts (id, park_id, kind, max_amount)"
+        " SELECT gen_random_uuid(), p, 'periodic', 100000 FROM unnest(%s::text[]) p",
+        (parks,),
+    )
+    await dispatcher.run_round()
+    assert 0 == await undelivered(pool)
+    finish(pg, stored(pg, "p7")[0]["payout_id"], "failed")  # handed out, not delivered
+    pg.execute("ANALYZE events")
+    async with pool.connection() as conn:
+        await webhooks.events.sequence(conn)
+        await webhooks._hand_out(conn)  # noqa: SLF001  # one step of a turn, alone
+    finish(pg, stored(pg, "p8")[0]["payout_id"], "skipped")  # committed, not stamped
+    assert 2 == await undelivered(pool)
+    plan = pg.execute(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + webhooks.Q["undelivered"],
+        {"cap": webhooks.UNSTAMPED_CAP},
+    ).fetchone()
+    assert plan is not None
+    top = next(iter(plan.values()))[0]["Plan"]
+    pages = top.get("Shared Hit Blocks", 0) + top.get("Shared Read Blocks", 0)
+    assert "Seq Scan on events" not in json.dumps(top)
+    assert pages < 40, pages
