@@ -276,7 +276,7 @@ async def test_the_undelivered_gauge_reads_a_bounded_amount(
     pg.execute("ANALYZE events")
     async with pool.connection() as conn:
         await webhooks.events.sequence(conn)
-        await webhooks._hand_out(conn)  # noqa: SLF001  # one step of a turn, alone
+        await webhooks._hand_out(conn)  # one step of a turn, alone
     finish(pg, stored(pg, "p8")[0]["payout_id"], "skipped")  # committed, not stamped
     assert 2 == await undelivered(pool)
     plan = pg.execute(
