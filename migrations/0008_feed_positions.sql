@@ -95,6 +95,41 @@ END
 $$;
 
 
+-- Retention (EVENTS_RETENTION_DAYS): deletes up to `max_events` of the oldest
+-- stamped events committed more than `days` days ago, and returns how many.
+-- Only a prefix of the feed, so "the oldest kept" is one position and a
+-- cursor before it is known to have missed events (410 cursor_expired). The
+-- caller repeats it, each call its own short transaction: no long lock.
+-- SECURITY DEFINER: the app role may delete no event itself, and through
+-- this function none younger than a week (a leaked app password cannot wipe
+-- the recent feed, whatever it passes).
+CREATE FUNCTION events_expire(days double precision, max_events integer DEFAULT 5000)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+DECLARE
+    deleted bigint;
+BEGIN
+    IF days IS NULL OR days < 7 THEN
+        RAISE EXCEPTION 'events are kept at least 7 days (asked: %)', days
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    WITH head AS (
+        SELECT seq, position, created_at FROM events
+        WHERE position IS NOT NULL ORDER BY position LIMIT max_events
+    ), prefix AS (
+        SELECT seq FROM head
+        WHERE position < coalesce(
+            (SELECT min(position) FROM head
+             WHERE created_at >= now() - make_interval(secs => days * 86400)),
+            9223372036854775807)
+    )
+    DELETE FROM events e USING prefix p WHERE e.seq = p.seq;
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN deleted;
+END
+$$;
+
+
 -- Webhook delivery by position (service/webhooks.py). New tables, so that v5
 -- dispatchers still running during the deploy keep their own state: both
 -- deliver meanwhile (at least once; consumers dedupe by id).

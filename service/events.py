@@ -106,6 +106,25 @@ async def page(conn: db.Conn, *, after: int, limit: int, park_id: str | None) ->
     return Page(found, int(found[-1]["position"]) if found else after)
 
 
+# Retention deletes this many events per statement (each its own short
+# transaction), up to EXPIRE_BATCHES_PER_RUN per hourly run: a backlog is
+# worked off over runs, never in one long lock.
+EXPIRE_BATCH = 5000
+EXPIRE_BATCHES_PER_RUN = 200
+
+
+async def expire(conn: db.Conn, days: float) -> int:
+    """Delete the events older than `days` (EVENTS_RETENTION_DAYS), a batch at a time."""
+    deleted = 0
+    for _ in range(EXPIRE_BATCHES_PER_RUN):
+        row = await db.fetch_one(conn, Q["expire"], days=days, batch=EXPIRE_BATCH)
+        count = int(row["deleted"]) if row else 0
+        deleted += count
+        if count < EXPIRE_BATCH:
+            break
+    return deleted
+
+
 def event_json(row: Row) -> dict[str, Any]:
     """The API's event object (SPEC section 3) of a row read by this module."""
     return {

@@ -68,7 +68,9 @@ APP_TABLES: Mapping[str, frozenset[str]] = {
 # nextval() without setval(): an identity or a queue id never goes backwards.
 APP_SEQUENCES = frozenset({"USAGE", "SELECT"})
 # SECURITY DEFINER functions run with the owner's rights; the app may call these only.
-APP_DEFINER_FUNCTIONS = frozenset({"audit_log_ensure_partitions", "events_sequence"})
+APP_DEFINER_FUNCTIONS = frozenset(
+    {"audit_log_ensure_partitions", "events_sequence", "events_expire"}
+)
 PRIVILEGES = {
     p: sql.SQL(p)
     for p in (

@@ -51,3 +51,7 @@ SELECT CASE WHEN %(xid)s::xid8 < pg_snapshot_xmin(pg_current_snapshot()) THEN
                (SELECT last_position + 1 FROM events_sequencer)
            ) - 1
        END AS position
+
+-- expire --
+-- Delete one batch of the oldest events past retention (migrations/0008).
+SELECT events_expire(%(days)s, %(batch)s) AS deleted

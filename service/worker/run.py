@@ -16,7 +16,7 @@ from procrastinate import JobContext
 from procrastinate.worker import Worker
 from psycopg_pool import PoolTimeout
 
-from service import db, gauges, maintenance, periodic, queue, reconcile, webhooks
+from service import db, events, gauges, maintenance, periodic, queue, reconcile, webhooks
 from service.background import Every
 from service.billing import gate as billing_gate
 from service.execution import Deps
@@ -59,8 +59,11 @@ async def maintenance_task(context: JobContext, timestamp: int) -> None:
 
 @app.task(name="housekeeping", queue=queue.QUEUE_MAINTENANCE, pass_context=True)
 async def housekeeping(context: JobContext, timestamp: int) -> None:
-    """Audit partitions ahead, and old finished jobs out of the queue table."""
-    await maintenance.ensure_partitions(tasks.deps_of(context))
+    """Audit partitions ahead, old finished jobs out of the queue table, old events out."""
+    deps = tasks.deps_of(context)
+    await maintenance.ensure_partitions(deps)
+    async with deps.pool.connection() as conn:
+        await events.expire(conn, deps.settings.events_retention_days)
     await app.job_manager.delete_old_jobs(nb_hours=KEEP_FINISHED_JOBS_HOURS)
     await app.job_manager.delete_old_jobs(
         nb_hours=KEEP_WEBHOOK_JOBS_HOURS, queue=queue.QUEUE_WEBHOOKS

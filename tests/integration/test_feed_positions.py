@@ -20,7 +20,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
-from service import db, migrate, webhooks
+from service import db, events, migrate, webhooks
 from service.devenv.postgres import find_pg_bindir, temporary_server
 from tests.conftest import drop_database, make_settings, with_dbname
 from tests.helpers.api import app_client, assert_error, park_headers
@@ -229,3 +229,35 @@ async def test_a_dump_restored_into_a_fresh_cluster_keeps_the_feed_going(
     assert 3 == len(after_restore)
     assert (3, 3) == (result.handed_out, result.delivered)
     assert expected == consumer.ids
+
+
+async def test_retention_deletes_the_oldest_and_old_cursors_say_where_to_resume(
+    db_url: str, pg: Conn, app_db_url: str
+) -> None:
+    """Events past EVENTS_RETENTION_DAYS are deleted (as the app role, through the owner's
+    function); a cursor from before them answers 410 cursor_expired with the oldest cursor,
+    which reads on from the first event kept; a cursor at the feed's end goes on as ever."""
+    register_parks(pg, "a", "b")
+    # Two events of last year (written as the owner could; created_at as then).
+    pg.execute(
+        "INSERT INTO events (xid, type, park_id, payout_id, payout, created_at)"
+        " SELECT pg_current_xact_id(), 'payout.created', 'a', gen_random_uuid(),"
+        " jsonb_build_object('id', gen_random_uuid()), now() - interval '1 year'"
+        " FROM generate_series(1, 2)"
+    )
+    pg.execute("SELECT events_sequence()")
+    with app_client(db_url) as client:
+        first = cursor_of([1])
+        end = cursor_of([2])
+        kept = [insert_payout(pg, "b")]
+        conn = await db.connect(app_db_url, name="test")
+        async with conn:
+            assert 2 == await events.expire(conn, days=90)
+            with pytest.raises(psycopg.errors.InvalidParameterValue):
+                await events.expire(conn, days=1)  # the recent feed is not the app's to drop
+        r = client.get("/v1/events", params={"after": first}, headers=park_headers())
+        assert_error(r, 410, "cursor_expired")
+        resumed, _ = read_all(client, after=r.json()["details"]["oldest_cursor"])
+        assert kept == [e["payout"]["id"] for e in resumed]
+        assert kept == [e["payout"]["id"] for e in read_all(client, after=end)[0]]
+        assert kept == [e["payout"]["id"] for e in read_all(client)[0]]
