@@ -106,6 +106,8 @@ def test_tokens_are_split_on_commas() -> None:
         ("ADMIN_STATEMENT_TIMEOUT_SECONDS", "nan"),
         ("API_DRAIN_SECONDS", "-1"),
         ("TRUSTED_PROXIES", "10.0.0.1,lb.example"),
+        ("EVENTS_RETENTION_DAYS", "3"),
+        ("EVENTS_RETENTION_DAYS", "1e6"),
     ],
 )
 def test_bad_value_raises_config_error_naming_the_variable(variable: str, value: str) -> None:
