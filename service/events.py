@@ -72,9 +72,13 @@ def _bounded_int(value: Any, end: int) -> int:
     return value
 
 
+# What one call of the sequencer stamps at most (its default, migrations/0008).
+SEQUENCE_BATCH = 10_000
+
+
 async def sequence(conn: db.Conn) -> int:
     """Give the committed events their positions (autocommit: the stamps commit at once)."""
-    row = await db.fetch_one(conn, Q["sequence"])
+    row = await db.fetch_one(conn, Q["sequence"], batch=SEQUENCE_BATCH)
     return int(row["stamped"]) if row else 0
 
 

@@ -165,9 +165,14 @@ class Dispatcher:
             await self.client.aclose()
 
     async def start(self) -> None:
-        """Webhooks are on: the first time ever, deliveries start at the feed's end."""
+        """Webhooks are on: the first time ever, deliveries start at the feed's end.
+
+        Every committed event is stamped first: after the deploy of positions, the
+        events of the version before, which may take a while (minutes per ten million).
+        """
         async with self.pool.connection() as conn:
-            await events.sequence(conn)
+            while await events.sequence(conn) >= events.SEQUENCE_BATCH:
+                pass
             await db.execute(conn, Q["start"])
         self._started = True
 

@@ -1,7 +1,7 @@
 -- sequence --
 -- Stamp the committed events that have no position yet (migrations/0008):
 -- called before reading, so an event is readable once it has committed.
-SELECT events_sequence() AS stamped
+SELECT events_sequence(%(batch)s) AS stamped
 
 -- page --
 -- Every park's events after the cursor, in position order. The sequencer's

@@ -1,8 +1,21 @@
 -- start --
 -- Webhooks are on: the dispatcher's place is the feed's end (after stamping),
 -- the first time only. History is read through GET /v1/events, not pushed.
+-- Webhooks of the version before (a webhook_state row): just before the first
+-- event it had not delivered everywhere (what it had comes again: at least
+-- once); every event it knew is stamped by then (Dispatcher.start).
 INSERT INTO webhook_feed (position)
-SELECT last_position FROM events_sequencer
+SELECT CASE WHEN v5.xid IS NULL THEN q.last_position ELSE least(
+           (SELECT min(e.position) FROM events e WHERE (e.xid, e.seq) > (v5.xid, v5.seq)),
+           (SELECT min(e.position)
+            FROM webhook_parks w
+            JOIN events e ON e.park_id = w.park_id
+                         AND (e.xid, e.seq) > (w.delivered_xid, w.delivered_seq)
+            WHERE w.next_attempt_at IS NOT NULL),
+           q.last_position + 1
+       ) - 1 END
+FROM events_sequencer q
+LEFT JOIN webhook_state v5 ON v5.id
 ON CONFLICT (id) DO NOTHING
 
 -- acquire --

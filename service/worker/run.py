@@ -11,10 +11,8 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import psycopg
 from procrastinate import JobContext
 from procrastinate.worker import Worker
-from psycopg_pool import PoolTimeout
 
 from service import db, events, gauges, maintenance, periodic, queue, reconcile, webhooks
 from service.background import Every
@@ -109,11 +107,9 @@ async def webhook_dispatcher(
     if not settings.webhook_url:
         yield None
         return
+    # Its first turn switches webhooks on (the first time WEBHOOK_URL is set,
+    # deliveries start with what commits from then on).
     dispatcher = webhooks.Dispatcher(deps.pool, settings)
-    # Before the worker registers: what commits from now on is pushed (the first time
-    # WEBHOOK_URL is set, deliveries start here). A database away: the first turn does it.
-    with contextlib.suppress(psycopg.OperationalError, PoolTimeout):
-        await dispatcher.start()
     try:
         yield dispatcher
     finally:
