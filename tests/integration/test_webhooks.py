@@ -288,3 +288,25 @@ async def test_the_undelivered_gauge_reads_a_bounded_amount(
     pages = top.get("Shared Hit Blocks", 0) + top.get("Shared Read Blocks", 0)
     assert "Seq Scan on events" not in json.dumps(top)
     assert pages < 40, pages
+
+
+async def test_webhooks_of_the_version_before_go_on_where_they_were(
+    pg: Conn, db_url: str, pool: db.Pool, consumer: Consumer
+) -> None:
+    """With webhooks on under v5 (webhook_state had delivered the first two events), the
+    new dispatcher starts right after them, not at the feed's end nor at its start."""
+    register_parks(pg, "a", "b")
+    for park in ("a", "b"):
+        finish(pg, insert_payout(pg, park), "succeeded")
+    rows = stored(pg)
+    pg.execute(
+        "INSERT INTO webhook_state (xid, seq) VALUES (%s::xid8, %s)",
+        (rows[1]["xid"], rows[1]["seq"]),
+    )
+    settings = make_settings(db_url, webhook_url="http://consumer.test/", webhook_secret=SECRET)
+    d = webhooks.Dispatcher(pool, settings, transport=httpx.MockTransport(consumer))
+    try:
+        await d.run_round()
+    finally:
+        await d.aclose()
+    assert [r["id"] for r in stored(pg)[2:]] == consumer.ids()
