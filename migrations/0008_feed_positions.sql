@@ -17,7 +17,7 @@
 --   lock (or behind its in-flight payout), so a park's seq order is its
 --   commit order.
 -- * Readers return stamped events only, in position order, and stamp first
---   (GET /v1/events and every webhook round call it): readable as soon as
+--   (GET /v1/events and every webhook turn call it): readable as soon as
 --   committed, whatever else is open in the cluster.
 -- * Positions are table data: pg_dump, a restore into a fresh cluster and a
 --   logical copy keep them, and cursors with them.
