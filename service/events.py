@@ -72,13 +72,17 @@ def _bounded_int(value: Any, end: int) -> int:
     return value
 
 
-# What one call of the sequencer stamps at most (its default, migrations/0008).
+# What one call of the sequencer stamps at most. A reader's call stays short
+# (a backlog, e.g. the events of v5 right after the deploy, about 0.2 s per
+# thousand on a busy host) so that readers queued behind it stay well inside
+# the API's statement timeout; the webhook dispatcher's start stamps in bulk.
+READ_BATCH = 1_000
 SEQUENCE_BATCH = 10_000
 
 
-async def sequence(conn: db.Conn) -> int:
-    """Give the committed events their positions (autocommit: the stamps commit at once)."""
-    row = await db.fetch_one(conn, Q["sequence"], batch=SEQUENCE_BATCH)
+async def sequence(conn: db.Conn, batch: int = READ_BATCH) -> int:
+    """Give up to `batch` committed events their positions (autocommit: they commit at once)."""
+    row = await db.fetch_one(conn, Q["sequence"], batch=batch)
     return int(row["stamped"]) if row else 0
 
 

@@ -171,7 +171,8 @@ class Dispatcher:
         events of the version before, which may take a while (minutes per ten million).
         """
         async with self.pool.connection() as conn:
-            while await events.sequence(conn) >= events.SEQUENCE_BATCH:
+            batch = events.SEQUENCE_BATCH
+            while await events.sequence(conn, batch) >= batch:
                 pass
             await db.execute(conn, Q["start"])
         self._started = True

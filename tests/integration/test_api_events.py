@@ -142,6 +142,7 @@ async def test_an_empty_page_is_one_indexed_statement(db_url: str, pg: Conn) -> 
     )
     conn = await db.connect(db_url, name="test")
     async with conn:
+        assert 2000 == await events.sequence(conn, events.SEQUENCE_BATCH)
         last = (await events.page(conn, after=events.START, limit=100, park_id=None)).next
         pg.execute("ANALYZE events")  # as autovacuum would, once the events are stamped
         end = 2000
