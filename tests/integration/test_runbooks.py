@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
-import pytest
 from psycopg.rows import DictRow
 
 from service import audit_chain, roles
@@ -246,9 +245,6 @@ def test_backup_restores_into_a_fresh_cluster(
                 check=False,
             )
             output = result.stdout + result.stderr
-            if result.returncode != 0 and "events feed: restored events wait" in output:
-                # The runbook's own check found what issue 18 left to the money-and-feed issue.
-                pytest.xfail("the events feed after a logical restore: the feed issue's fix")
             assert 0 == result.returncode, f"block at line {block.line} as {block.role}:\n{output}"
 
 
