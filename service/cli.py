@@ -88,7 +88,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
     from service import audit_chain
 
     try:
-        code = asyncio.run(audit_chain.run(_database_url(), since=args.since))
+        code = asyncio.run(audit_chain.run(_database_url(), since=args.since, full=args.full))
     except psycopg.Error as exc:
         # Not a verdict on the log: 1 means "broken", so a failure to look is 2.
         print(f"fleet-payouts audit verify: {exc}", file=sys.stderr)
@@ -188,6 +188,11 @@ def parser() -> argparse.ArgumentParser:
     )
     v.add_argument(
         "--since", type=_date, default=None, help="start at the month of this date (YYYY-MM-DD)"
+    )
+    v.add_argument(
+        "--full",
+        action="store_true",
+        help="walk every month again, also closed ones recorded intact whose heads are unchanged",
     )
     v.set_defaults(func=cmd_audit_verify)
     return p
