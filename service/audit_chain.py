@@ -159,6 +159,16 @@ class Broken:
 
 
 @dataclasses.dataclass(frozen=True)
+class Verified:
+    """A closed month an earlier run walked intact (audit_verified_months)."""
+
+    entries: int
+    legacy: int
+    month_digest: bytes
+    verified_at: datetime
+
+
+@dataclasses.dataclass(frozen=True)
 class MonthResult:
     month: date
     entries: int
@@ -167,16 +177,8 @@ class MonthResult:
     archived: Archive | None = None
     # Not walked this time: a closed month verified then, its heads unchanged since.
     verified_at: datetime | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Verified:
-    """A closed month an earlier run walked intact (audit_verified_months)."""
-
-    entries: int
-    legacy: int
-    month_digest: bytes
-    verified_at: datetime
+    # Walked again: a closed month whose heads no longer have the digest recorded then.
+    changed_since: Verified | None = None
 
 
 # id, at, actor_type, actor_id, park_id, action, outcome, request_id, payout_id,
@@ -381,7 +383,7 @@ async def verify(
             walked = await _verify_month(conn, month, legacy_max_id)
             if isinstance(walked, Broken):
                 return walked
-            result = walked
+            result = dataclasses.replace(walked, changed_since=verified.get(month))
             if record and closed and result.entries and result.archived is None:
                 await db.execute(
                     conn,
@@ -501,7 +503,13 @@ def _line(result: MonthResult) -> str:
     else:
         what = f"{result.entries:,} entries"
     if result.verified_at is not None:
-        what += f", unchanged since verified {result.verified_at:%Y-%m-%d %H:%M}Z"
+        what += f", unchanged since verified {result.verified_at.astimezone(UTC):%Y-%m-%d %H:%M}Z"
+    if result.changed_since is not None:
+        was = result.changed_since
+        what += (
+            f", CHANGED since verified {was.verified_at.astimezone(UTC):%Y-%m-%d %H:%M}Z "
+            f"({was.entries:,} entries, digest {was.month_digest.hex()})"
+        )
     if result.legacy:
         what += f", {result.legacy:,} older than the chain"
     return f"  {label}  {what}  digest {result.digest.hex()}"
