@@ -18,14 +18,23 @@ ALTER TABLE audit_log ALTER COLUMN at SET DEFAULT clock_timestamp();
 -- chain's head row for every entry: inside one transaction each update leaves a row
 -- version that every later lookup of the head walks past (none can be pruned before
 -- commit), so one INSERT of N entries cost O(N^2) (the park import: 90,000 rows in
--- minutes). Now the row trigger reads the head once from audit_chain_heads and the
--- entries this statement has linked since from the chain index of the month's
--- partition (a row-level BEFORE trigger sees the rows its statement inserted before
--- it), and one statement-level trigger moves every touched head once, at the end.
+-- minutes). Now the row trigger only reads the head; one statement-level trigger
+-- moves every touched head once, at the end of the statement.
+--
+-- Entries this statement linked already are not in the head yet. Each row leaves a
+-- transaction-local setting per chain naming the entry it linked (its `at` and `id`,
+-- the primary key); the next row of the chain reads that entry back by its key and
+-- continues from the seq and hash stored in it. Only a pointer is trusted from the
+-- setting, never a hash, and only to an entry above the head (so this transaction's,
+-- this statement's): a caller who rewrites the setting mid-statement can at most make
+-- two of its own entries share a link, which `audit verify` names; it cannot make a
+-- chain skip or hide an entry. (Finding the tail by the chain index instead depends
+-- on statistics: on a new month's partition the planner takes the primary key's
+-- range over the whole month, for every row, and the insert is quadratic again.)
 --
 -- The head stays the authority for where a chain continues: an entry the table lacks
 -- but the head remembers (a deleted tail) is still continued from the head, leaving
--- the gap `audit verify` names. Rows above the head can only be this transaction's:
+-- the gap `audit verify` names. Entries above the head can only be this transaction's:
 -- the stripe is locked until commit, and every statement's heads are moved by its own
 -- statement trigger before another statement runs.
 --
@@ -41,8 +50,10 @@ DECLARE
     -- a statement's later rows find the stripe its first row locked at once.
     start   integer := pg_backend_pid() % stripes;
     head    record;
-    linked  record;
     got     boolean := false;
+    setting text;
+    hint    text[];
+    prev    record;
 BEGIN
     FOR i IN 0 .. stripes - 1 LOOP
         SELECT h.stripe, h.last_seq, h.last_hash INTO head
@@ -64,18 +75,23 @@ BEGIN
         FOR UPDATE;
     END IF;
 
-    -- Entries of this statement already linked into the chain, not in its head yet.
-    SELECT a.chain_seq, a.chain_hash INTO linked
-    FROM audit_log a
-    WHERE a.at >= (m::timestamp AT TIME ZONE 'UTC')
-      AND a.at < ((m + interval '1 month')::timestamp AT TIME ZONE 'UTC')
-      AND a.chain_stripe = head.stripe
-      AND a.chain_seq > head.last_seq
-    ORDER BY a.chain_seq DESC
-    LIMIT 1;
-    IF FOUND THEN
-        head.last_seq := linked.chain_seq;
-        head.last_hash := linked.chain_hash;
+    -- The entry this transaction linked last into this chain: `at` as microseconds
+    -- since the epoch, and id.
+    setting := 'fleet_payouts.audit_tail_' || to_char(m, 'YYYYMM') || '_' || head.stripe;
+    hint := string_to_array(current_setting(setting, true), '/');
+    IF array_length(hint, 1) = 2 AND hint[1] ~ '^-?[0-9]{1,18}$' AND hint[2] ~ '^[0-9]{1,18}$'
+    THEN
+        SELECT a.chain_seq, a.chain_hash INTO prev
+        FROM audit_log a
+        WHERE a.at = to_timestamp(0) + hint[1]::bigint * interval '1 microsecond'
+          AND a.id = hint[2]::bigint
+          AND a.chain_stripe = head.stripe;
+        IF FOUND AND prev.chain_seq > head.last_seq
+           AND date_trunc('month', (to_timestamp(0) + hint[1]::bigint * interval '1 microsecond')
+                                   AT TIME ZONE 'UTC')::date = m THEN
+            head.last_seq := prev.chain_seq;
+            head.last_hash := prev.chain_hash;
+        END IF;
     END IF;
 
     -- Whatever the inserter put in these columns is overwritten.
@@ -84,6 +100,10 @@ BEGIN
     NEW.chain_hash := sha256(head.last_hash || audit_log_canonical(
         NEW.id, NEW.at, NEW.actor_type, NEW.actor_id, NEW.park_id, NEW.action, NEW.outcome,
         NEW.request_id, NEW.payout_id, NEW.details, NEW.chain_stripe, NEW.chain_seq));
+    PERFORM set_config(
+        setting,
+        (extract(epoch FROM NEW.at) * 1000000)::bigint || '/' || NEW.id,
+        true);
     RETURN NEW;
 END
 $$;

@@ -458,3 +458,21 @@ async def test_a_cut_tail_stays_named_after_more_entries(pg: Pg, db_url: str) ->
     outcome = broken((await verify(db_url))[0])
     assert last["id"] + 1 == outcome.entry_id
     assert "missing" in outcome.reason
+
+
+async def test_a_tail_hint_set_by_the_caller_is_ignored(app_db_url: str, db_url: str) -> None:
+    """Chain-tail hints the app role sets by hand before its insert (pointing nowhere, or at
+    an older entry of the chain) change no link: the entries verify."""
+    with connect(app_db_url, autocommit=False) as app:
+        app.execute(MANY, (3,))
+        app.commit()
+        old = app.execute("SELECT min(id) AS id, min(at) AS at FROM audit_log").fetchone()
+        assert old is not None
+        micros = int(old["at"].timestamp() * 1_000_000)
+        for stripe in range(64):
+            name = f"fleet_payouts.audit_tail_{THIS_MONTH:%Y%m}_{stripe}"
+            for value in ("garbage", "1/1", f"{micros}/{old['id']}"):
+                app.execute("SELECT set_config(%s, %s, true)", (name, value))
+        app.execute(MANY, (4,))
+        app.commit()
+    assert Summary(months=1, entries=7, archived=0, legacy=0) == (await verify(db_url))[0]
