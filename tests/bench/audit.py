@@ -285,7 +285,11 @@ def inserts_per_second(url: str, seconds: float, hold_ms: float = 0) -> float:
 def use_variant(url: str, variant: str) -> None:
     ours, single = VARIANTS[variant]
     with psycopg.connect(url, autocommit=True) as conn:
-        for trigger, on in (("zz_audit_log_chain", ours), ("zz_bench_one_chain", single)):
+        for trigger, on in (
+            ("zz_audit_log_chain", ours),
+            ("zz_audit_log_chain_heads", ours),
+            ("zz_bench_one_chain", single),
+        ):
             state = "ENABLE ALWAYS" if on else "DISABLE"
             conn.execute(f"ALTER TABLE audit_log {state} TRIGGER {trigger}")  # type: ignore[arg-type]
 
