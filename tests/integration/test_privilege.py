@@ -18,7 +18,7 @@ import pytest
 from psycopg import sql
 
 from service import audit_chain, migrate, reconcile, roles
-from tests.conftest import TEMPLATE, create_database, drop_database, make_settings, with_user
+from tests.conftest import TEMPLATE, drop_database, make_settings, with_dbname, with_user
 from tests.helpers.audit import Pg, add_month, connect, months_back
 
 R = roles.ROLES
@@ -28,7 +28,16 @@ ATTEMPTS = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE")
 @pytest.fixture(scope="module")
 def policy_db(pg_server_url: str, template_url: str) -> Iterator[str]:
     """One migrated database for the privilege-by-privilege tests, which change nothing."""
-    url = create_database(pg_server_url, template=TEMPLATE)
+    # Its own name: tests.conftest imported here is a second copy of pytest's conftest,
+    # whose database counter starts from 0 again.
+    name = f"fp_policy_{os.getpid()}"
+    with psycopg.connect(pg_server_url, autocommit=True) as s:
+        s.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE)
+            )
+        )
+    url = with_dbname(pg_server_url, name)
     yield url
     drop_database(pg_server_url, url)
 
