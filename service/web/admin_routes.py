@@ -7,7 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service import audit, parks
+from service import audit, park_admin, parks
 from service.domain import is_park_id, is_visible_ascii
 from service.web import params, views
 from service.web.auth import ADMIN
@@ -16,7 +16,7 @@ from service.web.origin import client_details
 from service.web.state import admin_pool_of, pool_of, request_id_of, settings_of
 
 PARK_FIELDS = {"instant_payouts_enabled", "periodic_payouts_enabled", "params", "hold"}
-MAX_HOLD_REASON = 500
+MAX_HOLD_REASON = park_admin.MAX_HOLD_REASON
 
 
 async def put_park(request: Request) -> Response:
@@ -30,28 +30,20 @@ async def put_park(request: Request) -> Response:
     if "params" in body and not isinstance(body["params"], dict):
         raise ApiError("invalid_request", "params must be a JSON object")
     hold = _hold(body, user_id) if "hold" in body else None
+    change = park_admin.ParkChange(
+        park_id=park_id,
+        user_id=user_id,
+        request_id=request_id_of(request),
+        changes=body,
+        instant=body.get("instant_payouts_enabled"),
+        periodic=body.get("periodic_payouts_enabled"),
+        params=body.get("params"),
+        hold=hold,
+        client=client_details(request),
+    )
     # A write: the request pool, with its lock timeout, like every other write.
-    async with pool_of(request).connection() as conn, conn.transaction():
-        row, created = await parks.upsert(
-            conn,
-            park_id,
-            instant=body.get("instant_payouts_enabled"),
-            periodic=body.get("periodic_payouts_enabled"),
-            params=body.get("params"),
-            hold=hold,
-        )
-        await audit.write(
-            conn,
-            audit.Entry(
-                actor_type="admin",
-                actor_id=user_id,
-                park_id=park_id,
-                action="park.register" if created else "park.update",
-                outcome="ok",
-                request_id=request_id_of(request),
-                details={"changes": body, "client": client_details(request)},
-            ),
-        )
+    async with pool_of(request).connection() as conn:
+        row, created = await park_admin.apply(conn, change)
     return JSONResponse(views.park_json(row, settings), status_code=201 if created else 200)
 
 
@@ -70,16 +62,13 @@ def _hold(body: dict[str, Any], user_id: str) -> parks.Hold:
     if raw is None:
         return parks.Hold(reason=None, by=None)
     reason = raw.get("reason") if isinstance(raw, dict) and set(raw) == {"reason"} else None
-    if (
-        not isinstance(reason, str)
-        or not 0 < len(reason.strip()) <= MAX_HOLD_REASON
-        or not reason.isprintable()
-    ):
+    try:
+        return parks.Hold(reason=park_admin.hold_reason(reason), by=user_id)
+    except park_admin.InvalidChange:
         raise ApiError(
             "invalid_request",
             f'hold must be null or {{"reason": "..."}}, 1-{MAX_HOLD_REASON} printable characters',
-        )
-    return parks.Hold(reason=reason.strip(), by=user_id)
+        ) from None
 
 
 def _is_text(value: str) -> bool:

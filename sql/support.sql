@@ -1,0 +1,70 @@
+-- park_search --
+-- Parks whose id starts with the prefix (LIKE's wildcards in it escaped by the caller).
+SELECT park_id, instant_payouts_enabled, periodic_payouts_enabled, hold_reason, registered_at
+FROM parks
+WHERE park_id LIKE %(pattern)s ESCAPE '\'
+ORDER BY park_id
+LIMIT %(limit)s
+
+-- in_flight --
+-- The park's payout in flight, if any (at most one: payouts_one_in_flight_per_park).
+SELECT * FROM payouts
+WHERE park_id = %(park_id)s AND status IN ('pending', 'processing')
+
+-- timeline --
+-- One park's payouts, events and audit entries, newest first, keyset-paged on
+-- (at, source, key): each part reads its own index up to the cursor's time and
+-- takes at most a page, and the merge keeps the page's newest.
+-- source: 3 payout, 2 event, 1 audit; key orders rows of one source and time.
+WITH cursor AS (
+    SELECT %(at)s::timestamptz AS at, %(source)s::int AS source, %(key)s::text AS key
+)
+SELECT * FROM (
+    (SELECT p.created_at AS at, 3 AS source, p.id::text COLLATE "C" AS key, p.id AS payout_id,
+            p.kind, p.status, p.amount, p.currency, NULL::text AS type,
+            NULL::text AS actor_type, p.requested_by AS actor_id, NULL::text AS action,
+            NULL::text AS outcome, NULL::jsonb AS details
+     FROM payouts p, cursor c
+     WHERE p.park_id = %(park_id)s AND p.created_at <= c.at
+       AND (p.created_at, 3, p.id::text COLLATE "C") < (c.at, c.source, c.key)
+     ORDER BY p.created_at DESC, p.id DESC
+     LIMIT %(limit)s)
+    UNION ALL
+    (SELECT e.created_at, 2, lpad(e.seq::text, 20, '0') COLLATE "C", e.payout_id,
+            e.payout->>'kind', e.payout->>'status', (e.payout->>'amount')::numeric,
+            e.payout->>'currency', e.type, NULL, NULL, NULL, NULL, NULL
+     FROM events e, cursor c
+     WHERE e.park_id = %(park_id)s AND e.created_at <= c.at
+       AND (e.created_at, 2, lpad(e.seq::text, 20, '0') COLLATE "C") < (c.at, c.source, c.key)
+     ORDER BY e.created_at DESC, e.seq DESC
+     LIMIT %(limit)s)
+    UNION ALL
+    (SELECT a.at, 1, lpad(a.id::text, 20, '0') COLLATE "C", a.payout_id, NULL, NULL, NULL,
+            NULL, NULL, a.actor_type, a.actor_id, a.action, a.outcome, a.details
+     FROM audit_log a, cursor c
+     WHERE a.park_id = %(park_id)s AND a.at <= c.at
+       AND (a.at, 1, lpad(a.id::text, 20, '0') COLLATE "C") < (c.at, c.source, c.key)
+     ORDER BY a.at DESC, a.id DESC
+     LIMIT %(limit)s)
+) merged
+ORDER BY at DESC, source DESC, key DESC
+LIMIT %(limit)s
+
+-- payout_audit --
+-- A payout's audit trail, newest first (through the park's index: the payout's
+-- entries are a few among its park's).
+SELECT id, at, actor_type, actor_id, park_id, action, outcome, request_id, payout_id, details
+FROM audit_log
+WHERE park_id = %(park_id)s AND payout_id = %(payout_id)s
+ORDER BY at DESC, id DESC
+LIMIT %(limit)s
+
+-- payout_events --
+-- A payout's events, in commit order.
+SELECT seq, type, created_at FROM events
+WHERE park_id = %(park_id)s AND payout_id = %(payout_id)s
+ORDER BY xid, seq
+
+-- now --
+-- The database's clock: console sessions expire by it, as every time rule does.
+SELECT now() AS now
