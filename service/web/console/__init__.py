@@ -19,7 +19,11 @@ from starlette.routing import BaseRoute, Route
 
 from service.web.console import pages
 
-_STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
+_STATIC_TYPES = {
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
 
 
 def _static() -> dict[str, tuple[bytes, str]]:

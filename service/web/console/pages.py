@@ -62,12 +62,20 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 
-templates = Jinja2Templates(
-    env=Environment(
-        loader=PackageLoader("service.web.console", "templates"),
-        autoescape=select_autoescape(default=True, default_for_string=True),
-    )
+
+def when(value: str | None) -> str:
+    """An RFC 3339 UTC timestamp as people read it (the full one stays in <time datetime>)."""
+    if not value:
+        return ""
+    return value[:19].replace("T", " ") + " UTC"
+
+
+_env = Environment(
+    loader=PackageLoader("service.web.console", "templates"),
+    autoescape=select_autoescape(default=True, default_for_string=True),
 )
+_env.filters["when"] = when
+templates = Jinja2Templates(env=_env)
 
 
 class Refusal(Exception):
