@@ -503,7 +503,10 @@ def _timeline_entry(row: dict[str, Any]) -> dict[str, Any]:
         "actor_id": row["actor_id"],
         "action": row["action"],
         "outcome": row["outcome"],
-        "details": _compact(details) if details else None,
+        # Who-from-where is on the audit page; the timeline keeps to what happened.
+        "details": _compact({k: v for k, v in details.items() if k != "client"})
+        if details
+        else None,
     }
 
 
