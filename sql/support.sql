@@ -13,37 +13,38 @@ WHERE park_id = %(park_id)s AND status IN ('pending', 'processing')
 
 -- timeline --
 -- One park's payouts, events and audit entries, newest first, keyset-paged on
--- (at, source, key): each part reads its own index up to the cursor's time and
--- takes at most a page, and the merge keeps the page's newest.
--- source: 3 payout, 2 event, 1 audit; key orders rows of one source and time.
-WITH cursor AS (
-    SELECT %(at)s::timestamptz AS at, %(source)s::int AS source, %(key)s::text AS key
-)
+-- (at, source, key): each part walks its park index newest first from the
+-- cursor's time and stops at a page, and the merge keeps the page's newest.
+-- source: 3 payout, 2 event, 1 audit; key orders rows of one source and time
+-- (ids zero-padded, so text order is number order).
 SELECT * FROM (
     (SELECT p.created_at AS at, 3 AS source, p.id::text COLLATE "C" AS key, p.id AS payout_id,
             p.kind, p.status, p.amount, p.currency, NULL::text AS type,
             NULL::text AS actor_type, p.requested_by AS actor_id, NULL::text AS action,
             NULL::text AS outcome, NULL::jsonb AS details
-     FROM payouts p, cursor c
-     WHERE p.park_id = %(park_id)s AND p.created_at <= c.at
-       AND (p.created_at, 3, p.id::text COLLATE "C") < (c.at, c.source, c.key)
+     FROM payouts p
+     WHERE p.park_id = %(park_id)s AND p.created_at <= %(at)s::timestamptz
+       AND (p.created_at, 3, p.id::text COLLATE "C")
+           < (%(at)s::timestamptz, %(source)s::int, %(key)s::text COLLATE "C")
      ORDER BY p.created_at DESC, p.id DESC
      LIMIT %(limit)s)
     UNION ALL
     (SELECT e.created_at, 2, lpad(e.seq::text, 20, '0') COLLATE "C", e.payout_id,
             e.payout->>'kind', e.payout->>'status', (e.payout->>'amount')::numeric,
             e.payout->>'currency', e.type, NULL, NULL, NULL, NULL, NULL
-     FROM events e, cursor c
-     WHERE e.park_id = %(park_id)s AND e.created_at <= c.at
-       AND (e.created_at, 2, lpad(e.seq::text, 20, '0') COLLATE "C") < (c.at, c.source, c.key)
+     FROM events e
+     WHERE e.park_id = %(park_id)s AND e.created_at <= %(at)s::timestamptz
+       AND (e.created_at, 2, lpad(e.seq::text, 20, '0') COLLATE "C")
+           < (%(at)s::timestamptz, %(source)s::int, %(key)s::text COLLATE "C")
      ORDER BY e.created_at DESC, e.seq DESC
      LIMIT %(limit)s)
     UNION ALL
     (SELECT a.at, 1, lpad(a.id::text, 20, '0') COLLATE "C", a.payout_id, NULL, NULL, NULL,
             NULL, NULL, a.actor_type, a.actor_id, a.action, a.outcome, a.details
-     FROM audit_log a, cursor c
-     WHERE a.park_id = %(park_id)s AND a.at <= c.at
-       AND (a.at, 1, lpad(a.id::text, 20, '0') COLLATE "C") < (c.at, c.source, c.key)
+     FROM audit_log a
+     WHERE a.park_id = %(park_id)s AND a.at <= %(at)s::timestamptz
+       AND (a.at, 1, lpad(a.id::text, 20, '0') COLLATE "C")
+           < (%(at)s::timestamptz, %(source)s::int, %(key)s::text COLLATE "C")
      ORDER BY a.at DESC, a.id DESC
      LIMIT %(limit)s)
 ) merged
