@@ -69,6 +69,11 @@ async def payout_events(conn: db.Conn, park_id: str, payout_id: UUID) -> list[Ro
     return await db.fetch_all(conn, Q["payout_events"], park_id=park_id, payout_id=payout_id)
 
 
+async def approvals_queue(conn: db.Conn, *, limit: int) -> list[Row]:
+    """Manual payouts waiting for approval, oldest first."""
+    return await db.fetch_all(conn, Q["approvals_queue"], limit=limit)
+
+
 async def now(conn: db.Conn) -> datetime:
     row = await db.fetch_one(conn, Q["now"])
     assert row is not None

@@ -69,3 +69,10 @@ ORDER BY xid, seq
 -- now --
 -- The database's clock: console sessions expire by it, as every time rule does.
 SELECT now() AS now
+
+-- approvals_queue --
+-- Manual payouts waiting for a second admin, oldest first (SPEC section 9).
+SELECT * FROM payouts
+WHERE status = 'pending_approval'
+ORDER BY created_at, id
+LIMIT %(limit)s

@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from service import db
+from service import db, support
 from service.settings import Settings
 
 AVAILABLE = False
@@ -48,7 +48,7 @@ class Actor:
 
 async def queue(conn: db.Conn, *, limit: int) -> list[dict[str, Any]]:
     """Manual payouts waiting for approval, oldest first."""
-    raise Unavailable
+    return await support.approvals_queue(conn, limit=limit)
 
 
 async def request(
@@ -72,6 +72,8 @@ async def approve(
     raise Unavailable
 
 
-async def deny(conn: db.Conn, actor: Actor, payout_id: UUID, reason: str) -> dict[str, Any]:
+async def deny(
+    conn: db.Conn, settings: Settings, actor: Actor, payout_id: UUID, reason: str
+) -> dict[str, Any]:
     """The payout, now `denied`; Refused by the rules."""
     raise Unavailable

@@ -685,7 +685,9 @@ async def payout_deny(request: Request, session: sessions.Session) -> Response:
         session,
         payout_id,
         "deny",
-        lambda conn: manual.deny(conn, _actor(request, session), payout_id, reason),
+        lambda conn: manual.deny(
+            conn, settings_of(request), _actor(request, session), payout_id, reason
+        ),
     )
 
 
