@@ -395,3 +395,16 @@ def test_hostile_stored_text_renders_as_text_on_every_page(signed_in: TestClient
         assert r.status_code in (200, 400), (path, r.status_code)
         assert "<script>alert" not in r.text, path
         assert "<img src=x" not in r.text, path
+
+
+def test_pages_answer_503_not_500_while_the_database_is_unreachable() -> None:
+    """With no database a signed-in page says so as a 503 page with Retry-After."""
+    down = "postgresql://postgres@127.0.0.1:9/nowhere"
+    with console_client(down, api_pool_timeout_seconds=0.5) as c:
+        future = datetime.now(UTC) + timedelta(hours=1)
+        c.cookies.set("fp_console", forged_cookie(user="support-1", expires_at=future))
+        r = c.get("/console/parks")
+        assert 503 == r.status_code
+        assert "2" == r.headers["retry-after"]
+        assert sentences.REFUSALS["unavailable"] in r.text
+        assert 200 == c.get("/console/sign-in").status_code
