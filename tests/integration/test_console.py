@@ -1,6 +1,6 @@
 """The support console over HTTP, in-process (issue 20, SPEC section 9): sessions, CSRF,
 headers, the actions' audit entries, the timeline's pages and hostile stored text.
-The browser drives the same pages in tests/e2e/test_console.py."""
+The browser drives the same pages in tests/e2e/test_console_browser.py."""
 
 from __future__ import annotations
 
