@@ -42,22 +42,12 @@ from service.billing.client import (
     Paused,
     Rejected,
     Transient,
+    Undecided,
 )
 from service.domain import STALE_FIGURES, Phase, Status, is_storable_balance, order_amount
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-def is_decision(exc: Rejected) -> bool:
-    """Whether a 4xx is Billing deciding on this park or order, rather than refusing us.
-
-    Our own credentials refused (401/403: an operator fixes BILLING_TOKEN) and
-    another body under our key (which the schema makes impossible: a person
-    must look) say nothing about the payout: it waits, in flight, and the
-    alerts call a person. Anything else is Billing's answer, for good.
-    """
-    return exc.status not in (401, 403) and exc.code != "idempotency_key_reused"
 
 
 class RetryLater(Exception):
@@ -122,6 +112,11 @@ class _Run:
             # Nothing was asked: the shared pause spends none of the retry window.
             await self.wait(exc)
         except Transient as exc:
+            if isinstance(exc, Undecided) and exc.credentials_refused:
+                # Our BILLING_TOKEN is wrong: waiting out the window would fail
+                # every payout for an operator's mistake. The alerts call one.
+                logger.error("balance read refused: %s", exc, extra=self.log)
+                await self.wait(exc)
             if not self.taken.retry_window_over:
                 await self.wait(exc)
             # Nothing was ever ordered under this key: failing moves no money.
@@ -130,9 +125,6 @@ class _Run:
         except Malformed as exc:
             return await self.fail("invalid_balance", str(exc))
         except Rejected as exc:
-            if not is_decision(exc):
-                logger.error("balance read refused: %s", exc, extra=self.log)
-                await self.wait(exc)
             return await self.fail(exc.code, exc.message)
 
         p = self.payout
@@ -190,22 +182,22 @@ class _Run:
                 params=p.billing_params,
             )
         except Rejected as exc:
-            if not is_decision(exc):
-                logger.error("order not decided by Billing: %s", exc, extra=self.log)
-                await self.wait(exc)
+            # Only Billing's own refusal, one of the client's DECISIVE answers.
             return await self.refused(exc)
         except Transient as exc:
-            # The outcome is unknown: never give up on it, however long.
+            # The outcome is unknown (a timeout, a 5xx, an answer that is not
+            # Billing's decision): never give up on it, however long.
+            if isinstance(exc, Undecided):
+                logger.error("order not decided by Billing: %s", exc, extra=self.log)
             await self.wait(exc)
         return await self.succeed(done)
 
-    async def wait(self, exc: Rejected | Transient) -> NoReturn:
+    async def wait(self, exc: Transient) -> NoReturn:
         """Try again later; the problem stays visible to support meanwhile (a pause
         asked Billing nothing, so there is no problem to show)."""
         if not isinstance(exc, Paused):
             await payouts.note_transient(self.conn, self.payout.id, str(exc))
-        retry_after = exc.retry_after if isinstance(exc, Transient) else None
-        raise RetryLater(str(exc), retry_after=retry_after) from exc
+        raise RetryLater(str(exc), retry_after=exc.retry_after) from exc
 
     async def succeed(self, done: BillingPayout) -> Status | None:
         p = self.payout

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from service import db, queue
-from service.billing.client import MAX_SELECT, Balance, Transient
+from service.billing.client import MAX_SELECT, Balance, Rejected, Transient
 from service.domain import is_storable_balance
 from service.execution import Deps
 
@@ -73,7 +73,9 @@ async def scan(deps: Deps, *, batch_size: int = BATCH) -> ScanResult:
                     break
                 try:
                     balances = await deps.billing.balances(park_ids)
-                except Transient as exc:
+                except (Transient, Rejected) as exc:
+                    # Next tick tries again; a refusal of the whole batch is no
+                    # reason to crash the scan job either.
                     logger.warning("periodic scan stopped, Billing unavailable: %s", exc)
                     break
                 if not await _lease(conn, holder, lease):

@@ -116,11 +116,18 @@ SELECT * FROM done
 -- followed at once by a new payout with its own id and no snapshot: its job
 -- reads fresh figures. With its job, its audit entry and the park's attempt
 -- clock, in one statement; nothing for a park that left the schedule.
-WITH job AS (
+-- Decided under the park's row lock (SPEC section 2): the locking read waits
+-- for a transaction changing the park and then checks its committed row, so
+-- a hold or a switch-off that committed first always wins.
+WITH park AS (
+    SELECT k.park_id FROM parks k
+    WHERE k.park_id = (SELECT p.park_id FROM payouts p WHERE p.id = %(follows)s)
+      AND k.periodic_payouts_enabled AND k.hold_reason IS NULL
+    FOR NO KEY UPDATE
+), job AS (
     INSERT INTO procrastinate_jobs (queue_name, task_name, priority, args)
     SELECT %(queue)s, %(task)s, %(priority)s, jsonb_build_object('payout_id', %(id)s::text)
-    FROM payouts p JOIN parks k USING (park_id)
-    WHERE p.id = %(follows)s AND k.periodic_payouts_enabled AND k.hold_reason IS NULL
+    FROM park
     RETURNING id
 ), created AS (
     INSERT INTO payouts (id, park_id, kind, max_amount, min_amount, follows, job_id)

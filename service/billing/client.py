@@ -4,7 +4,12 @@ Every foreign failure leaves this module as one of three exceptions, so the
 payout job decides on meaning, not on status codes:
 
 - ``Rejected``: Billing said no for good (insufficient funds, unknown park...).
+  Only the answers in ``DECISIVE`` (SPEC section 4, "Only these answers decide
+  an order") are ``Rejected``: Billing's own error body with one of its codes.
 - ``Transient``: try again later; for an order the outcome is *unknown*.
+- ``Undecided`` (a ``Transient``): something answered, but not with Billing's
+  decision (a proxy's 408 or HTML page, a redirect, a bare 404, our token
+  refused, a 2xx that is no payout): for an order, still unknown.
 - ``Paused`` (a ``Transient``): calls are paused (Billing's Retry-After, or the
   breaker open); nothing was done at Billing. Wait ``retry_after`` seconds:
   waiting out a pause is not a failure.
@@ -46,6 +51,29 @@ MAX_LIST = 1000
 DEFAULT_RETRY_AFTER_SECONDS = 1.0
 MAX_RETRY_AFTER_SECONDS = 600.0
 
+# SPEC section 4, "Only these answers decide": per endpoint, the (status, code)
+# pairs of Billing's own error body that are its final word. The one allow-list:
+# anything else -- another status (408, 413, 401/403, a 3xx), a 404 or 400
+# without Billing's body, a gateway's HTML page, our key reused with another
+# body (a person must look) -- is Undecided, and an order stays in flight.
+# Status and code must agree: a proxy's 404 page that happens to be JSON with
+# some "code" decides nothing.
+DECISIVE: dict[str, frozenset[tuple[int, str]]] = {
+    "payout": frozenset(
+        {
+            (409, "insufficient_funds"),
+            (422, "currency_mismatch"),
+            (404, "park_not_found"),
+            (400, "invalid_request"),
+        }
+    ),
+    "balance": frozenset({(404, "park_not_found"), (400, "invalid_request")}),
+    "balances_select": frozenset({(400, "invalid_request")}),
+    # GET /v1/payouts/{K}: only Billing's own 404 means "no payout under K".
+    "payout_status": frozenset({(404, "payout_not_found")}),
+    "payouts_list": frozenset({(400, "invalid_request")}),
+}
+
 
 class BillingError(Exception):
     """Base of the errors the Billing client raises."""
@@ -67,6 +95,19 @@ class Transient(BillingError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Undecided(Transient):
+    """An answer that is not Billing's decision (see DECISIVE): nothing is known, ask again."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def credentials_refused(self) -> bool:
+        """Our BILLING_TOKEN was refused (401/403): an operator must fix it, time won't."""
+        return self.status in (401, 403)
 
 
 class Paused(Transient):
@@ -250,16 +291,24 @@ class BillingClient:
         response = await self._request(
             "payout", "POST", "/v1/payouts", json=body, headers={"Idempotency-Key": key}
         )
-        return _payout(response.json())
+        made = _payout(response.json())
+        if (made.park_id, made.amount, made.currency) != (park_id, amount, currency):
+            # Billing answers a key with the payout of that key's one body: another
+            # payout (a cache's answer to someone else's request) says nothing of ours.
+            raise Undecided(
+                f"payout: answered with payout {made.id!r} ({made.park_id} {made.amount} "
+                f"{made.currency}), not this order's",
+                status=response.status_code,
+            )
+        return made
 
     async def find_payout(self, key: str) -> BillingPayout | None:
         """The payout Billing made under this key, or None if it made none."""
         try:
             response = await self._request("payout_status", "GET", f"/v1/payouts/{key}")
-        except Rejected as exc:
-            if exc.status == 404:
-                return None
-            raise
+        except Rejected:
+            # DECISIVE allows one refusal here: Billing's own 404 for the key.
+            return None
         return _payout(response.json())
 
     async def payouts_page(
@@ -331,18 +380,24 @@ class BillingClient:
             if response.status_code >= 500:
                 heard = "failed"
                 raise Transient(f"{endpoint}: Billing answered {response.status_code}")
-            # Billing answered: whatever it said, it is up (only transport
+            # Something answered: whatever it said, it is up (only transport
             # failures and 5xx feed the breaker).
             heard = "answered"
-            if response.status_code >= 400:
+            status = response.status_code
+            if not 200 <= status < 300:
+                decision = _decision(endpoint, response)
+                if decision is None:
+                    raise Undecided(
+                        f"{endpoint}: {status} {_snippet(response)} is not Billing's decision",
+                        status=status,
+                    )
                 outcome = "rejected"
-                code, message = _error(response)
-                raise Rejected(code, message, response.status_code)
+                raise Rejected(*decision, status)
             try:
                 response.json()
             except ValueError as exc:
-                raise Transient(
-                    f"{endpoint}: Billing answered {response.status_code} without JSON"
+                raise Undecided(
+                    f"{endpoint}: Billing answered {status} without JSON", status=status
                 ) from exc
             outcome = "ok"
             return response
@@ -360,16 +415,25 @@ def _retry_after(raw: str | None) -> float | None:
         return None
 
 
-def _error(response: httpx.Response) -> tuple[str, str]:
+def _decision(endpoint: str, response: httpx.Response) -> tuple[str, str] | None:
+    """(code, message) when the answer is Billing's own refusal listed in DECISIVE, else None."""
     try:
         body = response.json()
     except ValueError:
-        body = {}
-    if not isinstance(body, dict):
-        body = {}
-    code = str(body.get("code") or f"http_{response.status_code}")
-    message = str(body.get("message") or response.reason_phrase or code)
-    return code, message[:500]
+        return None
+    code = body.get("code") if isinstance(body, dict) else None
+    if not isinstance(code, str) or (response.status_code, code) not in DECISIVE.get(
+        endpoint, frozenset()
+    ):
+        return None
+    message = body.get("message")
+    return code, (message if isinstance(message, str) and message else code)[:500]
+
+
+def _snippet(response: httpx.Response) -> str:
+    """The start of an answer's body, for the log and support: enough to tell who sent it."""
+    text = " ".join(response.text[:120].split())
+    return repr(text) if text else "(empty body)"
 
 
 def _money(raw: Any) -> Decimal:
@@ -415,7 +479,7 @@ def _payout(data: Any, *, listed: bool = False) -> BillingPayout:
             created_at=_parse_timestamp(data["created_at"]) if listed else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise Transient(f"Billing sent a malformed payout: {exc}") from None
+        raise Undecided(f"Billing sent a malformed payout: {exc}", status=200) from None
 
 
 def _parse_timestamp(raw: Any) -> datetime:

@@ -2,9 +2,11 @@
 
 It lets a test play the adversary on the wire: hold an order past the
 client's timeout and deliver it later anyway, act at the moment an order
-arrives (change the park's balance), or rewrite Billing's answers (one
-park's malformed or negative balance). It records every order it saw, so a
-test can check that one key only ever carried one body.
+arrives (change the park's balance), rewrite Billing's answers (one
+park's malformed or negative balance), or answer in Billing's place as an
+intermediary would (a 408, a gateway's HTML page, a redirect, junk). It
+records every order it saw, so a test can check that one key only ever
+carried one body.
 
 It runs in a thread of the test process (uvicorn on its own event loop);
 the test sets its hooks as plain attributes.
@@ -40,6 +42,24 @@ class Order:
     body: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Canned:
+    """An answer the proxy gives instead of Billing's: an intermediary talking (a gateway's
+    408 or HTML page, a redirect), or junk. With `forward`, the request reaches Billing first
+    and Billing's own answer is thrown away: the money moved, the client hears this."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain"
+    headers: dict[str, str] = field(default_factory=dict)
+    forward: bool = False
+
+    def response(self) -> Response:
+        return Response(
+            self.body, status_code=self.status, headers=self.headers, media_type=self.content_type
+        )
+
+
 @dataclass
 class BillingProxy:
     upstream: str
@@ -57,6 +77,10 @@ class BillingProxy:
     hold_path: dict[str, float] = field(default_factory=dict)
     # Set while a held order is on its way, cleared when it has landed.
     landed: threading.Event = field(default_factory=threading.Event)
+    # Orders (by arrival number) answered by the proxy itself: None forwards as usual.
+    answer_order: Callable[[int], Canned | None] | None = None
+    # Per path, the answers the next requests get from the proxy itself, one each, in order.
+    answer_path: dict[str, list[Canned]] = field(default_factory=dict)
 
     def bodies_by_key(self) -> dict[str, list[dict[str, Any]]]:
         found: dict[str, list[dict[str, Any]]] = {}
@@ -69,12 +93,18 @@ class BillingProxy:
         self.seen.append(path)
         if self.hold_path.get(path):
             await asyncio.sleep(self.hold_path[path])
+        canned = self.answer_path.get(path)
+        if canned:
+            return await self._canned(client, request, body, canned.pop(0))
         if request.method == "POST" and path == "/v1/payouts":
             order = Order(request.headers.get("idempotency-key", ""), json.loads(body))
             number = len(self.orders)
             self.orders.append(order)
             if self.on_order is not None:
                 self.on_order(order)
+            answer = self.answer_order(number) if self.answer_order is not None else None
+            if answer is not None:
+                return await self._canned(client, request, body, answer)
             delay = self.hold.get(number)
             if delay:
                 # Delivered later whatever the client does: a task of its own
@@ -82,6 +112,13 @@ class BillingProxy:
                 task = asyncio.ensure_future(self._late(client, request, body, delay))
                 return await asyncio.shield(task)
         return await self._send(client, request, body)
+
+    async def _canned(
+        self, client: httpx.AsyncClient, request: Request, body: bytes, answer: Canned
+    ) -> Response:
+        if answer.forward:
+            await self._send(client, request, body)
+        return answer.response()
 
     async def _late(
         self, client: httpx.AsyncClient, request: Request, body: bytes, delay: float

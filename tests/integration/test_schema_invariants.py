@@ -17,7 +17,10 @@ PARK = "park-1"
 
 @pytest.fixture
 async def park(conn: db.Conn) -> str:
-    await conn.execute("INSERT INTO parks (park_id) VALUES (%s)", (PARK,))
+    # Instant payouts on: the database refuses an instant payout of a park that has them off.
+    await conn.execute(
+        "INSERT INTO parks (park_id, instant_payouts_enabled) VALUES (%s, true)", (PARK,)
+    )
     return PARK
 
 
@@ -123,7 +126,9 @@ async def test_idempotency_key_is_unique_per_park(conn: db.Conn, park: str) -> N
 
 async def test_same_idempotency_key_in_another_park_is_allowed(conn: db.Conn, park: str) -> None:
     """Idempotency keys are scoped to the park: another park may use the same key."""
-    await conn.execute("INSERT INTO parks (park_id) VALUES ('park-2')")
+    await conn.execute(
+        "INSERT INTO parks (park_id, instant_payouts_enabled) VALUES ('park-2', true)"
+    )
     await insert_payout(conn, kind="instant", idempotency_key="press-1")
     other = await insert_payout(conn, "park-2", kind="instant", idempotency_key="press-1")
     assert "pending" == await status_of(conn, other)
