@@ -74,6 +74,12 @@ async def approvals_queue(conn: db.Conn, *, limit: int) -> list[Row]:
     return await db.fetch_all(conn, Q["approvals_queue"], limit=limit)
 
 
+async def failed_sign_ins(conn: db.Conn, *, action: str, ip: str, minutes: int) -> int:
+    """Refused sign-ins from `ip` in the last `minutes`, by the database's clock."""
+    row = await db.fetch_one(conn, Q["failed_sign_ins"], action=action, ip=ip, minutes=minutes)
+    return int(row["n"]) if row else 0
+
+
 async def now(conn: db.Conn) -> datetime:
     row = await db.fetch_one(conn, Q["now"])
     assert row is not None

@@ -76,3 +76,10 @@ SELECT * FROM payouts
 WHERE status = 'pending_approval'
 ORDER BY created_at, id
 LIMIT %(limit)s
+
+-- failed_sign_ins --
+-- Console sign-ins refused from one address within the window (the action's index).
+SELECT count(*) AS n FROM audit_log
+WHERE action = %(action)s AND outcome <> 'ok'
+  AND at > now() - make_interval(mins => %(minutes)s)
+  AND details->'client'->>'ip' = %(ip)s

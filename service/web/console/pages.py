@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
-from service import audit, cancel, instant, park_admin, parks, payouts, support
+from service import audit, cancel, db, instant, park_admin, parks, payouts, support
 from service.domain import is_park_id, parse_money
 from service.web import params, views
 from service.web.console import manual, sentences
@@ -332,20 +332,15 @@ async def sign_in(request: Request) -> Response:
     return response
 
 
-async def _recent_failures(conn: Any, ip: str | None) -> int:
+async def _recent_failures(conn: db.Conn, ip: str | None) -> int:
     if ip is None:
         return 0
-    row = await conn.execute(
-        "SELECT count(*) AS n FROM audit_log WHERE action = %(action)s AND outcome <> 'ok'"
-        " AND at > now() - make_interval(mins => %(minutes)s)"
-        " AND details->'client'->>'ip' = %(ip)s",
-        {"action": SIGN_IN_ACTION, "minutes": SIGN_IN_WINDOW_MINUTES, "ip": ip},
+    return await support.failed_sign_ins(
+        conn, action=SIGN_IN_ACTION, ip=ip, minutes=SIGN_IN_WINDOW_MINUTES
     )
-    found = await row.fetchone()
-    return int(found["n"]) if found else 0
 
 
-async def _audit_sign_in(request: Request, conn: Any, user_id: str, outcome: str) -> None:
+async def _audit_sign_in(request: Request, conn: db.Conn, user_id: str, outcome: str) -> None:
     async with conn.transaction():
         await audit.write(
             conn,
