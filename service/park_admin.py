@@ -6,11 +6,19 @@ console's park forms, so both edges apply one rule set and audit alike.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from service import audit, db, parks
 
 MAX_HOLD_REASON = 500
+# Control characters (C0, DEL, C1) are refused and one visible character is required; a
+# regular expression rather than str.isprintable, so that the OpenAPI description can
+# state the same rule (service/web/params.py takes it from here).
+HOLD_REASON_PATTERN = (
+    r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+)
+HOLD_REASON_RE = re.compile(HOLD_REASON_PATTERN)
 
 
 class InvalidChange(ValueError):
@@ -22,13 +30,16 @@ class ParkNotFound(Exception):
 
 
 def hold_reason(raw: object) -> str:
-    """A hold's reason as stored: stripped, 1-MAX_HOLD_REASON printable characters."""
+    """A hold's reason as stored: stripped, 1-MAX_HOLD_REASON characters, not blank, no
+    control characters (the API's rule, service/web/params.py HOLD_REASON_PATTERN)."""
     if (
         not isinstance(raw, str)
         or not 0 < len(raw.strip()) <= MAX_HOLD_REASON
-        or not raw.isprintable()
+        or not HOLD_REASON_RE.fullmatch(raw)
     ):
-        raise InvalidChange(f"a hold's reason is 1-{MAX_HOLD_REASON} printable characters")
+        raise InvalidChange(
+            f"a hold's reason is 1-{MAX_HOLD_REASON} characters, not blank, no control characters"
+        )
     return raw.strip()
 
 

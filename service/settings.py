@@ -106,6 +106,20 @@ class Settings:
     # sessions. Eight hours is one shift: a session never outlives the person's day.
     console_secret: str | None = None
     console_session_hours: float = 8.0
+    # The key page cursors are signed with (service/web/cursors.py); None: derived from
+    # the tokens. The same on every host, or cursors fail from one host to the next.
+    cursor_secret: str | None = None
+    # The HTTP edge (service/web/edge.py). Open connections beyond this are answered 503:
+    # each may hold ~100 kB of buffers, so 1000 bound that at ~100 MB, and three hosts
+    # behind a load balancer that reuses its connections never need as many.
+    api_max_connections: int = 1000
+    # A request's head, then its body (16 KiB at most), must arrive within these: any
+    # real client sends them in milliseconds; a slowloris is cut off at once.
+    api_header_timeout_seconds: float = 10.0
+    api_body_timeout_seconds: float = 10.0
+    # An idle keep-alive connection closes after this (a front proxy's upstream
+    # keep-alive must be shorter, see ops/proxy/).
+    api_keep_alive_seconds: float = 5.0
 
     def __repr__(self) -> str:
         # Secrets never reach logs, even through a careless f"{settings}".
@@ -234,6 +248,14 @@ def _console_secret(env: Mapping[str, str]) -> str | None:
     return secret
 
 
+def _cursor_secret(env: Mapping[str, str]) -> str | None:
+    secret = env.get("CURSOR_SECRET", "").strip()
+    if secret and (len(secret) < 16 or not secret.isprintable()):
+        # A secret: name the variable, never the value.
+        raise ConfigError("CURSOR_SECRET", "must be at least 16 printable characters")
+    return secret or None
+
+
 def database_url(env: Mapping[str, str]) -> str:
     """Only DATABASE_URL, for commands that need nothing else (migrate, parks import)."""
     return _url(env, "DATABASE_URL", schemes=("postgresql", "postgres"))
@@ -324,4 +346,9 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
         console_session_hours=_positive_number(
             env, "CONSOLE_SESSION_HOURS", "8", maximum=MAX_SESSION_HOURS
         ),
+        cursor_secret=_cursor_secret(env),
+        api_max_connections=_count(env, "API_MAX_CONNECTIONS", "1000"),
+        api_header_timeout_seconds=_positive_number(env, "API_HEADER_TIMEOUT_SECONDS", "10"),
+        api_body_timeout_seconds=_positive_number(env, "API_BODY_TIMEOUT_SECONDS", "10"),
+        api_keep_alive_seconds=_positive_number(env, "API_KEEP_ALIVE_SECONDS", "5"),
     )

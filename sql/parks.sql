@@ -33,21 +33,29 @@ SELECT * FROM parks WHERE park_id = %(park_id)s FOR UPDATE
 UPDATE parks SET last_payout_at = greatest(last_payout_at, %(at)s) WHERE park_id = %(park_id)s
 
 -- import_stage --
--- The import's staging table, gone at commit.
-CREATE TEMPORARY TABLE parks_import (park_id text, instant boolean, periodic boolean, hold text)
-ON COMMIT DROP
+-- The import's staging table, gone at commit; n is the row's line in the file.
+CREATE TEMPORARY TABLE parks_import (
+    n bigint, park_id text, instant boolean, periodic boolean, hold text
+) ON COMMIT DROP
 
 -- import_copy --
 -- Rows of the CSV file, streamed in.
-COPY parks_import (park_id, instant, periodic, hold) FROM STDIN
+COPY parks_import (n, park_id, instant, periodic, hold) FROM STDIN
 
 -- import_dedupe --
--- Duplicates in the file: the last line for a park wins.
-DELETE FROM parks_import a USING parks_import b
-WHERE a.park_id = b.park_id AND a.ctid < b.ctid
+-- Duplicates in the file: the last line for a park wins. One hash aggregate and
+-- one hash join: linear (a self-join on ctid was a nested loop, quadratic).
+DELETE FROM parks_import i
+USING (SELECT park_id, max(n) AS last FROM parks_import GROUP BY park_id HAVING count(*) > 1) d
+WHERE i.park_id = d.park_id AND i.n < d.last
+
+-- import_index --
+-- The batches below read the staged rows by line range; the planner gets real counts.
+CREATE INDEX ON parks_import (n);
+ANALYZE parks_import
 
 -- import_update --
--- Parks whose flags or hold really change (an empty cell leaves the current
+-- One batch (lines after..upto) of parks whose flags or hold really change (an empty cell leaves the current
 -- value; '-' in hold_reason releases it), each with an audit entry naming
 -- what changed: a park's history shows its imports like any other admin change.
 WITH before AS (
@@ -59,6 +67,7 @@ WITH before AS (
                 WHEN i.hold = %(release)s THEN NULL
                 ELSE i.hold END AS new_hold
     FROM parks p JOIN parks_import i USING (park_id)
+    WHERE i.n > %(after)s AND i.n <= %(upto)s
     FOR UPDATE OF p
 ), changes AS (
     SELECT *,
@@ -91,7 +100,8 @@ SELECT 'admin', %(actor_id)s, c.park_id, 'park.update', 'ok',
 FROM changes c JOIN changed USING (park_id)
 
 -- import_insert --
--- The parks the registry did not know, each with its audit entry.
+-- One batch (lines after..upto) of the parks the registry did not know, each with its
+-- audit entry.
 WITH created AS (
     INSERT INTO parks (park_id, instant_payouts_enabled, periodic_payouts_enabled,
                        hold_reason, hold_since, hold_by)
@@ -99,6 +109,7 @@ WITH created AS (
            CASE WHEN nullif(hold, %(release)s) IS NOT NULL THEN now() END,
            CASE WHEN nullif(hold, %(release)s) IS NOT NULL THEN %(actor_id)s END
     FROM parks_import
+    WHERE n > %(after)s AND n <= %(upto)s
     ON CONFLICT (park_id) DO NOTHING
     RETURNING park_id, instant_payouts_enabled, periodic_payouts_enabled, hold_reason
 )

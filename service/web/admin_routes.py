@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, Response
 
 from service import audit, park_admin, parks
 from service.domain import is_park_id, is_visible_ascii
-from service.web import params, views
+from service.web import cursors, params, views
 from service.web.auth import ADMIN
 from service.web.errors import ApiError
 from service.web.origin import client_details
@@ -67,7 +67,8 @@ def _hold(body: dict[str, Any], user_id: str) -> parks.Hold:
     except park_admin.InvalidChange:
         raise ApiError(
             "invalid_request",
-            f'hold must be null or {{"reason": "..."}}, 1-{MAX_HOLD_REASON} printable characters',
+            f'hold must be null or {{"reason": "..."}}, 1-{MAX_HOLD_REASON} characters, '
+            "not blank, no control characters",
         ) from None
 
 
@@ -84,12 +85,14 @@ async def get_audit(request: Request) -> Response:
         since=params.time_param(request, "since"),
         until=params.time_param(request, "until"),
     )
-    after = params.decode_cursor(
-        request.query_params.get("cursor"), (params.parse_time, params.row_id)
+    key = cursors.key_for(settings_of(request))
+    after = cursors.verify(
+        key, "audit", request.query_params.get("cursor"), (params.parse_time, params.row_id)
     )
     async with admin_pool_of(request).connection() as conn:
         rows = await audit.page(conn, filters, limit=limit + 1, after=after)
-    rows, cursor = params.page(rows, limit, "at", "id")
+    rows, position = params.page(rows, limit, "at", "id")
+    cursor = cursors.sign(key, "audit", *position) if position else None
     return JSONResponse({"entries": [views.audit_json(r) for r in rows], "next_cursor": cursor})
 
 

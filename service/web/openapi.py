@@ -12,6 +12,7 @@ import functools
 from typing import Any
 
 from service.web.errors import STATUS
+from service.web.params import HOLD_REASON_PATTERN
 
 # --- reusable pieces -----------------------------------------------------------------
 
@@ -19,6 +20,14 @@ PARK_ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$", "examples": ["p
 VISIBLE_ASCII = {"type": "string", "pattern": "^[!-~]{1,128}$"}
 MONEY = {"type": "string", "pattern": r"^[0-9]+\.[0-9]{2}$", "examples": ["1500.00"]}
 TIMESTAMP = {"type": "string", "format": "date-time"}
+# What service.domain.parse_money takes: above zero, at most 2 fractional digits.
+POSITIVE_AMOUNT = {
+    "type": "string",
+    "pattern": r"^([1-9][0-9]{0,15}(\.[0-9]{1,2})?|0\.(0[1-9]|[1-9][0-9]?))$",
+    "examples": ["100.00"],
+}
+# No NUL (PostgreSQL's text and jsonb cannot hold it), in keys and strings at any depth.
+NO_NUL = r"^[^\u0000]*$"
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -34,7 +43,22 @@ def _object(properties: dict[str, Any], *, required: bool = True) -> dict[str, A
     }
 
 
+STORABLE_OBJECT = {
+    "type": "object",
+    "propertyNames": {"pattern": NO_NUL},
+    "additionalProperties": {"$ref": "#/components/schemas/StorableJson"},
+}
+
 SCHEMAS: dict[str, Any] = {
+    "StorableJson": {
+        "description": "Any JSON value PostgreSQL can store: no NUL in a string or a key.",
+        "anyOf": [
+            {"type": "string", "pattern": NO_NUL},
+            {"type": ["number", "boolean", "null"]},
+            {"type": "array", "items": {"$ref": "#/components/schemas/StorableJson"}},
+            STORABLE_OBJECT,
+        ],
+    },
     "Error": {
         "type": "object",
         "description": "The one error shape; `code` is stable, `message` is for people.",
@@ -100,7 +124,7 @@ SCHEMAS: dict[str, Any] = {
         }
     ),
     "InstantRequest": {
-        **_object({"amount": {**MONEY, "pattern": r"^[0-9]+(\.[0-9]{1,2})?$"}}, required=False),
+        **_object({"amount": POSITIVE_AMOUNT}, required=False),
         "description": "Empty, {}, or an amount: no amount pays all that is available, "
         "up to the limit.",
     },
@@ -128,12 +152,22 @@ SCHEMAS: dict[str, Any] = {
                 "instant_payouts_enabled": {"type": "boolean"},
                 "periodic_payouts_enabled": {"type": "boolean"},
                 "params": {
-                    "type": "object",
-                    "description": "Passed through to Billing with each payout.",
+                    **STORABLE_OBJECT,
+                    "description": "Passed through to Billing with each payout; JSON without "
+                    "NUL characters, nested at most 32 levels.",
                 },
                 "hold": _nullable(
                     {
-                        **_object({"reason": {"type": "string", "minLength": 1, "maxLength": 500}}),
+                        **_object(
+                            {
+                                "reason": {
+                                    "type": "string",
+                                    "minLength": 1,
+                                    "maxLength": 500,
+                                    "pattern": HOLD_REASON_PATTERN,
+                                }
+                            }
+                        ),
                         "description": "Put the park on hold with a reason; null releases it.",
                     }
                 ),
@@ -193,9 +227,9 @@ REQUEST_ID = {
     "name": "X-Request-Id",
     "in": "header",
     "required": False,
-    "description": "Echoed on the response when 1-128 visible ASCII characters; "
-    "generated otherwise.",
-    "schema": VISIBLE_ASCII,
+    "description": "Any value is accepted: echoed on the response when 1-128 visible ASCII "
+    "characters, replaced by a generated id otherwise (a header cannot carry the rest back).",
+    "schema": {"type": "string"},
 }
 PARK_HEADER = {
     "name": "X-Park-Id",
@@ -234,6 +268,12 @@ CURSOR = {
 
 def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "schema": schema}
+
+
+def _filter(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A filter of a listing: empty (`?park_id=`) is the same as absent, no filter."""
+    either = {"anyOf": [schema, {"type": "string", "maxLength": 0}]}
+    return {**_query(name, either), "description": "Empty or absent: no filter."}
 
 
 def _path(name: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -324,6 +364,7 @@ PATHS: dict[str, Any] = {
     },
     "/v1/payouts/{payout_id}": {
         "get": {
+            "operationId": "getPayout",
             "summary": "One of the park's payouts",
             "security": API,
             "parameters": [
@@ -339,6 +380,7 @@ PATHS: dict[str, Any] = {
     },
     "/v1/payouts/{payout_id}/cancel": {
         "post": {
+            "operationId": "cancelPayout",
             "summary": "Cancel a payout no worker has taken yet (audited)",
             "security": API,
             "parameters": [
@@ -418,11 +460,11 @@ PATHS: dict[str, Any] = {
             "summary": "Audit entries, newest first, filtered",
             "security": ADMIN,
             "parameters": [
-                _query("park_id", PARK_ID),
-                _query("actor_id", VISIBLE_ASCII),
-                _query("action", VISIBLE_ASCII),
-                _query("since", TIMESTAMP),
-                _query("until", TIMESTAMP),
+                _filter("park_id", PARK_ID),
+                _filter("actor_id", VISIBLE_ASCII),
+                _filter("action", VISIBLE_ASCII),
+                _filter("since", TIMESTAMP),
+                _filter("until", TIMESTAMP),
                 {**LIMIT, "description": "1-100, default 50"},
                 CURSOR,
                 REQUEST_ID,
@@ -479,6 +521,32 @@ PATHS: dict[str, Any] = {
 }
 
 
+# What a client does next with a payout it was handed: read it, cancel it (for
+# people, and for schemathesis's stateful phase, which follows links).
+_PAYOUT_LINKS = {
+    "GetPayout": {
+        "operationId": "getPayout",
+        "parameters": {
+            "path.payout_id": "$response.body#/id",
+            "header.X-Park-Id": "$response.body#/park_id",
+        },
+    },
+    "CancelPayout": {
+        "operationId": "cancelPayout",
+        "parameters": {
+            "path.payout_id": "$response.body#/id",
+            "header.X-Park-Id": "$response.body#/park_id",
+        },
+    },
+}
+for _path_name, _method, _status in (
+    ("/v1/payouts/instant", "post", "200"),
+    ("/v1/payouts/instant", "post", "202"),
+    ("/v1/payouts/{payout_id}", "get", "200"),
+):
+    PATHS[_path_name][_method]["responses"][_status]["links"] = _PAYOUT_LINKS
+
+
 @functools.cache
 def document() -> dict[str, Any]:
     """The whole description (built once; handlers must not mutate it)."""
@@ -490,7 +558,11 @@ def document() -> dict[str, Any]:
             "description": "Pays taxi fleet companies (parks) the money they earned in Billing, "
             "exactly once. Every response carries X-Request-Id; unknown routes answer "
             "404 not_found and a wrong method 405 method_not_allowed, in the error shape. "
-            "A 503 unavailable changed nothing: retry it, with the same Idempotency-Key.",
+            "A 503 unavailable changed nothing: retry it, with the same Idempotency-Key. "
+            "Before any route, the HTTP edge answers 408 request_timeout (a head or body "
+            "that does not arrive in time), 414 uri_too_long (a request line over 8 kB), "
+            "431 headers_too_large (a head over 16 kB), 503 unavailable (too many "
+            "connections) and 400 invalid_request (malformed HTTP), in the error shape.",
         },
         "security": API,
         "paths": PATHS,

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from service import cancel, instant, observability, payouts
 from service.domain import parse_money
-from service.web import params, views
+from service.web import cursors, params, views
 from service.web.auth import PARK
 from service.web.errors import ApiError
 from service.web.origin import client_details
@@ -88,10 +88,16 @@ async def get_payout(request: Request) -> Response:
 async def list_payouts(request: Request) -> Response:
     park_id = params.park_header(request)
     limit = params.limit_param(request)
-    after = params.decode_cursor(request.query_params.get("cursor"), (params.parse_time, uuid.UUID))
+    key = cursors.key_for(settings_of(request))
+    # The park is part of what is signed: a cursor is valid for the list it came from.
+    purpose = f"payouts/{park_id}"
+    after = cursors.verify(
+        key, purpose, request.query_params.get("cursor"), (params.parse_time, uuid.UUID)
+    )
     async with pool_of(request).connection() as conn:
         rows = await payouts.page(conn, park_id, limit=limit + 1, after=after)
-    rows, cursor = params.page(rows, limit, "created_at", "id")
+    rows, position = params.page(rows, limit, "created_at", "id")
+    cursor = cursors.sign(key, purpose, *position) if position else None
     return JSONResponse({"payouts": [views.payout_json(r) for r in rows], "next_cursor": cursor})
 
 

@@ -13,6 +13,7 @@ import pytest
 from tests.helpers.emulator import REPO_ROOT
 
 BENCHES = {
+    "park_import": (["--parks", "200"], ("parks import, 200 new parks", "baseline")),
     "events": (["--scale", "0.01"], ("reader throughput", "outbox cost per instant press")),
     "billing": (
         ["--rps", "20", "--seconds", "2"],

@@ -408,3 +408,21 @@ def test_pages_answer_503_not_500_while_the_database_is_unreachable() -> None:
         assert "2" == r.headers["retry-after"]
         assert sentences.REFUSALS["unavailable"] in r.text
         assert 200 == c.get("/console/sign-in").status_code
+
+
+def test_audit_search_pages_through_every_matching_entry(signed_in: TestClient, sql: SQL) -> None:
+    """The audit page's Older links visit each entry of the filter once, newest first."""
+    for i in range(70):
+        register(signed_in, "p1", params={"i": i})
+    expected = rows(sql, "SELECT count(*) AS n FROM audit_log WHERE park_id = 'p1'")[0]["n"]
+    seen: list[str] = []
+    url: str | None = "/console/audit?park_id=p1"
+    while url:
+        r = signed_in.get(url)
+        assert 200 == r.status_code, r.text
+        seen += re.findall(r'<time datetime="([^"]+)"', r.text)
+        nxt = re.search(r'<a href="([^"]+)" rel="next">', r.text)
+        url = nxt.group(1).replace("&amp;", "&") if nxt else None
+    assert expected == len(seen)
+    assert sorted(seen, reverse=True) == seen
+    assert 400 == signed_in.get("/console/audit?park_id=p1&cursor=WyJ4Il0").status_code

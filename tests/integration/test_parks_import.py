@@ -207,3 +207,59 @@ def test_import_sets_and_releases_holds(
         ).fetchall()
     ]
     assert [{"reason": "dispute #7"}, None] == changes
+
+
+def test_a_utf8_file_with_a_byte_order_mark_imports(
+    db_url: str, tmp_path: Path, pg: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """Excel's "CSV UTF-8" starts with a byte-order mark: its header is still the header
+    (issue 17 item 11)."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + (HEADER + "imp-1,true,true\n").encode())
+    result = run_import(db_url, path)
+    assert 0 == result.returncode, result.stderr
+    assert {"imp-1": (True, True)} == parks(pg)
+
+
+def test_a_cp1251_file_is_refused_with_one_line_naming_the_line_and_the_fix(
+    db_url: str, tmp_path: Path, pg: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """A file in another encoding (cp1251, a Russian hold reason on line 3) is refused with
+    exit 1 and one stderr line naming line 3 and how to convert it; no traceback, no parks."""
+    path = tmp_path / "cp1251.csv"
+    text = "park_id,instant_payouts_enabled,periodic_payouts_enabled,hold_reason\n"
+    text += "imp-1,true,true,\nimp-2,true,true,Проверка документов\n"
+    path.write_bytes(text.encode("cp1251"))
+    result = run_import(db_url, path)
+    assert 1 == result.returncode
+    lines = result.stderr.strip().splitlines()
+    assert 1 == len(lines), result.stderr
+    assert "line 3" in lines[0] and "UTF-8" in lines[0] and "iconv" in lines[0]
+    assert {} == parks(pg)
+
+
+def test_an_oversized_field_is_refused_by_line_number(
+    db_url: str, tmp_path: Path, pg: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """A quoted field over 128 kB on line 3 is refused with exit 1 and one line naming line
+    3, never a traceback."""
+    big = '"' + "x" * (200 * 1024) + '"'
+    result = run_import(db_url, write_csv(tmp_path, "big.csv", ["imp-1,true,true", big]))
+    assert 1 == result.returncode
+    lines = result.stderr.strip().splitlines()
+    assert 1 == len(lines), result.stderr
+    assert "line 3" in lines[0]
+    assert {} == parks(pg)
+
+
+def test_duplicate_lines_the_last_one_wins(
+    db_url: str, tmp_path: Path, pg: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """A park listed twice takes the flags of its last line, with one audit entry."""
+    lines = ["imp-1,true,true", "imp-2,false,false", "imp-1,false,true"]
+    assert 0 == run_import(db_url, write_csv(tmp_path, "dup.csv", lines)).returncode
+    assert {"imp-1": (False, True), "imp-2": (False, False)} == parks(pg)
+    registered = pg.execute(
+        "SELECT count(*) AS n FROM audit_log WHERE action = 'park.register' AND park_id = 'imp-1'"
+    ).fetchone()
+    assert registered is not None and 1 == registered["n"]

@@ -27,7 +27,8 @@ from starlette.templating import Jinja2Templates
 
 from service import audit, cancel, db, instant, park_admin, parks, payouts, support
 from service.domain import is_park_id, parse_money
-from service.web import params, views
+from service.settings import Settings
+from service.web import cursors, params, views
 from service.web.console import manual, sentences
 from service.web.console import session as sessions
 from service.web.errors import STATUS, ApiError
@@ -49,6 +50,8 @@ SIGN_IN_WINDOW_MINUTES = 15
 SIGN_IN_ACTION = "console.sign_in"
 SIGN_OUT_ACTION = "console.sign_out"
 VIA = "console"
+# The signed cursors' purpose for a park's timeline (service/web/cursors.py).
+TIMELINE = "console-timeline"
 
 SECURITY_HEADERS = {
     # Our own stylesheet and script only; nothing inline, nothing from another site.
@@ -417,7 +420,7 @@ async def _park_page(
     status_code: int = 200,
 ) -> Response:
     settings = settings_of(request)
-    after = _timeline_cursor(request.query_params.get("cursor"))
+    after = _timeline_cursor(settings, request.query_params.get("cursor"))
     async with admin_pool_of(request).connection() as conn:
         row = await parks.get(conn, park_id)
         if row is None:
@@ -428,7 +431,13 @@ async def _park_page(
     more = len(entries) > PAGE_SIZE
     entries = entries[:PAGE_SIZE]
     next_cursor = (
-        params.encode_cursor(entries[-1]["at"], entries[-1]["source"], entries[-1]["key"])
+        cursors.sign(
+            cursors.key_for(settings),
+            TIMELINE,
+            entries[-1]["at"],
+            entries[-1]["source"],
+            entries[-1]["key"],
+        )
         if more
         else None
     )
@@ -462,9 +471,11 @@ def _fee(row: dict[str, Any]) -> str | None:
     return f"{percent or 0}% + {fixed or 0}"
 
 
-def _timeline_cursor(raw: str | None) -> support.TimelinePosition | None:
+def _timeline_cursor(settings: Settings, raw: str | None) -> support.TimelinePosition | None:
     try:
-        decoded = params.decode_cursor(raw, (params.parse_time, _source, _key))
+        decoded = cursors.verify(
+            cursors.key_for(settings), TIMELINE, raw, (params.parse_time, _source, _key)
+        )
     except ApiError:
         raise Refusal("invalid_request", "This page link is not one the console made.") from None
     return support.TimelinePosition(*decoded) if decoded else None
@@ -800,13 +811,20 @@ async def audit_search(request: Request, session: sessions.Session) -> Response:
             since=params.time_param(request, "since"),
             until=params.time_param(request, "until"),
         )
-        after = params.decode_cursor(q.get("cursor"), (params.parse_time, params.row_id))
+        after = cursors.verify(
+            cursors.key_for(settings_of(request)),
+            "audit",
+            q.get("cursor"),
+            (params.parse_time, params.row_id),
+        )
     except ApiError as exc:
         problem = exc.message[:1].upper() + exc.message[1:] + "."
     else:
         async with admin_pool_of(request).connection() as conn:
             rows = await audit.page(conn, filters, limit=PAGE_SIZE + 1, after=after)
-        rows, cursor = params.page(rows, PAGE_SIZE, "at", "id")
+        rows, position = params.page(rows, PAGE_SIZE, "at", "id")
+        if position:
+            cursor = cursors.sign(cursors.key_for(settings_of(request)), "audit", *position)
         entries = [
             {**views.audit_json(r), "details": _compact(r["details"]) if r["details"] else None}
             for r in rows

@@ -23,6 +23,9 @@ REFUSALS: dict[str, str] = {
     "amount_below_minimum": "The amount is below the least one payout may move.",
     "idempotency_key_reused": "This form was already sent with other values.",
     "cooldown_active": "An instant payout was made recently; the park must wait.",
+    "request_timeout": "The request took too long to arrive; try again.",
+    "uri_too_long": "The address is too long.",
+    "headers_too_large": "The request's headers are too large.",
     "internal_error": "Something went wrong on our side; quote the request id.",
     "unavailable": "The database is unavailable right now; try again in a few seconds.",
     # Manual payouts (SPEC section 8).
