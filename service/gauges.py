@@ -6,7 +6,7 @@ alike), not at scrape time: a scrape never waits on the database.
 
 from __future__ import annotations
 
-from service import audit, db, observability, payouts, webhooks
+from service import audit, db, manual, observability, payouts, webhooks
 from service.background import Every
 
 GAUGE_SECONDS = 15.0
@@ -33,6 +33,9 @@ async def refresh_gauges(pool: db.Pool) -> None:
             observability.INSTANT_PARKS.labels(window).set(parks[key])
         months = await db.fetch_one(conn, audit.Q["months_ahead"])
         observability.AUDIT_MONTHS_AHEAD.set(months["months"] if months else 0)
+        waiting, oldest_waiting = await manual.waiting(conn)
+        observability.MANUAL_PENDING_APPROVAL.set(waiting)
+        observability.MANUAL_OLDEST_PENDING_APPROVAL.set(oldest_waiting)
         webhook_backlog = await webhooks.backlog(conn)
         observability.EVENTS_UNDELIVERED.set(webhook_backlog.events)
         observability.EVENTS_OLDEST_UNDELIVERED.set(webhook_backlog.oldest_seconds)

@@ -98,6 +98,24 @@ EVENTS_OLDEST_UNDELIVERED = Gauge(
     "fleet_payouts_events_oldest_undelivered_seconds",
     "How long the oldest event not yet delivered to WEBHOOK_URL has waited (0 when none).",
 )
+INSTANT_FEES = Counter(
+    "fleet_payouts_instant_fees_total",
+    "Fees of instant payouts that succeeded (the product's revenue), by currency.",
+    ["currency"],
+)
+RETURNS = Counter(
+    "fleet_payouts_returns_total",
+    "Succeeded payouts the bank sent back, applied by this process, by return code.",
+    ["code"],
+)
+MANUAL_PENDING_APPROVAL = Gauge(
+    "fleet_payouts_manual_payouts_pending_approval",
+    "Manual payouts awaiting a second admin's approval.",
+)
+MANUAL_OLDEST_PENDING_APPROVAL = Gauge(
+    "fleet_payouts_manual_payouts_oldest_pending_approval_seconds",
+    "How long the oldest manual payout awaiting approval has waited (0 when none).",
+)
 AUDIT_MONTHS_AHEAD = Gauge(
     "fleet_payouts_audit_partitions_ahead",
     "Monthly audit_log partitions that exist beyond the current month.",

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from datetime import datetime
 from typing import Any
 
 from service import audit, db, parks
+from service.domain import Fee
 
 MAX_HOLD_REASON = 500
 # Control characters (C0, DEL, C1) are refused and one visible character is required; a
@@ -55,6 +57,9 @@ class ParkChange:
     params: dict[str, Any] | None = None
     # None leaves the hold as it is; Hold(reason=None) releases it.
     hold: parks.Hold | None = None
+    # The paid option (SPEC section 8): None clears it, UNCHANGED leaves it.
+    fee: Fee | parks.Unchanged | None = parks.UNCHANGED
+    until: datetime | parks.Unchanged | None = parks.UNCHANGED
     client: dict[str, Any] | None = None
     # The console changes parks that exist; the API also registers new ones.
     existing_only: bool = False
@@ -76,6 +81,8 @@ async def apply(conn: db.Conn, change: ParkChange) -> tuple[dict[str, Any], bool
             periodic=change.periodic,
             params=change.params,
             hold=change.hold,
+            fee=change.fee,
+            until=change.until,
         )
         details: dict[str, Any] = {"changes": change.changes, "client": change.client}
         if change.via is not None:

@@ -21,11 +21,13 @@ import csv
 import getpass
 import sys
 from collections.abc import Iterator
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import IO
 
 from service import audit, db, parks
-from service.domain import is_park_id
+from service.domain import is_park_id, parse_fee_fixed, parse_fee_percent, parse_timestamp
 
 # Lines per upsert statement: big enough that per-statement costs vanish, small
 # enough that one statement's RETURNING rows and audit entries stay a few MB.
@@ -33,7 +35,15 @@ BATCH = 50_000
 PROGRESS_EVERY = 5000
 TRUE = {"true", "1", "yes", "y", "t"}
 FALSE = {"false", "0", "no", "n", "f"}
-COLUMNS = ("park_id", "instant_payouts_enabled", "periodic_payouts_enabled", "hold_reason")
+COLUMNS = (
+    "park_id",
+    "instant_payouts_enabled",
+    "periodic_payouts_enabled",
+    "hold_reason",
+    "instant_fee_percent",
+    "instant_fee_fixed",
+    "instant_payouts_until",
+)
 # In the hold_reason column: empty leaves the hold as it is, this releases it,
 # any other text puts the park on hold with that reason.
 RELEASE = "-"
@@ -76,6 +86,52 @@ def _hold(raw: str | None, line: int) -> str | None:
     return value
 
 
+Row = tuple[
+    int,
+    str,
+    bool | None,
+    bool | None,
+    str | None,
+    Decimal | None,
+    Decimal | None,
+    bool,
+    datetime | None,
+    bool,
+]
+
+
+def _fee(row: dict[str, str | None], line: int) -> tuple[Decimal | None, Decimal | None, bool]:
+    """The staged fee: (percent, fixed, clear). Both parts or neither; `-` in both clears it."""
+    percent = (row.get("instant_fee_percent") or "").strip()
+    fixed = (row.get("instant_fee_fixed") or "").strip()
+    if not percent and not fixed:
+        return None, None, False
+    if percent == RELEASE and fixed in (RELEASE, ""):
+        return None, None, True
+    try:
+        return parse_fee_percent(percent), parse_fee_fixed(fixed), False
+    except ValueError as exc:
+        raise ImportError_(
+            f"line {line}: instant_fee_percent and instant_fee_fixed go together "
+            f"(0-100 and >= 0, decimal strings; - clears): {exc}"
+        ) from None
+
+
+def _until(raw: str | None, line: int) -> tuple[datetime | None, bool]:
+    """The staged end date: (date, clear)."""
+    value = (raw or "").strip()
+    if not value:
+        return None, False
+    if value == RELEASE:
+        return None, True
+    try:
+        return parse_timestamp(value), False
+    except ValueError:
+        raise ImportError_(
+            f"line {line}: instant_payouts_until must be an RFC 3339 timestamp with its zone"
+        ) from None
+
+
 class _TextLines:
     """The file's lines as text: UTF-8, a leading BOM dropped, each checked as it is read.
 
@@ -99,8 +155,8 @@ class _TextLines:
                 raise ImportError_(f"line {self.number}: not UTF-8 text; {ENCODING_HINT}") from None
 
 
-def read_rows(path: Path) -> Iterator[tuple[int, str, bool | None, bool | None, str | None]]:
-    """(line, park_id, instant, periodic, hold) for each row; ImportError_ on the first bad one."""
+def read_rows(path: Path) -> Iterator[Row]:
+    """Each row as staged (line first); ImportError_ on the first bad one."""
     with path.open("rb") as f:
         lines = _TextLines(f)
         reader = csv.DictReader(lines)
@@ -118,7 +174,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, str, bool | None, bool | None, 
             raise ImportError_(f"line {lines.number}: {exc}") from None
 
 
-def _row(row: dict[str, str], line: int) -> tuple[int, str, bool | None, bool | None, str | None]:
+def _row(row: dict[str, str], line: int) -> Row:
     park_id = (row.get("park_id") or "").strip()
     if not is_park_id(park_id):
         raise ImportError_(f"line {line}: malformed park_id {park_id[:80]!r}")
@@ -128,6 +184,8 @@ def _row(row: dict[str, str], line: int) -> tuple[int, str, bool | None, bool | 
         _flag(row.get("instant_payouts_enabled"), line, "instant_payouts_enabled"),
         _flag(row.get("periodic_payouts_enabled"), line, "periodic_payouts_enabled"),
         _hold(row.get("hold_reason"), line),
+        *_fee(dict(row), line),
+        *_until(row.get("instant_payouts_until"), line),
     )
 
 

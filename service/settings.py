@@ -46,6 +46,8 @@ class Settings:
     # "json" (one object per line, for log shippers) or "text" (for people:
     # `dev` sets it).
     log_format: str = "json"
+    # MANUAL_PAYOUT_APPROVAL_HOURS: a manual payout not approved within it expires.
+    manual_payout_approval_window: timedelta = timedelta(hours=72)
     # SPEC's PAYOUT_MIN_AMOUNT: smaller amounts are never ordered.
     payout_min_amount: Decimal = Decimal("1.00")
     # Not in the contract, tunable for tests and operations:
@@ -338,6 +340,11 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
         sentry_release=env.get("SENTRY_RELEASE", "").strip() or None,
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
+        manual_payout_approval_window=timedelta(
+            hours=_positive_number(
+                env, "MANUAL_PAYOUT_APPROVAL_HOURS", "72", maximum=MAX_COOLDOWN_HOURS
+            )
+        ),
         billing_breaker_failures=_count(env, "BILLING_BREAKER_FAILURES", "10"),
         billing_breaker_cooloff_seconds=_positive_number(
             env, "BILLING_BREAKER_COOLOFF_SECONDS", "30"

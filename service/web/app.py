@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from service import db, gauges
+from service.billing import gate as billing_gate
 from service.settings import Settings
 from service.web import admin_routes, events, ops_routes, payout_routes
 from service.web.errors import EXCEPTION_HANDLERS
@@ -108,6 +109,8 @@ def create_app(settings: Settings, *, drain: Drain | None = None) -> ASGIApp:
         await pool.open(wait=False)
         await admin_pool.open(wait=False)
         refresher = gauges.gauge_refresher(admin_pool)
+        # Quotes read a balance: within the one global budget every host shares.
+        billing = billing_gate.client(admin_pool, settings)
         try:
             yield {
                 "settings": settings,
@@ -115,8 +118,10 @@ def create_app(settings: Settings, *, drain: Drain | None = None) -> ASGIApp:
                 "admin_pool": admin_pool,
                 "readiness": readiness,
                 "drain": drain,
+                "billing": billing,
             }
         finally:
+            await billing.aclose()
             await refresher.stop()
             await readiness.close()
             await admin_pool.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from service.domain import Status
 from service.web.errors import STATUS
 from service.web.params import HOLD_REASON_PATTERN
 
@@ -28,6 +29,9 @@ POSITIVE_AMOUNT = {
 }
 # No NUL (PostgreSQL's text and jsonb cannot hold it), in keys and strings at any depth.
 NO_NUL = r"^[^\u0000]*$"
+KINDS = ("instant", "periodic", "manual")
+PERCENT = {"type": "string", "pattern": r"^[0-9]{1,3}(\.[0-9]{1,2})?$", "examples": ["1.00"]}
+FEE_MONEY = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,2})?$", "examples": ["0.00"]}
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -48,6 +52,7 @@ STORABLE_OBJECT = {
     "propertyNames": {"pattern": NO_NUL},
     "additionalProperties": {"$ref": "#/components/schemas/StorableJson"},
 }
+FEE = _object({"percent": PERCENT, "fixed": FEE_MONEY})
 
 SCHEMAS: dict[str, Any] = {
     "StorableJson": {
@@ -74,14 +79,37 @@ SCHEMAS: dict[str, Any] = {
         {
             "id": {"type": "string", "format": "uuid"},
             "park_id": PARK_ID,
-            "kind": {"type": "string", "enum": ["instant", "periodic"]},
-            "status": {
-                "type": "string",
-                "enum": ["pending", "processing", "succeeded", "failed", "skipped", "cancelled"],
-            },
+            "kind": {"type": "string", "enum": list(KINDS)},
+            # The statuses are domain.Status's: one list for the API, the enum
+            # and (by a test) the database.
+            "status": {"type": "string", "enum": [str(s) for s in Status]},
             "requested_amount": _nullable(MONEY),
             "amount": _nullable(MONEY),
             "currency": _nullable({"type": "string"}),
+            "fee_amount": {
+                **_nullable(MONEY),
+                "description": "Instant payouts of a park with a fee: our revenue out of amount.",
+            },
+            "net_amount": {
+                **_nullable(MONEY),
+                "description": "What reaches the park: amount - fee_amount.",
+            },
+            "return_code": _nullable({"type": "string"}),
+            "returned_at": _nullable(TIMESTAMP),
+            "approval": _nullable(
+                {
+                    **_object(
+                        {
+                            "reason": _nullable({"type": "string"}),
+                            "approved_by": _nullable({"type": "string"}),
+                            "approved_at": _nullable(TIMESTAMP),
+                            "denied_by": _nullable({"type": "string"}),
+                            "denied_reason": _nullable({"type": "string"}),
+                        }
+                    ),
+                    "description": "Manual payouts only: the four-eyes record.",
+                }
+            ),
             "billing_payout_id": _nullable({"type": "string"}),
             "failure_code": _nullable({"type": "string"}),
             "failure_message": _nullable({"type": "string"}),
@@ -102,6 +130,9 @@ SCHEMAS: dict[str, Any] = {
                     "payout.failed",
                     "payout.skipped",
                     "payout.cancelled",
+                    "payout.denied",
+                    "payout.expired",
+                    "payout.returned",
                 ],
             },
             "created_at": TIMESTAMP,
@@ -144,8 +175,31 @@ SCHEMAS: dict[str, Any] = {
             "max_amount": MONEY,
             "min_amount": MONEY,
             "cooldown_hours": {"type": "number"},
+            "fee": _nullable(FEE),
+            "details": {
+                **_nullable(_object({"reason": {"enum": ["subscription_ended"]}})),
+                "description": 'With reason instant_payouts_disabled: {"reason": '
+                '"subscription_ended"} when the end date has passed, as the press says.',
+            },
+            "instant_payouts_until": _nullable(TIMESTAMP),
         }
     ),
+    "Quote": _object(
+        {
+            "amount": MONEY,
+            "fee_amount": _nullable(MONEY),
+            "net_amount": _nullable(MONEY),
+            "currency": {"type": "string"},
+        }
+    ),
+    "ManualRequest": _object(
+        {
+            "park_id": PARK_ID,
+            "amount": {**MONEY, "pattern": r"^[0-9]+(\.[0-9]{1,2})?$"},
+            "reason": {"type": "string", "minLength": 1, "maxLength": 500},
+        }
+    ),
+    "Denial": _object({"reason": {"type": "string", "minLength": 1, "maxLength": 500}}),
     "ParkUpdate": {
         **_object(
             {
@@ -171,6 +225,15 @@ SCHEMAS: dict[str, Any] = {
                         "description": "Put the park on hold with a reason; null releases it.",
                     }
                 ),
+                "instant_fee": {
+                    **_nullable(FEE),
+                    "description": "The instant payout fee: percent (0-100) of the amount, "
+                    "half-up to the cent, plus fixed; null: no fee.",
+                },
+                "instant_payouts_until": {
+                    **_nullable(TIMESTAMP),
+                    "description": "After it a press is refused (subscription_ended); null: never.",
+                },
             },
             required=False,
         ),
@@ -191,6 +254,8 @@ SCHEMAS: dict[str, Any] = {
                     }
                 )
             ),
+            "instant_fee": _nullable(FEE),
+            "instant_payouts_until": _nullable(TIMESTAMP),
             "registered_at": TIMESTAMP,
             "last_payout_at": _nullable(TIMESTAMP),
             "next_periodic_payout_at": _nullable(TIMESTAMP),
@@ -362,6 +427,21 @@ PATHS: dict[str, Any] = {
             },
         }
     },
+    "/v1/payouts/instant/quote": {
+        "get": {
+            "summary": "What a press would order now: amount, fee and net for Billing's balance",
+            "security": API,
+            "parameters": [
+                PARK_HEADER,
+                _query("amount", {**MONEY, "pattern": r"^[0-9]+(\.[0-9]{1,2})?$"}),
+                REQUEST_ID,
+            ],
+            "responses": {
+                "200": _json("Quote", "The split; nothing is created"),
+                **_errors(*AUTH_ERRORS, "park_not_found"),
+            },
+        }
+    },
     "/v1/payouts/{payout_id}": {
         "get": {
             "operationId": "getPayout",
@@ -454,6 +534,93 @@ PATHS: dict[str, Any] = {
                 **_errors(*AUTH_ERRORS, "park_not_found"),
             },
         },
+    },
+    "/v1/admin/payouts": {
+        "post": {
+            "summary": "Request a manual payout; a second admin approves it (audited)",
+            "security": ADMIN,
+            "parameters": [USER_HEADER, KEY_HEADER, REQUEST_ID],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ManualRequest"}}
+                },
+            },
+            "responses": {
+                "200": _json("Payout", "Replay: same key and body"),
+                "201": _json("Payout", "Created, awaiting approval"),
+                **_errors(
+                    *AUTH_ERRORS,
+                    "park_not_found",
+                    "amount_above_limit",
+                    "amount_below_minimum",
+                    "approval_pending",
+                    "idempotency_key_reused",
+                ),
+            },
+        },
+        "get": {
+            "summary": "Every park's payouts, newest first, filtered (the approvals queue)",
+            "security": ADMIN,
+            "parameters": [
+                _query("park_id", PARK_ID),
+                _query("status", {"type": "string", "enum": [str(s) for s in Status]}),
+                _query("kind", {"type": "string", "enum": list(KINDS)}),
+                _query("since", TIMESTAMP),
+                _query("until", TIMESTAMP),
+                LIMIT,
+                CURSOR,
+                REQUEST_ID,
+            ],
+            "responses": {
+                "200": _json("PayoutPage", "A page of payouts"),
+                **_errors(*AUTH_ERRORS),
+            },
+        },
+    },
+    "/v1/admin/payouts/{payout_id}/approve": {
+        "post": {
+            "summary": "Approve a manual payout: pending, its job enqueued (another admin only)",
+            "security": ADMIN,
+            "parameters": [
+                _path("payout_id", {"type": "string", "format": "uuid"}),
+                USER_HEADER,
+                REQUEST_ID,
+            ],
+            "responses": {
+                "200": _json("Payout", "Approved"),
+                **_errors(
+                    *AUTH_ERRORS,
+                    "payout_not_found",
+                    "self_approval_forbidden",
+                    "park_on_hold",
+                    "payout_in_progress",
+                    "payout_not_pending_approval",
+                    "amount_above_limit",
+                ),
+            },
+        }
+    },
+    "/v1/admin/payouts/{payout_id}/deny": {
+        "post": {
+            "summary": "Deny a manual payout, with a reason",
+            "security": ADMIN,
+            "parameters": [
+                _path("payout_id", {"type": "string", "format": "uuid"}),
+                USER_HEADER,
+                REQUEST_ID,
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Denial"}}
+                },
+            },
+            "responses": {
+                "200": _json("Payout", "Denied"),
+                **_errors(*AUTH_ERRORS, "payout_not_found", "payout_not_pending_approval"),
+            },
+        }
     },
     "/v1/audit": {
         "get": {

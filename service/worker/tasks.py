@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 def payout_kind(priority: int) -> str:
     """The kind a payout job was deferred for: its priority says it, one to one."""
-    return "instant" if priority == queue.PRIORITY_INSTANT else "periodic"
+    kinds = {p: kind for kind, p in queue.PRIORITIES.items()}
+    return kinds.get(priority, "periodic")
 
 
 class PayoutRetry(BaseRetryStrategy):

@@ -123,7 +123,7 @@ def api(
 
 def token_for(path: str) -> str:
     """The token of the route's group, so most calls get past auth and into the handler."""
-    return ADMIN_TOKEN if path.startswith(("/v1/parks", "/v1/audit")) else API_TOKEN
+    return ADMIN_TOKEN if path.startswith(("/v1/parks", "/v1/audit", "/v1/admin")) else API_TOKEN
 
 
 @SCHEMA.parametrize()

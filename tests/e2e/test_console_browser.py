@@ -324,9 +324,7 @@ def test_an_expired_session_goes_back_to_sign_in(console: Console, api: str) -> 
     assert "brw-expired-1" == console.text("#park-id")
 
 
-@pytest.mark.skipif(
-    not manual.AVAILABLE, reason="manual payouts (issue 19) are not in this version yet"
-)
+@pytest.mark.skipif(not manual.AVAILABLE, reason="manual payouts are not in this version")
 def test_manual_payout_needs_a_second_admin_and_then_succeeds(
     console: Console, browser: Browser, api: str, hosts: Cluster, emulator_url: str
 ) -> None:

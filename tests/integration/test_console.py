@@ -426,3 +426,95 @@ def test_audit_search_pages_through_every_matching_entry(signed_in: TestClient, 
     assert expected == len(seen)
     assert sorted(seen, reverse=True) == seen
     assert 400 == signed_in.get("/console/audit?park_id=p1&cursor=WyJ4Il0").status_code
+
+
+def request_manual(c: TestClient, park: str, amount: str = "250.00") -> str:
+    """The console's request form, filled in and sent; the new payout's id."""
+    page = c.get("/console/approvals").text
+    key = re.search(r'name="key" value="([^"]+)"', page)
+    assert key is not None
+    r = c.post(
+        "/console/approvals",
+        data={
+            "csrf": csrf_of(page),
+            "key": key.group(1),
+            "park_id": park,
+            "amount": amount,
+            "reason": "goodwill",
+        },
+        follow_redirects=False,
+    )
+    assert 303 == r.status_code, r.text
+    return r.headers["location"].split("/console/payouts/")[1].split("?")[0]
+
+
+def test_manual_payout_four_eyes_through_the_console_is_audited_via_console(
+    db_url: str, sql: SQL
+) -> None:
+    """Requested by one admin, approval refused to them (403 with the sentence), approved by
+    another: each step runs the API's use case and is audited as that admin, via console."""
+    with console_client(db_url) as first, console_client(db_url) as second:
+        register(first, "p1")
+        sign_in(first, user="support-1")
+        sign_in(second, user="support-2")
+        payout_id = request_manual(first, "p1")
+        page = first.get(f"/console/payouts/{payout_id}").text
+        assert "pending_approval" in page
+        r = first.post(f"/console/payouts/{payout_id}/approve", data={"csrf": csrf_of(page)})
+        assert 403 == r.status_code
+        assert sentences.REFUSALS["self_approval_forbidden"] in r.text
+        page = second.get(f"/console/payouts/{payout_id}").text
+        r = second.post(f"/console/payouts/{payout_id}/approve", data={"csrf": csrf_of(page)})
+        assert 200 == r.status_code
+        assert sentences.DONE["approve"] in r.text
+    entries = rows(
+        sql,
+        "SELECT actor_id, action, outcome, details->>'via' AS via FROM audit_log"
+        " WHERE action LIKE 'payout.manual.%%' ORDER BY id",
+    )
+    assert [
+        ("support-1", "payout.manual.request", "ok", "console"),
+        ("support-1", "payout.manual.approve", "self_approval_forbidden", "console"),
+        ("support-2", "payout.manual.approve", "ok", "console"),
+    ] == [(e["actor_id"], e["action"], e["outcome"], e["via"]) for e in entries]
+    assert ["pending"] == [x["status"] for x in rows(sql, "SELECT status FROM payouts")]
+
+
+def test_a_denied_manual_payout_leaves_the_queue(signed_in: TestClient, sql: SQL) -> None:
+    """Deny with a reason ends the request `denied`; the approvals queue no longer lists it."""
+    register(signed_in, "p1")
+    payout_id = request_manual(signed_in, "p1")
+    assert payout_id in signed_in.get("/console/approvals").text
+    page = signed_in.get(f"/console/payouts/{payout_id}").text
+    r = signed_in.post(
+        f"/console/payouts/{payout_id}/deny", data={"csrf": csrf_of(page), "reason": "duplicate"}
+    )
+    assert 200 == r.status_code
+    assert ["denied"] == [x["status"] for x in rows(sql, "SELECT status FROM payouts")]
+    assert payout_id not in signed_in.get("/console/approvals").text
+
+
+def test_paid_option_is_set_and_cleared_through_the_api_s_use_case(
+    signed_in: TestClient, sql: SQL
+) -> None:
+    """The fee and the end date saved in the console are the park's; empty fields clear them."""
+    register(signed_in, "p1")
+    token = csrf_of(signed_in.get("/console/parks/p1").text)
+    form = {"csrf": token, "fee_percent": "1.50", "fee_fixed": "2.00"}
+    r = signed_in.post(
+        "/console/parks/p1/paid-option", data={**form, "until": "2030-01-01T00:00:00Z"}
+    )
+    assert 200 == r.status_code
+    park = rows(
+        sql, "SELECT instant_fee_percent, instant_fee_fixed, instant_payouts_until FROM parks"
+    )[0]
+    assert ("1.50", "2.00", 2030) == (
+        str(park["instant_fee_percent"]),
+        str(park["instant_fee_fixed"]),
+        park["instant_payouts_until"].year,
+    )
+    bad = signed_in.post("/console/parks/p1/paid-option", data={**form, "fee_percent": "101"})
+    assert 400 == bad.status_code
+    signed_in.post("/console/parks/p1/paid-option", data={"csrf": token})
+    park = rows(sql, "SELECT instant_fee_percent, instant_payouts_until FROM parks")[0]
+    assert (None, None) == (park["instant_fee_percent"], park["instant_payouts_until"])

@@ -239,3 +239,20 @@ def test_http_edge_limits_default_and_parse() -> None:
         s.cursor_secret,
     )
     assert "cursor-secret" not in repr(s)
+
+
+def test_manual_payout_approval_hours_defaults_to_72_and_takes_fractions() -> None:
+    """MANUAL_PAYOUT_APPROVAL_HOURS is 72 by default; fractions are accepted."""
+    assert timedelta(hours=72) == load(env()).manual_payout_approval_window
+    assert (
+        timedelta(hours=0.5)
+        == load(env(MANUAL_PAYOUT_APPROVAL_HOURS="0.5")).manual_payout_approval_window
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x", "1e9"])
+def test_a_bad_manual_payout_approval_window_names_the_variable(value: str) -> None:
+    """A non-positive, malformed or absurd MANUAL_PAYOUT_APPROVAL_HOURS stops start-up naming it."""
+    with pytest.raises(ConfigError) as err:
+        load(env(MANUAL_PAYOUT_APPROVAL_HOURS=value))
+    assert "MANUAL_PAYOUT_APPROVAL_HOURS" == err.value.variable

@@ -67,6 +67,7 @@ def routes() -> list[BaseRoute]:
         post("/console/parks/{park_id}/switches", pages.park_switches),
         post("/console/parks/{park_id}/hold", pages.park_hold),
         post("/console/parks/{park_id}/release", pages.park_release),
+        post("/console/parks/{park_id}/paid-option", pages.park_paid_option),
         get("/console/payouts/{payout_id}", pages.payout_page),
         post("/console/payouts/{payout_id}/cancel", pages.payout_cancel),
         post("/console/payouts/{payout_id}/approve", pages.payout_approve),

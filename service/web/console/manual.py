@@ -1,10 +1,10 @@
-"""Manual payouts (SPEC section 8, issue 19) as the console drives them: the approvals
-queue, the request form, approve and deny.
+"""Manual payouts (SPEC section 8) as the console drives them: the approvals queue, the
+request form, approve and deny.
 
-A thin adapter over the manual-payout use cases, so the console's pages and the API's
-endpoints run the same rules. Those use cases are being built beside the console; until
-they are on this branch, AVAILABLE is False: the pages say manual payouts are not in
-this version and offer no form, and every call below raises Unavailable.
+A thin adapter over the use cases of service/manual.py, the ones the API's
+/v1/admin/payouts endpoints run, so both edges apply the same rules (four eyes, hold,
+in flight, limits) and refuse with the same codes; it only turns the signed-in user
+into the use cases' requests, marked "via": "console" for the audit log.
 """
 
 from __future__ import annotations
@@ -15,9 +15,13 @@ from typing import Any
 from uuid import UUID
 
 from service import db, support
+from service import manual as use_cases
+from service.instant import Refused as RuleRefused
 from service.settings import Settings
 
-AVAILABLE = False
+# The pages show the queue and the forms (kept as a switch for a build without them).
+AVAILABLE = True
+VIA = "console"
 
 
 class Unavailable(Exception):
@@ -41,10 +45,6 @@ class Actor:
     request_id: str
     client: dict[str, Any]
 
-    @property
-    def details(self) -> dict[str, Any]:
-        return {"client": self.client, "via": "console"}
-
 
 async def queue(conn: db.Conn, *, limit: int) -> list[dict[str, Any]]:
     """Manual payouts waiting for approval, oldest first."""
@@ -61,19 +61,58 @@ async def request(
     reason: str,
     idempotency_key: str,
 ) -> dict[str, Any]:
-    """A new manual payout, `pending_approval`; Refused by the rules."""
-    raise Unavailable
+    """A new manual payout, `pending_approval` (the same one for the same form); Refused."""
+    req = use_cases.ManualRequest(
+        park_id=park_id,
+        amount=amount,
+        reason=reason,
+        user_id=actor.user_id,
+        idempotency_key=idempotency_key,
+        request_id=actor.request_id,
+        client=actor.client,
+        via=VIA,
+    )
+    try:
+        accepted = await use_cases.request(conn, settings, req)
+    except RuleRefused as refusal:
+        raise Refused(refusal.code, refusal.message) from None
+    return accepted.payout
 
 
 async def approve(
     conn: db.Conn, settings: Settings, actor: Actor, payout_id: UUID
 ) -> dict[str, Any]:
     """The payout, now `pending` with its job; Refused by the rules (four eyes, hold...)."""
-    raise Unavailable
+    return await _decide(use_cases.approve, conn, settings, actor, payout_id, None)
 
 
 async def deny(
     conn: db.Conn, settings: Settings, actor: Actor, payout_id: UUID, reason: str
 ) -> dict[str, Any]:
     """The payout, now `denied`; Refused by the rules."""
-    raise Unavailable
+    return await _decide(use_cases.deny, conn, settings, actor, payout_id, reason)
+
+
+async def _decide(
+    use_case: Any,
+    conn: db.Conn,
+    settings: Settings,
+    actor: Actor,
+    payout_id: UUID,
+    reason: str | None,
+) -> dict[str, Any]:
+    decision = use_cases.Decision(
+        payout_id=payout_id,
+        user_id=actor.user_id,
+        request_id=actor.request_id,
+        reason=reason,
+        client=actor.client,
+        via=VIA,
+    )
+    try:
+        row: dict[str, Any] = await use_case(conn, settings, decision)
+    except use_cases.NotFound:
+        raise Refused("payout_not_found", "no such manual payout") from None
+    except RuleRefused as refusal:
+        raise Refused(refusal.code, refusal.message) from None
+    return row

@@ -26,7 +26,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
 from service import audit, cancel, db, instant, park_admin, parks, payouts, support
-from service.domain import is_park_id, parse_money
+from service.domain import Fee, is_park_id, parse_fee_fixed, parse_fee_percent, parse_money
 from service.settings import Settings
 from service.web import cursors, params, views
 from service.web.console import manual, sentences
@@ -452,9 +452,15 @@ async def _park_page(
         park=park,
         fee=_fee(row),
         until=views.timestamp(row.get("instant_payouts_until")),
-        available=decision.available,
-        availability=sentences.AVAILABILITY.get(decision.reason, decision.reason),
-        next_available_at=views.timestamp(decision.next_available_at),
+        fee_percent=row.get("instant_fee_percent"),
+        fee_fixed=row.get("instant_fee_fixed"),
+        available=decision.decision.available,
+        availability=(
+            sentences.SUBSCRIPTION_ENDED
+            if decision.subscription_ended
+            else sentences.AVAILABILITY.get(decision.decision.reason, decision.decision.reason)
+        ),
+        next_available_at=views.timestamp(decision.decision.next_available_at),
         in_flight=views.payout_json(flight) if flight else None,
         timeline=[_timeline_entry(e) for e in entries],
         next_cursor=next_cursor,
@@ -549,6 +555,30 @@ async def park_hold(request: Request, session: sessions.Session) -> Response:
     hold = parks.Hold(reason=reason, by=session.user_id)
     await _change_park(request, session, park_id, {"hold": {"reason": reason}}, hold=hold)
     return done(f"/console/parks/{park_id}", "hold")
+
+
+async def park_paid_option(request: Request, session: sessions.Session) -> Response:
+    """The instant fee and the subscription's end (SPEC section 8); empty fields clear them."""
+    park_id = park_id_of(request)
+    fields = fields_of(request)
+    percent, fixed = fields.get("fee_percent", "").strip(), fields.get("fee_fixed", "").strip()
+    until_raw = fields.get("until", "").strip()
+    try:
+        fee = (
+            Fee(parse_fee_percent(percent or "0"), parse_fee_fixed(fixed or "0"))
+            if percent or fixed
+            else None
+        )
+        until = params.parse_time(until_raw) if until_raw else None
+    except ValueError as exc:
+        message = f"The fee is a percent (0-100) and a fixed sum; the end an RFC 3339 time ({exc})."
+        return await _park_page(request, session, park_id, error=message, status_code=400)
+    changes = {
+        "instant_fee": {"percent": str(fee.percent), "fixed": str(fee.fixed)} if fee else None,
+        "instant_payouts_until": views.timestamp(until),
+    }
+    await _change_park(request, session, park_id, changes, fee=fee, until=until)
+    return done(f"/console/parks/{park_id}", "paid_option")
 
 
 async def park_release(request: Request, session: sessions.Session) -> Response:

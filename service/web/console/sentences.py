@@ -48,11 +48,15 @@ AVAILABILITY: dict[str | None, str] = {
     "cooldown_active": "An instant payout was made recently",
 }
 
+# instant_payouts_disabled with details.reason "subscription_ended" (SPEC section 8).
+SUBSCRIPTION_ENDED = "The park's paid option for instant payouts has ended."
+
 # What a successful action says on the page it returns to (?done=...).
 DONE: dict[str, str] = {
     "hold": "The park is now on hold.",
     "release": "The hold is released.",
     "switches": "The switches are saved.",
+    "paid_option": "The fee and the end date are saved.",
     "cancel": "The payout is cancelled.",
     "approve": "The payout is approved and queued.",
     "deny": "The payout is denied.",
