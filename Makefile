@@ -32,6 +32,7 @@ bench: $(STAMP)
 		apt-get install -y -qq wrk >/dev/null 2>&1) || echo "wrk not installed"
 	$(PY) -m tests.bench.service
 	$(PY) -m tests.bench.events
+	$(PY) -m tests.bench.feed
 	$(PY) -m tests.bench.billing
 	$(PY) -m tests.bench.park_import
 

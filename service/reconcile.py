@@ -45,7 +45,7 @@ from typing import Any, Literal, LiteralString, TextIO, TypeVar
 
 import psycopg
 
-from service import audit, db, observability
+from service import audit, checks, db, observability
 from service.billing import gate as billing_gate
 from service.billing.client import BillingClient, BillingPayout, Paused, PayoutPage, Transient
 from service.domain import format_money, format_timestamp
@@ -407,6 +407,12 @@ async def run_daily(deps: Deps) -> Summary:
                 until=summary.until,
                 mismatches=summary.mismatches,
                 by_kind=dict(summary.by_kind),
+            )
+            await checks.record(
+                conn,
+                checks.RECONCILE,
+                ok=summary.mismatches == 0,
+                detail=f"{summary.mismatches} mismatches" if summary.mismatches else None,
             )
             await audit.write(
                 conn,

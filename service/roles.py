@@ -60,11 +60,17 @@ APP_TABLES: Mapping[str, frozenset[str]] = {
     # Filled by DBAs when they archive a month.
     "audit_archive": SELECT,
     "schema_migrations": SELECT,
+    # Written only by the outbox triggers and stamped by events_sequence(), both
+    # as the owner: the app cannot forge, edit or delete an event (issue 15).
+    "events": SELECT,
+    "events_sequencer": SELECT,
 }
 # nextval() without setval(): an identity or a queue id never goes backwards.
 APP_SEQUENCES = frozenset({"USAGE", "SELECT"})
 # SECURITY DEFINER functions run with the owner's rights; the app may call these only.
-APP_DEFINER_FUNCTIONS = frozenset({"audit_log_ensure_partitions"})
+APP_DEFINER_FUNCTIONS = frozenset(
+    {"audit_log_ensure_partitions", "events_sequence", "events_expire"}
+)
 PRIVILEGES = {
     p: sql.SQL(p)
     for p in (

@@ -97,6 +97,8 @@ class Settings:
     # SPEC section 3: every event is POSTed there, signed with the secret. None: off.
     webhook_url: str | None = None
     webhook_secret: str | None = None
+    # SPEC section 3: events older than this are deleted (410 cursor_expired).
+    events_retention_days: float = 90.0
     # The breaker opens after this many transient Billing failures in a row
     # (all hosts together). Ten is well past the odd lost answer, and still
     # only seconds of calls into an outage at BILLING_RPS.
@@ -143,6 +145,17 @@ MAX_COOLDOWN_HOURS = 24 * 366.0
 MAX_RETRY_WINDOW_HOURS = 24 * 31.0
 MAX_SECONDS = 24 * 3600.0
 MAX_RPS = 100_000.0
+# Events are kept for years at most (past that, a typo), and at least a week:
+# the database refuses to expire younger ones (migrations/0008).
+MAX_RETENTION_DAYS = 3660.0
+MIN_RETENTION_DAYS = 7.0
+
+
+def _retention_days(env: Mapping[str, str]) -> float:
+    days = _positive_number(env, "EVENTS_RETENTION_DAYS", "90", maximum=MAX_RETENTION_DAYS)
+    if days < MIN_RETENTION_DAYS:
+        raise ConfigError("EVENTS_RETENTION_DAYS", f"must be at least {MIN_RETENTION_DAYS:g}")
+    return days
 
 
 def _positive_number(
@@ -345,6 +358,7 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
                 env, "MANUAL_PAYOUT_APPROVAL_HOURS", "72", maximum=MAX_COOLDOWN_HOURS
             )
         ),
+        events_retention_days=_retention_days(env),
         billing_breaker_failures=_count(env, "BILLING_BREAKER_FAILURES", "10"),
         billing_breaker_cooloff_seconds=_positive_number(
             env, "BILLING_BREAKER_COOLOFF_SECONDS", "30"

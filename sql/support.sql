@@ -61,10 +61,10 @@ ORDER BY at DESC, id DESC
 LIMIT %(limit)s
 
 -- payout_events --
--- A payout's events, in commit order.
+-- A payout's events, in the order they were written.
 SELECT seq, type, created_at FROM events
 WHERE park_id = %(park_id)s AND payout_id = %(payout_id)s
-ORDER BY xid, seq
+ORDER BY seq
 
 -- now --
 -- The database's clock: console sessions expire by it, as every time rule does.

@@ -39,6 +39,7 @@ STATUS: dict[str, int] = {
     "amount_above_limit": 422,
     "amount_below_minimum": 422,
     "idempotency_key_reused": 422,
+    "cursor_expired": 410,
     "cooldown_active": 429,
     "internal_error": 500,
     "unavailable": 503,

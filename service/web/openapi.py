@@ -496,7 +496,9 @@ PATHS: dict[str, Any] = {
                     "name": "after",
                     "in": "query",
                     "required": False,
-                    "description": "A next_cursor this API issued; anything else is 400.",
+                    "description": "A next_cursor this API issued; anything else is 400. "
+                    "410 cursor_expired: events after it are no longer kept (or it is from "
+                    "before a restore); resume from details.oldest_cursor.",
                     "schema": {"type": "string"},
                 },
                 LIMIT,
@@ -504,7 +506,7 @@ PATHS: dict[str, Any] = {
             ],
             "responses": {
                 "200": _json("EventPage", "Events committed after the cursor (maybe none)"),
-                **_errors(*AUTH_ERRORS),
+                **_errors(*AUTH_ERRORS, "cursor_expired"),
             },
         }
     },

@@ -15,6 +15,10 @@ from tests.helpers.emulator import REPO_ROOT
 BENCHES = {
     "park_import": (["--parks", "200"], ("parks import, 200 new parks", "baseline")),
     "events": (["--scale", "0.01"], ("reader throughput", "outbox cost per instant press")),
+    "feed": (
+        ["--seconds", "1", "--rate", "20"],
+        ("before dump-restore", "after restore into a fresh cluster", "feed p99"),
+    ),
     "billing": (
         ["--rps", "20", "--seconds", "2"],
         ("peak one-second calls / limit", "achieved rate / limit"),

@@ -181,8 +181,8 @@ async def test_fee_and_return_mismatches(deps: Deps, conn: db.Conn, billing_url:
     from service import returns
 
     await conn.execute(
-        "INSERT INTO parks (park_id, instant_fee_percent, instant_fee_fixed)"
-        " VALUES ('rec-fee', 1, 0)"
+        "INSERT INTO parks (park_id, instant_payouts_enabled, instant_fee_percent,"
+        " instant_fee_fixed) VALUES ('rec-fee', true, 1, 0)"
     )
     set_balance(billing_url, "rec-fee", "100.00")
     fee_id = uuid.uuid4()

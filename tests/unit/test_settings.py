@@ -111,6 +111,8 @@ def test_tokens_are_split_on_commas() -> None:
         ("API_HEADER_TIMEOUT_SECONDS", "0"),
         ("API_BODY_TIMEOUT_SECONDS", "never"),
         ("API_KEEP_ALIVE_SECONDS", "-5"),
+        ("EVENTS_RETENTION_DAYS", "3"),
+        ("EVENTS_RETENTION_DAYS", "1e6"),
     ],
 )
 def test_bad_value_raises_config_error_naming_the_variable(variable: str, value: str) -> None:
