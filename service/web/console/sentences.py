@@ -26,6 +26,7 @@ REFUSALS: dict[str, str] = {
     "request_timeout": "The request took too long to arrive; try again.",
     "uri_too_long": "The address is too long.",
     "headers_too_large": "The request's headers are too large.",
+    "cursor_expired": "This page of the list is too old to read; start from the newest.",
     "internal_error": "Something went wrong on our side; quote the request id.",
     "unavailable": "The database is unavailable right now; try again in a few seconds.",
     # Manual payouts (SPEC section 8).
