@@ -34,9 +34,6 @@ PARK_FIELDS = {
     "instant_payouts_until",
 }
 MAX_HOLD_REASON = park_admin.MAX_HOLD_REASON
-# What timestamptz stores without surprise (and Python's datetime can hold).
-MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
-MAX_TIME = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 async def put_park(request: Request) -> Response:
@@ -126,9 +123,12 @@ def _until(raw: Any) -> datetime | None:
         raise ApiError(
             "invalid_request", "instant_payouts_until must be null or an RFC 3339 timestamp"
         ) from None
-    if not MIN_TIME <= value <= MAX_TIME:
-        raise ApiError("invalid_request", "instant_payouts_until is out of range")
-    return value
+    try:
+        # Any date the format takes, past ones too (the option has ended then); only a
+        # value that UTC cannot hold (year 9999 with a negative offset) is refused.
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ApiError("invalid_request", "instant_payouts_until is out of range") from None
 
 
 def _is_text(value: str) -> bool:
@@ -172,10 +172,11 @@ def _reason(raw: Any, field: str) -> str:
     if (
         not isinstance(raw, str)
         or not 0 < len(raw.strip()) <= manual.MAX_REASON
-        or not raw.isprintable()
+        or not park_admin.HOLD_REASON_RE.fullmatch(raw)
     ):
         raise ApiError(
-            "invalid_request", f"{field} must be 1-{manual.MAX_REASON} printable characters"
+            "invalid_request",
+            f"{field} must be 1-{manual.MAX_REASON} characters, not blank, no control characters",
         )
     return raw.strip()
 
