@@ -277,7 +277,8 @@ class Load:
     def stop(self) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(timeout=PRESS_DEADLINE_S + 15)
+            if t.ident is not None:  # started
+                t.join(timeout=PRESS_DEADLINE_S + 15)
 
     def count(self, status: int) -> int:
         with self.lock:
@@ -389,7 +390,8 @@ class FeedTail:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=PRESS_TIMEOUT_S + 15)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=PRESS_TIMEOUT_S + 15)
 
     def _run(self) -> None:
         rng = random.Random(0)

@@ -52,7 +52,7 @@ class _Pipe:
     queue: asyncio.Queue[tuple[float, bytes | None]] = field(default_factory=asyncio.Queue)
 
 
-@dataclass
+@dataclass(eq=False)  # kept in a set: identity, not value
 class _Conn:
     client: asyncio.StreamWriter
     server: asyncio.StreamWriter | None = None
@@ -272,6 +272,8 @@ class FaultNet:
                 asyncio.run_coroutine_threadsafe(link.stop(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 @contextlib.contextmanager
