@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ import httpx
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import DictRow, dict_row
+from psycopg.rows import dict_row
 
 from service import roles
 from service.devenv.processes import free_port
@@ -67,6 +67,7 @@ from tests.helpers.drill import (
     read_feed,
 )
 from tests.helpers.faultproxy import DOWN, UP, FaultNet, Link, fault_net
+from tests.helpers.leaselog import LEASE_LOG, HostOf, lease_findings
 from tests.helpers.procs import wait_for
 
 DRILL_SECONDS = float(os.environ.get("DRILL_SECONDS") or 0)
@@ -90,137 +91,6 @@ DRAIN_BOUND_S = 60.0
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 TICK_S = 0.05  # the storm's clock: how often it looks at its episodes and the lease log
 WEBHOOK_SECRET = "drill-webhook-secret-0123456789"
-
-
-# --- the lease log -------------------------------------------------------------------------
-
-LEASE_LOG = """
-CREATE TABLE drill_lease_log (
-    n      bigserial PRIMARY KEY,
-    lease  text NOT NULL,
-    event  text NOT NULL CHECK (event IN ('take', 'renew', 'release', 'act')),
-    holder text,
-    until  timestamptz,
-    at     timestamptz NOT NULL DEFAULT clock_timestamp(),
-    port   integer DEFAULT inet_client_port()
-);
-
-CREATE FUNCTION drill_log_scan_lease() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
-BEGIN
-    IF TG_OP = 'DELETE' THEN
-        INSERT INTO drill_lease_log (lease, event, holder)
-        VALUES (OLD.name, 'release', OLD.holder);
-    ELSIF TG_OP = 'UPDATE' AND OLD.holder = NEW.holder THEN
-        INSERT INTO drill_lease_log (lease, event, holder, until)
-        VALUES (NEW.name, 'renew', NEW.holder, NEW.expires_at);
-    ELSE
-        INSERT INTO drill_lease_log (lease, event, holder, until)
-        VALUES (NEW.name, 'take', NEW.holder, NEW.expires_at);
-    END IF;
-    RETURN NULL;
-END $$;
-CREATE TRIGGER drill_log AFTER INSERT OR UPDATE OR DELETE ON scan_leases
-    FOR EACH ROW EXECUTE FUNCTION drill_log_scan_lease();
-
-CREATE FUNCTION drill_log_webhook_state() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
-BEGIN
-    IF NEW.lease_until IS NOT NULL AND NEW.lease_until IS DISTINCT FROM OLD.lease_until THEN
-        INSERT INTO drill_lease_log (lease, event, holder, until)
-        VALUES ('webhook_round', 'take', NEW.lease_holder, NEW.lease_until);
-    ELSIF NEW.lease_until IS NULL AND OLD.lease_until IS NOT NULL THEN
-        INSERT INTO drill_lease_log (lease, event, holder)
-        VALUES ('webhook_round', 'release', OLD.lease_holder);
-    END IF;
-    IF (NEW.xid, NEW.seq) IS DISTINCT FROM (OLD.xid, OLD.seq) THEN
-        INSERT INTO drill_lease_log (lease, event) VALUES ('webhook_round', 'act');
-    END IF;
-    RETURN NULL;
-END $$;
-CREATE TRIGGER drill_log AFTER UPDATE ON webhook_state
-    FOR EACH ROW EXECUTE FUNCTION drill_log_webhook_state();
-
-CREATE FUNCTION drill_log_webhook_parks() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
-BEGIN
-    INSERT INTO drill_lease_log (lease, event) VALUES ('webhook_round', 'act');
-    RETURN NULL;
-END $$;
-CREATE TRIGGER drill_log AFTER INSERT OR UPDATE ON webhook_parks
-    FOR EACH ROW EXECUTE FUNCTION drill_log_webhook_parks();
-
-CREATE FUNCTION drill_log_gate_probe() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
-BEGIN
-    IF NEW.probe_until IS NOT NULL AND NEW.probe_until IS DISTINCT FROM OLD.probe_until THEN
-        INSERT INTO drill_lease_log (lease, event, until)
-        VALUES ('gate_probe', 'take', NEW.probe_until);
-    ELSIF NEW.probe_until IS NULL AND OLD.probe_until IS NOT NULL THEN
-        INSERT INTO drill_lease_log (lease, event) VALUES ('gate_probe', 'release');
-    END IF;
-    RETURN NULL;
-END $$;
-CREATE TRIGGER drill_log AFTER UPDATE ON billing_gate
-    FOR EACH ROW EXECUTE FUNCTION drill_log_gate_probe();
-
-CREATE FUNCTION drill_log_periodic_payout() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
-BEGIN
-    INSERT INTO drill_lease_log (lease, event) VALUES ('periodic_scan', 'act');
-    RETURN NULL;
-END $$;
-CREATE TRIGGER drill_log AFTER INSERT ON payouts
-    FOR EACH ROW WHEN (NEW.kind = 'periodic') EXECUTE FUNCTION drill_log_periodic_payout();
-"""
-
-
-@dataclass
-class Tenure:
-    """One holder's hold on a lease, from its take to its release or its last deadline."""
-
-    lease: str
-    host: str
-    holder: str | None
-    start: datetime
-    until: datetime | None
-    end: datetime | None = None
-
-    def last(self) -> datetime | None:
-        """When the hold ended: its release, else its deadline (None: no deadline known)."""
-        if self.end is not None and self.until is not None:
-            return min(self.end, self.until)
-        return self.end or self.until
-
-
-def lease_findings(log: list[DictRow], host_of: Callable[[int | None], str]) -> dict[str, Any]:
-    """Overlapping holds (a take while another host's hold had neither been released nor
-    expired), and acts done by a host that held no hold of that lease then."""
-    tenures: dict[str, list[Tenure]] = collections.defaultdict(list)
-    overlaps: list[str] = []
-    outside: list[str] = []
-    acts: collections.Counter[str] = collections.Counter()
-    for entry in log:
-        lease, event, at = entry["lease"], entry["event"], entry["at"]
-        held = tenures[lease]
-        current = held[-1] if held and held[-1].end is None else None
-        if event == "take":
-            if current is not None and (current.until is None or current.until > at):
-                overlaps.append(
-                    f"{lease}: {host_of(entry['port'])} took it at {at} while {current}"
-                )
-            if current is not None:
-                current.end = at
-            held.append(Tenure(lease, host_of(entry["port"]), entry["holder"], at, entry["until"]))
-        elif event == "renew" and current is not None:
-            current.until = entry["until"]
-        elif event == "release" and current is not None:
-            current.end = at
-        elif event == "act":
-            acts[lease] += 1
-            host = host_of(entry["port"])
-            within = [
-                t for t in held if t.start <= at and ((last := t.last()) is None or at <= last)
-            ]
-            if not any(t.host == host for t in within):
-                outside.append(f"{lease}: {host} acted at {at}; holds then: {within}")
-    takes = {lease: len(held) for lease, held in tenures.items()}
-    return {"takes": takes, "acts": dict(acts), "overlaps": overlaps, "outside": outside}
 
 
 # --- the hosts and their links -------------------------------------------------------------
@@ -538,24 +408,27 @@ class Storm:
     def _pg_restart_in_partition(self, w: Wired, hold: float) -> Episode:
         w.pg.hang()
         self.note(f"{w.name} cut from PostgreSQL; restarting PostgreSQL")
+        began = time.monotonic()
         self.db.restart_fast()
+        self.note(f"PostgreSQL restarted in {time.monotonic() - began:.1f} s")
         return self.timed("pg-restart-in-partition", w, self.rng.uniform(1.0, 4.0), w.pg.heal)
 
 
-def port_map(wired: list[Wired]) -> Callable[[int | None], str]:
-    """The host whose PostgreSQL link opened a connection from this local port ('?' when
+def port_map(wired: list[Wired]) -> HostOf:
+    """The host whose PostgreSQL link opened a connection from this local port (None when
     none did, or several did over the run)."""
 
-    def host_of(port: int | None) -> str:
+    def host_of(port: int | None) -> str | None:
         found = [w.name for w in wired if port in w.pg.upstream_ports]
-        return found[0] if len(found) == 1 else "?"
+        return found[0] if len(found) == 1 else None
 
     return host_of
 
 
 @contextlib.contextmanager
-def kept_on_failure(tmp: Path, db: Database) -> Iterator[None]:
-    """On a failure, copy the run's logs (processes, storm timeline, PostgreSQL) to KEEP_DIR."""
+def kept_logs(tmp: Path, db: Database) -> Iterator[None]:
+    """PostgreSQL's log joins the processes' logs and the storm's timeline in `tmp`; on a
+    failure all of them are copied to KEEP_DIR, and the way to replay the run is printed."""
     try:
         yield
     except BaseException:
@@ -568,6 +441,9 @@ def kept_on_failure(tmp: Path, db: Database) -> Iterator[None]:
             f"; logs kept in {kept}"
         )
         raise
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.copy(db.server.data_dir / "server.log", tmp / "postgresql.log")
 
 
 def test_partition_drill_three_hosts_cut_off_at_random_lose_double_and_overlap_nothing(
@@ -584,7 +460,7 @@ def test_partition_drill_three_hosts_cut_off_at_random_lose_double_and_overlap_n
     rng = random.Random(SEED)
     with (
         private_database() as (db, url),
-        kept_on_failure(tmp_path, db),
+        kept_logs(tmp_path, db),
         fault_net(SEED) as net,
         Receiver() as receiver,
     ):
@@ -672,9 +548,10 @@ def test_partition_drill_three_hosts_cut_off_at_random_lose_double_and_overlap_n
                 f"\n  longest in flight {verdict.longest_in_flight}; all final {drained:.1f} s"
                 f" after the last heal (bound {DRAIN_BOUND_S:.0f} s)"
                 f"\n  Billing transfers {verdict.transfers}; requests {stats(billing_url)}"
-                f"\n  leases: takes {leases['takes']}, acts {leases['acts']},"
-                f" overlapping {len(leases['overlaps'])}, acts without the lease"
-                f" {len(leases['outside'])}; webhooks delivered {receiver.deliveries}"
+                f"\n  leases: takes {leases.takes}, acts {leases.acts}, overlapping"
+                f" {len(leases.overlaps)}, acts without the lease {len(leases.outside)},"
+                f" entries of no known host {leases.unattributed};"
+                f" webhooks delivered {receiver.deliveries}"
                 f"\n  events {len(feed)}; supervisor restarts {dict(sup.restarts)};"
                 f" PostgreSQL restarted {db.restarts}"
                 f"\n  logs: {tmp_path} (storm.log: the timeline)"
@@ -682,6 +559,6 @@ def test_partition_drill_three_hosts_cut_off_at_random_lose_double_and_overlap_n
         assert [] == tail.server_errors, "the feed answered 5xx other than 503"
         assert [] == feed_problems(feed, verdict.payouts)
         assert [e["id"] for e in feed] == [e["id"] for e in tail.events], "the storm's reader"
-        assert [] == leases["overlaps"], "a lease held by two hosts at once"
-        assert [] == leases["outside"], "acts by a host that did not hold the lease"
+        assert [] == leases.overlaps, "a lease held by two hosts at once"
+        assert [] == leases.outside, "acts by a host that did not hold the lease"
         assert 0 < sum(storm.injected.values())
