@@ -70,6 +70,12 @@ class Database:
     def start(self) -> str:
         url = with_dbname(self.server.start(), "fleet_drill")
         with psycopg.connect(self.server.url, autocommit=True) as conn:
+            # fast_unsafe turns synchronous_commit off: a commit is acknowledged before its WAL
+            # leaves the server's memory, and `-m immediate` then loses the last ones, which
+            # no real server does. fsync stays off: the kernel keeps what was written.
+            # (postgresql.auto.conf outranks the settings file, and outlives restarts.)
+            conn.execute("ALTER SYSTEM SET synchronous_commit = on")
+            conn.execute("SELECT pg_reload_conf()")
             conn.execute("CREATE DATABASE fleet_drill")
         asyncio.run(migrate.migrate(url))
         return url
@@ -511,7 +517,13 @@ def check_books(
         accepted = [p for p in load.presses if p.payout_id is not None]
         told = {p.payout_id: (p.park, p.key) for p in accepted}
         assert len(accepted) == len(told), "two presses told the same payout"
-        assert told == instant, "accepted presses and instant payouts differ"
+        by_key = {(p.park, p.key): p for p in load.presses}
+        unlike = {
+            i: (told.get(i), instant.get(i), by_key.get(instant.get(i) or ("", "")))
+            for i in told.keys() ^ instant.keys() | {i for i in told if told[i] != instant.get(i)}
+        }
+        # payout id: (what the press was told, the payout's row, the press with that key)
+        assert {} == unlike, "accepted presses and instant payouts differ"
         by_period = periodic_payouts(pg, periodic_parks)
         crowded = {p: spacing_violations(by_period[p], period) for p in periodic_parks}
         assert {p: [] for p in periodic_parks} == crowded, "periodic payouts too close"
