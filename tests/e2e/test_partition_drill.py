@@ -287,7 +287,10 @@ class Storm:
         self.injected[kind] += 1
         with self.lock:
             self.active.append(episode)
-        self.note(f"{w.name} {kind}: {'armed' if episode.heal_at is None else f'{hold:.1f} s'}")
+        lasts = (
+            "armed" if episode.heal_at is None else f"{episode.heal_at - time.monotonic():.1f} s"
+        )
+        self.note(f"{episode.wired.name} {kind}: {lasts}")
         return True
 
     def timed(self, kind: str, w: Wired, hold: float, heal: Callable[[], None]) -> Episode:
