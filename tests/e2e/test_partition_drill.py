@@ -64,6 +64,7 @@ from tests.helpers.drill import (
     check_books,
     count,
     feed_problems,
+    in_flight_report,
     private_database,
     read_feed,
 )
@@ -530,12 +531,16 @@ def test_partition_drill_three_hosts_cut_off_at_random_lose_double_and_overlap_n
             load.stop()
             for park in PERIODIC_PARKS:
                 register(hosts[0].url, park, instant=None, periodic=False)
-            wait_for(
-                lambda: count(url, IN_FLIGHT) == 0,
-                timeout=DRAIN_BOUND_S - (time.monotonic() - storm.last_heal),
-                interval=0.2,
-                what=f"every payout final within {DRAIN_BOUND_S} s of the last heal",
-            )
+            try:
+                wait_for(
+                    lambda: count(url, IN_FLIGHT) == 0,
+                    timeout=DRAIN_BOUND_S - (time.monotonic() - storm.last_heal),
+                    interval=0.2,
+                    what=f"every payout final within {DRAIN_BOUND_S} s of the last heal",
+                )
+            except AssertionError:
+                print(f"--- in flight ---\n{in_flight_report(url)}")
+                raise
             drained = time.monotonic() - storm.last_heal
             tail.stop()
             tail.catch_up(hosts[0].url)

@@ -347,6 +347,19 @@ def count(url: str, where: str) -> int:
         return int(rows(conn, f"SELECT count(*) AS n FROM payouts WHERE {where}")[0]["n"])
 
 
+def in_flight_report(url: str) -> str:
+    """The payouts still in flight and their jobs, for a failing drill's output."""
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=3) as conn:
+        found = rows(
+            conn,
+            "SELECT p.id, p.kind, p.status, p.updated_at, p.failure_message, j.id AS job,"
+            " j.status AS job_status, j.scheduled_at, j.attempts, now() AS db_now"
+            f" FROM payouts p LEFT JOIN procrastinate_jobs j ON j.id = p.job_id WHERE {IN_FLIGHT}"
+            " ORDER BY p.created_at LIMIT 20",
+        )
+    return "\n".join(str(dict(r)) for r in found)
+
+
 def progress(url: str, after: str) -> None:
     """Wait until more payouts have reached a final status since this blow."""
     before = count(url, FINISHED)
