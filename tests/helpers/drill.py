@@ -354,7 +354,8 @@ def in_flight_report(url: str) -> str:
             conn,
             "SELECT p.id, p.kind, p.status, p.updated_at, p.failure_message, j.id AS job,"
             " j.status AS job_status, j.scheduled_at, j.attempts, now() AS db_now"
-            f" FROM payouts p LEFT JOIN procrastinate_jobs j ON j.id = p.job_id WHERE {IN_FLIGHT}"
+            " FROM payouts p LEFT JOIN procrastinate_jobs j ON j.id = p.job_id"
+            " WHERE p.status IN ('pending', 'processing')"
             " ORDER BY p.created_at LIMIT 20",
         )
     return "\n".join(str(dict(r)) for r in found)
