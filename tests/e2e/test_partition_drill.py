@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -372,12 +372,12 @@ class Storm:
             ).fetchone() or (0,)
             while time.monotonic() < deadline:
                 row = conn.execute(
-                    "SELECT port FROM drill_lease_log WHERE lease = 'gate_probe'"
+                    "SELECT port, at FROM drill_lease_log WHERE lease = 'gate_probe'"
                     " AND event = 'take' AND n > %s ORDER BY n LIMIT 1",
                     (start,),
                 ).fetchone()
                 if row is not None:
-                    return self.host_of(row[0])
+                    return self.host_of(row[0], row[1])
                 time.sleep(TICK_S)  # polling the log, bounded by the deadline
         return None
 
@@ -433,11 +433,13 @@ class Storm:
 
 
 def port_map(wired: list[Wired]) -> HostOf:
-    """The host whose PostgreSQL link opened a connection from this local port (None when
-    none did, or several did over the run)."""
+    """The host whose PostgreSQL link had a connection open from this local port at that
+    moment (None when none had, or several: ports are reused over a long run)."""
 
-    def host_of(port: int | None) -> str | None:
-        found = [w.name for w in wired if port in w.pg.upstream_ports]
+    def host_of(port: int | None, at: datetime) -> str | None:
+        if port is None:
+            return None
+        found = [w.name for w in wired if w.pg.had_port(port, at.timestamp())]
         return found[0] if len(found) == 1 else None
 
     return host_of

@@ -52,11 +52,23 @@ class _Pipe:
     queue: asyncio.Queue[tuple[float, bytes | None]] = field(default_factory=asyncio.Queue)
 
 
+@dataclass
+class _Upstream:
+    port: int
+    opened: float
+    closed: float | None = None
+
+
 @dataclass(eq=False)  # kept in a set: identity, not value
 class _Conn:
     client: asyncio.StreamWriter
     server: asyncio.StreamWriter | None = None
+    upstream: _Upstream | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def closed(self) -> None:
+        if self.upstream is not None and self.upstream.closed is None:
+            self.upstream.closed = time.time()
 
 
 def _rst(writer: asyncio.StreamWriter | None) -> None:
@@ -86,7 +98,9 @@ class Link:
         for event in self.flowing.values():
             event.set()
         self.conns: set[_Conn] = set()
-        self.upstream_ports: set[int] = set()
+        # Each upstream connection's local port, and when (wall clock, the machine's: the
+        # same clock a local server's clock_timestamp() reads) it was opened and closed.
+        self.upstream: list[_Upstream] = []
         self.hooks: list[tuple[bytes, Callable[[], None]]] = []
         self.server: asyncio.Server | None = None
 
@@ -116,6 +130,7 @@ class Link:
         self._set(f"stall-{direction}", up=direction != UP, down=direction != DOWN)
 
     def _drop(self, conn: _Conn) -> None:
+        conn.closed()
         for task in conn.tasks:
             task.cancel()
         _rst(conn.client)
@@ -156,6 +171,15 @@ class Link:
     def disarm(self) -> None:
         self.net.call(self.hooks.clear)
 
+    def had_port(self, port: int, at: float, slack: float = 1.0) -> bool:
+        """Whether one of this link's upstream connections used `port` at `at` (wall clock)."""
+        return any(
+            u.port == port
+            and u.opened - slack <= at
+            and (u.closed is None or at <= u.closed + slack)
+            for u in list(self.upstream)
+        )
+
     # --- the proxy -----------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -180,7 +204,8 @@ class Link:
             self._drop(conn)
             return
         conn.server = up_writer
-        self.upstream_ports.add(up_writer.get_extra_info("sockname")[1])
+        conn.upstream = _Upstream(up_writer.get_extra_info("sockname")[1], time.time())
+        self.upstream.append(conn.upstream)
         up = _Pipe(up_writer)
         down = _Pipe(writer)
         loop = asyncio.get_running_loop()
@@ -215,6 +240,7 @@ class Link:
                 await self.flowing[direction].wait()
                 released = time.monotonic()
                 if chunk is None:
+                    conn.closed()  # one side is done: the session is over
                     if pipe.writer.can_write_eof():
                         pipe.writer.write_eof()
                     return

@@ -120,7 +120,8 @@ class Findings:
     unattributed: int  # entries whose client port no host's link had (alone) opened
 
 
-HostOf = Callable[[int | None], str | None]
+# (client port, at) -> the host whose session that was, or None when it cannot be told.
+HostOf = Callable[[int | None, datetime], str | None]
 
 
 def lease_findings(log: list[dict[str, Any]], host_of: HostOf) -> Findings:
@@ -131,7 +132,7 @@ def lease_findings(log: list[dict[str, Any]], host_of: HostOf) -> Findings:
     acts: collections.Counter[str] = collections.Counter()
     for entry in log:
         lease, event, at = entry["lease"], entry["event"], entry["at"]
-        host = host_of(entry["port"])
+        host = host_of(entry["port"], at)
         if host is None:
             found.unattributed += 1
         held = tenures[lease]
@@ -151,7 +152,9 @@ def lease_findings(log: list[dict[str, Any]], host_of: HostOf) -> Findings:
             within = [
                 t for t in held if t.start <= at and ((last := t.last()) is None or at <= last)
             ]
-            if host is not None and not any(t.host == host for t in within):
+            if host is None or any(t.host == "?" for t in within):
+                continue  # whose act or whose hold cannot be told: counted, not judged
+            if not any(t.host == host for t in within):
                 found.outside.append(f"{lease}: {host} acted at {at}; holds then: {within}")
     found.takes = {lease: len(held) for lease, held in tenures.items()}
     found.acts = dict(acts)

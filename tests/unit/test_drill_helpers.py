@@ -160,7 +160,7 @@ def test_a_take_while_another_host_holds_an_unexpired_lease_is_an_overlap() -> N
         entry("scan", "take", 5, 1, holder="c", until=10),
         entry("scan", "take", 11, 2, holder="d", until=16),
     ]
-    found = lease_findings(log, HOSTS.get)
+    found = lease_findings(log, lambda port, at: HOSTS.get(port or 0))
     assert 1 == len(found.overlaps)
     assert "host1 took it at" in found.overlaps[0]
     assert {"scan": 4} == found.takes
@@ -176,7 +176,7 @@ def test_an_act_by_a_host_whose_hold_expired_is_reported_and_one_within_it_is_no
         entry("webhook", "act", 7, 1),
         entry("webhook", "act", 8, 2),
     ]
-    found = lease_findings(log, HOSTS.get)
+    found = lease_findings(log, lambda port, at: HOSTS.get(port or 0))
     assert 1 == len(found.outside)
     assert "host0 acted at" in found.outside[0]
     assert [] == found.overlaps
