@@ -531,6 +531,7 @@ def test_partition_drill_three_hosts_cut_off_at_random_lose_double_and_overlap_n
             storm.run(max(DRILL_SECONDS - (time.monotonic() - began), STORM_S))
 
             load.stop()
+            all_ready(hosts)  # the storm's end may have just restarted a host (its clock)
             for park in PERIODIC_PARKS:
                 register(hosts[0].url, park, instant=None, periodic=False)
             try:
