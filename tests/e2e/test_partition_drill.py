@@ -19,8 +19,8 @@ keeps every log under KEEP_DIR.
 The lease log: the drill adds a table and triggers to its own database (not a migration; the
 service knows nothing of them) that record, with the database's clock and the session's
 client port, every take, renewal and release of `scan_leases`, of `webhook_state`'s lease and
-of `billing_gate`'s probe, and every act done under one (a periodic payout inserted, a
-webhook cursor or park mark written). Each link records the local ports of its upstream
+of `billing_gate`'s probe, and every act done under one (a periodic payout inserted by
+the scan, a webhook cursor or park mark written). Each link records the local ports of its upstream
 connections, which tells the host of every entry.
 """
 
@@ -562,6 +562,8 @@ def test_partition_drill_three_hosts_cut_off_at_random_lose_double_and_overlap_n
         verdict = check_books(url, billing_url, load, PERIODIC_PARKS, PERIOD)
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as pg:
             log = pg.execute("SELECT * FROM drill_lease_log ORDER BY n").fetchall()
+        with (tmp_path / "lease_log.txt").open("w") as out:
+            out.writelines(f"{dict(entry)}\n" for entry in log)
         leases = lease_findings(log, storm.host_of)
         answers = collections.Counter(a for p in load.presses for a in p.answers)
         accepted = sum(1 for p in load.presses if p.payout_id is not None)

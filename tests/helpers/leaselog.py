@@ -2,7 +2,8 @@
 migration; the service knows nothing of them) that record, with the database's clock and the
 session's client port, every take, renewal and release of `scan_leases`, of `webhook_state`'s
 lease and of `billing_gate`'s probe, and every act done under one (a periodic payout
-inserted, a webhook cursor or park mark written); and the check of what they recorded.
+inserted by the scan, not a follow-up; a webhook cursor or park mark written); and the check
+of what they recorded.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ BEGIN
     RETURN NULL;
 END $$;
 CREATE TRIGGER drill_log AFTER INSERT ON payouts
-    FOR EACH ROW WHEN (NEW.kind = 'periodic') EXECUTE FUNCTION drill_log_periodic_payout();
+    FOR EACH ROW WHEN (NEW.kind = 'periodic' AND NEW.follows IS NULL)
+    EXECUTE FUNCTION drill_log_periodic_payout();
 """
 
 
