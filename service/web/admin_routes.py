@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from service import audit, instant, manual, park_admin, parks
 from service.domain import (
     Fee,
+    Kind,
     Status,
     is_park_id,
     is_visible_ascii,
@@ -165,7 +166,7 @@ ROUTES = [
 # --- manual payouts with four eyes (SPEC section 8) --------------------------------
 
 MANUAL_FIELDS = {"park_id", "amount", "reason"}
-KINDS = ("instant", "periodic", "manual")
+KINDS = tuple(str(k) for k in Kind)
 
 
 def _reason(raw: Any, field: str) -> str:

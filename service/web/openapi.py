@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from service.domain import Status
+from service.domain import EVENT_TYPES, Kind, Status
 from service.web.errors import STATUS
 from service.web.params import HOLD_REASON_PATTERN
 
@@ -29,7 +29,7 @@ POSITIVE_AMOUNT = {
 }
 # No NUL (PostgreSQL's text and jsonb cannot hold it), in keys and strings at any depth.
 NO_NUL = r"^[^\u0000]*$"
-KINDS = ("instant", "periodic", "manual")
+KINDS = tuple(str(k) for k in Kind)
 # What service.domain.parse_fee_percent / parse_fee_fixed take: 0-100, and zero or more.
 PERCENT = {
     "type": "string",
@@ -133,16 +133,7 @@ SCHEMAS: dict[str, Any] = {
             "id": {"type": "string", "description": "Opaque; consumers dedupe by it."},
             "type": {
                 "type": "string",
-                "enum": [
-                    "payout.created",
-                    "payout.succeeded",
-                    "payout.failed",
-                    "payout.skipped",
-                    "payout.cancelled",
-                    "payout.denied",
-                    "payout.expired",
-                    "payout.returned",
-                ],
+                "enum": list(EVENT_TYPES),
             },
             "created_at": TIMESTAMP,
             "payout": {"$ref": "#/components/schemas/Payout"},
