@@ -22,6 +22,7 @@ from service import audit, db, parks, payouts, queue
 from service.billing.client import BillingClient
 from service.domain import Availability, Fee, Quote, instant_availability, payout_amount
 from service.domain import quote as domain_quote
+from service.invariant import InvariantError
 from service.settings import Settings
 
 ACTION = "payout.instant.request"
@@ -94,7 +95,8 @@ async def request_instant(conn: db.Conn, settings: Settings, req: InstantRequest
         existing = await payouts.park_state(conn, req.park_id, req.idempotency_key)
         if existing and existing["existing_fingerprint"] == req.fingerprint:
             replay = await payouts.get(conn, existing["existing_id"])
-            assert replay is not None
+            if replay is None:
+                raise InvariantError("replay is not None") from None
             return Accepted(replay, replay=True)
         conflict = Refused("payout_in_progress", "another payout for this park is in flight")
         await _audit_refusal(conn, req, conflict)
@@ -106,7 +108,8 @@ async def _decide_and_enqueue(conn: db.Conn, settings: Settings, req: InstantReq
     if await parks.lock(conn, req.park_id) is None:
         raise Refused("park_not_found", f"park {req.park_id} is not registered")
     park = await payouts.park_state(conn, req.park_id, req.idempotency_key)
-    assert park is not None  # locked above: it cannot vanish
+    if park is None:  # locked above: it cannot vanish
+        raise InvariantError("park is not None")
 
     if park["existing_id"] is not None:
         if park["existing_fingerprint"] != req.fingerprint:
@@ -115,7 +118,8 @@ async def _decide_and_enqueue(conn: db.Conn, settings: Settings, req: InstantReq
                 "this Idempotency-Key was used with a different request body",
             )
         existing = await payouts.get(conn, park["existing_id"])
-        assert existing is not None
+        if existing is None:
+            raise InvariantError("existing is not None")
         await audit.write(conn, _entry(req, "ok", existing["id"], {"replay": True}))
         return Accepted(existing, replay=True)
 
@@ -156,7 +160,8 @@ async def _decide_and_enqueue(conn: db.Conn, settings: Settings, req: InstantReq
         details=req.audit_details,
         **queue.payout_job("instant"),
     )
-    assert row is not None
+    if row is None:
+        raise InvariantError("row is not None")
     return Accepted(row, replay=False)
 
 
@@ -186,7 +191,10 @@ def _refusal(decision: Availability, now: datetime, *, subscription_ended: bool)
         return Refused("park_on_hold", "payouts for this park are on hold")
     if decision.reason == "payout_in_progress":
         return Refused("payout_in_progress", "a payout for this park is already in flight")
-    assert decision.reason == "cooldown_active" and decision.next_available_at is not None
+    if not (decision.reason == "cooldown_active" and decision.next_available_at is not None):
+        raise InvariantError(
+            'decision.reason == "cooldown_active" and decision.next_available_at is not None'
+        )
     wait = decision.next_available_at - now
     return Refused(
         "cooldown_active",
