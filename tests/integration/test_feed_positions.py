@@ -99,7 +99,7 @@ def test_the_app_role_cannot_write_events(pg: Conn, app_db_url: str, statement: 
         psycopg.connect(app_db_url, autocommit=True) as c,
         pytest.raises(psycopg.errors.InsufficientPrivilege),
     ):
-        c.execute(statement)  # type: ignore[arg-type]
+        c.execute(statement)
     assert 1 == len(stored(pg))
 
 
