@@ -111,7 +111,9 @@ def _as_is(text: str) -> str:
     return text
 
 
-def generate(month: date, count: int, first_id: int, rng: random.Random) -> tuple[list, list]:
+def generate(
+    month: date, count: int, first_id: int, rng: random.Random
+) -> tuple[list[audit_chain.Row], list[audit_chain.Row]]:
     """One month's entries in time order, linked into STRIPES chains; and the heads."""
     start = datetime(month.year, month.month, 1, tzinfo=UTC)
     span = (audit_chain.next_month(month) - month).total_seconds()

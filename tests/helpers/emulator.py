@@ -19,7 +19,8 @@ from typing import Any
 import httpx
 
 from service.billing.emulator import RateStats
-from service.devenv.processes import free_port, stop_process
+from service.devenv.processes import free_port as free_port  # the tests take it from here
+from service.devenv.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 15.0
