@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from psycopg.rows import DictRow
@@ -433,7 +434,7 @@ def request_manual(c: TestClient, park: str, amount: str = "250.00") -> str:
     page = c.get("/console/approvals").text
     key = re.search(r'name="key" value="([^"]+)"', page)
     assert key is not None
-    r = c.post(
+    r: httpx.Response = c.post(
         "/console/approvals",
         data={
             "csrf": csrf_of(page),
