@@ -97,12 +97,12 @@ async def test_billings_answer_for_an_earlier_payout_does_not_settle_a_new_one(
     """A gateway that answers a new order with the payout Billing made for an earlier one of
     the same park and body leaves the new payout in flight: one Billing payout settles one."""
     park = f"attack-db-{uuid.uuid4().hex[:8]}"
-    httpx.put(
-        f"{billing_url}/admin/balances/{park}", json={"available": "500.00", "currency": "RUB"}
-    ).raise_for_status()
-    first = await periodic_payout(conn, park, "70.00")
-    assert Status.SUCCEEDED == await execute_payout(via_proxy, first)
-    made = httpx.get(f"{billing_url}/v1/payouts/{first}").json()
+    async with httpx.AsyncClient(base_url=billing_url) as billing:
+        balance = {"available": "500.00", "currency": "RUB"}
+        (await billing.put(f"/admin/balances/{park}", json=balance)).raise_for_status()
+        first = await periodic_payout(conn, park, "70.00")
+        assert Status.SUCCEEDED == await execute_payout(via_proxy, first)
+        made = (await billing.get(f"/v1/payouts/{first}")).json()
     second = await periodic_payout(conn, park, "70.00")
     proxy.answer_order = lambda n: Canned(200, json.dumps(made).encode(), "application/json")
 
