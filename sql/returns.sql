@@ -6,6 +6,15 @@ SELECT cursor FROM billing_returns_cursor
 -- The feed's cursor after the page just applied, in the page's transaction.
 UPDATE billing_returns_cursor SET cursor = %(cursor)s, updated_at = now()
 
+-- lock_park --
+-- The returned payout's park, locked before `apply` runs as a statement of its
+-- own: `apply` recomputes the park's clocks from its payouts, and a statement
+-- that waited for the park's lock still reads from the snapshot it started
+-- with, so it would forget a payout of the park that succeeded meanwhile.
+SELECT k.park_id FROM parks k
+WHERE k.park_id = (SELECT p.park_id FROM payouts p WHERE p.id = %(id)s)
+FOR NO KEY UPDATE
+
 -- apply --
 -- succeeded -> returned (the only way in: payouts_guard), the park on hold
 -- and its clocks recomputed without the returned payout (it no longer counts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -9,12 +10,14 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
+from psycopg.types.json import Jsonb
 
-from service import audit, db
-from service.billing.client import BillingClient, Budget
+from service import audit, db, payouts, returns
+from service.billing.client import BillingClient, BillingReturn, Budget
 from service.domain import Status
 from service.execution import Deps, RetryLater, execute_payout
-from tests.helpers.audit import Pg
+from tests.helpers.audit import Pg, connect
+from tests.helpers.procs import wait_for
 from tests.helpers.proxy import BillingProxy, Canned, billing_proxy
 
 BOUNDS = """
@@ -112,3 +115,79 @@ async def test_billings_answer_for_an_earlier_payout_does_not_settle_a_new_one(
         conn, "SELECT id FROM payouts WHERE billing_payout_id = %(b)s", b=made["id"]
     )
     assert [first] == [r["id"] for r in rows]
+
+
+def ordered_payout(pg: Pg, park: str, kind: str = "periodic") -> uuid.UUID:
+    """A payout of `park` taken by a worker and ordered at Billing (70.00 RUB), still processing."""
+    payout_id = uuid.uuid4()
+    pg.execute(
+        "INSERT INTO payouts (id, park_id, kind, max_amount) VALUES (%s, %s, %s, 1000)",
+        (payout_id, park, kind),
+    )
+    pg.execute("UPDATE payouts SET status = 'processing' WHERE id = %s", (payout_id,))
+    pg.execute(
+        "UPDATE payouts SET available = 70, amount = 70, currency = 'RUB', billing_params = '{}',"
+        " ordered_at = now() WHERE id = %s",
+        (payout_id,),
+    )
+    return payout_id
+
+
+def waiting_for_lock(pg: Pg, pid: int) -> bool:
+    row = pg.execute(
+        "SELECT wait_event_type = 'Lock' AS waits FROM pg_stat_activity WHERE pid = %s", (pid,)
+    ).fetchone()
+    return bool(row and row["waits"])
+
+
+async def test_a_return_keeps_the_success_that_committed_while_it_waited(
+    pg: Pg, db_url: str
+) -> None:
+    """A return applied while another payout of the park is finishing succeeded leaves the
+    park's last payout at that success: the due rule does not forget a payout just made."""
+    park = f"attack-db-{uuid.uuid4().hex[:8]}"
+    pg.execute("INSERT INTO parks (park_id) VALUES (%s)", (park,))
+    returned = ordered_payout(pg, park)
+    pg.execute(
+        "UPDATE payouts SET status = 'succeeded', billing_payout_id = 'b-1', completed_at = now()"
+        " WHERE id = %s",
+        (returned,),
+    )
+    fresh = ordered_payout(pg, park)
+    with connect(db_url, autocommit=False) as finishing, connect(db_url) as watcher:
+        finishing.execute(
+            payouts.Q["finish"],
+            {
+                "id": fresh,
+                "status": "succeeded",
+                "billing_payout_id": "b-2",
+                "failure_code": None,
+                "failure_message": None,
+                "available": None,
+                "currency": None,
+                "outcome": "ok",
+                "details": Jsonb({}),
+            },
+        )
+        conn = await db.connect(db_url, name="test")
+        async with conn:
+            item = BillingReturn(str(returned), "account_closed", datetime.now(UTC))
+
+            async def apply_in_a_page() -> int:
+                async with conn.transaction():  # as the reader applies a page
+                    return await returns.apply(conn, item)
+
+            applying = asyncio.ensure_future(apply_in_a_page())
+            pid = conn.info.backend_pid
+            await asyncio.to_thread(
+                wait_for, lambda: waiting_for_lock(watcher, pid), timeout=10, what="the return"
+            )
+            finishing.commit()
+            assert 1 == await asyncio.wait_for(applying, 10)
+    row = pg.execute(
+        "SELECT k.last_payout_at, p.completed_at FROM parks k JOIN payouts p "
+        "ON p.park_id = k.park_id WHERE p.id = %s",
+        (fresh,),
+    ).fetchone()
+    assert row is not None
+    assert row["completed_at"] == row["last_payout_at"]
