@@ -191,3 +191,24 @@ async def test_a_return_keeps_the_success_that_committed_while_it_waited(
     ).fetchone()
     assert row is not None
     assert row["completed_at"] == row["last_payout_at"]
+
+
+async def test_every_session_decides_time_in_utc_whatever_pgtz_says(
+    app_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host whose environment sets PGTZ (libpq sends it after `options`) still runs its
+    sessions in UTC, so interval arithmetic (approval window, retry window, due rule) is
+    the same hours on every host, DST or not."""
+    monkeypatch.setenv("PGTZ", "America/New_York")
+    conn = await db.connect(app_db_url, name="test")
+    async with conn:
+        row = await db.fetch_one(conn, "SELECT current_setting('TimeZone') AS tz")
+        assert row is not None
+        assert "UTC" == row["tz"]
+    pool = db.make_pool(app_db_url, name="test", min_size=1, max_size=1)
+    async with pool:
+        await pool.open(wait=True)
+        async with pool.connection() as pooled:
+            row = await db.fetch_one(pooled, "SELECT current_setting('TimeZone') AS tz")
+            assert row is not None
+            assert "UTC" == row["tz"]
