@@ -7,6 +7,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import httpx
 import pytest
@@ -212,3 +213,53 @@ async def test_every_session_decides_time_in_utc_whatever_pgtz_says(
             row = await db.fetch_one(pooled, "SELECT current_setting('TimeZone') AS tz")
             assert row is not None
             assert "UTC" == row["tz"]
+
+
+def restore_row_from_backup(pg: Pg, payout_id: uuid.UUID) -> None:
+    """The payout as a backup taken before its order was recorded has it: pending, nothing
+    ordered (a DBA restoring the backup; the guard trigger is off, as in pg_restore's load)."""
+    pg.execute("SET session_replication_role = replica")
+    try:
+        pg.execute(
+            "UPDATE payouts SET status = 'pending', ordered_at = NULL, amount = NULL,"
+            " available = NULL, currency = NULL, billing_params = NULL,"
+            " billing_payout_id = NULL, completed_at = NULL, attempts = 0 WHERE id = %s",
+            (payout_id,),
+        )
+    finally:
+        pg.execute("SET session_replication_role = origin")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a payout with no recorded order is decided afresh from the balance, without asking "
+    "Billing under its key first (the runbook's restore section says it asks): after a restore "
+    "from a backup older than its order it ends skipped although paid, or, with another "
+    "balance, orders another body under its key and waits forever on Billing's 422",
+)
+async def test_a_payout_restored_from_before_its_order_ends_as_billing_made_it(
+    deps: Deps, pg: Pg, billing_url: str
+) -> None:
+    """A payout restored from a backup taken before its order was recorded, whose order
+    Billing carried out after the backup, ends succeeded with the amount Billing paid."""
+    park = f"attack-db-{uuid.uuid4().hex[:8]}"
+    async with httpx.AsyncClient(base_url=billing_url) as billing:
+        balance = {"available": "100.00", "currency": "RUB"}
+        (await billing.put(f"/admin/balances/{park}", json=balance)).raise_for_status()
+        pg.execute("INSERT INTO parks (park_id) VALUES (%s)", (park,))
+        payout_id = uuid.uuid4()
+        pg.execute(
+            "INSERT INTO payouts (id, park_id, kind, max_amount) VALUES (%s, %s, 'periodic', 1000)",
+            (payout_id, park),
+        )
+        assert Status.SUCCEEDED == await execute_payout(deps, payout_id)
+        restore_row_from_backup(pg, payout_id)
+
+        assert Status.SUCCEEDED == await execute_payout(deps, payout_id)
+        made = (await billing.get("/admin/payouts")).json()["payouts"]
+    row = pg.execute("SELECT amount FROM payouts WHERE id = %s", (payout_id,)).fetchone()
+    assert row is not None
+    assert [Decimal("100.00")] == [
+        Decimal(p["amount"]) for p in made if p["idempotency_key"] == str(payout_id)
+    ]
+    assert Decimal("100.00") == row["amount"]
