@@ -22,7 +22,8 @@ FOR NO KEY UPDATE
 -- columns), the system audit entries; the event comes from the outbox
 -- trigger. One statement. No row: the payout is not succeeded here.
 WITH returned AS (
-    UPDATE payouts SET status = 'returned', return_code = %(code)s, returned_at = %(returned_at)s
+    UPDATE payouts SET status = 'returned', return_code = %(code)s,
+                       returned_at = coalesce(%(returned_at)s::timestamptz, now())
     WHERE id = %(id)s AND status = 'succeeded'
     RETURNING *
 ), before AS (
@@ -66,5 +67,5 @@ SELECT status, return_code FROM payouts WHERE id = %(id)s
 -- A return no succeeded payout of ours explains: kept for reconciliation
 -- (returned_at_billing), never applied.
 INSERT INTO billing_returns_unmatched (idempotency_key, code, returned_at, our_status)
-VALUES (%(key)s, %(code)s, %(returned_at)s, %(our_status)s)
+VALUES (%(key)s, %(code)s, coalesce(%(returned_at)s::timestamptz, now()), %(our_status)s)
 ON CONFLICT (idempotency_key) DO NOTHING

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
@@ -263,3 +264,50 @@ async def test_a_payout_restored_from_before_its_order_ends_as_billing_made_it(
         Decimal(p["amount"]) for p in made if p["idempotency_key"] == str(payout_id)
     ]
     assert Decimal("100.00") == row["amount"]
+
+
+async def paid_periodic(deps: Deps, pg: Pg, billing: httpx.AsyncClient) -> uuid.UUID:
+    """A succeeded periodic payout of a park of its own, by the real job against Billing."""
+    park = f"attack-db-{uuid.uuid4().hex[:8]}"
+    balance = {"available": "100.00", "currency": "RUB"}
+    (await billing.put(f"/admin/balances/{park}", json=balance)).raise_for_status()
+    pg.execute("INSERT INTO parks (park_id) VALUES (%s)", (park,))
+    payout_id = uuid.uuid4()
+    pg.execute(
+        "INSERT INTO payouts (id, park_id, kind, max_amount) VALUES (%s, %s, 'periodic', 1000)",
+        (payout_id, park),
+    )
+    assert Status.SUCCEEDED == await execute_payout(deps, payout_id)
+    return payout_id
+
+
+async def test_one_garbled_return_does_not_stop_the_returns_of_other_parks(
+    deps: Deps, via_proxy: Deps, proxy: BillingProxy, pg: Pg, billing_url: str
+) -> None:
+    """A returns page with one item Billing would never send (no readable returned_at) still
+    applies the other parks' returns, and that one too: every returned park is held."""
+    async with httpx.AsyncClient(base_url=billing_url) as billing:
+        garbled = await paid_periodic(deps, pg, billing)
+        other = await paid_periodic(deps, pg, billing)
+        for key in (garbled, other):
+            body = {"code": "account_closed"}
+            (await billing.post(f"/admin/payouts/{key}/return", json=body)).raise_for_status()
+
+    def garble(path: str, answer: Any) -> Any:
+        if path == "/v1/returns":
+            for item in answer["returns"]:
+                if item["idempotency_key"] == str(garbled):
+                    item["returned_at"] = "yesterday"
+        return answer
+
+    proxy.rewrite = garble
+    await returns.read(via_proxy)
+    rows = pg.execute(
+        "SELECT p.id, p.status, k.hold_reason FROM payouts p JOIN parks k USING (park_id)"
+        " WHERE p.id = ANY(%s)",
+        ([garbled, other],),
+    ).fetchall()
+    assert {
+        garbled: ("returned", "payout_returned: account_closed"),
+        other: ("returned", "payout_returned: account_closed"),
+    } == {r["id"]: (r["status"], r["hold_reason"]) for r in rows}
