@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -11,10 +12,11 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from service import audit, db, payouts, returns
+from service import audit, db, payouts, returns, roles
 from service.billing.client import BillingClient, BillingReturn, Budget
 from service.domain import Status
 from service.execution import Deps, RetryLater, execute_payout
@@ -311,3 +313,40 @@ async def test_one_garbled_return_does_not_stop_the_returns_of_other_parks(
         garbled: ("returned", "payout_returned: account_closed"),
         other: ("returned", "payout_returned: account_closed"),
     } == {r["id"]: (r["status"], r["hold_reason"]) for r in rows}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the outbox and sequencer functions are SECURITY DEFINER with search_path "
+    "'pg_catalog, public': pg_temp, not listed, is searched first for tables, so a session's "
+    "temp table named events takes the event (fix, a migration: ALTER FUNCTION "
+    "payouts_events_created(), payouts_events_final(), payouts_events_decided(), "
+    "events_sequence(integer), events_expire(double precision, integer) "
+    "SET search_path = pg_catalog, public, pg_temp)",
+)
+def test_the_app_role_cannot_divert_a_payouts_event_into_a_temp_table(
+    pg: Pg, app_db_url: str
+) -> None:
+    """A session of the app role with a temp table named `events` (granted to the owner)
+    still gets its payout's event into the real outbox, or no payout at all."""
+    park = f"attack-db-{uuid.uuid4().hex[:8]}"
+    pg.execute("INSERT INTO parks (park_id, periodic_payouts_enabled) VALUES (%s, true)", (park,))
+    payout_id = uuid.uuid4()
+    with connect(app_db_url) as app:
+        app.execute(
+            "CREATE TEMP TABLE events (seq bigint, xid xid8, type text, park_id text,"
+            " payout_id uuid, created_at timestamptz, payout jsonb, position bigint)"
+        )
+        app.execute(f"GRANT ALL ON pg_temp.events TO {roles.ROLES.owner}")  # type: ignore[arg-type]
+        with contextlib.suppress(psycopg.Error):
+            app.execute(
+                "INSERT INTO payouts (id, park_id, kind, max_amount)"
+                " VALUES (%s, %s, 'periodic', 1000)",
+                (payout_id, park),
+            )
+    made = pg.execute("SELECT count(*) AS n FROM payouts WHERE id = %s", (payout_id,)).fetchone()
+    events = pg.execute(
+        "SELECT count(*) AS n FROM public.events WHERE payout_id = %s", (payout_id,)
+    ).fetchone()
+    assert made is not None and events is not None
+    assert made["n"] == events["n"]
