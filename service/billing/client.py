@@ -533,13 +533,17 @@ def _return(item: Any) -> BillingReturn | None:
     one: an unreadable code or time is still a return of that key (applied, so its park is
     held; returned_at is then the time we read it), and an item without a key is left to
     reconciliation (returned_at_billing: Billing's payout says returned)."""
-    key = item.get("idempotency_key") if isinstance(item, dict) else None
+    if not isinstance(item, dict):
+        logger.error(
+            "returns feed: an item that is no object, left to reconciliation: %.200r", item
+        )
+        return None
+    key = item.get("idempotency_key")
     if not isinstance(key, str | int) or not str(key).replace("\x00", ""):
         logger.error(
             "returns feed: an item without a usable key, left to reconciliation: %.200r", item
         )
         return None
-    assert isinstance(item, dict)
     try:
         returned_at: datetime | None = _parse_timestamp(item.get("returned_at"))
     except (TypeError, ValueError, AttributeError):
