@@ -50,7 +50,7 @@ async def test_partitions_are_utc_months_whatever_the_database_time_zone(
     host's), the upkeep still makes each partition exactly one UTC month, edge to edge."""
     dbname = pg.execute("SELECT current_database() AS d").fetchone()
     assert dbname is not None
-    pg.execute(f"ALTER DATABASE \"{dbname['d']}\" SET TimeZone = '{zone}'")  # type: ignore[arg-type]
+    pg.execute(f"ALTER DATABASE \"{dbname['d']}\" SET TimeZone = '{zone}'")
     conn = await db.connect(app_db_url, name="test")
     async with conn:
         await audit.ensure_partitions(conn, months_ahead=12, attempts=1)
@@ -337,7 +337,7 @@ def test_the_app_role_cannot_divert_a_payouts_event_into_a_temp_table(
             "CREATE TEMP TABLE events (seq bigint, xid xid8, type text, park_id text,"
             " payout_id uuid, created_at timestamptz, payout jsonb, position bigint)"
         )
-        app.execute(f"GRANT ALL ON pg_temp.events TO {roles.ROLES.owner}")  # type: ignore[arg-type]
+        app.execute(f"GRANT ALL ON pg_temp.events TO {roles.ROLES.owner}")
         with contextlib.suppress(psycopg.Error):
             app.execute(
                 "INSERT INTO payouts (id, park_id, kind, max_amount)"
