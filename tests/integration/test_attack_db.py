@@ -315,15 +315,6 @@ async def test_one_garbled_return_does_not_stop_the_returns_of_other_parks(
     } == {r["id"]: (r["status"], r["hold_reason"]) for r in rows}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the outbox and sequencer functions are SECURITY DEFINER with search_path "
-    "'pg_catalog, public': pg_temp, not listed, is searched first for tables, so a session's "
-    "temp table named events takes the event (fix, a migration: ALTER FUNCTION "
-    "payouts_events_created(), payouts_events_final(), payouts_events_decided(), "
-    "events_sequence(integer), events_expire(double precision, integer) "
-    "SET search_path = pg_catalog, public, pg_temp)",
-)
 def test_the_app_role_cannot_divert_a_payouts_event_into_a_temp_table(
     pg: Pg, app_db_url: str
 ) -> None:
@@ -352,13 +343,6 @@ def test_the_app_role_cannot_divert_a_payouts_event_into_a_temp_table(
     assert made["n"] == events["n"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="payouts_enter_flight_under_park_lock() (and payouts_created_under_park_lock()) "
-    "read `parks` through the session's search_path, where pg_temp comes first: a temp table "
-    "named parks answers for the park (fix, a migration: ALTER FUNCTION ... SET search_path = "
-    "pg_catalog, public, pg_temp on every trigger function that reads a table)",
-)
 def test_the_app_role_cannot_approve_past_a_hold_with_a_temp_parks_table(
     pg: Pg, app_db_url: str
 ) -> None:
