@@ -92,7 +92,7 @@ def test_a_malformed_fee_is_refused_and_changes_nothing(api: TestClient, fee: An
     assert None is api.get(f"/v1/parks/{PARK}", headers=ADMIN).json()["instant_fee"]
 
 
-@pytest.mark.parametrize("until", ["tomorrow", "2030-01-01T00:00:00", 5, "0001-01-01T00:00:00Z"])
+@pytest.mark.parametrize("until", ["tomorrow", "2030-01-01T00:00:00", 5])
 def test_a_malformed_end_date_is_refused(api: TestClient, until: Any) -> None:
     """instant_payouts_until is null or an RFC 3339 timestamp with its zone; else a 400."""
     register(api, PARK)
