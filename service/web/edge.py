@@ -14,6 +14,9 @@ shape with an X-Request-Id, like every other answer:
   new connection must start one as soon), the body within body_seconds of the
   head: else 408 and the connection closes (slowloris, never-ending chunked
   bodies). A connection that never sent a byte is closed without an answer.
+- a response the client does not take (its socket's buffers full) for
+  body_seconds aborts the connection: a reader that never reads, or pipelines
+  requests and never reads their answers, cannot hold a connection slot forever.
 - a response sent before its request's body was all read says Connection: close
   and closes the connection, so an unread body can never keep it open.
 - beyond EdgeLimits.max_connections open connections, a new one is answered
@@ -107,6 +110,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._line_done = False
         self._counting = True  # bytes arriving now belong to a request head
         self._tail = b""
+        self._stall: asyncio.TimerHandle | None = None
 
     # -- connections over the cap -------------------------------------------------------
 
@@ -126,6 +130,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._stop_stall_timer()
         if self._refused:
             return
         super().connection_lost(exc)
@@ -255,6 +260,32 @@ class GuardedProtocol(HttpToolsProtocol):
                 error_bytes(status, code, message, self.server_state.default_headers)
             )
             self.transport.close()
+
+    # -- the write timer: a client that stops reading ---------------------------------------
+
+    def pause_writing(self) -> None:
+        # The transport's buffer is over its high-water mark: the client is not
+        # reading. Without a limit the answer (and the connection) would wait forever.
+        super().pause_writing()
+        self._stop_stall_timer()
+        self._stall = self.loop.call_later(self.LIMITS.body_seconds, self._stalled)
+
+    def resume_writing(self) -> None:
+        self._stop_stall_timer()
+        super().resume_writing()
+
+    def _stop_stall_timer(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        logger.info(
+            "edge: a response untaken for %.0f s: connection aborted", self.LIMITS.body_seconds
+        )
+        # abort, not close: close would wait for the buffer to drain, which never comes.
+        self.transport.abort()
 
     # -- the read timer -----------------------------------------------------------------
 

@@ -287,3 +287,34 @@ def test_pipelined_requests_are_all_answered_and_the_connection_kept(
         status, _, _ = read_answer(sock)
     assert 2 == data.count(b"HTTP/1.1 200")
     assert 200 == status
+
+
+def test_clients_that_never_read_their_answers_do_not_hold_the_connection_cap(
+    pg_server_url: str, template_url: str, emulator_url: str, tmp_path: Path
+) -> None:
+    """API_MAX_CONNECTIONS connections that pipeline 200 requests for /openapi.json and never
+    read an answer are aborted once their answers stall for API_BODY_TIMEOUT_SECONDS, so
+    /ping is served again while the attacker still holds its sockets (a slow reader held
+    its connection, and the cap, forever)."""
+    url = create_database(pg_server_url, template=TEMPLATE)
+    env = service_env(url, emulator_url, API_MAX_CONNECTIONS="20", **TIMEOUTS)
+    with (
+        contextlib.closing(_Dropper(pg_server_url, url)),
+        cluster(env, tmp_path) as c,
+        contextlib.ExitStack() as readers,
+    ):
+        api = c.api()
+        for _ in range(20):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(address(api))
+            readers.callback(sock.close)
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
+
+        def pinged() -> bool:
+            try:
+                return httpx.get(f"{api}/ping", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(pinged, timeout=20, what="/ping served while the slow readers keep their sockets")
