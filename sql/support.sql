@@ -77,6 +77,11 @@ WHERE status = 'pending_approval'
 ORDER BY created_at, id
 LIMIT %(limit)s
 
+-- lock_sign_ins --
+-- One address's sign-ins one at a time, on every host: each counts the failures
+-- before it and writes its own before the next counts.
+SELECT pg_advisory_xact_lock(hashtextextended('console.sign_in ' || %(ip)s, 0))
+
 -- failed_sign_ins --
 -- Console sign-ins refused from one address within the window (the action's index).
 SELECT count(*) AS n FROM audit_log
