@@ -229,6 +229,25 @@ def test_sign_in_and_out_are_audited(console: TestClient, sql: SQL) -> None:
     ] == [(e["actor_type"], e["actor_id"], e["action"], e["outcome"]) for e in entries]
 
 
+def test_a_copy_of_the_cookie_is_no_session_after_sign_out(console: TestClient, sql: SQL) -> None:
+    """A copy of the session cookie taken before sign-out (stolen, or in another browser)
+    is sent to sign in afterwards, and its forms change nothing (it kept working, actions
+    audited as the signed-out user, until the session's end 8 h later)."""
+    register(console, "p1")
+    sign_in(console, user="support-7")
+    stolen = console.cookies.get("fp_console")
+    page = console.get("/console/parks/p1")
+    token = csrf_of(page.text)
+    console.post("/console/sign-out", data={"csrf": token}, follow_redirects=False)
+    console.cookies.set("fp_console", stolen, path="/console")
+    assert 303 == console.get("/console/parks", follow_redirects=False).status_code
+    r = console.post(
+        "/console/parks/p1/hold", data={"csrf": token, "reason": "x"}, follow_redirects=False
+    )
+    assert "/console/sign-in" == r.headers["location"].split("?")[0]
+    assert [{"hold_reason": None}] == rows(sql, "SELECT hold_reason FROM parks")
+
+
 def test_sign_in_returns_only_to_a_console_page(console: TestClient) -> None:
     """`next` pointing to another site is replaced by the console's own start page."""
     form = console.get("/console/sign-in")

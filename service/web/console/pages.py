@@ -132,9 +132,19 @@ def secure(response: Response) -> Response:
 async def current_session(request: Request) -> sessions.Session:
     if not sessions.has_cookie(request):
         raise sessions.SignInRequired
+    settings = settings_of(request)
     async with admin_pool_of(request).connection() as conn:
         now = await support.now(conn)
-    return sessions.read(settings_of(request), request, now)
+        session = sessions.read(settings, request, now)
+        if await support.signed_out(
+            conn,
+            action=SIGN_OUT_ACTION,
+            user_id=session.user_id,
+            issued_at=sessions.issued_at(settings, session),
+            session=sessions.session_id(session),
+        ):
+            raise sessions.SignInRequired
+    return session
 
 
 def to_sign_in(request: Request) -> Response:
@@ -393,7 +403,12 @@ async def sign_out(request: Request, session: sessions.Session) -> Response:
                 action=SIGN_OUT_ACTION,
                 outcome="ok",
                 request_id=request_id_of(request),
-                details={"via": VIA, "client": client(request)},
+                # Names the session: every page refuses it from now on (current_session).
+                details={
+                    "via": VIA,
+                    "client": client(request),
+                    "session": sessions.session_id(session),
+                },
             ),
         )
     response = RedirectResponse("/console/sign-in?done=signed_out", status_code=303)
