@@ -215,6 +215,19 @@ def test_an_address_with_too_many_failures_is_refused_even_the_right_token(
     assert ["too_many_sign_ins"] == outcomes[-1:]
 
 
+def test_a_refused_address_is_on_record_once_per_window(
+    console: TestClient, sql: SQL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five more attempts from an address already refused write one too_many_sign_ins
+    entry, not five (each attempt of a flood wrote a chained entry, without limit)."""
+    monkeypatch.setattr(pages, "FAILED_SIGN_IN_DELAY_SECONDS", 0.0)
+    for _ in range(pages.MAX_FAILED_SIGN_INS):
+        assert 401 == sign_in(console, token="not-the-token-0123456789").status_code
+    assert [429] * 5 == [sign_in(console).status_code for _ in range(5)]
+    outcomes = [e["outcome"] for e in rows(sql, "SELECT outcome FROM audit_log ORDER BY id")]
+    assert ["unauthorized"] * pages.MAX_FAILED_SIGN_INS + ["too_many_sign_ins"] == outcomes
+
+
 def test_sign_in_and_out_are_audited(console: TestClient, sql: SQL) -> None:
     """Signing in and out each write an admin entry naming the user, via console."""
     sign_in(console, user="support-7")

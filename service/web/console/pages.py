@@ -339,7 +339,11 @@ async def sign_in(request: Request) -> Response:
         else:
             outcome = "ok"
             now = await support.now(conn)
-        await _audit_sign_in(request, conn, user_id, outcome)
+        # An address already refused is on record once per window: a flood of refused
+        # attempts would otherwise write an entry each to the append-only log, and keep
+        # its own count (and so the refusal) up for as long as it lasts.
+        if outcome != "too_many_sign_ins" or failures == MAX_FAILED_SIGN_INS:
+            await _audit_sign_in(request, conn, user_id, outcome)
     # The delay without the connection (or the slot) in hand: a caller waiting out its
     # delay holds nothing anyone else needs.
     if outcome == "too_many_sign_ins":
