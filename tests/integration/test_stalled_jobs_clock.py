@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from datetime import UTC, timedelta
 
+import procrastinate
 import procrastinate.utils
 import psycopg
 import pytest
@@ -48,8 +49,10 @@ async def test_a_stalled_job_is_requeued_due_now_by_the_database_clock_on_a_fast
     monkeypatch.setattr(db, "datetime", FastClock)
     monkeypatch.setattr(db, "CLOCK", db.DatabaseClock())  # nothing observed yet
 
-    async with app.open_async(pool=deps.pool):
-        assert 1 == await maintenance.recover_stalled_jobs(app, deps)
+    # A connector of its own: the shared app's keeps the pool an earlier test gave it.
+    fresh = app.with_connector(procrastinate.PsycopgConnector())
+    async with fresh.open_async(pool=deps.pool):
+        assert 1 == await maintenance.recover_stalled_jobs(fresh, deps)
 
     row = pg.execute(
         "SELECT status, scheduled_at <= now() + interval '5 seconds' AS due"
