@@ -10,9 +10,10 @@ emulator (no latency). Figures, read from the emulator's request log:
 - peak one-second calls / BILLING_RPS, over the whole run (goal <= 1 + 1/BILLING_RPS);
 - achieved calls per second / BILLING_RPS between the 10th and the 90th percentile call,
   while the queue is full (goal >= 0.9);
-- where the achieved rate misses its goal, whether the workers are the limit: payouts per
-  second per worker process and worker CPU per payout, against the same three workers
-  with no budget at all (BILLING_RPS = 1,000,000) measured in the same run.
+- beside each, its baseline: payouts per second per worker process and worker CPU per
+  payout of the same three workers with no budget to speak of (BILLING_RPS at the
+  setting's bound, 100,000) measured in the same run, so whether the workers or the
+  budget are the limit can be read off.
 
 PostgreSQL: BENCH_DATABASE_URL (a server whose user may create databases), or an embedded
 one in a temporary directory, fsync off.
@@ -36,7 +37,7 @@ import psycopg
 from service import db, migrate, periodic
 from service.billing import gate as billing_gate
 from service.execution import Deps
-from service.settings import Settings
+from service.settings import MAX_RPS, Settings
 from service.settings import load as load_settings
 from service.worker.app import app as queue_app
 from tests.bench.common import bench_server
@@ -46,7 +47,8 @@ from tests.helpers.procs import Proc, wait_for
 
 WORKERS = 3
 CONCURRENCY = 10
-UNBUDGETED_RPS = 1_000_000
+# The setting's own bound: a value above it makes the workers refuse to start.
+UNBUDGETED_RPS = MAX_RPS
 NEVER = "0 0 1 1 *"  # the workers' own periodic scan must not add payouts mid-run
 PARALLEL_PUTS = 32
 MAX_PAYOUTS = 3000
@@ -196,10 +198,10 @@ def report(run: Run, unbudgeted: Run | None) -> bool:
         f"{run.payouts_per_worker_s:.0f} payouts/s per worker, "
         f"{run.cpu_ms_per_payout:.2f} ms worker CPU per payout"
     )
-    if not rate_ok and unbudgeted is not None:
+    if unbudgeted is not None:
         share = run.achieved_rps / unbudgeted.achieved_rps
         print(
-            f"  workers are the limit?         : without any budget the same workers make "
+            f"  baseline, no budget            : the same workers make "
             f"{unbudgeted.achieved_rps:.0f} calls/s ({unbudgeted.payouts_per_worker_s:.0f} "
             f"payouts/s per worker, {unbudgeted.cpu_ms_per_payout:.2f} ms CPU per payout); "
             f"budgeted / unbudgeted = {share:.2f}"
@@ -227,10 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_once(server_url, template, billing_url, workdir, rps, size(rps, args.seconds))
                 for rps in budgets
             ]
-            unbudgeted = None
-            if any(r.achieved_rps < 0.9 * r.rps for r in runs):
-                n = max(r.payouts for r in runs)
-                unbudgeted = run_once(server_url, template, billing_url, workdir, UNBUDGETED_RPS, n)
+            n = max(r.payouts for r in runs)
+            unbudgeted = run_once(server_url, template, billing_url, workdir, UNBUDGETED_RPS, n)
             met = [report(run, unbudgeted) for run in runs]
             with psycopg.connect(server_url, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
