@@ -34,6 +34,10 @@ KEEP_FINISHED_JOBS_HOURS = 24 * 7
 # Reconciliation with Billing once a day, at a quiet hour (UTC) and off the
 # hour, when housekeeping and everyone else's cron jobs run.
 RECONCILE_CRON = "40 3 * * *"
+# Pooled connections per worker, whatever its concurrency: a payout run borrows one
+# for each of its statements and none while it waits on Billing or the budget;
+# procrastinate keeps one for LISTEN and borrows one to fetch and finish jobs.
+WORKER_POOL_SIZE = 8
 # How often a worker reads the shared Billing pause for its gauge.
 GATE_REFRESH_SECONDS = 1.0
 # A webhook round every second, when WEBHOOK_URL is set (seconds: sixth field).
@@ -89,7 +93,12 @@ def register_periodic(settings: Settings) -> None:
 
 @contextlib.asynccontextmanager
 async def worker_deps(settings: Settings, *, concurrency: int) -> AsyncIterator[Deps]:
-    pool = db.make_pool(settings.database_url, name="worker", min_size=2, max_size=concurrency + 4)
+    pool = db.make_pool(
+        settings.database_url,
+        name="worker",
+        min_size=2,
+        max_size=min(WORKER_POOL_SIZE, concurrency + 4),
+    )
     await pool.open(wait=True)
     billing = billing_gate.client(pool, settings)
     try:

@@ -28,11 +28,6 @@ from service.worker.app import app
 logger = logging.getLogger(__name__)
 
 
-def payout_kind(priority: int) -> str:
-    """The kind a payout job was deferred for: its priority says it, one to one."""
-    return "instant" if priority == queue.PRIORITY_INSTANT else "periodic"
-
-
 class PayoutRetry(BaseRetryStrategy):
     """Exponential backoff with jitter, capped, honouring Billing's Retry-After.
 
@@ -82,11 +77,9 @@ def deps_of(context: JobContext) -> Deps:
 
 @app.task(name=queue.TASK_EXECUTE_PAYOUT, queue=queue.QUEUE_PAYOUTS, pass_context=True, retry=RETRY)
 async def execute_payout(context: JobContext, payout_id: str) -> None:
-    """Drive one payout to a final status (see service/execution.py)."""
-    job = context.job
-    with observability.log_context(
-        payout_id=payout_id, job_id=job.id, kind=payout_kind(job.priority)
-    ):
+    """Drive one payout to a final status (see service/execution.py); the log
+    context's kind is the payout's own, bound once the run has read it."""
+    with observability.log_context(payout_id=payout_id, job_id=context.job.id):
         await run_payout(deps_of(context), uuid.UUID(payout_id))
 
 
