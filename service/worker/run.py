@@ -140,7 +140,6 @@ async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int 
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port)
-    tasks.RETRY.cap_seconds = settings.retry_backoff_cap_seconds
     register_periodic(settings)
     heartbeat = settings.stalled_job_seconds / 6
     async with (
