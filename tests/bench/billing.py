@@ -63,6 +63,8 @@ class Run:
     achieved_rps: float  # between the 10th and 90th percentile call
     seconds: float  # first call to last call
     worker_cpu_s: float
+    peak_connections: int  # the workers' pooled connections, all together, sampled
+    concurrency: int
 
     @property
     def payouts_per_worker_s(self) -> float:
@@ -108,6 +110,15 @@ async def fill_queue(settings: Settings, n: int) -> None:
         await pool.close()
 
 
+def worker_connections(url: str) -> int:
+    """Connections the workers hold open right now (their pools, procrastinate's included)."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fleet-payouts-worker'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def final_count(url: str) -> int:
     with psycopg.connect(url) as conn:
         row = conn.execute(
@@ -117,7 +128,13 @@ def final_count(url: str) -> int:
 
 
 def run_once(
-    server_url: str, template: str, billing_url: str, workdir: Path, rps: float, n: int
+    server_url: str,
+    template: str,
+    billing_url: str,
+    workdir: Path,
+    rps: float,
+    n: int,
+    concurrency: int = CONCURRENCY,
 ) -> Run:
     url = create_database(server_url, template=template)
     procs: list[Proc] = []
@@ -137,7 +154,7 @@ def run_once(
         logs = workdir / f"rps-{rps:g}"
         logs.mkdir(exist_ok=True)
         procs = [
-            Proc(["worker", "--concurrency", str(CONCURRENCY)], env, logs / f"worker-{i}.log")
+            Proc(["worker", "--concurrency", str(concurrency)], env, logs / f"worker-{i}.log")
             for i in range(WORKERS)
         ]
 
@@ -149,8 +166,14 @@ def run_once(
         wait_for(registered, timeout=60, interval=0.1, what="the workers to register")
         cpu_before = sum(cpu_seconds(p.pid) for p in procs)
         asyncio.run(fill_queue(load_settings(env), n))
+        peak = [0]
+
+        def drained() -> bool:
+            peak[0] = max(peak[0], worker_connections(url))
+            return final_count(url) >= n or any(not p.alive() for p in procs)
+
         wait_for(
-            lambda: final_count(url) >= n or any(not p.alive() for p in procs),
+            drained,
             timeout=60 + 3 * n / min(rps, 300),
             interval=0.2,
             what=f"{n} payouts to finish",
@@ -175,6 +198,8 @@ def run_once(
         achieved_rps=achieved,
         seconds=times[-1] - times[0],
         worker_cpu_s=cpu,
+        peak_connections=peak[0],
+        concurrency=concurrency,
     )
 
 
@@ -184,7 +209,10 @@ def report(run: Run, unbudgeted: Run | None) -> bool:
     peak_goal = 1 + 1 / run.rps
     rate_ratio = run.achieved_rps / run.rps
     peak_ok, rate_ok = peak_ratio <= peak_goal + 1e-9, rate_ratio >= 0.9
-    print(f"\n== BILLING_RPS={run.rps:g}: {WORKERS} workers, {run.payouts:,} queued payouts ==")
+    print(
+        f"\n== BILLING_RPS={run.rps:g}: {WORKERS} workers at --concurrency {run.concurrency}, "
+        f"{run.payouts:,} queued payouts =="
+    )
     print(
         f"  peak one-second calls / limit : {peak_ratio:.3f}  ({run.peak_1s} calls; "
         f"goal <= {peak_goal:.3f})  {'PASS' if peak_ok else 'MISS'}"
@@ -197,6 +225,10 @@ def report(run: Run, unbudgeted: Run | None) -> bool:
         f"  drain                          : {run.calls:,} calls in {run.seconds:.1f} s; "
         f"{run.payouts_per_worker_s:.0f} payouts/s per worker, "
         f"{run.cpu_ms_per_payout:.2f} ms worker CPU per payout"
+    )
+    print(
+        f"  DB connections per worker      : {run.peak_connections / WORKERS:.1f} at most "
+        f"(sampled; --concurrency {run.concurrency})"
     )
     if unbudgeted is not None:
         share = run.achieved_rps / unbudgeted.achieved_rps
@@ -214,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.billing", description=__doc__)
     parser.add_argument("--rps", default="10,100,1000", help="comma-separated BILLING_RPS values")
     parser.add_argument("--seconds", type=float, default=8.0, help="queued work, in seconds")
+    parser.add_argument(
+        "--concurrency", default="10,100", help="worker --concurrency values, at the last budget"
+    )
     args = parser.parse_args(argv)
     budgets = [float(r) for r in args.rps.split(",")]
     workdir = Path(tempfile.mkdtemp(dir="/tmp", prefix="fp-bench-billing-"))
@@ -228,6 +263,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = [
                 run_once(server_url, template, billing_url, workdir, rps, size(rps, args.seconds))
                 for rps in budgets
+            ]
+            # The other concurrencies, at the last (largest) budget: connections per worker.
+            last = budgets[-1]
+            runs += [
+                run_once(
+                    server_url, template, billing_url, workdir, last, size(last, args.seconds), c
+                )
+                for c in (int(x) for x in args.concurrency.split(","))
+                if c != CONCURRENCY
             ]
             n = max(r.payouts for r in runs)
             unbudgeted = run_once(server_url, template, billing_url, workdir, UNBUDGETED_RPS, n)

@@ -14,10 +14,16 @@ from tests.helpers.emulator import REPO_ROOT
 
 BENCHES = {
     "events": (["--scale", "0.01"], ("reader throughput", "outbox cost per instant press")),
-    # Every budget of `make bench` (the default --rps list) and the unbudgeted baseline.
+    # Every configuration of `make bench`: each default budget, --concurrency 100 at the last
+    # one, and the unbudgeted baseline.
     "billing": (
         ["--seconds", "0.05"],
-        ("peak one-second calls / limit", "achieved rate / limit", "baseline, no budget"),
+        (
+            "peak one-second calls / limit",
+            "achieved rate / limit",
+            "baseline, no budget",
+            "DB connections per worker",
+        ),
     ),
 }
 
