@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) -m tests.bench.service
 	$(PY) -m tests.bench.events
 	$(PY) -m tests.bench.billing
+	$(PY) -m tests.bench.http_client
 
 # The suite's drill (one round of trouble) repeated for DRILL_SECONDS: three hosts, one
 # SIGKILLed, PostgreSQL restarted and crashed, Billing faults; it prints its figures.

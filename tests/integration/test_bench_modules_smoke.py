@@ -1,6 +1,6 @@
-"""The events and Billing budget benchmarks still run end to end at a tiny scale, on the
-suite's server (their figures are not checked here: they are timing, and the suite shares its
-CPUs)."""
+"""The events, Billing budget and HTTP client benchmarks still run end to end at a tiny
+scale, on the suite's server (their figures are not checked here: they are timing, and the
+suite shares its CPUs)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tests.helpers.emulator import REPO_ROOT
 
 BENCHES = {
     "events": (["--scale", "0.01"], ("reader throughput", "outbox cost per instant press")),
+    "http_client": (["--posts", "20"], ("ms CPU per POST",)),
     # Every configuration of `make bench`: each default budget, --concurrency 100 at the last
     # one, and the unbudgeted baseline.
     "billing": (
