@@ -61,10 +61,10 @@ USER 10001:10001
 # 8080: HTTP API (serve) · 9100: worker /metrics (worker --metrics-port 9100)
 EXPOSE 8080 9100
 
-# No curl in slim images: probe with the standard library. HEALTHCHECK_URL lets other
-# roles reuse it (e.g. http://127.0.0.1:9100/metrics for a worker); compose overrides it.
+# No curl in slim images: probe with the standard library: /ready (the database answers).
+# HEALTHCHECK_URL lets other roles reuse it (e.g. http://127.0.0.1:9100/metrics for a worker); compose overrides it.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ.get('HEALTHCHECK_URL', 'http://127.0.0.1:8080/ping'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ.get('HEALTHCHECK_URL', 'http://127.0.0.1:8080/ready'), timeout=4)"]
 
 STOPSIGNAL SIGTERM
 

@@ -32,8 +32,10 @@ bench: $(STAMP)
 		apt-get install -y -qq wrk >/dev/null 2>&1) || echo "wrk not installed"
 	$(PY) -m tests.bench.service
 	$(PY) -m tests.bench.events
+	$(PY) -m tests.bench.feed
 	$(PY) -m tests.bench.billing
 	$(PY) -m tests.bench.http_client
+	$(PY) -m tests.bench.park_import
 
 # The suite's drill (one round of trouble) repeated for DRILL_SECONDS: three hosts, one
 # SIGKILLed, PostgreSQL restarted and crashed, Billing faults; it prints its figures.

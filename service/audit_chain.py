@@ -159,12 +159,26 @@ class Broken:
 
 
 @dataclasses.dataclass(frozen=True)
+class Verified:
+    """A closed month an earlier run walked intact (audit_verified_months)."""
+
+    entries: int
+    legacy: int
+    month_digest: bytes
+    verified_at: datetime
+
+
+@dataclasses.dataclass(frozen=True)
 class MonthResult:
     month: date
     entries: int
     legacy: int
     digest: bytes
     archived: Archive | None = None
+    # Not walked this time: a closed month verified then, its heads unchanged since.
+    verified_at: datetime | None = None
+    # Walked again: a closed month whose heads no longer have the digest recorded then.
+    changed_since: Verified | None = None
 
 
 # id, at, actor_type, actor_id, park_id, action, outcome, request_id, payout_id,
@@ -327,21 +341,58 @@ def months(first: date, last: date) -> Iterator[date]:
 
 
 async def verify(
-    conn: db.Conn, *, since: date | None = None, report: Callable[[MonthResult], None]
+    conn: db.Conn,
+    *,
+    since: date | None = None,
+    report: Callable[[MonthResult], None],
+    full: bool = True,
+    record: bool = True,
 ) -> Summary | Broken:
     """Walk every month from `since` (its month) or the beginning; stop at the first
     broken link. Each month is read in one REPEATABLE READ snapshot, so its heads and
-    its entries agree even while presses append to it."""
+    its entries agree even while presses append to it.
+
+    First, every month from the first one anything knows of (an entry, a chain head,
+    an archive or verification record) to the current one must be there, as a
+    partition or an archive record: a month detached and dropped, heads and all, is
+    named. With `full=False`, a closed month whose chain heads still have the digest
+    recorded when it was last walked is not walked again. With `record`, each closed
+    month walked intact is recorded (when this role may write audit_verified_months).
+    """
     span = await db.fetch_one(conn, Q["chain_span"])
     if span is None or span["first"] is None:
         return Summary(0, 0, 0, 0)
     first: date = span["first"] if since is None else max(span["first"], month_of(since))
+    current: date = span["current"]
+    last: date = max(span["last"], current)
+    missing = await _missing_months(conn, first, last)
+    verified = {} if full else await _verified_months(conn)
+    record = record and bool(span["may_record"])
     legacy_max_id = int(span["legacy_max_id"] or 0)
     total = Summary(0, 0, 0, 0)
-    for month in months(first, span["last"]):
-        result = await _verify_month(conn, month, legacy_max_id)
-        if isinstance(result, Broken):
-            return result
+    for month in months(first, last):
+        closed = month < current
+        result: MonthResult | None = None
+        if month in missing:
+            # Its chain heads, if still there, name the entries gone; else the gap.
+            walked = await _verify_month(conn, month, legacy_max_id)
+            return walked if isinstance(walked, Broken) else _missing(missing)
+        if closed and month in verified:
+            result = await _unchanged_since(conn, month, verified[month])
+        if result is None:
+            walked = await _verify_month(conn, month, legacy_max_id)
+            if isinstance(walked, Broken):
+                return walked
+            result = dataclasses.replace(walked, changed_since=verified.get(month))
+            if record and closed and result.entries and result.archived is None:
+                await db.execute(
+                    conn,
+                    Q["record_verified"],
+                    month=month,
+                    entries=result.entries,
+                    legacy=result.legacy,
+                    digest=result.digest,
+                )
         if result.entries or result.legacy or result.archived:
             report(result)
             total = Summary(
@@ -351,6 +402,60 @@ async def verify(
                 total.legacy + result.legacy,
             )
     return total
+
+
+def _missing(missing: list[date]) -> Broken:
+    return Broken(
+        None,
+        missing[0],
+        None,
+        None,
+        "no partition of audit_log holds "
+        + ", ".join(f"{m:%Y-%m}" for m in missing)
+        + " and no archive record explains "
+        + ("it" if len(missing) == 1 else "them")
+        + " (detached or dropped)",
+    )
+
+
+async def _missing_months(conn: db.Conn, first: date, last: date) -> list[date]:
+    """Months of [first, last] that neither a partition holds nor an archive record names."""
+    bounds = [(r["low"], r["high"]) for r in await db.fetch_all(conn, Q["partition_bounds"])]
+    archived = {r["month"] for r in await db.fetch_all(conn, Q["archived_months"])}
+    missing = []
+    for month in months(first, last):
+        end = next_month(month)
+        start_at = datetime(month.year, month.month, 1, tzinfo=UTC)
+        end_at = datetime(end.year, end.month, 1, tzinfo=UTC)
+        held = any(low <= start_at and end_at <= high for low, high in bounds)
+        if not held and month not in archived:
+            missing.append(month)
+    return missing
+
+
+async def _verified_months(conn: db.Conn) -> dict[date, Verified]:
+    rows = await db.fetch_all(conn, Q["verified_months"])
+    return {
+        r["month"]: Verified(r["entries"], r["legacy"], bytes(r["month_digest"]), r["verified_at"])
+        for r in rows
+    }
+
+
+async def _unchanged_since(conn: db.Conn, month: date, verified: Verified) -> MonthResult | None:
+    """The month as last recorded, if its chain heads still have that digest (computed
+    here, not by a database function); None when it must be walked again."""
+    heads = [Head(**h) for h in await db.fetch_all(conn, Q["chain_heads"], month=month)]
+    if not heads or month_digest((h.stripe, h.last_seq, h.last_hash) for h in heads) != (
+        verified.month_digest
+    ):
+        return None
+    return MonthResult(
+        month,
+        verified.entries,
+        verified.legacy,
+        verified.month_digest,
+        verified_at=verified.verified_at,
+    )
 
 
 async def _verify_month(conn: db.Conn, month: date, legacy_max_id: int) -> MonthResult | Broken:
@@ -397,20 +502,41 @@ def _line(result: MonthResult) -> str:
         what = f"{result.entries:,} entries, restored from {result.archived.location}"
     else:
         what = f"{result.entries:,} entries"
+    if result.verified_at is not None:
+        what += f", unchanged since verified {result.verified_at.astimezone(UTC):%Y-%m-%d %H:%M}Z"
+    if result.changed_since is not None:
+        was = result.changed_since
+        what += (
+            f", CHANGED since verified {was.verified_at.astimezone(UTC):%Y-%m-%d %H:%M}Z "
+            f"({was.entries:,} entries, digest {was.month_digest.hex()})"
+        )
     if result.legacy:
         what += f", {result.legacy:,} older than the chain"
     return f"  {label}  {what}  digest {result.digest.hex()}"
 
 
-async def run(url: str, *, since: date | None) -> int:
+async def run(url: str, *, since: date | None, full: bool = False) -> int:
     """`fleet-payouts audit verify`: 0 when every link holds, 1 naming the first broken one.
 
     Prints each month's digest: kept somewhere the database's superusers cannot
     write, they show later whether a closed month was rewritten wholesale.
+    Incremental unless `full` (see verify()).
     """
     conn = await db.connect(url, name="audit-verify")
     async with conn:
-        outcome = await verify(conn, since=since, report=lambda r: print(_line(r), flush=True))
+        may = await db.fetch_one(conn, Q["chain_span"])
+        if may is not None and may["first"] is not None and not may["may_record"]:
+            print(
+                "audit verify: this role may not write audit_verified_months: closed months "
+                "are not recorded (run as fleet_payouts_app or fleet_payouts_ops)",
+                flush=True,
+            )
+        outcome = await verify(
+            conn,
+            since=since,
+            full=full,
+            report=lambda r: print(_line(r), flush=True),
+        )
     if isinstance(outcome, Broken):
         print(f"audit verify: BROKEN at {outcome}")
         return 1

@@ -85,10 +85,17 @@ def cmd_parks_import(args: argparse.Namespace) -> None:
 def cmd_audit_verify(args: argparse.Namespace) -> None:
     import psycopg
 
-    from service import audit_chain
+    from service import audit_chain, checks
 
     try:
-        code = asyncio.run(audit_chain.run(_database_url(), since=args.since))
+        code = asyncio.run(audit_chain.run(_database_url(), since=args.since, full=args.full))
+        if args.since is None and code in (0, 1):
+            # A whole-log verdict is what the alerts watch (AuditChainBroken,
+            # AuditVerifyNotRunning): recorded where every worker exports it.
+            detail = None if code == 0 else "broken link: see this run's output"
+            asyncio.run(
+                checks.record_run(_database_url(), checks.AUDIT_VERIFY, ok=code == 0, detail=detail)
+            )
     except psycopg.Error as exc:
         # Not a verdict on the log: 1 means "broken", so a failure to look is 2.
         print(f"fleet-payouts audit verify: {exc}", file=sys.stderr)
@@ -188,6 +195,11 @@ def parser() -> argparse.ArgumentParser:
     )
     v.add_argument(
         "--since", type=_date, default=None, help="start at the month of this date (YYYY-MM-DD)"
+    )
+    v.add_argument(
+        "--full",
+        action="store_true",
+        help="walk every month again, also closed ones recorded intact whose heads are unchanged",
     )
     v.set_defaults(func=cmd_audit_verify)
     return p

@@ -11,7 +11,7 @@ import dataclasses
 import enum
 import re
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_DOWN, Decimal, InvalidOperation
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, InvalidOperation
 
 CENT = Decimal("0.01")
 
@@ -22,30 +22,50 @@ _VISIBLE_ASCII_RE = re.compile(r"^[\x21-\x7e]+$")
 
 
 class Status(enum.StrEnum):
+    PENDING_APPROVAL = "pending_approval"
     PENDING = "pending"
     PROCESSING = "processing"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     SKIPPED = "skipped"
     CANCELLED = "cancelled"
+    DENIED = "denied"
+    EXPIRED = "expired"
+    RETURNED = "returned"
 
     @property
     def is_final(self) -> bool:
         return self in FINAL_STATUSES
 
 
-FINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.SKIPPED, Status.CANCELLED})
+# Final for the payout's job: nothing is left to order. A succeeded payout can
+# still be returned by the bank later (TRANSITIONS), but no run of its job acts.
+FINAL_STATUSES = frozenset(
+    {
+        Status.SUCCEEDED,
+        Status.FAILED,
+        Status.SKIPPED,
+        Status.CANCELLED,
+        Status.DENIED,
+        Status.EXPIRED,
+        Status.RETURNED,
+    }
+)
 
 # The only status changes a payout may make. The trigger `payouts_guard`
-# (migrations/0002_money_invariants.sql) refuses the rest; a test tries every
+# (migrations/0012_every_payout.sql) refuses the rest; a test tries every
 # pair against the database, so the two cannot drift apart.
 TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.PENDING_APPROVAL: frozenset({Status.PENDING, Status.DENIED, Status.EXPIRED}),
     Status.PENDING: frozenset({Status.PROCESSING, Status.CANCELLED}),
     Status.PROCESSING: frozenset({Status.SUCCEEDED, Status.FAILED, Status.SKIPPED}),
-    Status.SUCCEEDED: frozenset(),
+    Status.SUCCEEDED: frozenset({Status.RETURNED}),
     Status.FAILED: frozenset(),
     Status.SKIPPED: frozenset(),
     Status.CANCELLED: frozenset(),
+    Status.DENIED: frozenset(),
+    Status.EXPIRED: frozenset(),
+    Status.RETURNED: frozenset(),
 }
 
 
@@ -53,7 +73,8 @@ def can_change(old: Status, new: Status) -> bool:
     """Whether a payout in `old` may be written with status `new`.
 
     Keeping the status (recording the job id, the last transient problem) is
-    allowed until the payout is final; a final payout is frozen.
+    allowed until the payout is final; a final payout is frozen (but for the
+    bank's return of a succeeded one).
     """
     if old == new:
         return not old.is_final
@@ -74,6 +95,8 @@ class Phase(enum.Enum):
 
 
 def phase_of(status: Status, ordered: bool) -> Phase:
+    # pending_approval reads as NEW: it has no job, and a stray one finds
+    # nothing to take (the take query wants pending or processing).
     if status.is_final:
         return Phase.FINISHED
     if ordered:
@@ -86,8 +109,10 @@ def phase_of(status: Status, ordered: bool) -> Phase:
 STALE_FIGURES = frozenset({"insufficient_funds", "currency_mismatch"})
 
 
-# Statuses that do not start a cooldown: the park got nothing.
-COOLDOWN_EXEMPT = frozenset({Status.FAILED, Status.SKIPPED, Status.CANCELLED})
+# Statuses that do not start a cooldown: the park got nothing (or the bank
+# sent it back). sql/payouts.sql park_state lists the same ones; a unit test
+# holds the two together.
+COOLDOWN_EXEMPT = frozenset({Status.FAILED, Status.SKIPPED, Status.CANCELLED, Status.RETURNED})
 
 
 def parse_money(raw: str) -> Decimal:
@@ -152,6 +177,53 @@ def order_amount(
     return amount if amount >= min_amount and amount > 0 else None
 
 
+@dataclasses.dataclass(frozen=True)
+class Fee:
+    """A park's instant payout fee: a percent of the amount plus a fixed part."""
+
+    percent: Decimal
+    fixed: Decimal
+
+    def of(self, amount: Decimal) -> Decimal:
+        """The fee on `amount`: percent half-up to the cent, plus the fixed part, at most
+        the amount itself (so the park never receives less than nothing)."""
+        share = (amount * self.percent / 100).quantize(CENT, rounding=ROUND_HALF_UP)
+        return min(amount, share + self.fixed)
+
+
+MAX_FEE_PERCENT = Decimal(100)
+
+
+def parse_fee_percent(raw: str) -> Decimal:
+    """A percent from 0 to 100 with at most 2 fractional digits, or ValueError."""
+    value = Decimal(0) if raw in ("0", "0.0", "0.00") else parse_money(raw)
+    if value > MAX_FEE_PERCENT:
+        raise ValueError("percent must be at most 100")
+    return value
+
+
+def parse_fee_fixed(raw: str) -> Decimal:
+    """A non-negative money string, or ValueError."""
+    return Decimal(0) if raw in ("0", "0.0", "0.00") else parse_money(raw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quote:
+    """What an instant payout of `amount` costs the park and what reaches it."""
+
+    amount: Decimal
+    fee_amount: Decimal | None
+    net_amount: Decimal | None
+
+
+def quote(amount: Decimal, fee: Fee | None) -> Quote:
+    """Split `amount` into fee and net: fee + net = amount exactly; no fee terms, no split."""
+    if fee is None:
+        return Quote(amount, None, None)
+    fee_amount = fee.of(amount)
+    return Quote(amount, fee_amount, amount - fee_amount)
+
+
 # The largest balance numeric(18,2) stores: sixteen integer digits.
 MAX_BALANCE = Decimal("9999999999999999.99")
 
@@ -184,12 +256,13 @@ def instant_availability(
     enabled: bool,
     on_hold: bool,
     in_flight: bool,
+    subscription_ended: bool = False,
     last_counted_instant_at: datetime | None,
     cooldown: timedelta,
     now: datetime,
 ) -> Availability:
     """Decide the button's state in the same order the request path checks the rules."""
-    if not enabled:
+    if not enabled or subscription_ended:
         return Availability(False, "instant_payouts_disabled", None)
     if on_hold:
         return Availability(False, "park_on_hold", None)

@@ -44,7 +44,14 @@ from service.billing.client import (
     Transient,
     Undecided,
 )
-from service.domain import STALE_FIGURES, Phase, Status, is_storable_balance, order_amount
+from service.domain import (
+    STALE_FIGURES,
+    Phase,
+    Status,
+    is_storable_balance,
+    order_amount,
+    quote,
+)
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -133,8 +140,30 @@ class _Run:
 
         p = self.payout
         minimum = p.min_amount or self.deps.settings.payout_min_amount
-        amount = order_amount(available, p.max_amount, p.requested_amount, minimum)
-        if amount is None:
+        if p.kind == "manual":
+            # Exactly what the second admin approved; Billing refuses it
+            # (insufficient_funds) if the park has less.
+            amount: Decimal | None = p.requested_amount
+        else:
+            amount = order_amount(available, p.max_amount, p.requested_amount, minimum)
+        split = quote(amount, p.fee) if amount is not None else None
+        if split is not None and split.net_amount is not None and split.net_amount < minimum:
+            # The fee would leave the park less than the minimum: not worth ordering.
+            return await self.finish(
+                Status.SKIPPED,
+                "ok",
+                {
+                    "available": str(available),
+                    "currency": currency,
+                    "min_amount": str(minimum),
+                    "amount": str(split.amount),
+                    "fee_amount": str(split.fee_amount),
+                    "reason": "net_below_minimum",
+                },
+                available=available if is_storable_balance(available) else None,
+                currency=currency,
+            )
+        if amount is None or split is None:
             # Nothing (or too little) to pay; an overdrawn park's raw figure
             # goes to the audit entry, the column keeps only storable ones.
             return await self.finish(
@@ -157,6 +186,8 @@ class _Run:
                 amount=amount,
                 currency=currency,
                 billing_params=self.taken.park_params,
+                fee_amount=split.fee_amount,
+                net_amount=split.net_amount,
             )
             # No row: a stalled run of this job that came back to life recorded
             # first; go on from the order it recorded.
@@ -185,6 +216,7 @@ class _Run:
                 amount=p.amount,
                 currency=p.currency,
                 params=p.billing_params,
+                fee=p.fee_amount,
             )
         except Rejected as exc:
             # Only Billing's own refusal, one of the client's DECISIVE answers.
@@ -207,7 +239,7 @@ class _Run:
 
     async def succeed(self, done: BillingPayout) -> Status | None:
         p = self.payout
-        if done.amount != p.amount or done.park_id != p.park_id:
+        if done.amount != p.amount or done.park_id != p.park_id or done.fee != p.fee_amount:
             # Same key and body must give the same payout; if not, say it loudly.
             logger.error(
                 "Billing payout %s (%s %s for %s) differs from our order (%s for %s)",
@@ -222,7 +254,12 @@ class _Run:
         return await self.finish(
             Status.SUCCEEDED,
             "ok",
-            {"amount": str(p.amount), "currency": p.currency, "billing_payout_id": done.id},
+            {
+                "amount": str(p.amount),
+                "currency": p.currency,
+                "billing_payout_id": done.id,
+                **({"fee_amount": str(p.fee_amount)} if p.fee_amount is not None else {}),
+            },
             billing_payout_id=done.id,
         )
 
@@ -286,5 +323,7 @@ class _Run:
             return Status(self.payout.status)
         self.payout = row
         observability.PAYOUTS.labels(row.kind, row.status).inc()
+        if row.status == Status.SUCCEEDED and row.fee_amount is not None and row.currency:
+            observability.INSTANT_FEES.labels(row.currency).inc(float(row.fee_amount))
         logger.info("payout %s %s", p.id, row.status, extra=self.log)
         return status

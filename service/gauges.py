@@ -6,7 +6,7 @@ alike), not at scrape time: a scrape never waits on the database.
 
 from __future__ import annotations
 
-from service import audit, db, observability, payouts, webhooks
+from service import audit, checks, db, manual, observability, payouts, webhooks
 from service.background import Every
 
 GAUGE_SECONDS = 15.0
@@ -33,6 +33,19 @@ async def refresh_gauges(pool: db.Pool) -> None:
             observability.INSTANT_PARKS.labels(window).set(parks[key])
         months = await db.fetch_one(conn, audit.Q["months_ahead"])
         observability.AUDIT_MONTHS_AHEAD.set(months["months"] if months else 0)
+        waiting, oldest_waiting = await manual.waiting(conn)
+        observability.MANUAL_PENDING_APPROVAL.set(waiting)
+        observability.MANUAL_OLDEST_PENDING_APPROVAL.set(oldest_waiting)
         webhook_backlog = await webhooks.backlog(conn)
         observability.EVENTS_UNDELIVERED.set(webhook_backlog.events)
         observability.EVENTS_OLDEST_UNDELIVERED.set(webhook_backlog.oldest_seconds)
+
+
+async def refresh_check_gauges(pool: db.Pool) -> None:
+    """The scheduled checks' verdicts (workers only: see observability.AUDIT_VERIFY_BROKEN)."""
+    async with pool.connection() as conn:
+        for state in await checks.states(conn):
+            observability.CHECK_EXPECTED_SINCE.labels(state.check_name).set(state.expected_since)
+            if state.check_name == checks.AUDIT_VERIFY:
+                observability.AUDIT_VERIFY_LAST_RUN.set(state.last_run)
+                observability.AUDIT_VERIFY_BROKEN.set(1 if state.last_ok is False else 0)

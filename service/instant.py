@@ -19,7 +19,9 @@ from typing import Any
 import psycopg.errors
 
 from service import audit, db, payouts, queue
-from service.domain import Availability, instant_availability
+from service.billing.client import BillingClient
+from service.domain import Availability, Fee, Quote, instant_availability, payout_amount
+from service.domain import quote as domain_quote
 from service.settings import Settings
 
 ACTION = "payout.instant.request"
@@ -104,9 +106,10 @@ async def request_instant(conn: db.Conn, settings: Settings, req: InstantRequest
         outcome = row.pop("outcome")
         now: datetime = row.pop("db_now")
         next_available_at: datetime | None = row.pop("next_available_at")
+        subscription_ended: bool = row.pop("subscription_ended")
         if outcome in ("ok", "replay"):
             return Accepted(row, replay=outcome == "replay")
-        raise _refusal_of(outcome, settings, req, now, next_available_at)
+        raise _refusal_of(outcome, settings, req, now, next_available_at, subscription_ended)
     except Refused as refusal:
         await _audit_refusal(conn, req, refusal)
         raise
@@ -130,6 +133,7 @@ def _refusal_of(
     req: InstantRequest,
     now: datetime,
     next_available_at: datetime | None,
+    subscription_ended: bool,
 ) -> Refused:
     """The refusal the press function named, with its message and details."""
     if code == "park_not_found":
@@ -153,7 +157,9 @@ def _refusal_of(
             f"one payout moves at least {minimum}",
             details={"min_amount": str(minimum)},
         )
-    return _refusal(Availability(False, code, next_available_at), now)
+    return _refusal(
+        Availability(False, code, next_available_at), now, subscription_ended=subscription_ended
+    )
 
 
 def _decide(park: payouts.Row, settings: Settings, now: datetime) -> Availability:
@@ -162,13 +168,20 @@ def _decide(park: payouts.Row, settings: Settings, now: datetime) -> Availabilit
         enabled=park["instant_payouts_enabled"],
         on_hold=park["hold_reason"] is not None,
         in_flight=park["in_flight"],
+        subscription_ended=park["subscription_ended"],
         last_counted_instant_at=park["last_counted_instant_at"],
         cooldown=settings.instant_cooldown,
         now=now,
     )
 
 
-def _refusal(decision: Availability, now: datetime) -> Refused:
+def _refusal(decision: Availability, now: datetime, *, subscription_ended: bool) -> Refused:
+    if decision.reason == "instant_payouts_disabled" and subscription_ended:
+        return Refused(
+            "instant_payouts_disabled",
+            "this park's subscription to instant payouts has ended",
+            details={"reason": "subscription_ended"},
+        )
     if decision.reason == "instant_payouts_disabled":
         return Refused("instant_payouts_disabled", "instant payouts are switched off for this park")
     if decision.reason == "park_on_hold":
@@ -213,7 +226,56 @@ async def _audit_refusal(conn: db.Conn, req: InstantRequest, refusal: Refused) -
     await audit.write(conn, _entry(req, refusal.code, None, details))
 
 
-async def availability(conn: db.Conn, settings: Settings, park_id: str) -> Availability | None:
+@dataclasses.dataclass(frozen=True)
+class ParkAvailability:
+    """The button's state, and the terms shown beside it."""
+
+    decision: Availability
+    fee: Fee | None
+    subscription_ended: bool
+    instant_payouts_until: datetime | None
+
+
+async def availability(conn: db.Conn, settings: Settings, park_id: str) -> ParkAvailability | None:
     """The button's state for a park, or None if the park is not registered."""
     park = await payouts.park_state(conn, park_id, None)
-    return _decide(park, settings, park["db_now"]) if park is not None else None
+    if park is None:
+        return None
+    return ParkAvailability(
+        decision=_decide(park, settings, park["db_now"]),
+        fee=fee_of(park),
+        subscription_ended=park["subscription_ended"],
+        instant_payouts_until=park["instant_payouts_until"],
+    )
+
+
+def fee_of(park: payouts.Row) -> Fee | None:
+    """A park row's instant fee terms, or None when its instant payouts are free."""
+    if park["instant_fee_percent"] is None:
+        return None
+    return Fee(park["instant_fee_percent"], park["instant_fee_fixed"])
+
+
+async def fee_terms(conn: db.Conn, park_id: str) -> Fee | None:
+    """The park's instant fee terms now; Refused("park_not_found") for an unknown park."""
+    park = await payouts.park_state(conn, park_id, None)
+    if park is None:
+        raise Refused("park_not_found", f"park {park_id} is not registered")
+    return fee_of(park)
+
+
+async def quote(
+    billing: BillingClient,
+    settings: Settings,
+    park_id: str,
+    amount: Decimal | None,
+    fee: Fee | None,
+) -> tuple[Quote, str]:
+    """What a press for `amount` (None: everything) would order now, and its currency.
+
+    Reads Billing's balance (through the shared budget; no database connection
+    is held meanwhile) and creates nothing.
+    """
+    balance = await billing.balance(park_id)
+    ordered = payout_amount(balance.available, settings.payout_max_amount, amount)
+    return domain_quote(ordered, fee), balance.currency

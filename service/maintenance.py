@@ -14,7 +14,7 @@ import logging
 
 from procrastinate import App
 
-from service import audit, payouts
+from service import audit, manual, payouts
 from service.execution import Deps
 
 logger = logging.getLogger(__name__)
@@ -56,3 +56,12 @@ async def redrive_orphans(deps: Deps) -> int:
 async def ensure_partitions(deps: Deps) -> int:
     async with deps.pool.connection() as conn:
         return await audit.ensure_partitions(conn)
+
+
+async def expire_manual_payouts(deps: Deps) -> int:
+    """Manual payouts nobody approved in time end `expired` (system audit entries)."""
+    async with deps.pool.connection() as conn:
+        expired = await manual.expire_due(conn)
+    if expired:
+        logger.info("%s manual payouts expired unapproved", expired)
+    return expired

@@ -56,6 +56,21 @@ RECONCILIATION_LAST_RUN = Gauge(
     "fleet_payouts_reconciliation_last_run_timestamp_seconds",
     "When the last daily reconciliation run finished (Unix time; 0: never).",
 )
+# The scheduled checks' verdicts (ops_checks), exported by the workers only: the API
+# exports these at 0, so the rules read them with job="fleet-payouts-worker".
+AUDIT_VERIFY_LAST_RUN = Gauge(
+    "fleet_payouts_audit_verify_last_run_timestamp_seconds",
+    "When the last whole-log `audit verify` reached a verdict (Unix time; 0: never).",
+)
+AUDIT_VERIFY_BROKEN = Gauge(
+    "fleet_payouts_audit_verify_broken",
+    "1 when the last whole-log `audit verify` found a broken link, else 0.",
+)
+CHECK_EXPECTED_SINCE = Gauge(
+    "fleet_payouts_check_expected_since_timestamp_seconds",
+    "Since when a scheduled check (audit_verify, reconcile) has been owed (Unix time).",
+    ["check"],
+)
 DB_QUERIES = Counter(
     "fleet_payouts_db_queries_total",
     "SQL statements sent to PostgreSQL by this process.",
@@ -97,6 +112,24 @@ EVENTS_UNDELIVERED = Gauge(
 EVENTS_OLDEST_UNDELIVERED = Gauge(
     "fleet_payouts_events_oldest_undelivered_seconds",
     "How long the oldest event not yet delivered to WEBHOOK_URL has waited (0 when none).",
+)
+INSTANT_FEES = Counter(
+    "fleet_payouts_instant_fees_total",
+    "Fees of instant payouts that succeeded (the product's revenue), by currency.",
+    ["currency"],
+)
+RETURNS = Counter(
+    "fleet_payouts_returns_total",
+    "Succeeded payouts the bank sent back, applied by this process, by return code.",
+    ["code"],
+)
+MANUAL_PENDING_APPROVAL = Gauge(
+    "fleet_payouts_manual_payouts_pending_approval",
+    "Manual payouts awaiting a second admin's approval.",
+)
+MANUAL_OLDEST_PENDING_APPROVAL = Gauge(
+    "fleet_payouts_manual_payouts_oldest_pending_approval_seconds",
+    "How long the oldest manual payout awaiting approval has waited (0 when none).",
 )
 AUDIT_MONTHS_AHEAD = Gauge(
     "fleet_payouts_audit_partitions_ahead",

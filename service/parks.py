@@ -7,8 +7,16 @@ from datetime import datetime
 from typing import Any
 
 from service import db
+from service.domain import Fee
 
 Q = db.queries("parks")
+
+
+class Unchanged:
+    """A field left out of an update: keep the park's value."""
+
+
+UNCHANGED = Unchanged()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +35,18 @@ async def upsert(
     periodic: bool | None,
     params: dict[str, Any] | None,
     hold: Hold | None = None,
+    fee: Fee | Unchanged | None = UNCHANGED,
+    until: datetime | Unchanged | None = UNCHANGED,
 ) -> tuple[dict[str, Any], bool]:
     """Register or update a park; returns the row and whether it was created.
 
     `hold` None leaves the hold as it is; a Hold sets it (reason) or releases it (no reason).
+    `fee` and `until` (the instant fee, the end of the subscription) change when given;
+    None clears them.
     """
+    fee_given = not isinstance(fee, Unchanged)
+    until_given = not isinstance(until, Unchanged)
+    new_fee = fee if isinstance(fee, Fee) else None
     row = await db.fetch_one(
         conn,
         Q["upsert"],
@@ -42,6 +57,11 @@ async def upsert(
         hold_given=hold is not None,
         hold_reason=hold.reason if hold else None,
         hold_by=hold.by if hold else None,
+        fee_given=fee_given,
+        fee_percent=new_fee.percent if new_fee else None,
+        fee_fixed=new_fee.fixed if new_fee else None,
+        until_given=until_given,
+        until=until if isinstance(until, datetime) else None,
     )
     assert row is not None  # INSERT ... ON CONFLICT DO UPDATE always returns the row
     created = bool(row.pop("created"))

@@ -9,7 +9,7 @@ from typing import Any
 from uuid import UUID
 
 from service import db, queue
-from service.domain import Phase, Status, phase_of
+from service.domain import Fee, Phase, Status, phase_of
 
 Q = db.queries("payouts")
 Row = dict[str, Any]
@@ -35,6 +35,18 @@ class Payout:
     follows: UUID | None
     attempts: int
     created_at: datetime
+    # The park's fee terms when the payout was created (instant only), and
+    # the fee fixed with the order.
+    fee_percent: Decimal | None
+    fee_fixed: Decimal | None
+    fee_amount: Decimal | None
+    net_amount: Decimal | None
+
+    @property
+    def fee(self) -> Fee | None:
+        if self.fee_percent is None or self.fee_fixed is None:
+            return None
+        return Fee(self.fee_percent, self.fee_fixed)
 
     @property
     def phase(self) -> Phase:
@@ -97,6 +109,8 @@ async def record_order(
     amount: Decimal,
     currency: str,
     billing_params: dict[str, Any],
+    fee_amount: Decimal | None = None,
+    net_amount: Decimal | None = None,
 ) -> Payout | None:
     """Recovery point ORDERED; None if another run recorded an order first."""
     return await db.fetch_as(
@@ -108,6 +122,8 @@ async def record_order(
         amount=amount,
         currency=currency,
         billing_params=billing_params,
+        fee_amount=fee_amount,
+        net_amount=net_amount,
     )
 
 

@@ -21,14 +21,20 @@ TASK_EXECUTE_PAYOUT = "execute_payout"
 # (stalled jobs) must not wait behind anything.
 PRIORITY_MAINTENANCE = 100
 PRIORITY_INSTANT = 50
+# A manual payout a second admin approved: support is waiting on it, so it
+# goes ahead of a periodic backlog, just behind presses.
+PRIORITY_MANUAL = 40
 # Webhook rounds are short and come every second: behind a press, but ahead
 # of a periodic backlog that can take hours to drain.
 PRIORITY_WEBHOOKS = 25
 PRIORITY_PERIODIC = 0
 
 
+PRIORITIES = {"instant": PRIORITY_INSTANT, "manual": PRIORITY_MANUAL}
+
+
 def payout_priority(kind: str) -> int:
-    return PRIORITY_INSTANT if kind == "instant" else PRIORITY_PERIODIC
+    return PRIORITIES.get(kind, PRIORITY_PERIODIC)
 
 
 def payout_job(kind: str) -> dict[str, Any]:

@@ -11,6 +11,10 @@ For a window [since, until) it reports every mismatch (SPEC section 5):
   another amount (or currency, or park);
 - ``missing_at_billing``: ours succeeded in the window and Billing has no
   payout under its key.
+- ``fee_differs``: same payout, but Billing recorded another fee (SPEC 8);
+- ``returned_at_billing``: Billing says the bank returned it and ours is not
+  returned (the returns reader has not applied it), or Billing's returns
+  feed named a key no succeeded payout of ours explains (never applied).
 
 Both sides stream in bounded memory, whatever the window (80,000 parks'
 month): Billing's list goes page by page into a temporary table of this
@@ -41,7 +45,7 @@ from typing import Any, Literal, LiteralString, TextIO, TypeVar
 
 import psycopg
 
-from service import audit, db, observability
+from service import audit, checks, db, observability
 from service.billing import gate as billing_gate
 from service.billing.client import BillingClient, BillingPayout, Paused, PayoutPage, Transient
 from service.domain import format_money, format_timestamp
@@ -52,7 +56,12 @@ logger = logging.getLogger(__name__)
 Q = db.queries("reconcile")
 
 Kind = Literal[
-    "missing_at_billing", "unknown_at_billing", "amount_differs", "failed_here_paid_there"
+    "missing_at_billing",
+    "unknown_at_billing",
+    "amount_differs",
+    "failed_here_paid_there",
+    "fee_differs",
+    "returned_at_billing",
 ]
 
 # Billing's clock and ours stamp one payout seconds apart; ten minutes of
@@ -163,6 +172,7 @@ async def reconcile(
         for query in ("index_seen_by_key", "index_seen_by_time", "analyze_seen"):
             await conn.execute(Q[query])
         await _billing_side(conn, since, until, found)
+        await _unmatched_returns(conn, since, until, found)
         summary.looked_up = await _our_side(conn, billing, since, until, found, patient)
     finally:
         await conn.execute(Q["drop_seen"])
@@ -189,7 +199,17 @@ async def _copy_page(conn: db.Conn, page: PayoutPage) -> int:
     async with conn.cursor().copy(Q["copy_seen"]) as copy:
         for p in page.payouts:
             key = p.idempotency_key
-            row = (key, _our_id(key), p.id, p.park_id, p.amount, p.currency, p.created_at)
+            row = (
+                key,
+                _our_id(key),
+                p.id,
+                p.park_id,
+                p.amount,
+                p.currency,
+                p.created_at,
+                p.fee,
+                p.status,
+            )
             await copy.write_row(row)
     return len(page.payouts)
 
@@ -228,6 +248,21 @@ async def _billing_side(
         found(_billing_side_mismatch(row))
 
 
+async def _unmatched_returns(
+    conn: db.Conn, since: datetime, until: datetime, found: Callable[[Mismatch], None]
+) -> None:
+    for row in await db.fetch_all(conn, Q["unmatched_returns"], since=since, until=until):
+        found(
+            Mismatch(
+                "returned_at_billing",
+                row["idempotency_key"],
+                "-",  # the park is Billing's to name: its feed gives only the key
+                our_status=row["our_status"],
+                note=f"return {row['code']} at {format_timestamp(row['returned_at'])} not applied",
+            )
+        )
+
+
 def _billing_side_mismatch(row: dict[str, Any]) -> Mismatch:
     billing = {
         "billing_id": row["billing_id"],
@@ -242,7 +277,25 @@ def _billing_side_mismatch(row: dict[str, Any]) -> Mismatch:
         "our_amount": row["our_amount"],
         "our_currency": row["our_currency"],
     }
-    if row["our_status"] == "succeeded":
+    if row["our_status"] in ("succeeded", "returned"):
+        same_order = (row["our_amount"], row["our_currency"], row["our_park_id"]) == (
+            row["amount"],
+            row["currency"],
+            row["park_id"],
+        )
+        if same_order and row["our_fee"] != row["fee"]:
+            return Mismatch(
+                "fee_differs",
+                row["key"],
+                row["our_park_id"],
+                **ours,
+                **billing,
+                note=f"fee ours={row['our_fee']} billing={row['fee']}",
+            )
+        if same_order:
+            return Mismatch(
+                "returned_at_billing", row["key"], row["our_park_id"], **ours, **billing
+            )
         return Mismatch("amount_differs", row["key"], row["our_park_id"], **ours, **billing)
     note = f"failure_code={row['our_failure_code']}" if row["our_failure_code"] else None
     return Mismatch(
@@ -354,6 +407,12 @@ async def run_daily(deps: Deps) -> Summary:
                 until=summary.until,
                 mismatches=summary.mismatches,
                 by_kind=dict(summary.by_kind),
+            )
+            await checks.record(
+                conn,
+                checks.RECONCILE,
+                ok=summary.mismatches == 0,
+                detail=f"{summary.mismatches} mismatches" if summary.mismatches else None,
             )
             await audit.write(
                 conn,

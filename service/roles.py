@@ -2,12 +2,25 @@
 
 - `fleet_payouts_owner` owns every object, ours and procrastinate's; only migrate
   acts as it.
-- `fleet_payouts_app` (serve, worker) reads and writes the service's tables and the
-  queue's, but only INSERTs into and SELECTs from audit_log: UPDATE, DELETE,
-  TRUNCATE, ALTER and trigger changes are refused by privileges, not only by
-  triggers. It has no DDL right: audit partitions come from an owner's SECURITY
-  DEFINER function.
-- `fleet_payouts_readonly` SELECTs everything (DBAs, analysts: grant it to them).
+- `fleet_payouts_app` (serve, worker) gets exactly what TABLES below lists, table by
+  table: the payout flow's tables and the queue's, SELECT and INSERT on audit_log
+  (never naming `at`, `id` or the chain columns: the database fills them), SELECT
+  only on `events` (the outbox triggers write them as the owner). UPDATE, DELETE,
+  TRUNCATE, ALTER and trigger changes on the audit log are refused by privileges, not
+  only by triggers. It has no DDL right: audit partitions come from an owner's
+  SECURITY DEFINER function.
+- `fleet_payouts_readonly` SELECTs everything (DBAs, analysts: grant it to them), and
+  is a member of `pg_read_all_stats`: query text in pg_stat_activity and
+  pg_stat_statements.
+- `fleet_payouts_ops` (NOLOGIN, granted to the DBAs on call) is readonly plus exactly
+  what the runbooks' "Do" steps write: the Billing gate, the queue's failed jobs, the
+  webhook delivery state, partition upkeep, `audit verify`'s record, and ending
+  another session (`pg_signal_backend`). `fleet-payouts reconcile` runs as it: the
+  comparison only reads, but its calls to Billing take their slots from the shared
+  budget in `billing_gate`.
+
+A table no line of TABLES names gets nothing for the app and ops roles (and SELECT for
+readonly); migrate says so, and a test fails while a table of the schema has no line.
 
 Roles belong to the cluster, not to one database, so several databases (test
 databases, a staging copy) may create them at the same moment: creation tolerates
@@ -17,7 +30,7 @@ says what a DBA has to run and carries on with what it may do.
 Privileges are compared with the policy below on every run and only differences
 are granted or revoked: a steady-state run changes no catalog row, the tables of
 later migrations get their grants from the run that creates them, and a privilege
-granted by hand beyond the policy is taken back.
+granted by hand beyond the policy (table or column) is taken back.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, LiteralString, cast
 
+import psycopg
 from psycopg import sql
 
 from service import db
@@ -40,31 +54,103 @@ class Roles:
     owner: str = "fleet_payouts_owner"
     app: str = "fleet_payouts_app"
     readonly: str = "fleet_payouts_readonly"
+    ops: str = "fleet_payouts_ops"
 
     @property
     def params(self) -> dict[str, str]:
-        return {"owner": self.owner, "app": self.app, "readonly": self.readonly}
+        return {"owner": self.owner, "app": self.app, "readonly": self.readonly, "ops": self.ops}
 
 
 ROLES = Roles()
 
-SELECT = frozenset({"SELECT"})
-DML = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
-# Tables on which the app role gets less than DML. Every other table of the schema
-# (payouts, parks, the queue's, those of later migrations) gets DML.
-APP_TABLES: Mapping[str, frozenset[str]] = {
-    "audit_log": frozenset({"SELECT", "INSERT"}),
-    # Written only by the chain trigger; readable so `audit verify` runs as any role.
-    "audit_chain_heads": SELECT,
-    "audit_chain_legacy": SELECT,
-    # Filled by DBAs when they archive a month.
-    "audit_archive": SELECT,
-    "schema_migrations": SELECT,
+
+def _p(*privileges: str) -> frozenset[str]:
+    return frozenset(privileges)
+
+
+NONE: frozenset[str] = frozenset()
+SELECT = _p("SELECT")
+DML = _p("SELECT", "INSERT", "UPDATE", "DELETE")
+
+
+@dataclass(frozen=True)
+class Access:
+    """What the app and ops roles may do on one table; readonly SELECTs every table."""
+
+    app: frozenset[str] = NONE
+    ops: frozenset[str] = NONE
+    # Columns the database fills and the app may not name: its INSERT is then granted
+    # column by column, on every other column (those a later migration adds included).
+    app_insert_stamped: frozenset[str] = NONE
+
+
+# The policy, table by table. A table not listed gets nothing (readonly: SELECT).
+# SELECT ... FOR UPDATE needs UPDATE. No DELETE on payouts and parks: records.
+TABLES: Mapping[str, Access] = {
+    # The payout flow.
+    "parks": Access(app=_p("SELECT", "INSERT", "UPDATE")),
+    "payouts": Access(app=_p("SELECT", "INSERT", "UPDATE")),
+    "scan_leases": Access(app=DML),
+    "billing_gate": Access(app=_p("SELECT", "UPDATE"), ops=_p("SELECT", "UPDATE")),
+    "billing_reconciliations": Access(app=_p("SELECT", "INSERT")),
+    # The audit log: appended to, never changed; dated and linked by the database.
+    "audit_log": Access(
+        app=_p("SELECT", "INSERT"),
+        app_insert_stamped=_p("id", "at", "chain_stripe", "chain_seq", "chain_hash"),
+    ),
+    # Written only by the chain triggers; readable so `audit verify` runs as any role.
+    "audit_chain_heads": Access(app=SELECT),
+    "audit_chain_legacy": Access(app=SELECT),
+    # Filled by the owner when a DBA archives a month.
+    "audit_archive": Access(app=SELECT),
+    # `audit verify`'s record of closed months (the daily unit runs as the app role).
+    "audit_verified_months": Access(app=_p("SELECT", "INSERT"), ops=_p("SELECT", "INSERT")),
+    # The outbox: written by the payouts triggers as the owner, never by the app.
+    "events": Access(app=SELECT),
+    "webhook_state": Access(
+        app=_p("SELECT", "INSERT", "UPDATE"), ops=_p("SELECT", "INSERT", "DELETE")
+    ),
+    "webhook_parks": Access(
+        app=_p("SELECT", "INSERT", "UPDATE"), ops=_p("SELECT", "UPDATE", "DELETE")
+    ),
+    # The feed's sequencer: moved only by events_sequence(), as the owner.
+    "events_sequencer": Access(app=SELECT),
+    # Webhook delivery (0008): the dispatcher's lease and position, and each park's.
+    "webhook_feed": Access(
+        app=_p("SELECT", "INSERT", "UPDATE"), ops=_p("SELECT", "UPDATE", "DELETE")
+    ),
+    "webhook_feed_parks": Access(
+        app=_p("SELECT", "INSERT", "UPDATE"), ops=_p("SELECT", "UPDATE", "DELETE")
+    ),
+    # Billing's returns feed (0012): where the reader is, and returns no payout explains.
+    "billing_returns_cursor": Access(app=_p("SELECT", "UPDATE")),
+    "billing_returns_unmatched": Access(app=_p("SELECT", "INSERT")),
+    # The scheduled checks' verdicts (0010): updated by verify and reconcile, rows fixed.
+    "ops_checks": Access(app=_p("SELECT", "UPDATE"), ops=_p("SELECT", "UPDATE")),
+    "schema_migrations": Access(app=SELECT),
+    # procrastinate's queue: its functions run with the caller's rights. Ops retries a
+    # failed job (procrastinate_retry_job_v2: an UPDATE whose trigger logs an event) or
+    # deletes it (a trigger unlinks its periodic defer; its events go by cascade).
+    "procrastinate_jobs": Access(app=DML, ops=_p("SELECT", "UPDATE", "DELETE")),
+    "procrastinate_events": Access(app=DML, ops=_p("SELECT", "INSERT")),
+    "procrastinate_periodic_defers": Access(app=DML, ops=_p("SELECT", "UPDATE")),
+    "procrastinate_workers": Access(app=DML),
 }
-# nextval() without setval(): an identity or a queue id never goes backwards.
-APP_SEQUENCES = frozenset({"USAGE", "SELECT"})
-# SECURITY DEFINER functions run with the owner's rights; the app may call these only.
-APP_DEFINER_FUNCTIONS = frozenset({"audit_log_ensure_partitions"})
+# A sequence follows its table: nextval() without setval() for whoever may INSERT
+# there (an identity or a queue id never goes backwards); SELECT for readonly.
+SEQUENCE_FOR_INSERT = _p("USAGE", "SELECT")
+# SECURITY DEFINER functions run with the owner's rights: each role may call these
+# only. (Other functions run with the caller's rights: executing one grants nothing.)
+APP_DEFINER_FUNCTIONS = _p("audit_log_ensure_partitions", "events_sequence", "events_expire")
+OPS_FUNCTIONS = _p("audit_log_ensure_partitions", "procrastinate_retry_job_v2")
+# Built-in roles: (member, of) pairs, by the field names of Roles.
+MEMBERSHIPS = (
+    # Query text in pg_stat_activity / pg_stat_statements, which the runbooks read.
+    ("readonly", "pg_read_all_stats"),
+    ("ops", "readonly"),
+    # `SELECT pg_terminate_backend(pid)` on a session blocking the parks.
+    ("ops", "pg_signal_backend"),
+)
 PRIVILEGES = {
     p: sql.SQL(p)
     for p in (
@@ -81,17 +167,43 @@ PRIVILEGES = {
 }
 
 
-def wanted(relname: str, relkind: str, partition: bool) -> tuple[frozenset[str], frozenset[str]]:
-    """The (app, readonly) privileges the policy gives one relation; PUBLIC gets none."""
+@dataclass(frozen=True)
+class Wanted:
+    """The privileges one relation should carry: table-level per role, and the app's
+    column-level INSERT."""
+
+    app: frozenset[str]
+    ops: frozenset[str]
+    readonly: frozenset[str]
+    app_insert_columns: frozenset[str] = NONE
+
+
+def wanted(
+    relname: str,
+    relkind: str,
+    partition: bool,
+    *,
+    columns: frozenset[str] = NONE,
+    sequence_of: str | None = None,
+) -> Wanted:
+    """What the policy gives one relation; PUBLIC gets nothing."""
     if relkind == "S":
-        return APP_SEQUENCES, SELECT
+        table = TABLES.get(sequence_of or "", Access())
+        return Wanted(
+            app=SEQUENCE_FOR_INSERT if "INSERT" in table.app else NONE,
+            ops=SEQUENCE_FOR_INSERT if "INSERT" in table.ops else NONE,
+            readonly=SELECT,
+        )
     if partition:
         # Written and read through the parent, whose privileges apply to its rows;
         # directly, only DBAs read them.
-        return frozenset(), SELECT
-    if relkind in ("v", "m"):
-        return SELECT, SELECT
-    return APP_TABLES.get(relname, DML), SELECT
+        return Wanted(NONE, NONE, SELECT)
+    access = TABLES.get(relname, Access())
+    if access.app_insert_stamped and "INSERT" in access.app:
+        return Wanted(
+            access.app - {"INSERT"}, access.ops, SELECT, columns - access.app_insert_stamped
+        )
+    return Wanted(access.app, access.ops, SELECT)
 
 
 def _create_role(name: str, login: bool) -> sql.Composed:
@@ -108,6 +220,7 @@ def _dba_script(roles: Roles, user: str) -> str:
             f"  CREATE ROLE {roles.owner} LOGIN PASSWORD '...';",
             f"  CREATE ROLE {roles.app} LOGIN PASSWORD '...';",
             f"  CREATE ROLE {roles.readonly} NOLOGIN;",
+            f"  CREATE ROLE {roles.ops} NOLOGIN;",
             f"  GRANT CREATE, USAGE ON SCHEMA public TO {roles.owner};",
             f"  GRANT {roles.owner} TO {user};  -- or run migrate as {roles.owner}",
         ]
@@ -127,6 +240,7 @@ async def prepare(conn: db.Conn, roles: Roles = ROLES) -> None:
             (roles.owner, True, me["owner_exists"]),
             (roles.app, True, me["app_exists"]),
             (roles.readonly, False, me["readonly_exists"]),
+            (roles.ops, False, me["ops_exists"]),
         )
         if not exists
     ]
@@ -141,7 +255,7 @@ async def prepare(conn: db.Conn, roles: Roles = ROLES) -> None:
             )
         me = await db.fetch_one(conn, Q["whoami"], **roles.params)
         assert me is not None
-    elif missing:
+    if missing and not may_create:
         logger.warning(
             "fleet-payouts migrate: %s may not create roles (it needs superuser or "
             "CREATEROLE); missing: %s. Ask a DBA to run:\n%s\nthen run migrate again. "
@@ -151,6 +265,8 @@ async def prepare(conn: db.Conn, roles: Roles = ROLES) -> None:
             _dba_script(roles, user),
         )
 
+    # Before SET ROLE below: the owner may grant no role membership.
+    await _memberships(conn, roles, may_create=may_create)
     if me["superuser"] or me["owns_schema"]:
         await _schema_privileges(conn, roles, me)
     if not me["owner_exists"]:
@@ -174,6 +290,43 @@ async def prepare(conn: db.Conn, roles: Roles = ROLES) -> None:
     await conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(roles.owner)))
 
 
+def _membership_pairs(roles: Roles) -> list[tuple[str, str]]:
+    names = roles.params
+    return [(names[member], names.get(role, role)) for member, role in MEMBERSHIPS]
+
+
+async def _memberships(conn: db.Conn, roles: Roles, *, may_create: bool) -> None:
+    """readonly in pg_read_all_stats, ops in readonly and pg_signal_backend: granted when
+    this login may (superuser, or CREATEROLE), else said as SQL for a DBA."""
+    pairs = _membership_pairs(roles)
+    rows = await db.fetch_all(
+        conn,
+        Q["memberships"],
+        members=[m for m, _ in pairs],
+        roles=[r for _, r in pairs],
+    )
+    lacking = [(r["member"], r["role"]) for r in rows if r["possible"] and not r["held"]]
+    refused: list[str] = []
+    for member, role in lacking:
+        statement = sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(member))
+        if may_create:
+            try:
+                async with conn.transaction():
+                    await conn.execute(statement)
+                logger.info("granted role %s to %s", role, member)
+                continue
+            except psycopg.errors.UniqueViolation:
+                continue  # another database of the cluster granted it just now
+            except psycopg.errors.InsufficientPrivilege:
+                pass
+        refused.append(f"  GRANT {role} TO {member};")
+    if refused:
+        logger.warning(
+            "fleet-payouts migrate: may not grant these role memberships; ask a DBA to run:\n%s",
+            "\n".join(refused),
+        )
+
+
 async def _schema_privileges(conn: db.Conn, roles: Roles, me: dict[str, Any]) -> None:
     """The owner creates in the schema; the app and readonly roles use it and create
     nothing (PostgreSQL 15 no longer lets PUBLIC create in `public`; older ones did)."""
@@ -186,7 +339,11 @@ async def _schema_privileges(conn: db.Conn, roles: Roles, me: dict[str, Any]) ->
                     public, sql.Identifier(roles.owner)
                 )
             )
-    for role, exists in ((roles.app, me["app_exists"]), (roles.readonly, me["readonly_exists"])):
+    for role, exists in (
+        (roles.app, me["app_exists"]),
+        (roles.readonly, me["readonly_exists"]),
+        (roles.ops, me["ops_exists"]),
+    ):
         if not exists:
             continue
         have = await db.fetch_one(conn, Q["schema_privileges"], role=role)
@@ -253,8 +410,7 @@ async def grant(conn: db.Conn, roles: Roles = ROLES) -> None:
             roles.app,
         )
     statements = await _relation_statements(conn, roles, me)
-    if me["app_exists"]:
-        statements += await _function_statements(conn, roles)
+    statements += await _function_statements(conn, roles, me)
     if me["readonly_exists"]:
         statements += await _default_statements(conn, roles)
     if not statements:
@@ -273,17 +429,45 @@ async def _relation_statements(
 ) -> list[sql.Composed]:
     statements: list[sql.Composed] = []
     skipped: list[str] = []
+    unlisted: list[str] = []
     for rel in await db.fetch_all(conn, Q["relations"], **roles.params):
-        app, readonly = wanted(rel["relname"], rel["relkind"], rel["partition"])
-        grantees: list[tuple[sql.Composable, list[str], frozenset[str]]] = [
-            (sql.SQL("PUBLIC"), rel["public"], frozenset())
+        if rel["relkind"] != "S" and not rel["partition"] and rel["relname"] not in TABLES:
+            unlisted.append(rel["relname"])
+        want = wanted(
+            rel["relname"],
+            rel["relkind"],
+            rel["partition"],
+            columns=frozenset(rel["columns"]),
+            sequence_of=rel["sequence_of"],
+        )
+        grantees: list[tuple[str, sql.Composable, list[str], frozenset[str]]] = [
+            ("public", sql.SQL("PUBLIC"), rel["public"], NONE)
         ]
-        if me["app_exists"]:
-            grantees.append((sql.Identifier(roles.app), rel["app"], app))
-        if me["readonly_exists"]:
-            grantees.append((sql.Identifier(roles.readonly), rel["readonly"], readonly))
-        changes = [(role, set(have) - want, want - set(have)) for role, have, want in grantees]
-        if not any(extra or lacking for _, extra, lacking in changes):
+        for key, exists, have, privileges in (
+            ("app", me["app_exists"], rel["app"], want.app),
+            ("ops", me["ops_exists"], rel["ops"], want.ops),
+            ("readonly", me["readonly_exists"], rel["readonly"], want.readonly),
+        ):
+            if exists:
+                name = getattr(roles, key)
+                grantees.append((key, sql.Identifier(name), have, privileges))
+        # Column privileges held now, and wanted: (role key, privilege) -> columns.
+        held_columns: dict[tuple[str, str], set[str]] = {}
+        for entry in rel["column_privileges"]:
+            key, privilege, column = entry.split(":", 2)
+            held_columns.setdefault((key, privilege), set()).add(column)
+        wanted_columns = (
+            {("app", "INSERT"): set(want.app_insert_columns)} if me["app_exists"] else {}
+        )
+        changes = [(role, set(have) - w, w - set(have)) for _, role, have, w in grantees]
+        column_changes = [
+            (key, privilege, held_columns.get((key, privilege), set()), cols)
+            for key, privilege in sorted(set(held_columns) | set(wanted_columns))
+            for cols in [wanted_columns.get((key, privilege), set())]
+        ]
+        if not any(extra or lacking for _, extra, lacking in changes) and all(
+            held == cols for _, _, held, cols in column_changes
+        ):
             continue
         if not rel["ours"]:
             skipped.append(rel["name"])
@@ -294,6 +478,22 @@ async def _relation_statements(
                 statements.append(_privileges("REVOKE", extra, target, "FROM", role))
             if lacking:
                 statements.append(_privileges("GRANT", lacking, target, "TO", role))
+        for key, privilege, held, cols in column_changes:
+            role = sql.SQL("PUBLIC") if key == "public" else sql.Identifier(getattr(roles, key))
+            if held - cols:
+                statements.append(
+                    _column_privilege("REVOKE", privilege, held - cols, target, "FROM", role)
+                )
+            if cols - held:
+                statements.append(
+                    _column_privilege("GRANT", privilege, cols - held, target, "TO", role)
+                )
+    if unlisted:
+        logger.warning(
+            "fleet-payouts migrate: no line of service/roles.py TABLES names %s: the app "
+            "and ops roles get nothing on it (readonly: SELECT)",
+            ", ".join(unlisted),
+        )
     if skipped:
         logger.warning(
             "fleet-payouts migrate: cannot set privileges on %s (not ours): run migrate "
@@ -301,6 +501,24 @@ async def _relation_statements(
             ", ".join(skipped),
         )
     return statements
+
+
+def _column_privilege(
+    verb: LiteralString,
+    privilege: str,
+    columns: set[str],
+    target: sql.Identifier,
+    preposition: LiteralString,
+    role: sql.Composable,
+) -> sql.Composed:
+    return sql.SQL("{} {} ({}) ON {} {} {}").format(
+        sql.SQL(verb),
+        PRIVILEGES[privilege],
+        sql.SQL(", ").join(sql.Identifier(c) for c in sorted(columns)),
+        target,
+        sql.SQL(preposition),
+        role,
+    )
 
 
 def _privileges(
@@ -319,27 +537,37 @@ def _privileges(
     )
 
 
-async def _function_statements(conn: db.Conn, roles: Roles) -> list[sql.Composed]:
+async def _function_statements(
+    conn: db.Conn, roles: Roles, me: dict[str, Any]
+) -> list[sql.Composed]:
     statements: list[sql.Composed] = []
-    app = sql.Identifier(roles.app)
+    grantees = [
+        (sql.Identifier(name), key, definer_list, everything)
+        for name, key, exists, definer_list, everything in (
+            (roles.app, "app", me["app_exists"], APP_DEFINER_FUNCTIONS, True),
+            (roles.ops, "ops", me["ops_exists"], OPS_FUNCTIONS, False),
+        )
+        if exists
+    ]
     for fn in await db.fetch_all(conn, Q["functions"], **roles.params):
         if not fn["ours"]:
             continue
         # regprocedure text: the quoted name and argument types.
         target = sql.SQL(cast(LiteralString, fn["signature"]))
-        if fn["definer"]:
-            if fn["public"]:
+        if fn["definer"] and fn["public"]:
+            statements.append(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC").format(target))
+        for role, key, listed, everything in grantees:
+            # procrastinate's functions and ours run with the caller's rights: the app
+            # calls any of them; ops those its runbook steps name.
+            want = fn["proname"] in listed or (everything and not fn["definer"])
+            if want and not fn[key]:
                 statements.append(
-                    sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC").format(target)
+                    sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(target, role)
                 )
-            want_app = fn["proname"] in APP_DEFINER_FUNCTIONS
-        else:
-            # procrastinate's functions and ours: the app calls them, whatever PUBLIC may.
-            want_app = True
-        if want_app and not fn["app"]:
-            statements.append(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(target, app))
-        elif fn["app"] and not want_app:
-            statements.append(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM {}").format(target, app))
+            elif fn[key] and not want:
+                statements.append(
+                    sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM {}").format(target, role)
+                )
     return statements
 
 

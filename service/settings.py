@@ -46,6 +46,8 @@ class Settings:
     # "json" (one object per line, for log shippers) or "text" (for people:
     # `dev` sets it).
     log_format: str = "json"
+    # MANUAL_PAYOUT_APPROVAL_HOURS: a manual payout not approved within it expires.
+    manual_payout_approval_window: timedelta = timedelta(hours=72)
     # SPEC's PAYOUT_MIN_AMOUNT: smaller amounts are never ordered.
     payout_min_amount: Decimal = Decimal("1.00")
     # Not in the contract, tunable for tests and operations:
@@ -95,6 +97,8 @@ class Settings:
     # SPEC section 3: every event is POSTed there, signed with the secret. None: off.
     webhook_url: str | None = None
     webhook_secret: str | None = None
+    # SPEC section 3: events older than this are deleted (410 cursor_expired).
+    events_retention_days: float = 90.0
     # The breaker opens after this many transient Billing failures in a row
     # (all hosts together). Ten is well past the odd lost answer, and still
     # only seconds of calls into an outage at BILLING_RPS.
@@ -102,6 +106,20 @@ class Settings:
     # An open breaker pauses every call this long before one probe call tries
     # Billing again: long enough not to hammer a Billing that is restarting.
     billing_breaker_cooloff_seconds: float = 30.0
+    # The key page cursors are signed with (service/web/cursors.py); None: derived from
+    # the tokens. The same on every host, or cursors fail from one host to the next.
+    cursor_secret: str | None = None
+    # The HTTP edge (service/web/edge.py). Open connections beyond this are answered 503:
+    # each may hold ~100 kB of buffers, so 1000 bound that at ~100 MB, and three hosts
+    # behind a load balancer that reuses its connections never need as many.
+    api_max_connections: int = 1000
+    # A request's head, then its body (16 KiB at most), must arrive within these: any
+    # real client sends them in milliseconds; a slowloris is cut off at once.
+    api_header_timeout_seconds: float = 10.0
+    api_body_timeout_seconds: float = 10.0
+    # An idle keep-alive connection closes after this (a front proxy's upstream
+    # keep-alive must be shorter, see ops/proxy/).
+    api_keep_alive_seconds: float = 5.0
 
     def __repr__(self) -> str:
         # Secrets never reach logs, even through a careless f"{settings}".
@@ -123,6 +141,17 @@ MAX_COOLDOWN_HOURS = 24 * 366.0
 MAX_RETRY_WINDOW_HOURS = 24 * 31.0
 MAX_SECONDS = 24 * 3600.0
 MAX_RPS = 100_000.0
+# Events are kept for years at most (past that, a typo), and at least a week:
+# the database refuses to expire younger ones (migrations/0008).
+MAX_RETENTION_DAYS = 3660.0
+MIN_RETENTION_DAYS = 7.0
+
+
+def _retention_days(env: Mapping[str, str]) -> float:
+    days = _positive_number(env, "EVENTS_RETENTION_DAYS", "90", maximum=MAX_RETENTION_DAYS)
+    if days < MIN_RETENTION_DAYS:
+        raise ConfigError("EVENTS_RETENTION_DAYS", f"must be at least {MIN_RETENTION_DAYS:g}")
+    return days
 
 
 def _positive_number(
@@ -218,6 +247,14 @@ def _webhook(env: Mapping[str, str]) -> tuple[str | None, str | None]:
     return url, secret
 
 
+def _cursor_secret(env: Mapping[str, str]) -> str | None:
+    secret = env.get("CURSOR_SECRET", "").strip()
+    if secret and (len(secret) < 16 or not secret.isprintable()):
+        # A secret: name the variable, never the value.
+        raise ConfigError("CURSOR_SECRET", "must be at least 16 printable characters")
+    return secret or None
+
+
 def database_url(env: Mapping[str, str]) -> str:
     """Only DATABASE_URL, for commands that need nothing else (migrate, parks import)."""
     return _url(env, "DATABASE_URL", schemes=("postgresql", "postgres"))
@@ -300,8 +337,19 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
         sentry_release=env.get("SENTRY_RELEASE", "").strip() or None,
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
+        manual_payout_approval_window=timedelta(
+            hours=_positive_number(
+                env, "MANUAL_PAYOUT_APPROVAL_HOURS", "72", maximum=MAX_COOLDOWN_HOURS
+            )
+        ),
+        events_retention_days=_retention_days(env),
         billing_breaker_failures=_count(env, "BILLING_BREAKER_FAILURES", "10"),
         billing_breaker_cooloff_seconds=_positive_number(
             env, "BILLING_BREAKER_COOLOFF_SECONDS", "30"
         ),
+        cursor_secret=_cursor_secret(env),
+        api_max_connections=_count(env, "API_MAX_CONNECTIONS", "1000"),
+        api_header_timeout_seconds=_positive_number(env, "API_HEADER_TIMEOUT_SECONDS", "10"),
+        api_body_timeout_seconds=_positive_number(env, "API_BODY_TIMEOUT_SECONDS", "10"),
+        api_keep_alive_seconds=_positive_number(env, "API_KEEP_ALIVE_SECONDS", "5"),
     )

@@ -1,21 +1,28 @@
 """Webhooks (SPEC section 3): every event POSTed to WEBHOOK_URL, signed, at
 least once, in commit order per park.
 
-One *round* at a time (the `deliver_webhooks` job, every second; a round
-leases `webhook_state`, and a tick that finds it leased ends at once):
+One process delivers at a time: every worker with WEBHOOK_URL runs a turn
+every TURN_SECONDS (a background chore), and the one holding the lease on
+`webhook_feed` (renewed each turn) does the work:
 
-1. hand out: what the feed has committed since the last round is handed to
-   its parks (`webhook_parks` keeps, per park, what was delivered and what is
-   owed), walking the same commit-order feed as GET /v1/events;
-2. deliver: the parks whose turn has come are served concurrently, each
-   one's events POSTed one after the other, oldest first; a park stops at its
-   first failure and waits out its backoff alone, the others go on;
-3. record how far each park got, in one statement.
+1. record the parks whose deliveries finished since the last turn;
+2. stamp and hand out: what the feed has committed since is handed to its
+   parks (`webhook_feed_parks` keeps, per park, what was delivered and what
+   is owed), walking the same position-ordered feed as GET /v1/events;
+3. start each due park that is not already under way as a task of its own:
+   its events POSTed one after the other, oldest first, stopping at its first
+   failure to wait out its backoff alone.
 
-A crash between a 2xx and step 3 sends those events again: at least once,
-and consumers dedupe by id. Never in a payout's way: an httpx client of its
-own (not Billing's, nor its budget), a queue of its own, and a round that
-starts nothing new after ROUND_SECONDS, so it holds one worker slot briefly.
+No park waits for another: there is no round to finish, only bounded
+concurrency, and parks that are failing take their turns in a lane of their
+own (FAILING_SLOTS). Consumer paths that hang for 48 parks hold at most
+HEALTHY_SLOTS connections for one REQUEST_TIMEOUT_SECONDS at their first
+failure, then FAILING_SLOTS at each retry; the healthy parks go on meanwhile.
+
+Deliveries start at the feed's end when WEBHOOK_URL is first set (history is
+read through the feed). A crash between a 2xx and step 1 sends those events
+again: at least once, and consumers dedupe by id. Never in a payout's way: an
+httpx client of its own (not Billing's, nor its budget), and no worker slot.
 """
 
 from __future__ import annotations
@@ -42,23 +49,29 @@ Q = db.queries("webhooks")
 
 SIGNATURE_HEADER = "X-Fleet-Payouts-Signature"
 
-# A consumer slower than this is treated as down: one slow consumer must not
-# keep the round, and the worker slot it runs in, for long.
+# A consumer slower than this is treated as down for that event: one slow
+# consumer path must not keep a connection, and the parks behind it, for long.
 REQUEST_TIMEOUT_SECONDS = 5.0
-# Parks served at once; one park's events always go one at a time, in order.
-CONCURRENCY = 8
-# What one round takes on. Rounds come a second apart, so a backlog drains
-# over rounds; bounded, so a round stays short whatever the backlog.
-PARKS_PER_ROUND = 200
+# Parks served at once, one request each; one park's events always go one at a
+# time, in order. Parks with no failure have their own slots: a consumer path
+# that hangs for some parks takes at most FAILING_SLOTS connections once it has
+# failed, and only HEALTHY_SLOTS parks' first attempts before that.
+HEALTHY_SLOTS = 64
+FAILING_SLOTS = 16
+# How many of a park's events one task takes on; it is started again if owed more.
 EVENTS_PER_PARK = 50
 HAND_OUT_BATCH = 1000
-HAND_OUT_BATCHES_PER_ROUND = 10
-# Nothing new (no park, no next event) is started after this: a round lasts at
-# most this plus one request timeout.
-ROUND_SECONDS = 10.0
-# The round's lease: well past the longest round, so two never overlap; short
-# enough that a round whose worker died holds nobody up for long.
-LEASE_SECONDS = 3 * (ROUND_SECONDS + REQUEST_TIMEOUT_SECONDS)
+HAND_OUT_BATCHES_PER_TURN = 10
+# How often the holder looks for newly committed events and finished parks:
+# an event waits about this long for its turn.
+TURN_SECONDS = 0.2
+# The holder renews its lease every turn; a holder whose process died (or
+# stalled this long) is replaced after it, and stops its own deliveries when
+# it finds out.
+LEASE_SECONDS = 10.0
+# The undelivered gauge counts unstamped events up to this (they are stamped
+# within a second; the cap keeps the gauge's read bounded).
+UNSTAMPED_CAP = 10_000
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -74,10 +87,11 @@ def body_of(row: events.Row) -> bytes:
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """How far one park got in a round: delivered up to, and what stopped it."""
+    """How far one park got: delivered up to a position (`sent` events), and what stopped it."""
 
     park_id: str
-    delivered: events.Position | None
+    delivered: int | None
+    sent: int = 0
     error: str | None = None
     delay: float | None = None
 
@@ -87,7 +101,7 @@ class RoundResult:
     handed_out: int
     delivered: int
     failing_parks: int
-    # Another round held the lease: this one did nothing.
+    # Another process holds the lease: this one did nothing.
     busy: bool = False
 
 
@@ -95,12 +109,19 @@ class RoundResult:
 class _Due:
     park_id: str
     failures: int
-    pending: events.Position
+    pending: int
     rows: list[events.Row]
 
 
 class Dispatcher:
-    """Runs delivery rounds; one per worker process with WEBHOOK_URL set."""
+    """Delivers webhooks from one worker process, while it holds the feed's lease.
+
+    Each turn (every TURN_SECONDS, `webhooks` chore of the worker) renews or
+    takes the lease, records the parks that finished, hands out what the feed
+    committed since, and starts each due park that is not under way as a task
+    of its own. A park's task lives across turns: nothing waits for it but
+    its own park.
+    """
 
     def __init__(
         self,
@@ -115,84 +136,152 @@ class Dispatcher:
         self.url = settings.webhook_url
         self._secret = settings.webhook_secret
         self.backoff_cap = settings.retry_backoff_cap_seconds
+        self.holder = uuid.uuid4().hex
         self._started = False
+        self.running: dict[str, asyncio.Task[Outcome]] = {}
+        self._busy = {True: 0, False: 0}  # tasks under way by lane (failing or not)
+        self.totals = RoundResult(0, 0, 0)
         self.client = httpx.AsyncClient(
             timeout=REQUEST_TIMEOUT_SECONDS,
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=CONCURRENCY),
+            limits=httpx.Limits(max_connections=HEALTHY_SLOTS + FAILING_SLOTS),
             headers={"User-Agent": "fleet-payouts-webhooks"},
             transport=transport,
         )
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        """Stop: parks under way are cut short (sent again by the next holder), lease freed."""
+        for task in self.running.values():
+            task.cancel()
+        if self.running:
+            await asyncio.wait(self.running.values())
+        self.running.clear()
+        try:
+            async with self.pool.connection() as conn:
+                await db.execute(conn, Q["release"], holder=self.holder)
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            logger.warning("webhooks: could not free the lease (%s); it lapses", exc)
+        finally:
+            await self.client.aclose()
+
+    async def start(self) -> None:
+        """Webhooks are on: the first time ever, deliveries start at the feed's end.
+
+        Every committed event is stamped first: after the deploy of positions, the
+        events of the version before, which may take a while (minutes per ten million).
+        """
+        async with self.pool.connection() as conn:
+            batch = events.SEQUENCE_BATCH
+            while await events.sequence(conn, batch) >= batch:
+                pass
+            await db.execute(conn, Q["start"])
+        self._started = True
+
+    async def turn(self) -> bool:
+        """One turn; False when another process holds the lease (nothing was done)."""
+        if not self._started:
+            await self.start()
+        async with self.pool.connection() as conn:
+            held = await db.fetch_one(conn, Q["acquire"], holder=self.holder, seconds=LEASE_SECONDS)
+            if not held:
+                # Lost it (this process stalled past the lease): another holder
+                # serves these parks now; ours stop, and are sent again.
+                for task in self.running.values():
+                    task.cancel()
+                return False
+            await self._settle(conn)
+            await events.sequence(conn)
+            self._add(handed_out=await _hand_out(conn))
+            for failing, slots in ((False, HEALTHY_SLOTS), (True, FAILING_SLOTS)):
+                free = slots - self._busy[failing]
+                if free <= 0:
+                    continue
+                rows = await db.fetch_all(
+                    conn,
+                    Q["due"],
+                    busy=list(self.running),
+                    failing=failing,
+                    parks=free,
+                    per_park=EVENTS_PER_PARK,
+                )
+                for due in _by_park(rows):
+                    self._busy[failing] += 1
+                    self.running[due.park_id] = asyncio.create_task(self._serve(due, failing))
+        return True
+
+    async def chore(self) -> None:
+        """The worker's `webhooks` chore: one turn."""
+        await self.turn()
 
     async def run_round(self) -> RoundResult:
-        holder = uuid.uuid4().hex
-        async with self.pool.connection() as conn:
-            if not self._started:
-                await db.execute(conn, Q["start"])
-                self._started = True
-            if not await db.fetch_one(conn, Q["acquire"], holder=holder, seconds=LEASE_SECONDS):
+        """Turns until nothing is due and every park started has been recorded (tests,
+        drills): what this pass handed out, delivered and found failing; `busy` if another
+        process holds the lease."""
+        before = self.totals
+        while True:
+            if not await self.turn():
                 return RoundResult(0, 0, 0, busy=True)
-        try:
-            return await self._round()
-        finally:
+            if not self.running:
+                break
+            await asyncio.wait(self.running.values())
             async with self.pool.connection() as conn:
-                await db.execute(conn, Q["release"], holder=holder)
-
-    async def _round(self) -> RoundResult:
-        async with self.pool.connection() as conn:
-            handed = await _hand_out(conn)
-            rows = await db.fetch_all(
-                conn, Q["due"], parks=PARKS_PER_ROUND, per_park=EVENTS_PER_PARK
-            )
-        deadline = time.monotonic() + ROUND_SECONDS
-        gate = asyncio.Semaphore(CONCURRENCY)
-
-        async def serve(due: _Due) -> Outcome | None:
-            async with gate:
-                if time.monotonic() > deadline:
-                    return None
-                return await self._deliver(due, deadline)
-
-        found = await asyncio.gather(*(serve(d) for d in _by_park(rows)))
-        outcomes = [o for o in found if o is not None]
-        if outcomes:
-            async with self.pool.connection() as conn:
-                await _record(conn, outcomes)
-        result = RoundResult(
-            handed_out=handed,
-            delivered=_delivered_count(rows, outcomes),
-            failing_parks=sum(1 for o in outcomes if o.error is not None),
+                await self._settle(conn)
+        after = self.totals
+        return RoundResult(
+            after.handed_out - before.handed_out,
+            after.delivered - before.delivered,
+            after.failing_parks - before.failing_parks,
         )
-        if result.failing_parks:
-            first = next(o for o in outcomes if o.error is not None)
-            logger.warning(
-                "webhooks: %d events delivered, %d parks failing (park %s: %s)",
-                result.delivered,
-                result.failing_parks,
-                first.park_id,
-                first.error,
-            )
-        elif result.delivered:
-            logger.info("webhooks: %d events delivered", result.delivered)
-        return result
 
-    async def _deliver(self, due: _Due, deadline: float) -> Outcome:
+    async def _serve(self, due: _Due, failing: bool) -> Outcome:
+        try:
+            return await self.deliver(due)
+        finally:
+            self._busy[failing] -= 1
+
+    async def _settle(self, conn: db.Conn) -> None:
+        """Record the parks that finished, in one statement."""
+        done = [park for park, task in self.running.items() if task.done()]
+        outcomes = []
+        for park in done:
+            task = self.running.pop(park)
+            if not task.cancelled() and task.exception() is None:
+                outcomes.append(task.result())
+            elif not task.cancelled():
+                logger.error("webhooks: park %s: %r", park, task.exception())
+        if not outcomes:
+            return
+        await _record(conn, outcomes)
+        failing = [o for o in outcomes if o.error is not None]
+        self._add(delivered=sum(o.sent for o in outcomes), failing_parks=len(failing))
+        if failing:
+            logger.warning(
+                "webhooks: %d parks failing (park %s: %s)",
+                len(failing),
+                failing[0].park_id,
+                failing[0].error,
+            )
+
+    def _add(self, *, handed_out: int = 0, delivered: int = 0, failing_parks: int = 0) -> None:
+        t = self.totals
+        self.totals = RoundResult(
+            t.handed_out + handed_out, t.delivered + delivered, t.failing_parks + failing_parks
+        )
+
+    async def deliver(self, due: _Due) -> Outcome:
         """POST one park's events in order; stop at the first failure."""
         if not due.rows:
             # What it was owed is gone (retention): nothing left to send.
             return Outcome(due.park_id, due.pending)
-        delivered: events.Position | None = None
+        delivered: int | None = None
+        sent = 0
         for row in due.rows:
-            if delivered is not None and time.monotonic() > deadline:
-                break
             error = await self._post(row)
             if error is not None:
-                return Outcome(due.park_id, delivered, error, self._delay(due.failures))
-            delivered = events.Position.of(row)
-        return Outcome(due.park_id, delivered)
+                return Outcome(due.park_id, delivered, sent, error, self._delay(due.failures))
+            delivered = int(row["position"])
+            sent += 1
+        return Outcome(due.park_id, delivered, sent)
 
     async def _post(self, row: events.Row) -> str | None:
         """Send one event; None on a 2xx, else what went wrong (never the URL)."""
@@ -214,25 +303,15 @@ class Dispatcher:
         return min(self.backoff_cap, 2.0 ** min(failures, 16)) * random.uniform(0.75, 1.25)
 
 
-def _delivered_count(rows: list[events.Row], outcomes: list[Outcome]) -> int:
-    reached = {o.park_id: o.delivered for o in outcomes if o.delivered is not None}
-    return sum(
-        1
-        for r in rows
-        if r["seq"] is not None
-        and r["park_id"] in reached
-        and events.Position.of(r) <= reached[r["park_id"]]
-    )
-
-
 def _by_park(rows: list[events.Row]) -> list[_Due]:
     """The due query's rows, one entry per park, in the query's order."""
     parks: dict[str, _Due] = {}
     for row in rows:
         due = parks.get(row["park_id"])
         if due is None:
-            pending = events.Position(int(row["pending_xid"]), row["pending_seq"])
-            due = parks[row["park_id"]] = _Due(row["park_id"], row["failures"], pending, [])
+            due = parks[row["park_id"]] = _Due(
+                row["park_id"], row["failures"], int(row["pending"]), []
+            )
         if row["seq"] is not None:
             due.rows.append(row)
     return list(parks.values())
@@ -240,7 +319,7 @@ def _by_park(rows: list[events.Row]) -> list[_Due]:
 
 async def _hand_out(conn: db.Conn) -> int:
     handed = 0
-    for _ in range(HAND_OUT_BATCHES_PER_ROUND):
+    for _ in range(HAND_OUT_BATCHES_PER_TURN):
         row = await db.fetch_one(conn, Q["hand_out"], limit=HAND_OUT_BATCH)
         count = int(row["handed"]) if row else 0
         handed += count
@@ -254,8 +333,8 @@ async def _record(conn: db.Conn, outcomes: list[Outcome]) -> None:
         conn,
         Q["record"],
         park_ids=[o.park_id for o in outcomes],
-        xids=[str(o.delivered.xid) if o.delivered else None for o in outcomes],
-        seqs=[o.delivered.seq if o.delivered else None for o in outcomes],
+        positions=[o.delivered for o in outcomes],
+        sent=[o.sent for o in outcomes],
         errors=[o.error for o in outcomes],
         delays=[o.delay for o in outcomes],
     )
@@ -271,22 +350,13 @@ class Backlog:
 
 async def backlog(conn: db.Conn) -> Backlog:
     """The webhook backlog (zero if webhooks were never switched on)."""
-    row = await db.fetch_one(conn, Q["undelivered"])
-    assert row is not None
+    row = await db.fetch_one(conn, Q["undelivered"], cap=UNSTAMPED_CAP)
+    if row is None:
+        return Backlog(0, 0.0)
     return Backlog(int(row["n"]), float(row["oldest_seconds"]))
 
 
 async def tick(dispatcher: Dispatcher | None) -> None:
-    """One round, for the deliver_webhooks job.
-
-    A database outage ends the round quietly: the next tick, a second later,
-    tries again, and the undelivered gauge tells if it lasts. Anything else is
-    a bug and fails the job, visibly.
-    """
-    if dispatcher is None:
-        logger.warning("deliver_webhooks ran on a worker without WEBHOOK_URL; skipped")
-        return
-    try:
-        await dispatcher.run_round()
-    except (psycopg.OperationalError, PoolTimeout) as exc:
-        logger.warning("webhook round stopped: %s", exc)
+    """A deliver_webhooks job, deferred by a worker of the version before (which ran
+    delivery rounds as jobs): delivery is the workers' `webhooks` chore now."""
+    logger.debug("deliver_webhooks: delivery runs as a worker chore; nothing to do")

@@ -30,6 +30,12 @@ def payout_json(row: dict[str, Any]) -> dict[str, Any]:
         "requested_amount": money(row["requested_amount"]),
         "amount": money(row["amount"]),
         "currency": row["currency"],
+        # Events written before migration 0012 have none of the fields below.
+        "fee_amount": money(row.get("fee_amount")),
+        "net_amount": money(row.get("net_amount")),
+        "return_code": row.get("return_code"),
+        "returned_at": timestamp(_time(row.get("returned_at"))),
+        "approval": approval_json(row),
         "billing_payout_id": row["billing_payout_id"],
         "failure_code": row["failure_code"],
         # While retries go on, the column holds the last transient problem
@@ -39,4 +45,22 @@ def payout_json(row: dict[str, Any]) -> dict[str, Any]:
         "created_at": timestamp(row["created_at"]),
         "updated_at": timestamp(row["updated_at"]),
         "completed_at": timestamp(row["completed_at"]),
+    }
+
+
+def _time(value: datetime | str | None) -> datetime | None:
+    """A timestamp column, or its text as an event's snapshot keeps it."""
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def approval_json(row: dict[str, Any]) -> dict[str, Any] | None:
+    """A manual payout's four-eyes record; None for the other kinds."""
+    if row["kind"] != "manual":
+        return None
+    return {
+        "reason": row.get("approval_reason"),
+        "approved_by": row.get("approved_by"),
+        "approved_at": timestamp(_time(row.get("approved_at"))),
+        "denied_by": row.get("denied_by"),
+        "denied_reason": row.get("denied_reason"),
     }

@@ -27,14 +27,17 @@ WHERE to_regclass('audit_log_' || to_char(
 SELECT least(
            (SELECT min(month) FROM audit_chain_heads WHERE last_seq > 0),
            (SELECT min(month) FROM audit_archive),
-           (SELECT date_trunc('month', min(at) AT TIME ZONE 'UTC')::date FROM audit_log)
+           (SELECT date_trunc('month', min(at) AT TIME ZONE 'UTC')::date FROM audit_log),
+           (SELECT min(month) FROM audit_verified_months)
        ) AS first,
        greatest(
            (SELECT max(month) FROM audit_chain_heads WHERE last_seq > 0),
            (SELECT max(month) FROM audit_archive),
            (SELECT date_trunc('month', max(at) AT TIME ZONE 'UTC')::date FROM audit_log)
        ) AS last,
-       (SELECT max_id FROM audit_chain_legacy) AS legacy_max_id
+       (SELECT max_id FROM audit_chain_legacy) AS legacy_max_id,
+       date_trunc('month', now() AT TIME ZONE 'UTC')::date AS current,
+       has_table_privilege('audit_verified_months', 'INSERT') AS may_record
 
 -- chain_heads --
 -- The last link of every chain of one month that has any.
@@ -57,3 +60,30 @@ SELECT id, at, actor_type, actor_id, park_id, action, outcome, request_id, payou
 FROM audit_log
 WHERE at >= %(start)s AND at < %(end)s
 ORDER BY chain_stripe, chain_seq
+
+-- partition_bounds --
+-- The range each partition of audit_log holds: [low, high). (Bounds text carries its
+-- UTC offset, so the session's TimeZone does not matter.)
+SELECT b.bound[1]::timestamptz AS low, b.bound[2]::timestamptz AS high
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+CROSS JOIN LATERAL (
+    SELECT regexp_match(pg_get_expr(c.relpartbound, c.oid),
+                        'FROM \(''([^'']+)''\) TO \(''([^'']+)''\)') AS bound
+) b
+WHERE i.inhparent = 'audit_log'::regclass AND b.bound IS NOT NULL
+
+-- archived_months --
+-- Every month a DBA archived.
+SELECT month FROM audit_archive
+
+-- verified_months --
+-- The newest record `audit verify` left for each closed month it walked.
+SELECT DISTINCT ON (month) month, entries, legacy, month_digest, verified_at
+FROM audit_verified_months
+ORDER BY month, id DESC
+
+-- record_verified --
+-- A closed month walked intact, with the digest its chain heads had.
+INSERT INTO audit_verified_months (month, entries, legacy, month_digest)
+VALUES (%(month)s, %(entries)s, %(legacy)s, %(digest)s)

@@ -1,31 +1,57 @@
+-- sequence --
+-- Stamp the committed events that have no position yet (migrations/0008):
+-- called before reading, so an event is readable once it has committed.
+SELECT events_sequence(%(batch)s) AS stamped
+
 -- page --
--- Every park's events after the cursor, in commit order: only positions below
--- the snapshot's xmin, so nothing can later commit behind the cursor (see
--- migrations/0005_events.sql). The horizon row comes back even when the page
--- is empty: one indexed query either way.
-WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
-SELECT h.xmin::text AS horizon, e.seq, e.xid::text AS xid, e.type, e.created_at,
+-- Every park's events after the cursor, in position order. The sequencer's
+-- last position comes back even when the page is empty (a cursor past it was
+-- never issued), with the oldest position kept: one indexed query either way.
+SELECT s.last_position, o.oldest, e.seq, e.position, e.type, e.created_at,
        e.payout::text AS payout
-FROM horizon h
+FROM events_sequencer s
+CROSS JOIN LATERAL (
+    SELECT coalesce(min(position), s.last_position + 1) AS oldest
+    FROM events WHERE position IS NOT NULL
+) o
 LEFT JOIN LATERAL (
     SELECT * FROM events e
-    WHERE (e.xid, e.seq) > (%(after_xid)s::xid8, %(after_seq)s::bigint)
-      AND e.xid < h.xmin
-    ORDER BY e.xid, e.seq
+    WHERE e.position > %(after)s
+    ORDER BY e.position
     LIMIT %(limit)s
 ) e ON true
+ORDER BY e.position
 
 -- park_page --
--- One park's events after the cursor, in commit order (as `page`).
-WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
-SELECT h.xmin::text AS horizon, e.seq, e.xid::text AS xid, e.type, e.created_at,
+-- One park's events after the cursor, in position order (as `page`).
+SELECT s.last_position, o.oldest, e.seq, e.position, e.type, e.created_at,
        e.payout::text AS payout
-FROM horizon h
+FROM events_sequencer s
+CROSS JOIN LATERAL (
+    SELECT coalesce(min(position), s.last_position + 1) AS oldest
+    FROM events WHERE position IS NOT NULL
+) o
 LEFT JOIN LATERAL (
     SELECT * FROM events e
-    WHERE e.park_id = %(park_id)s
-      AND (e.xid, e.seq) > (%(after_xid)s::xid8, %(after_seq)s::bigint)
-      AND e.xid < h.xmin
-    ORDER BY e.xid, e.seq
+    WHERE e.park_id = %(park_id)s AND e.position > %(after)s
+    ORDER BY e.position
     LIMIT %(limit)s
 ) e ON true
+ORDER BY e.position
+
+-- legacy_position --
+-- A v5 cursor (xid, seq) as a position: just before the first event it had not
+-- reached, so nothing is skipped (events of the deploy's moments may come
+-- twice). NULL when it cannot be one we issued (past the oldest running
+-- transaction: from the future, or from before a restore into a fresh cluster).
+SELECT CASE WHEN %(xid)s::xid8 < pg_snapshot_xmin(pg_current_snapshot()) THEN
+           coalesce(
+               (SELECT min(e.position) FROM events e
+                WHERE (e.xid, e.seq) > (%(xid)s::xid8, %(seq)s::bigint)),
+               (SELECT last_position + 1 FROM events_sequencer)
+           ) - 1
+       END AS position
+
+-- expire --
+-- Delete one batch of the oldest events past retention (migrations/0008).
+SELECT events_expire(%(days)s, %(batch)s) AS deleted

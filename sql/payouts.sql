@@ -10,10 +10,11 @@ WITH job AS (
     RETURNING id
 ), created AS (
     INSERT INTO payouts (id, park_id, kind, idempotency_key, request_fingerprint, requested_by,
-                         request_id, requested_amount, max_amount, min_amount, job_id)
+                         request_id, requested_amount, max_amount, min_amount, fee_percent,
+                         fee_fixed, job_id)
     SELECT %(id)s, %(park_id)s, 'instant', %(idempotency_key)s, %(request_fingerprint)s,
            %(requested_by)s, %(request_id)s, %(requested_amount)s, %(max_amount)s,
-           %(min_amount)s, job.id
+           %(min_amount)s, %(fee_percent)s, %(fee_fixed)s, job.id
     FROM job
     RETURNING *
 ), entry AS (
@@ -29,8 +30,9 @@ SELECT * FROM created
 -- The whole instant press in one round trip, in autocommit (migration 0014): the
 -- park's row lock, the rules and the insert of the payout, its job and its audit
 -- entry (or the replay's audit entry); a refusal writes nothing and names its code.
--- The payout's columns are NULL unless outcome is 'ok' or 'replay'.
-SELECT r.outcome, r.db_now, r.next_available_at, (r.payout).*
+-- The payout's columns are NULL unless outcome is 'ok' or 'replay'; a new payout
+-- carries the park's fee terms as they stood under its lock.
+SELECT r.outcome, r.db_now, r.next_available_at, r.subscription_ended, (r.payout).*
 FROM payouts_press_instant(
     %(id)s, %(park_id)s, %(idempotency_key)s, %(request_fingerprint)s, %(requested_by)s,
     %(request_id)s, %(requested_amount)s, %(max_amount)s, %(min_amount)s, %(cooldown)s,
@@ -38,23 +40,28 @@ FROM payouts_press_instant(
 ) r
 
 -- park_state --
--- All the rules need to know about one park: the flag, the payout made with
+-- All the rules need to know about one park: the flag and the end of the
+-- subscription, the fee terms, the payout made with
 -- this Idempotency-Key (if any), whether one is in flight, the newest instant
 -- payout that counts for the cooldown, and the database's clock, the one
 -- clock every host decides time rules by. The request path runs it right
 -- after locking the park row, as a statement of its own: a statement that
 -- waited for the lock still reads from the snapshot it started with, and
 -- would miss the payout the lock holder just committed.
-SELECT k.instant_payouts_enabled, k.hold_reason,
+SELECT k.instant_payouts_enabled, k.hold_reason, k.instant_fee_percent, k.instant_fee_fixed,
+       k.instant_payouts_until,
+       coalesce(k.instant_payouts_until <= statement_timestamp(), false) AS subscription_ended,
        (SELECT x.id FROM payouts x
         WHERE x.park_id = k.park_id AND x.idempotency_key = %(idempotency_key)s) AS existing_id,
        (SELECT x.request_fingerprint FROM payouts x
         WHERE x.park_id = k.park_id AND x.idempotency_key = %(idempotency_key)s) AS existing_fingerprint,
        EXISTS (SELECT 1 FROM payouts x
                WHERE x.park_id = k.park_id AND x.status IN ('pending', 'processing')) AS in_flight,
+       -- The cooldown: domain.COOLDOWN_EXEMPT names the same statuses
+       -- (index payouts_instant_cooldown_v3).
        (SELECT max(x.created_at) FROM payouts x
         WHERE x.park_id = k.park_id AND x.kind = 'instant'
-          AND x.status NOT IN ('failed', 'skipped', 'cancelled')) AS last_counted_instant_at,
+          AND x.status NOT IN ('failed', 'skipped', 'cancelled', 'returned')) AS last_counted_instant_at,
        statement_timestamp() AS db_now
 FROM parks k
 WHERE k.park_id = %(park_id)s
@@ -93,7 +100,8 @@ RETURNING p.*, k.params AS park_params, statement_timestamp() AS db_now,
 -- sets ordered_at orders first; a concurrent run finds no row and re-reads.
 UPDATE payouts
 SET available = %(available)s, amount = %(amount)s, currency = %(currency)s,
-    billing_params = %(billing_params)s, ordered_at = now()
+    billing_params = %(billing_params)s, fee_amount = %(fee_amount)s,
+    net_amount = %(net_amount)s, ordered_at = now()
 WHERE id = %(id)s AND status = 'processing' AND ordered_at IS NULL
 RETURNING *
 
@@ -219,3 +227,112 @@ WITH done AS (
     FROM done
 )
 SELECT * FROM done
+
+-- manual_by_key --
+-- The manual payout made with this admin Idempotency-Key, whichever park.
+SELECT * FROM payouts WHERE kind = 'manual' AND idempotency_key = %(idempotency_key)s
+
+-- awaiting_approval --
+-- The park's manual payout awaiting approval, if any (one at most: unique index).
+SELECT id FROM payouts WHERE park_id = %(park_id)s AND status = 'pending_approval'
+
+-- insert_manual --
+-- A manual payout awaiting a second admin, with its audit entry, in one
+-- statement. No job yet: approval enqueues it. The approval deadline is
+-- written by the database's clock.
+WITH created AS (
+    INSERT INTO payouts (id, park_id, kind, status, idempotency_key, request_fingerprint,
+                         requested_by, request_id, requested_amount, max_amount, min_amount,
+                         approval_reason, approval_expires_at)
+    VALUES (%(id)s, %(park_id)s, 'manual', 'pending_approval', %(idempotency_key)s,
+            %(request_fingerprint)s, %(requested_by)s, %(request_id)s, %(requested_amount)s,
+            %(max_amount)s, %(min_amount)s, %(reason)s, now() + %(approval_window)s)
+    RETURNING *
+), entry AS (
+    INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, request_id,
+                           payout_id, details)
+    SELECT 'admin', requested_by, park_id, 'payout.manual.request', 'ok', request_id, id,
+           %(details)s
+    FROM created
+)
+SELECT * FROM created
+
+-- manual_for_decision --
+-- A manual payout and what deciding it needs, locked: run after its park is
+-- locked, as a statement of its own (so it sees what the lock holder committed).
+SELECT p.*, k.hold_reason,
+       statement_timestamp() >= p.approval_expires_at AS approval_time_over,
+       EXISTS (SELECT 1 FROM payouts x
+               WHERE x.park_id = p.park_id AND x.status IN ('pending', 'processing')) AS in_flight
+FROM payouts p JOIN parks k USING (park_id)
+WHERE p.id = %(id)s AND p.kind = 'manual'
+FOR UPDATE OF p
+
+-- approve --
+-- pending_approval -> pending by a second admin, its job and its audit entry,
+-- in one statement. The database refuses the requester as approver
+-- (payouts_four_eyes) and an approval after the deadline (payouts_guard).
+WITH job AS (
+    INSERT INTO procrastinate_jobs (queue_name, task_name, priority, args)
+    SELECT %(queue)s, %(task)s, %(priority)s, jsonb_build_object('payout_id', id::text)
+    FROM payouts WHERE id = %(id)s AND status = 'pending_approval'
+    RETURNING id
+), approved AS (
+    UPDATE payouts p SET status = 'pending', approved_by = %(user_id)s, approved_at = now(),
+                         job_id = job.id
+    FROM job
+    WHERE p.id = %(id)s AND p.status = 'pending_approval'
+    RETURNING p.*
+), entry AS (
+    INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, request_id,
+                           payout_id, details)
+    SELECT 'admin', %(user_id)s, park_id, 'payout.manual.approve', 'ok', %(request_id)s, id,
+           %(details)s
+    FROM approved
+)
+SELECT * FROM approved
+
+-- deny --
+-- pending_approval -> denied, with the admin's reason and the audit entry.
+WITH denied AS (
+    UPDATE payouts SET status = 'denied', denied_by = %(user_id)s, denied_reason = %(reason)s,
+                       completed_at = now()
+    WHERE id = %(id)s AND status = 'pending_approval'
+    RETURNING *
+), entry AS (
+    INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, request_id,
+                           payout_id, details)
+    SELECT 'admin', %(user_id)s, park_id, 'payout.manual.deny', 'ok', %(request_id)s, id,
+           %(details)s
+    FROM denied
+)
+SELECT * FROM denied
+
+-- expire --
+-- Manual payouts whose approval time ran out, by the database's clock: expired,
+-- each with a system audit entry. With an id, that one only (if it is due).
+WITH expired AS (
+    UPDATE payouts SET status = 'expired', completed_at = now()
+    WHERE id IN (SELECT id FROM payouts
+                 WHERE status = 'pending_approval'
+                   AND approval_expires_at <= statement_timestamp()
+                   AND (%(id)s::uuid IS NULL OR id = %(id)s::uuid)
+                 ORDER BY approval_expires_at
+                 LIMIT %(limit)s
+                 FOR UPDATE SKIP LOCKED)
+    RETURNING *
+), entry AS (
+    INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, payout_id, details)
+    SELECT 'system', 'approval-expiry', park_id, 'payout.manual.expire', 'ok', id,
+           jsonb_build_object('approval_expires_at', approval_expires_at,
+                              'requested_by', requested_by)
+    FROM expired
+)
+SELECT * FROM expired
+
+-- pending_approval_count --
+-- The approvals queue's length (gauge fleet_payouts_manual_payouts_pending_approval),
+-- and how long its oldest request has waited.
+SELECT count(*) AS waiting,
+       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_seconds
+FROM payouts WHERE status = 'pending_approval'

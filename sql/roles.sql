@@ -6,6 +6,7 @@ SELECT current_user AS name,
        to_regrole(%(owner)s) IS NOT NULL AS owner_exists,
        to_regrole(%(app)s) IS NOT NULL AS app_exists,
        to_regrole(%(readonly)s) IS NOT NULL AS readonly_exists,
+       to_regrole(%(ops)s) IS NOT NULL AS ops_exists,
        to_regrole(%(owner)s) IS NOT NULL AND pg_has_role(current_user, %(owner)s::name, 'MEMBER')
            AS acts_as_owner,
        to_regrole(%(owner)s) IS NOT NULL AND to_regrole(%(app)s) IS NOT NULL
@@ -56,7 +57,9 @@ ORDER BY o.kind, o.ident
 
 -- relations --
 -- Every table, partition, view and sequence of the schema with the privileges the
--- app role, the readonly role and PUBLIC hold on it now (explicit grants only).
+-- app, ops and readonly roles and PUBLIC hold on it now (explicit grants only), the
+-- column-level ones as 'role:PRIVILEGE:column', its columns, and for a sequence the
+-- table that owns it.
 SELECT c.oid::regclass::text AS name,
        c.relname,
        c.relkind,
@@ -65,9 +68,28 @@ SELECT c.oid::regclass::text AS name,
        array(SELECT a.privilege_type FROM aclexplode(c.relacl) a
              WHERE a.grantee = to_regrole(%(app)s)) AS app,
        array(SELECT a.privilege_type FROM aclexplode(c.relacl) a
+             WHERE a.grantee = to_regrole(%(ops)s)) AS ops,
+       array(SELECT a.privilege_type FROM aclexplode(c.relacl) a
              WHERE a.grantee = to_regrole(%(readonly)s)) AS readonly,
        array(SELECT a.privilege_type FROM aclexplode(c.relacl) a
-             WHERE a.grantee = 0) AS public
+             WHERE a.grantee = 0) AS public,
+       array(SELECT att.attname::text FROM pg_attribute att
+             WHERE att.attrelid = c.oid AND att.attnum > 0 AND NOT att.attisdropped
+             ORDER BY att.attnum) AS columns,
+       array(SELECT CASE a.grantee WHEN to_regrole(%(app)s) THEN 'app'
+                                   WHEN to_regrole(%(ops)s) THEN 'ops'
+                                   WHEN to_regrole(%(readonly)s) THEN 'readonly'
+                                   ELSE 'public' END
+                    || ':' || a.privilege_type || ':' || att.attname
+             FROM pg_attribute att, aclexplode(att.attacl) a
+             WHERE att.attrelid = c.oid AND att.attnum > 0 AND NOT att.attisdropped
+               AND (a.grantee = 0 OR a.grantee IN (to_regrole(%(app)s), to_regrole(%(ops)s),
+                                                   to_regrole(%(readonly)s)))
+             ORDER BY 1) AS column_privileges,
+       (SELECT t.relname FROM pg_depend d JOIN pg_class t ON t.oid = d.refobjid
+        WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+          AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+        LIMIT 1) AS sequence_of
 FROM pg_class c
 WHERE c.relnamespace = 'public'::regnamespace
   AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
@@ -85,7 +107,9 @@ SELECT p.oid::regprocedure::text AS signature,
        EXISTS (SELECT 1 FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
                WHERE a.grantee = 0) AS public,
        EXISTS (SELECT 1 FROM aclexplode(p.proacl) a
-               WHERE a.grantee = to_regrole(%(app)s)) AS app
+               WHERE a.grantee = to_regrole(%(app)s)) AS app,
+       EXISTS (SELECT 1 FROM aclexplode(p.proacl) a
+               WHERE a.grantee = to_regrole(%(ops)s)) AS ops
 FROM pg_proc p
 WHERE p.pronamespace = 'public'::regnamespace
   AND p.prorettype <> 'trigger'::regtype
@@ -104,3 +128,11 @@ WHERE d.defaclrole = to_regrole(current_user)
   AND d.defaclnamespace = 'public'::regnamespace
   AND a.grantee = to_regrole(%(readonly)s)
   AND a.privilege_type = 'SELECT'
+
+-- memberships --
+-- Which of the wanted (member, role) pairs hold already; both roles must exist.
+SELECT m.member, m.role,
+       to_regrole(m.member) IS NOT NULL AND to_regrole(m.role) IS NOT NULL AS possible,
+       to_regrole(m.member) IS NOT NULL AND to_regrole(m.role) IS NOT NULL
+           AND pg_has_role(m.member::name, m.role::name, 'MEMBER') AS held
+FROM unnest(%(members)s::text[], %(roles)s::text[]) AS m(member, role)

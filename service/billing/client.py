@@ -144,6 +144,10 @@ class BillingPayout:
     # Given by the list endpoint (reconciliation); the others leave them out.
     idempotency_key: str | None = None
     created_at: datetime | None = None
+    # The fee Billing credited to our revenue (SPEC 8), None without one.
+    fee: Decimal | None = None
+    # Set once the bank sent the payout back (status "returned").
+    return_code: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +155,23 @@ class PayoutPage:
     """One page of GET /v1/payouts; pass next_cursor back for the next one."""
 
     payouts: list[BillingPayout]
+    next_cursor: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class BillingReturn:
+    """A payout the bank sent back, as GET /v1/returns reports it (SPEC section 8)."""
+
+    idempotency_key: str
+    code: str
+    returned_at: datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class ReturnsPage:
+    """One page of the returns feed; pass next_cursor back as `after`."""
+
+    returns: list[BillingReturn]
     next_cursor: str | None
 
 
@@ -281,13 +302,17 @@ class BillingClient:
         amount: Decimal,
         currency: str,
         params: dict[str, Any],
+        fee: Decimal | None = None,
     ) -> BillingPayout:
-        body = {
+        body: dict[str, Any] = {
             "park_id": park_id,
             "amount": format_money(amount),
             "currency": currency,
             "params": params,
         }
+        if fee is not None:
+            # Part of the one body under the key: the same fee on every resend.
+            body["fee"] = format_money(fee)
         response = await self._request(
             "payout", "POST", "/v1/payouts", json=body, headers={"Idempotency-Key": key}
         )
@@ -339,6 +364,34 @@ class BillingClient:
             return PayoutPage([_payout(item, listed=True) for item in items], next_cursor)
         except (KeyError, TypeError, AttributeError) as exc:
             raise Transient(f"Billing sent a malformed payout list: {exc}") from exc
+
+    async def returns_page(self, after: str | None, *, limit: int = MAX_LIST) -> ReturnsPage:
+        """The returns Billing recorded after the cursor, in the order it recorded them."""
+        params: dict[str, str | int] = {"limit": limit}
+        if after is not None:
+            params["after"] = after
+        response = await self._request("returns", "GET", "/v1/returns", params=params)
+        data = response.json()
+        try:
+            items = data["returns"]
+            next_cursor = data.get("next_cursor")
+            if not isinstance(items, list) or not (
+                next_cursor is None or isinstance(next_cursor, str)
+            ):
+                raise TypeError("returns must be a list and next_cursor a string or null")
+            returns = [
+                BillingReturn(
+                    # PostgreSQL text cannot hold NUL: one odd return must not
+                    # stop the feed for every later one.
+                    idempotency_key=str(item["idempotency_key"]).replace("\x00", "")[:255],
+                    code=str(item["code"]).replace("\x00", "")[:100] or "unknown",
+                    returned_at=_parse_timestamp(item["returned_at"]),
+                )
+                for item in items
+            ]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise Transient(f"Billing sent a malformed returns page: {exc}") from exc
+        return ReturnsPage(returns, next_cursor)
 
     async def payouts_made(
         self, since: datetime, until: datetime, *, cursor: str | None = None
@@ -477,6 +530,8 @@ def _payout(data: Any, *, listed: bool = False) -> BillingPayout:
             status=str(data.get("status", "done")),
             idempotency_key=str(data["idempotency_key"]) if listed else None,
             created_at=_parse_timestamp(data["created_at"]) if listed else None,
+            fee=_money(data["fee"]) if data.get("fee") is not None else None,
+            return_code=str(data["return_code"]) if data.get("return_code") else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise Undecided(f"Billing sent a malformed payout: {exc}", status=200) from None

@@ -226,6 +226,8 @@ class PayoutRequest:
     amount: Decimal
     currency: str
     params: dict[str, Any]
+    # Our revenue out of `amount` (SPEC 8); the park receives amount - fee.
+    fee: Decimal | None = None
 
 
 @dataclass
@@ -234,16 +236,25 @@ class Payout:
     idempotency_key: str
     request: PayoutRequest
     created_at: str
+    # Set when the bank sent the payout back (POST /admin/payouts/{K}/return).
+    return_code: str | None = None
+    returned_at: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "id": self.id,
             "park_id": self.request.park_id,
             "amount": _money(self.request.amount),
             "currency": self.request.currency,
-            "status": "done",
+            "status": "done" if self.return_code is None else "returned",
             "created_at": self.created_at,
         }
+        if self.request.fee is not None:
+            body["fee"] = _money(self.request.fee)
+        if self.return_code is not None:
+            body["return_code"] = self.return_code
+            body["returned_at"] = self.returned_at
+        return body
 
     def to_listed_json(self) -> dict[str, Any]:
         """As GET /v1/payouts lists it: with the key it was made under."""
@@ -346,8 +357,12 @@ class EmulatorState:
         self.faults = Faults()
         self.stats = RateStats()
         self.request_log: deque[LoggedRequest] = deque(maxlen=REQUEST_LOG_SIZE)
+        # GET /v1/returns: every return in the order it was recorded; the
+        # cursor is the position after the last one read.
+        self.returns: list[dict[str, str]] = []
 
     def reset(self) -> None:
+        self.returns.clear()
         self.balances.clear()
         self.payouts_by_key.clear()
         self.refusals_by_key.clear()
@@ -396,6 +411,26 @@ class EmulatorState:
         self.payouts_by_key[key] = payout
         self.executed.append(payout)
         return payout
+
+    def return_payout(self, key: str, code: str) -> Payout | None:
+        """The bank sent the payout made under `key` back: the amount is the park's
+        again, and the returns feed says so. None if no such payout (or returned already)."""
+        payout = self.payouts_by_key.get(key)
+        if payout is None or payout.return_code is not None:
+            return None
+        payout.return_code = code
+        payout.returned_at = _now_rfc3339()
+        balance = self.balances.get(payout.request.park_id)
+        if balance is not None:
+            balance.available += payout.request.amount
+        self.returns.append(
+            {"idempotency_key": key, "code": code, "returned_at": payout.returned_at}
+        )
+        return payout
+
+    def record_outside_return(self, key: str, code: str) -> None:
+        """A return under a key this Billing made no payout for (drift to report)."""
+        self.returns.append({"idempotency_key": key, "code": code, "returned_at": _now_rfc3339()})
 
     def forget_payout(self, key: str) -> Payout | None:
         """Billing loses the payout made under `key` (drift for reconciliation to find)."""
@@ -553,15 +588,22 @@ async def create_payout(request: Request) -> Response:
     if key is None or not _KEY_RE.fullmatch(key):
         raise InvalidRequest("Idempotency-Key header (1-255 visible ASCII characters) is required")
     data = await _json_object(request)
-    _reject_unknown(data, {"park_id", "amount", "currency", "params"})
+    _reject_unknown(data, {"park_id", "amount", "currency", "params", "fee"})
     params = data.get("params", {})
     if not isinstance(params, dict):
         raise InvalidRequest("params must be an object")
+    amount = _parse_amount(data.get("amount"), "amount", allow_zero=False)
+    fee = None
+    if data.get("fee") is not None:
+        fee = _parse_amount(data["fee"], "fee", allow_zero=True)
+        if fee > amount:
+            raise InvalidRequest("fee must not exceed amount")
     req = PayoutRequest(
         park_id=_parse_id(data.get("park_id"), "park_id"),
-        amount=_parse_amount(data.get("amount"), "amount", allow_zero=False),
+        amount=amount,
         currency=_parse_currency(data.get("currency")),
         params=params,
+        fee=fee,
     )
     state = _state(request)
     response, executed = state.execute_payout(key, req)
@@ -590,7 +632,54 @@ async def list_made_payouts(request: Request) -> Response:
     return JSONResponse({"payouts": [p.to_listed_json() for p in page], "next_cursor": next_cursor})
 
 
+@_contract
+async def list_returns(request: Request) -> Response:
+    query = request.query_params
+    raw_after = query.get("after")
+    if raw_after is None or raw_after == "":
+        after = 0
+    elif raw_after.isascii() and raw_after.isdigit() and len(raw_after) <= 18:
+        after = int(raw_after)
+    else:
+        raise InvalidRequest("after must be a cursor this endpoint issued")
+    limit = _parse_limit(query.get("limit"))
+    returns = _state(request).returns
+    page = returns[after : after + limit]
+    return JSONResponse({"returns": page, "next_cursor": str(after + len(page))})
+
+
 # --- admin endpoints (no auth, no faults, not counted) -----------------------------------
+
+
+@_handles_bad_input
+async def post_return(request: Request) -> Response:
+    data = await _json_object(request)
+    _reject_unknown(data, {"code"})
+    code = data.get("code")
+    if not isinstance(code, str) or not _KEY_RE.fullmatch(code) or len(code) > 100:
+        raise InvalidRequest("code must be 1-100 visible ASCII characters")
+    key = request.path_params["key"]
+    state = _state(request)
+    payout = state.return_payout(key, code)
+    if payout is None:
+        if key in state.payouts_by_key:
+            return _error(409, "already_returned", "this payout was returned already")
+        return _error(404, "payout_not_found", "no payout was made with this key")
+    return JSONResponse(payout.to_admin_json())
+
+
+@_handles_bad_input
+async def post_outside_return(request: Request) -> Response:
+    """A return under a key Billing made no payout for through us (drift to report)."""
+    data = await _json_object(request)
+    _reject_unknown(data, {"code", "idempotency_key"})
+    code, key = data.get("code"), data.get("idempotency_key")
+    if not isinstance(code, str) or not _KEY_RE.fullmatch(code) or len(code) > 100:
+        raise InvalidRequest("code must be 1-100 visible ASCII characters")
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+        raise InvalidRequest("idempotency_key must be 1-255 visible ASCII characters")
+    _state(request).record_outside_return(key, code)
+    return JSONResponse({"idempotency_key": key, "code": code}, status_code=201)
 
 
 @_handles_bad_input
@@ -699,6 +788,9 @@ def create_app(token: str | None = None, *, seed: int | None = None) -> Starlett
         Route("/admin/payouts", list_payouts, methods=["GET"]),
         Route("/admin/payouts", post_outside_payout, methods=["POST"]),
         Route("/admin/payouts/{key}", delete_payout, methods=["DELETE"]),
+        Route("/admin/payouts/{key}/return", post_return, methods=["POST"]),
+        Route("/admin/returns", post_outside_return, methods=["POST"]),
+        Route("/v1/returns", list_returns, methods=["GET"]),
         Route("/admin/faults", put_faults, methods=["PUT"]),
         Route("/admin/faults", get_faults, methods=["GET"]),
         Route("/admin/stats", get_stats, methods=["GET"]),

@@ -220,6 +220,17 @@ Try:
   curl -s -X PUT {api}/v1/parks/park-echo -H 'Authorization: Bearer {admin}' \\
        -H 'X-User-Id: admin-1' -d '{{"instant_payouts_enabled": true}}'
   curl -s '{api}/v1/audit?park_id=park-alpha' -H 'Authorization: Bearer {admin}'
+  # a manual payout: admin-1 asks, another admin (admin-2) approves
+  curl -s -X POST {api}/v1/admin/payouts -H 'Authorization: Bearer {admin}' \
+       -H 'X-User-Id: admin-1' -H 'Idempotency-Key: manual-1' \
+       -d '{{"park_id": "park-alpha", "amount": "25.00", "reason": "goodwill"}}'
+  curl -s -X POST {api}/v1/admin/payouts/$PAYOUT_ID/approve \
+       -H 'Authorization: Bearer {admin}' -H 'X-User-Id: admin-2'
+  # a fee on instant payouts, and what a press would cost now
+  curl -s -X PUT {api}/v1/parks/park-alpha -H 'Authorization: Bearer {admin}' \
+       -H 'X-User-Id: admin-1' -d '{{"instant_fee": {{"percent": "1.00", "fixed": "0.00"}}}}'
+  curl -s '{api}/v1/payouts/instant/quote?amount=100.00' \
+       -H 'Authorization: Bearer {token}' -H 'X-Park-Id: park-alpha'
   curl -s http://127.0.0.1:{billing_port}/admin/payouts
 
 Ctrl-C stops everything.

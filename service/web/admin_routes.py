@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service import audit, parks
-from service.domain import is_park_id, is_visible_ascii
-from service.web import params, views
+from service import audit, instant, manual, parks
+from service.domain import (
+    Fee,
+    Status,
+    is_park_id,
+    is_visible_ascii,
+    parse_fee_fixed,
+    parse_fee_percent,
+    parse_money,
+)
+from service.web import cursors, params, views
 from service.web.auth import ADMIN
 from service.web.errors import ApiError
 from service.web.origin import client_details
 from service.web.state import admin_pool_of, pool_of, request_id_of, settings_of
 
-PARK_FIELDS = {"instant_payouts_enabled", "periodic_payouts_enabled", "params", "hold"}
+PARK_FIELDS = {
+    "instant_payouts_enabled",
+    "periodic_payouts_enabled",
+    "params",
+    "hold",
+    "instant_fee",
+    "instant_payouts_until",
+}
 MAX_HOLD_REASON = 500
+# What timestamptz stores without surprise (and Python's datetime can hold).
+MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_TIME = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 async def put_park(request: Request) -> Response:
@@ -30,6 +50,12 @@ async def put_park(request: Request) -> Response:
     if "params" in body and not isinstance(body["params"], dict):
         raise ApiError("invalid_request", "params must be a JSON object")
     hold = _hold(body, user_id) if "hold" in body else None
+    fee = _fee(body["instant_fee"]) if "instant_fee" in body else parks.UNCHANGED
+    until = (
+        _until(body["instant_payouts_until"])
+        if "instant_payouts_until" in body
+        else parks.UNCHANGED
+    )
     # A write: the request pool, with its lock timeout, like every other write.
     async with pool_of(request).connection() as conn, conn.transaction():
         row, created = await parks.upsert(
@@ -39,6 +65,8 @@ async def put_park(request: Request) -> Response:
             periodic=body.get("periodic_payouts_enabled"),
             params=body.get("params"),
             hold=hold,
+            fee=fee,
+            until=until,
         )
         await audit.write(
             conn,
@@ -73,13 +101,45 @@ def _hold(body: dict[str, Any], user_id: str) -> parks.Hold:
     if (
         not isinstance(reason, str)
         or not 0 < len(reason.strip()) <= MAX_HOLD_REASON
-        or not reason.isprintable()
+        or not params.HOLD_REASON_RE.fullmatch(reason)
     ):
         raise ApiError(
             "invalid_request",
-            f'hold must be null or {{"reason": "..."}}, 1-{MAX_HOLD_REASON} printable characters',
+            f'hold must be null or {{"reason": "..."}}, 1-{MAX_HOLD_REASON} characters, '
+            "not blank, no control characters",
         )
     return parks.Hold(reason=reason.strip(), by=user_id)
+
+
+def _fee(raw: Any) -> Fee | None:
+    """`{"percent": "1.00", "fixed": "0.00"}` sets the instant fee, `null` removes it."""
+    if raw is None:
+        return None
+    what = 'instant_fee must be null or {"percent": "0-100", "fixed": "0.00"}, decimal strings'
+    if not isinstance(raw, dict) or set(raw) != {"percent", "fixed"}:
+        raise ApiError("invalid_request", what)
+    percent, fixed = raw["percent"], raw["fixed"]
+    if not isinstance(percent, str) or not isinstance(fixed, str):
+        raise ApiError("invalid_request", what)
+    try:
+        return Fee(parse_fee_percent(percent), parse_fee_fixed(fixed))
+    except ValueError as exc:
+        raise ApiError("invalid_request", f"instant_fee: {exc}") from None
+
+
+def _until(raw: Any) -> datetime | None:
+    """An RFC 3339 timestamp with its zone ends the subscription then; `null` never."""
+    if raw is None:
+        return None
+    try:
+        value = params.parse_time(raw)
+    except (ValueError, TypeError):
+        raise ApiError(
+            "invalid_request", "instant_payouts_until must be null or an RFC 3339 timestamp"
+        ) from None
+    if not MIN_TIME <= value <= MAX_TIME:
+        raise ApiError("invalid_request", "instant_payouts_until is out of range")
+    return value
 
 
 def _is_text(value: str) -> bool:
@@ -95,12 +155,14 @@ async def get_audit(request: Request) -> Response:
         since=params.time_param(request, "since"),
         until=params.time_param(request, "until"),
     )
-    after = params.decode_cursor(
-        request.query_params.get("cursor"), (params.parse_time, params.row_id)
+    key = cursors.key_for(settings_of(request))
+    after = cursors.verify(
+        key, "audit", request.query_params.get("cursor"), (params.parse_time, params.row_id)
     )
     async with admin_pool_of(request).connection() as conn:
         rows = await audit.page(conn, filters, limit=limit + 1, after=after)
-    rows, cursor = params.page(rows, limit, "at", "id")
+    rows, position = params.page(rows, limit, "at", "id")
+    cursor = cursors.sign(key, "audit", *position) if position else None
     return JSONResponse({"entries": [views.audit_json(r) for r in rows], "next_cursor": cursor})
 
 
@@ -108,4 +170,148 @@ ROUTES = [
     ADMIN.route("/v1/parks/{park_id}", put_park, methods=["PUT"], audited="park.update"),
     ADMIN.route("/v1/parks/{park_id}", get_park, methods=["GET"]),
     ADMIN.route("/v1/audit", get_audit, methods=["GET"]),
+]
+
+
+# --- manual payouts with four eyes (SPEC section 8) --------------------------------
+
+MANUAL_FIELDS = {"park_id", "amount", "reason"}
+KINDS = ("instant", "periodic", "manual")
+
+
+def _reason(raw: Any, field: str) -> str:
+    if (
+        not isinstance(raw, str)
+        or not 0 < len(raw.strip()) <= manual.MAX_REASON
+        or not raw.isprintable()
+    ):
+        raise ApiError(
+            "invalid_request", f"{field} must be 1-{manual.MAX_REASON} printable characters"
+        )
+    return raw.strip()
+
+
+def _refused(refusal: instant.Refused) -> ApiError:
+    """A rule's refusal, already audited by the use case."""
+    return ApiError(refusal.code, refusal.message, refusal.details, audited=True)
+
+
+def _manual_payout_id(request: Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(str(request.path_params["payout_id"]))
+    except ValueError:
+        raise ApiError("payout_not_found", "no such payout") from None
+
+
+async def post_manual(request: Request) -> Response:
+    user_id = params.user_header(request)
+    key = params.idempotency_key_header(request)
+    body = await params.json_object(request, MANUAL_FIELDS)
+    park_id = body.get("park_id")
+    if not isinstance(park_id, str) or not is_park_id(park_id):
+        raise ApiError("invalid_request", "park_id must be 1-64 letters, digits, _ or -")
+    raw_amount = body.get("amount")
+    if not isinstance(raw_amount, str):
+        raise ApiError("invalid_request", 'amount must be a decimal string such as "250.00"')
+    try:
+        amount = parse_money(raw_amount)
+    except ValueError as exc:
+        raise ApiError("invalid_request", str(exc)) from None
+    req = manual.ManualRequest(
+        park_id=park_id,
+        amount=amount,
+        reason=_reason(body.get("reason"), "reason"),
+        user_id=user_id,
+        idempotency_key=key,
+        request_id=request_id_of(request),
+        client=client_details(request),
+    )
+    async with pool_of(request).connection() as conn:
+        try:
+            accepted = await manual.request(conn, settings_of(request), req)
+        except instant.Refused as refusal:
+            raise _refused(refusal) from None
+    return JSONResponse(
+        views.payout_json(accepted.payout), status_code=200 if accepted.replay else 201
+    )
+
+
+async def _decide(request: Request, approve: bool) -> Response:
+    user_id = params.user_header(request)
+    payout_id = _manual_payout_id(request)
+    reason = None
+    if approve:
+        await params.json_object(request, set())
+    else:
+        body = await params.json_object(request, {"reason"})
+        reason = _reason(body.get("reason"), "reason")
+    decision = manual.Decision(
+        payout_id=payout_id,
+        user_id=user_id,
+        request_id=request_id_of(request),
+        reason=reason,
+        client=client_details(request),
+    )
+    use_case = manual.approve if approve else manual.deny
+    async with pool_of(request).connection() as conn:
+        try:
+            row = await use_case(conn, settings_of(request), decision)
+        except manual.NotFound:
+            raise ApiError("payout_not_found", "no such manual payout") from None
+        except instant.Refused as refusal:
+            raise _refused(refusal) from None
+    return JSONResponse(views.payout_json(row))
+
+
+async def post_approve(request: Request) -> Response:
+    return await _decide(request, approve=True)
+
+
+async def post_deny(request: Request) -> Response:
+    return await _decide(request, approve=False)
+
+
+def _is_status(value: str) -> bool:
+    return value in {str(s) for s in Status}
+
+
+def _is_kind(value: str) -> bool:
+    return value in KINDS
+
+
+async def list_admin_payouts(request: Request) -> Response:
+    limit = params.limit_param(request)
+    filters = manual.Filters(
+        park_id=params.query_value(request, "park_id", is_park_id, "a park id"),
+        status=params.query_value(request, "status", _is_status, "a payout status"),
+        kind=params.query_value(request, "kind", _is_kind, "instant, periodic or manual"),
+        since=params.time_param(request, "since"),
+        until=params.time_param(request, "until"),
+    )
+    key = cursors.key_for(settings_of(request))
+    after = cursors.verify(
+        key, "admin_payouts", request.query_params.get("cursor"), (params.parse_time, uuid.UUID)
+    )
+    async with admin_pool_of(request).connection() as conn:
+        rows = await manual.page(conn, filters, limit=limit + 1, after=after)
+    rows, position = params.page(rows, limit, "created_at", "id")
+    cursor = cursors.sign(key, "admin_payouts", *position) if position else None
+    return JSONResponse({"payouts": [views.payout_json(r) for r in rows], "next_cursor": cursor})
+
+
+ROUTES += [
+    ADMIN.route("/v1/admin/payouts", post_manual, methods=["POST"], audited=manual.ACTION_REQUEST),
+    ADMIN.route("/v1/admin/payouts", list_admin_payouts, methods=["GET"]),
+    ADMIN.route(
+        "/v1/admin/payouts/{payout_id}/approve",
+        post_approve,
+        methods=["POST"],
+        audited=manual.ACTION_APPROVE,
+    ),
+    ADMIN.route(
+        "/v1/admin/payouts/{payout_id}/deny",
+        post_deny,
+        methods=["POST"],
+        audited=manual.ACTION_DENY,
+    ),
 ]

@@ -17,13 +17,15 @@ The web edge, one concern per module:
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from service import db, gauges
+from service.billing import gate as billing_gate
 from service.settings import Settings
 from service.web import admin_routes, events, ops_routes, payout_routes
 from service.web.errors import EXCEPTION_HANDLERS
@@ -38,7 +40,42 @@ ROUTE_MODULES = (payout_routes, events, admin_routes, ops_routes)
 
 
 def routes() -> list[BaseRoute]:
-    return [route for module in ROUTE_MODULES for route in module.ROUTES]
+    found = [route for module in ROUTE_MODULES for route in module.ROUTES]
+    _literal_segments_first(found)
+    return found
+
+
+def _literal_segments_first(found: list[BaseRoute]) -> None:
+    """A literal path segment wins over a parameter in the same place.
+
+    Starlette takes the first route that matches path and method, so `GET
+    /v1/payouts/instant` would be read as the payout "instant" (a 404) instead of
+    the wrong method on `/v1/payouts/instant` (405 with Allow). Each parameter is
+    told not to match the literals other routes have at its position.
+    """
+    paths = [r.path for r in found if isinstance(r, Route)]
+    for route in found:
+        if not isinstance(route, Route):
+            continue
+        pattern = route.path_regex.pattern
+        segments = route.path.split("/")
+        for index, segment in enumerate(segments):
+            match = re.fullmatch(r"\{(\w+)(?::\w+)?\}", segment)
+            if match is None:
+                continue
+            prefix = segments[:index]
+            literals = sorted(
+                {
+                    other[index]
+                    for other in (p.split("/") for p in paths)
+                    if len(other) > index and other[:index] == prefix and "{" not in other[index]
+                }
+            )
+            if literals and "(?!" not in pattern:
+                group = f"(?P<{match.group(1)}>"
+                ahead = "(?!(?:" + "|".join(map(re.escape, literals)) + ")(?:/|$))"
+                pattern = pattern.replace(group, ahead + group, 1)
+        route.path_regex = re.compile(pattern)
 
 
 def create_app(settings: Settings, *, drain: Drain | None = None) -> ASGIApp:
@@ -71,6 +108,8 @@ def create_app(settings: Settings, *, drain: Drain | None = None) -> ASGIApp:
         await pool.open(wait=False)
         await admin_pool.open(wait=False)
         refresher = gauges.gauge_refresher(admin_pool)
+        # Quotes read a balance: within the one global budget every host shares.
+        billing = billing_gate.client(admin_pool, settings)
         try:
             yield {
                 "settings": settings,
@@ -78,8 +117,10 @@ def create_app(settings: Settings, *, drain: Drain | None = None) -> ASGIApp:
                 "admin_pool": admin_pool,
                 "readiness": readiness,
                 "drain": drain,
+                "billing": billing,
             }
         finally:
+            await billing.aclose()
             await refresher.stop()
             await readiness.close()
             await admin_pool.close()

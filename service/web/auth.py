@@ -42,10 +42,6 @@ class RouteGroup:
 
     access: Access
 
-    @property
-    def actor_type(self) -> Literal["user", "admin"]:
-        return "admin" if self.access is Access.ADMIN else "user"
-
     def route(
         self,
         path: str,
@@ -67,11 +63,23 @@ class RouteGroup:
                 return await endpoint(request)
             except ApiError as refusal:
                 if audited is not None and _worth_auditing(refusal):
-                    await refusals.write(request, audited, self.actor_type, refusal)
+                    await refusals.write(request, audited, _actor(request, self.access), refusal)
                 raise
 
         guarded.access = self.access  # type: ignore[attr-defined]  # read by the route test
         return Route(path, guarded, methods=list(methods), name=endpoint.__name__)
+
+
+def _actor(request: Request, route_access: Access) -> refusals.Actor:
+    """Who a refusal is recorded as: the token that authenticated decides, never the route.
+
+    X-User-Id names a user only on a route of the token's own group (Opteum vouches for its
+    users, admins for themselves); an API token on an admin route is a user whose claimed
+    id is kept as a claim, so nobody can put words in an admin's mouth.
+    """
+    token = getattr(request.state, "token", None)
+    actor_type: Literal["user", "admin"] = "admin" if token is Access.ADMIN else "user"
+    return refusals.Actor(actor_type, trusted=token is route_access)
 
 
 def _worth_auditing(refusal: ApiError) -> bool:
@@ -92,7 +100,11 @@ def access_of(route: Route) -> Access | None:
 
 
 def authenticate(request: Request, settings: Settings, access: Access) -> None:
-    """Bearer token check; constant time, and every configured token is compared."""
+    """Bearer token check; constant time, and every configured token is compared.
+
+    The kind of token that matched is kept in `request.state.token` (an Access), for the
+    audit of a refusal: a wrong kind of token is still somebody we know.
+    """
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
@@ -102,6 +114,11 @@ def authenticate(request: Request, settings: Settings, access: Access) -> None:
     is_admin = _matches(presented, settings.admin_tokens)
     if not (is_api or is_admin):
         raise ApiError("unauthorized", "unknown token")
+    # A token in both lists is a configuration mistake; it counts as the route's kind.
+    if is_api and is_admin:
+        request.state.token = access
+    else:
+        request.state.token = Access.ADMIN if is_admin else Access.API
     if (access is Access.ADMIN and not is_admin) or (access is Access.API and not is_api):
         raise ApiError("forbidden", f"this token is not valid for {access.value} endpoints")
 

@@ -12,6 +12,7 @@ import psycopg
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 logger = logging.getLogger(__name__)
 
@@ -22,19 +23,31 @@ STATUS: dict[str, int] = {
     "forbidden": 403,
     "instant_payouts_disabled": 403,
     "park_on_hold": 403,
+    "self_approval_forbidden": 403,
     "not_found": 404,
     "park_not_found": 404,
     "payout_not_found": 404,
     "method_not_allowed": 405,
+    # Answered by the HTTP edge itself (service/web/edge.py), before any route.
+    "request_timeout": 408,
+    "uri_too_long": 414,
+    "headers_too_large": 431,
     "payout_in_progress": 409,
     "payout_not_cancellable": 409,
+    "payout_not_pending_approval": 409,
+    "approval_pending": 409,
     "amount_above_limit": 422,
     "amount_below_minimum": 422,
     "idempotency_key_reused": 422,
+    "cursor_expired": 410,
     "cooldown_active": 429,
     "internal_error": 500,
     "unavailable": 503,
 }
+
+# Answered by the HTTP edge before any route (service/web/edge.py): described once in
+# the OpenAPI's info, like not_found and method_not_allowed, not per operation.
+EDGE_CODES = frozenset({"request_timeout", "uri_too_long", "headers_too_large"})
 
 # What a 503 tells the caller to wait before retrying: pool and statement
 # timeouts are seconds long, and a database failover takes a few of them.
@@ -84,10 +97,23 @@ async def on_api_error(request: Request, exc: Exception) -> Response:
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return error_response(ApiError("method_not_allowed", "method not allowed here"))
+        allow = ", ".join(_allowed_methods(request))
+        return error_response(
+            ApiError("method_not_allowed", "method not allowed here", headers={"Allow": allow})
+        )
     if exc.status_code == 404:
         return error_response(ApiError("not_found", "no such endpoint"))
     return error_response(ApiError("invalid_request", str(exc.detail)))
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route answers on this path (one path may have a route per method)."""
+    path = request.scope.get("path", "")
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.path_regex.match(path):
+            methods |= route.methods or set()
+    return sorted(methods)
 
 
 async def on_database_trouble(request: Request, exc: Exception) -> Response:

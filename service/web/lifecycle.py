@@ -13,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import resource
 from types import FrameType
 
 import psycopg
 import uvicorn
 
 from service.settings import Settings
+from service.web import edge
 
 logger = logging.getLogger(__name__)
 
@@ -143,15 +146,45 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+# Descriptors kept for what is not a client connection: the two pools, the
+# readiness probe, log files, the listening socket, Sentry, with room to spare.
+RESERVED_DESCRIPTORS = 64
+
+
+def _connection_cap(configured: int) -> int:
+    """API_MAX_CONNECTIONS, lowered to what the process's descriptor limit allows."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or configured <= soft - RESERVED_DESCRIPTORS:
+        return configured
+    allowed = max(1, soft - RESERVED_DESCRIPTORS)
+    logger.warning(
+        "API_MAX_CONNECTIONS %d is above what the descriptor limit (%d) allows: using %d",
+        configured,
+        soft,
+        allowed,
+    )
+    return allowed
+
+
 def serve(settings: Settings, *, host: str, port: int) -> None:
     """`fleet-payouts serve`: the API under uvicorn, drained on SIGTERM."""
     from service.web.app import create_app
 
     drain = Drain(settings.api_drain_seconds, settings.shutdown_grace_seconds)
+    limits = edge.EdgeLimits(
+        max_connections=_connection_cap(settings.api_max_connections),
+        header_seconds=settings.api_header_timeout_seconds,
+        body_seconds=settings.api_body_timeout_seconds,
+    )
     config = uvicorn.Config(
         create_app(settings, drain=drain),
         host=host,
         port=port,
+        # The limits of service/web/edge.py on uvicorn's httptools protocol.
+        http=edge.protocol(limits),
+        # Longer than a browser needs between calls, shorter than a front proxy's
+        # upstream keep-alive must be (ops/proxy/: the proxy closes idle ones first).
+        timeout_keep_alive=max(1, math.ceil(settings.api_keep_alive_seconds)),
         log_config=None,
         access_log=False,  # ours has the route template, the park and the request id
         proxy_headers=False,  # X-Forwarded-For is read only from TRUSTED_PROXIES

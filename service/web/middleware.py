@@ -3,7 +3,8 @@
 RequestContext (outermost): the request id, the log context every line of
 the request carries, one access line and the HTTP metrics per request.
 Deadline: from the moment the process is asked to stop, a request must
-answer before the grace ends, with a 503 if it cannot finish.
+answer before the grace ends, with a 503 if it cannot finish, and every
+answer says `Connection: close`.
 """
 
 from __future__ import annotations
@@ -113,7 +114,13 @@ class Deadline:
 
         async def send_tracking(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if self.drain.draining:
+                    # The connection closes after this answer: a keep-alive client
+                    # (a load balancer) opens its next request elsewhere instead of
+                    # meeting a socket this process is about to close.
+                    message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
             await send(message)
 
         try:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from service.domain import Status
 from service.web.errors import STATUS
+from service.web.params import HOLD_REASON_PATTERN
 
 # --- reusable pieces -----------------------------------------------------------------
 
@@ -19,6 +21,17 @@ PARK_ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$", "examples": ["p
 VISIBLE_ASCII = {"type": "string", "pattern": "^[!-~]{1,128}$"}
 MONEY = {"type": "string", "pattern": r"^[0-9]+\.[0-9]{2}$", "examples": ["1500.00"]}
 TIMESTAMP = {"type": "string", "format": "date-time"}
+# What service.domain.parse_money takes: above zero, at most 2 fractional digits.
+POSITIVE_AMOUNT = {
+    "type": "string",
+    "pattern": r"^([1-9][0-9]{0,15}(\.[0-9]{1,2})?|0\.(0[1-9]|[1-9][0-9]?))$",
+    "examples": ["100.00"],
+}
+# No NUL (PostgreSQL's text and jsonb cannot hold it), in keys and strings at any depth.
+NO_NUL = r"^[^\u0000]*$"
+KINDS = ("instant", "periodic", "manual")
+PERCENT = {"type": "string", "pattern": r"^[0-9]{1,3}(\.[0-9]{1,2})?$", "examples": ["1.00"]}
+FEE_MONEY = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,2})?$", "examples": ["0.00"]}
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -34,7 +47,23 @@ def _object(properties: dict[str, Any], *, required: bool = True) -> dict[str, A
     }
 
 
+STORABLE_OBJECT = {
+    "type": "object",
+    "propertyNames": {"pattern": NO_NUL},
+    "additionalProperties": {"$ref": "#/components/schemas/StorableJson"},
+}
+FEE = _object({"percent": PERCENT, "fixed": FEE_MONEY})
+
 SCHEMAS: dict[str, Any] = {
+    "StorableJson": {
+        "description": "Any JSON value PostgreSQL can store: no NUL in a string or a key.",
+        "anyOf": [
+            {"type": "string", "pattern": NO_NUL},
+            {"type": ["number", "boolean", "null"]},
+            {"type": "array", "items": {"$ref": "#/components/schemas/StorableJson"}},
+            STORABLE_OBJECT,
+        ],
+    },
     "Error": {
         "type": "object",
         "description": "The one error shape; `code` is stable, `message` is for people.",
@@ -50,14 +79,37 @@ SCHEMAS: dict[str, Any] = {
         {
             "id": {"type": "string", "format": "uuid"},
             "park_id": PARK_ID,
-            "kind": {"type": "string", "enum": ["instant", "periodic"]},
-            "status": {
-                "type": "string",
-                "enum": ["pending", "processing", "succeeded", "failed", "skipped", "cancelled"],
-            },
+            "kind": {"type": "string", "enum": list(KINDS)},
+            # The statuses are domain.Status's: one list for the API, the enum
+            # and (by a test) the database.
+            "status": {"type": "string", "enum": [str(s) for s in Status]},
             "requested_amount": _nullable(MONEY),
             "amount": _nullable(MONEY),
             "currency": _nullable({"type": "string"}),
+            "fee_amount": {
+                **_nullable(MONEY),
+                "description": "Instant payouts of a park with a fee: our revenue out of amount.",
+            },
+            "net_amount": {
+                **_nullable(MONEY),
+                "description": "What reaches the park: amount - fee_amount.",
+            },
+            "return_code": _nullable({"type": "string"}),
+            "returned_at": _nullable(TIMESTAMP),
+            "approval": _nullable(
+                {
+                    **_object(
+                        {
+                            "reason": _nullable({"type": "string"}),
+                            "approved_by": _nullable({"type": "string"}),
+                            "approved_at": _nullable(TIMESTAMP),
+                            "denied_by": _nullable({"type": "string"}),
+                            "denied_reason": _nullable({"type": "string"}),
+                        }
+                    ),
+                    "description": "Manual payouts only: the four-eyes record.",
+                }
+            ),
             "billing_payout_id": _nullable({"type": "string"}),
             "failure_code": _nullable({"type": "string"}),
             "failure_message": _nullable({"type": "string"}),
@@ -78,6 +130,9 @@ SCHEMAS: dict[str, Any] = {
                     "payout.failed",
                     "payout.skipped",
                     "payout.cancelled",
+                    "payout.denied",
+                    "payout.expired",
+                    "payout.returned",
                 ],
             },
             "created_at": TIMESTAMP,
@@ -100,7 +155,7 @@ SCHEMAS: dict[str, Any] = {
         }
     ),
     "InstantRequest": {
-        **_object({"amount": {**MONEY, "pattern": r"^[0-9]+(\.[0-9]{1,2})?$"}}, required=False),
+        **_object({"amount": POSITIVE_AMOUNT}, required=False),
         "description": "Empty, {}, or an amount: no amount pays all that is available, "
         "up to the limit.",
     },
@@ -120,23 +175,65 @@ SCHEMAS: dict[str, Any] = {
             "max_amount": MONEY,
             "min_amount": MONEY,
             "cooldown_hours": {"type": "number"},
+            "fee": _nullable(FEE),
+            "details": {
+                **_nullable(_object({"reason": {"enum": ["subscription_ended"]}})),
+                "description": 'With reason instant_payouts_disabled: {"reason": '
+                '"subscription_ended"} when the end date has passed, as the press says.',
+            },
+            "instant_payouts_until": _nullable(TIMESTAMP),
         }
     ),
+    "Quote": _object(
+        {
+            "amount": MONEY,
+            "fee_amount": _nullable(MONEY),
+            "net_amount": _nullable(MONEY),
+            "currency": {"type": "string"},
+        }
+    ),
+    "ManualRequest": _object(
+        {
+            "park_id": PARK_ID,
+            "amount": {**MONEY, "pattern": r"^[0-9]+(\.[0-9]{1,2})?$"},
+            "reason": {"type": "string", "minLength": 1, "maxLength": 500},
+        }
+    ),
+    "Denial": _object({"reason": {"type": "string", "minLength": 1, "maxLength": 500}}),
     "ParkUpdate": {
         **_object(
             {
                 "instant_payouts_enabled": {"type": "boolean"},
                 "periodic_payouts_enabled": {"type": "boolean"},
                 "params": {
-                    "type": "object",
-                    "description": "Passed through to Billing with each payout.",
+                    **STORABLE_OBJECT,
+                    "description": "Passed through to Billing with each payout; JSON without "
+                    "NUL characters, nested at most 32 levels.",
                 },
                 "hold": _nullable(
                     {
-                        **_object({"reason": {"type": "string", "minLength": 1, "maxLength": 500}}),
+                        **_object(
+                            {
+                                "reason": {
+                                    "type": "string",
+                                    "minLength": 1,
+                                    "maxLength": 500,
+                                    "pattern": HOLD_REASON_PATTERN,
+                                }
+                            }
+                        ),
                         "description": "Put the park on hold with a reason; null releases it.",
                     }
                 ),
+                "instant_fee": {
+                    **_nullable(FEE),
+                    "description": "The instant payout fee: percent (0-100) of the amount, "
+                    "half-up to the cent, plus fixed; null: no fee.",
+                },
+                "instant_payouts_until": {
+                    **_nullable(TIMESTAMP),
+                    "description": "After it a press is refused (subscription_ended); null: never.",
+                },
             },
             required=False,
         ),
@@ -157,6 +254,8 @@ SCHEMAS: dict[str, Any] = {
                     }
                 )
             ),
+            "instant_fee": _nullable(FEE),
+            "instant_payouts_until": _nullable(TIMESTAMP),
             "registered_at": TIMESTAMP,
             "last_payout_at": _nullable(TIMESTAMP),
             "next_periodic_payout_at": _nullable(TIMESTAMP),
@@ -193,9 +292,9 @@ REQUEST_ID = {
     "name": "X-Request-Id",
     "in": "header",
     "required": False,
-    "description": "Echoed on the response when 1-128 visible ASCII characters; "
-    "generated otherwise.",
-    "schema": VISIBLE_ASCII,
+    "description": "Any value is accepted: echoed on the response when 1-128 visible ASCII "
+    "characters, replaced by a generated id otherwise (a header cannot carry the rest back).",
+    "schema": {"type": "string"},
 }
 PARK_HEADER = {
     "name": "X-Park-Id",
@@ -234,6 +333,12 @@ CURSOR = {
 
 def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "schema": schema}
+
+
+def _filter(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A filter of a listing: empty (`?park_id=`) is the same as absent, no filter."""
+    either = {"anyOf": [schema, {"type": "string", "maxLength": 0}]}
+    return {**_query(name, either), "description": "Empty or absent: no filter."}
 
 
 def _path(name: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -322,8 +427,24 @@ PATHS: dict[str, Any] = {
             },
         }
     },
+    "/v1/payouts/instant/quote": {
+        "get": {
+            "summary": "What a press would order now: amount, fee and net for Billing's balance",
+            "security": API,
+            "parameters": [
+                PARK_HEADER,
+                _query("amount", {**MONEY, "pattern": r"^[0-9]+(\.[0-9]{1,2})?$"}),
+                REQUEST_ID,
+            ],
+            "responses": {
+                "200": _json("Quote", "The split; nothing is created"),
+                **_errors(*AUTH_ERRORS, "park_not_found"),
+            },
+        }
+    },
     "/v1/payouts/{payout_id}": {
         "get": {
+            "operationId": "getPayout",
             "summary": "One of the park's payouts",
             "security": API,
             "parameters": [
@@ -339,6 +460,7 @@ PATHS: dict[str, Any] = {
     },
     "/v1/payouts/{payout_id}/cancel": {
         "post": {
+            "operationId": "cancelPayout",
             "summary": "Cancel a payout no worker has taken yet (audited)",
             "security": API,
             "parameters": [
@@ -374,7 +496,9 @@ PATHS: dict[str, Any] = {
                     "name": "after",
                     "in": "query",
                     "required": False,
-                    "description": "A next_cursor this API issued; anything else is 400.",
+                    "description": "A next_cursor this API issued; anything else is 400. "
+                    "410 cursor_expired: events after it are no longer kept (or it is from "
+                    "before a restore); resume from details.oldest_cursor.",
                     "schema": {"type": "string"},
                 },
                 LIMIT,
@@ -382,7 +506,7 @@ PATHS: dict[str, Any] = {
             ],
             "responses": {
                 "200": _json("EventPage", "Events committed after the cursor (maybe none)"),
-                **_errors(*AUTH_ERRORS),
+                **_errors(*AUTH_ERRORS, "cursor_expired"),
             },
         }
     },
@@ -413,16 +537,103 @@ PATHS: dict[str, Any] = {
             },
         },
     },
+    "/v1/admin/payouts": {
+        "post": {
+            "summary": "Request a manual payout; a second admin approves it (audited)",
+            "security": ADMIN,
+            "parameters": [USER_HEADER, KEY_HEADER, REQUEST_ID],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ManualRequest"}}
+                },
+            },
+            "responses": {
+                "200": _json("Payout", "Replay: same key and body"),
+                "201": _json("Payout", "Created, awaiting approval"),
+                **_errors(
+                    *AUTH_ERRORS,
+                    "park_not_found",
+                    "amount_above_limit",
+                    "amount_below_minimum",
+                    "approval_pending",
+                    "idempotency_key_reused",
+                ),
+            },
+        },
+        "get": {
+            "summary": "Every park's payouts, newest first, filtered (the approvals queue)",
+            "security": ADMIN,
+            "parameters": [
+                _query("park_id", PARK_ID),
+                _query("status", {"type": "string", "enum": [str(s) for s in Status]}),
+                _query("kind", {"type": "string", "enum": list(KINDS)}),
+                _query("since", TIMESTAMP),
+                _query("until", TIMESTAMP),
+                LIMIT,
+                CURSOR,
+                REQUEST_ID,
+            ],
+            "responses": {
+                "200": _json("PayoutPage", "A page of payouts"),
+                **_errors(*AUTH_ERRORS),
+            },
+        },
+    },
+    "/v1/admin/payouts/{payout_id}/approve": {
+        "post": {
+            "summary": "Approve a manual payout: pending, its job enqueued (another admin only)",
+            "security": ADMIN,
+            "parameters": [
+                _path("payout_id", {"type": "string", "format": "uuid"}),
+                USER_HEADER,
+                REQUEST_ID,
+            ],
+            "responses": {
+                "200": _json("Payout", "Approved"),
+                **_errors(
+                    *AUTH_ERRORS,
+                    "payout_not_found",
+                    "self_approval_forbidden",
+                    "park_on_hold",
+                    "payout_in_progress",
+                    "payout_not_pending_approval",
+                    "amount_above_limit",
+                ),
+            },
+        }
+    },
+    "/v1/admin/payouts/{payout_id}/deny": {
+        "post": {
+            "summary": "Deny a manual payout, with a reason",
+            "security": ADMIN,
+            "parameters": [
+                _path("payout_id", {"type": "string", "format": "uuid"}),
+                USER_HEADER,
+                REQUEST_ID,
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Denial"}}
+                },
+            },
+            "responses": {
+                "200": _json("Payout", "Denied"),
+                **_errors(*AUTH_ERRORS, "payout_not_found", "payout_not_pending_approval"),
+            },
+        }
+    },
     "/v1/audit": {
         "get": {
             "summary": "Audit entries, newest first, filtered",
             "security": ADMIN,
             "parameters": [
-                _query("park_id", PARK_ID),
-                _query("actor_id", VISIBLE_ASCII),
-                _query("action", VISIBLE_ASCII),
-                _query("since", TIMESTAMP),
-                _query("until", TIMESTAMP),
+                _filter("park_id", PARK_ID),
+                _filter("actor_id", VISIBLE_ASCII),
+                _filter("action", VISIBLE_ASCII),
+                _filter("since", TIMESTAMP),
+                _filter("until", TIMESTAMP),
                 {**LIMIT, "description": "1-100, default 50"},
                 CURSOR,
                 REQUEST_ID,
@@ -479,6 +690,32 @@ PATHS: dict[str, Any] = {
 }
 
 
+# What a client does next with a payout it was handed: read it, cancel it (for
+# people, and for schemathesis's stateful phase, which follows links).
+_PAYOUT_LINKS = {
+    "GetPayout": {
+        "operationId": "getPayout",
+        "parameters": {
+            "path.payout_id": "$response.body#/id",
+            "header.X-Park-Id": "$response.body#/park_id",
+        },
+    },
+    "CancelPayout": {
+        "operationId": "cancelPayout",
+        "parameters": {
+            "path.payout_id": "$response.body#/id",
+            "header.X-Park-Id": "$response.body#/park_id",
+        },
+    },
+}
+for _path_name, _method, _status in (
+    ("/v1/payouts/instant", "post", "200"),
+    ("/v1/payouts/instant", "post", "202"),
+    ("/v1/payouts/{payout_id}", "get", "200"),
+):
+    PATHS[_path_name][_method]["responses"][_status]["links"] = _PAYOUT_LINKS
+
+
 @functools.cache
 def document() -> dict[str, Any]:
     """The whole description (built once; handlers must not mutate it)."""
@@ -490,7 +727,11 @@ def document() -> dict[str, Any]:
             "description": "Pays taxi fleet companies (parks) the money they earned in Billing, "
             "exactly once. Every response carries X-Request-Id; unknown routes answer "
             "404 not_found and a wrong method 405 method_not_allowed, in the error shape. "
-            "A 503 unavailable changed nothing: retry it, with the same Idempotency-Key.",
+            "A 503 unavailable changed nothing: retry it, with the same Idempotency-Key. "
+            "Before any route, the HTTP edge answers 408 request_timeout (a head or body "
+            "that does not arrive in time), 414 uri_too_long (a request line over 8 kB), "
+            "431 headers_too_large (a head over 16 kB), 503 unavailable (too many "
+            "connections) and 400 invalid_request (malformed HTTP), in the error shape.",
         },
         "security": API,
         "paths": PATHS,

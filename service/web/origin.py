@@ -2,7 +2,10 @@
 
 X-Forwarded-For is anyone's to write: it is believed only when the peer is
 one of TRUSTED_PROXIES, and then read from the right, skipping our own
-proxies, so the first address a trusted proxy saw is the client's.
+proxies, so the first address a trusted proxy saw is the client's. Every
+X-Forwarded-For line counts, in order, as one list (RFC 9110 section 5.3): a
+proxy that appends its own line (HAProxy's `option forwardfor`) puts the
+address it saw last, so reading only the first line would believe the client.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ def client_ip(request: Request) -> str | None:
     trusted = settings_of(request).trusted_proxies
     if not any(peer in net for net in trusted):
         return str(peer)
-    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",")]
+    combined = ",".join(request.headers.getlist("x-forwarded-for"))
+    hops = [h.strip() for h in combined.split(",")]
     for hop in reversed(hops):
         address = _address(hop)
         if address is None:

@@ -18,13 +18,24 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from service.domain import is_park_id, is_visible_ascii, parse_timestamp
 from service.web.errors import ApiError
 from service.web.views import timestamp
 
 MAX_BODY_BYTES = 16 * 1024
+# Deepest nesting of arrays and objects a body may have, checked on the raw text
+# before parsing: every writer after the parser (the audit entry, the jsonb column,
+# Billing's request) recurses, and ~490 levels blew Python's stack as a 500.
+# Park params are a flat mapping in practice; 32 levels is far past any real use.
+MAX_BODY_DEPTH = 32
+# A hold reason: text without control characters, not blank. A regular expression
+# (not str.isprintable) so that the OpenAPI description states the same rule.
+HOLD_REASON_PATTERN = (
+    r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+)
+HOLD_REASON_RE = re.compile(HOLD_REASON_PATTERN)
 # ASCII digits only: str.isdigit() also says yes to "²", which int() refuses.
 _LIMIT_RE = re.compile(r"[0-9]{1,3}")
 _LENGTH_RE = re.compile(r"[0-9]{1,18}")
@@ -116,14 +127,21 @@ async def json_object(
         raise ApiError("invalid_request", f"body over {MAX_BODY_BYTES} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError("invalid_request", f"body over {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise ApiError("invalid_request", f"body over {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The edge cut a body that did not arrive in time (or the client left):
+        # a refusal on record, not an unexpected error.
+        raise ApiError("invalid_request", "the request body did not arrive") from None
     raw = b"".join(chunks)
     if not raw.strip():
         return {}
+    if _depth(raw) > MAX_BODY_DEPTH:
+        raise ApiError("invalid_request", f"body nested deeper than {MAX_BODY_DEPTH} levels")
     try:
         body = json.loads(
             raw, parse_float=Decimal if decimals else _finite_float, parse_constant=_no_constant
@@ -138,6 +156,32 @@ async def json_object(
     if not _storable(body):
         raise ApiError("invalid_request", "body holds a NUL character or a lone surrogate")
     return body
+
+
+def _depth(raw: bytes) -> int:
+    """The deepest nesting of [ and { in a JSON text, brackets inside strings not counted.
+
+    One pass over the (size-bounded) body; malformed text gets some number and is
+    refused by the parser afterwards.
+    """
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
 
 
 def _storable(value: Any) -> bool:
@@ -174,12 +218,13 @@ def encode_cursor(*parts: Any) -> str:
 
 def page(
     rows: list[dict[str, Any]], limit: int, *keys: str
-) -> tuple[list[dict[str, Any]], str | None]:
-    """The first `limit` of `limit + 1` rows fetched, and the cursor after them if more exist."""
+) -> tuple[list[dict[str, Any]], tuple[Any, ...] | None]:
+    """The first `limit` of `limit + 1` rows fetched, and the position after them (the
+    values of `keys` in the last row, for the next cursor) if more exist."""
     if len(rows) <= limit:
         return rows, None
     rows = rows[:limit]
-    return rows, encode_cursor(*(rows[-1][key] for key in keys))
+    return rows, tuple(rows[-1][key] for key in keys)
 
 
 def decode_cursor(

@@ -11,12 +11,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from service import cancel, instant, observability, payouts
+from service.billing.client import Malformed, Rejected, Transient
 from service.domain import parse_money
-from service.web import params, views
+from service.web import cursors, params, views
 from service.web.auth import PARK
-from service.web.errors import ApiError
+from service.web.errors import ApiError, unavailable
 from service.web.origin import client_details
-from service.web.state import pool_of, request_id_of, settings_of
+from service.web.state import billing_of, pool_of, request_id_of, settings_of
 
 
 async def post_instant(request: Request) -> Response:
@@ -88,10 +89,16 @@ async def get_payout(request: Request) -> Response:
 async def list_payouts(request: Request) -> Response:
     park_id = params.park_header(request)
     limit = params.limit_param(request)
-    after = params.decode_cursor(request.query_params.get("cursor"), (params.parse_time, uuid.UUID))
+    key = cursors.key_for(settings_of(request))
+    # The park is part of what is signed: a cursor is valid for the list it came from.
+    purpose = f"payouts/{park_id}"
+    after = cursors.verify(
+        key, purpose, request.query_params.get("cursor"), (params.parse_time, uuid.UUID)
+    )
     async with pool_of(request).connection() as conn:
         rows = await payouts.page(conn, park_id, limit=limit + 1, after=after)
-    rows, cursor = params.page(rows, limit, "created_at", "id")
+    rows, position = params.page(rows, limit, "created_at", "id")
+    cursor = cursors.sign(key, purpose, *position) if position else None
     return JSONResponse({"payouts": [views.payout_json(r) for r in rows], "next_cursor": cursor})
 
 
@@ -99,13 +106,48 @@ async def get_availability(request: Request) -> Response:
     settings = settings_of(request)
     park_id = params.park_header(request)
     async with pool_of(request).connection() as conn:
-        decision = await instant.availability(conn, settings, park_id)
-    if decision is None:
+        state = await instant.availability(conn, settings, park_id)
+    if state is None:
         raise ApiError("park_not_found", f"park {park_id} is not registered")
+    decision = state.decision
     return JSONResponse(
         views.availability_json(
-            decision.available, decision.reason, decision.next_available_at, settings
+            decision.available,
+            decision.reason,
+            decision.next_available_at,
+            settings,
+            fee=state.fee,
+            subscription_ended=state.subscription_ended and not decision.available,
+            instant_payouts_until=state.instant_payouts_until,
         )
+    )
+
+
+async def get_quote(request: Request) -> Response:
+    """What a press would order now: amount, fee and net, for Billing's current balance."""
+    settings = settings_of(request)
+    park_id = params.park_header(request)
+    raw = request.query_params.get("amount")
+    amount = _amount(raw) if raw is not None else None
+    try:
+        async with pool_of(request).connection() as conn:
+            fee = await instant.fee_terms(conn, park_id)
+        split, currency = await instant.quote(billing_of(request), settings, park_id, amount, fee)
+    except instant.Refused as refusal:
+        raise ApiError(refusal.code, refusal.message, refusal.details) from None
+    except Rejected as exc:
+        if exc.code == "park_not_found":
+            raise ApiError("park_not_found", "Billing does not know this park") from None
+        raise unavailable(f"Billing refused the balance read: {exc.code}") from None
+    except (Transient, Malformed) as exc:
+        raise unavailable(f"Billing's balance is unavailable now: {exc}") from None
+    return JSONResponse(
+        {
+            "amount": views.money(split.amount),
+            "fee_amount": views.money(split.fee_amount),
+            "net_amount": views.money(split.net_amount),
+            "currency": currency,
+        }
     )
 
 
@@ -138,6 +180,7 @@ async def post_cancel(request: Request) -> Response:
 ROUTES = [
     PARK.route("/v1/payouts/instant", post_instant, methods=["POST"], audited=instant.ACTION),
     PARK.route("/v1/payouts/instant/availability", get_availability, methods=["GET"]),
+    PARK.route("/v1/payouts/instant/quote", get_quote, methods=["GET"]),
     PARK.route("/v1/payouts/{payout_id}", get_payout, methods=["GET"]),
     PARK.route(
         "/v1/payouts/{payout_id}/cancel", post_cancel, methods=["POST"], audited=cancel.ACTION

@@ -14,6 +14,7 @@ from service import db
 from service.settings import Settings
 
 if TYPE_CHECKING:
+    from service.billing.client import BillingClient
     from service.web.lifecycle import Drain, ReadinessProbe
 
 
@@ -25,6 +26,8 @@ class State(TypedDict):
     admin_pool: db.Pool
     readiness: ReadinessProbe
     drain: Drain
+    # The instant quote's balance read, through the shared Billing gate.
+    billing: BillingClient
 
 
 def settings_of(request: Request) -> Settings:
@@ -45,3 +48,8 @@ def admin_pool_of(request: Request) -> db.Pool:
 def request_id_of(request: Request) -> str:
     """The id the response carries (the caller's X-Request-Id, or one we made)."""
     return str(request.state.request_id)
+
+
+def billing_of(request: Request) -> BillingClient:
+    billing: BillingClient = request.state.billing
+    return billing

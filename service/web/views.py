@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
-from service.domain import next_periodic_payout_at
+from service.domain import Fee, format_money, next_periodic_payout_at
 from service.settings import Settings
 from service.wire import money, payout_json, timestamp
 
@@ -27,6 +28,8 @@ def park_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
             if row["hold_reason"] is not None
             else None
         ),
+        "instant_fee": fee_json(row["instant_fee_percent"], row["instant_fee_fixed"]),
+        "instant_payouts_until": timestamp(row["instant_payouts_until"]),
         "registered_at": timestamp(row["registered_at"]),
         "last_payout_at": timestamp(row["last_payout_at"]),
         "next_periodic_payout_at": timestamp(
@@ -57,8 +60,21 @@ def audit_json(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def fee_json(percent: Decimal | None, fixed: Decimal | None) -> dict[str, str] | None:
+    if percent is None or fixed is None:
+        return None
+    return {"percent": format_money(percent), "fixed": format_money(fixed)}
+
+
 def availability_json(
-    available: bool, reason: str | None, next_available_at: datetime | None, settings: Settings
+    available: bool,
+    reason: str | None,
+    next_available_at: datetime | None,
+    settings: Settings,
+    *,
+    fee: Fee | None = None,
+    subscription_ended: bool = False,
+    instant_payouts_until: datetime | None = None,
 ) -> dict[str, Any]:
     hours = settings.instant_cooldown.total_seconds() / 3600
     return {
@@ -68,4 +84,9 @@ def availability_json(
         "max_amount": money(settings.payout_max_amount),
         "min_amount": money(settings.payout_min_amount),
         "cooldown_hours": int(hours) if hours.is_integer() else hours,
+        "fee": fee_json(fee.percent, fee.fixed) if fee else None,
+        # Why instant payouts are off, when it is the end of the subscription
+        # (the press is refused with the same details.reason).
+        "details": {"reason": "subscription_ended"} if subscription_ended else None,
+        "instant_payouts_until": timestamp(instant_payouts_until),
     }

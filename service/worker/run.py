@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from procrastinate import JobContext
 from procrastinate.worker import Worker
 
-from service import db, gauges, maintenance, periodic, queue, reconcile, webhooks
+from service import db, events, gauges, maintenance, periodic, queue, reconcile, returns, webhooks
 from service.background import Every
 from service.billing import gate as billing_gate
 from service.execution import Deps
@@ -34,15 +34,17 @@ KEEP_FINISHED_JOBS_HOURS = 24 * 7
 # Reconciliation with Billing once a day, at a quiet hour (UTC) and off the
 # hour, when housekeeping and everyone else's cron jobs run.
 RECONCILE_CRON = "40 3 * * *"
+# Billing's returns feed: SPEC 8 asks for at least once a minute; twice
+# leaves room for a run that found the lease taken.
+RETURNS_CRON = "* * * * * */30"
 # Pooled connections per worker, whatever its concurrency: a payout run borrows one
 # for each of its statements and none while it waits on Billing or the budget;
 # procrastinate keeps one for LISTEN and borrows one to fetch and finish jobs.
 WORKER_POOL_SIZE = 8
 # How often a worker reads the shared Billing pause for its gauge.
 GATE_REFRESH_SECONDS = 1.0
-# A webhook round every second, when WEBHOOK_URL is set (seconds: sixth field).
-WEBHOOKS_CRON = "* * * * * *"
-# Its finished jobs say nothing the webhook tables do not: an hour is plenty.
+# deliver_webhooks jobs were deferred by workers of the version before (webhooks
+# are a chore of each worker now); their finished jobs say nothing: an hour.
 KEEP_WEBHOOK_JOBS_HOURS = 1
 
 
@@ -54,16 +56,20 @@ async def periodic_scan(context: JobContext, timestamp: int) -> None:
 
 @app.task(name="maintenance", queue=queue.QUEUE_MAINTENANCE, pass_context=True)
 async def maintenance_task(context: JobContext, timestamp: int) -> None:
-    """Requeue stalled jobs and re-drive payouts whose job is gone."""
+    """Requeue stalled jobs, re-drive payouts whose job is gone, expire unapproved ones."""
     deps = tasks.deps_of(context)
     await maintenance.recover_stalled_jobs(app, deps)
     await maintenance.redrive_orphans(deps)
+    await maintenance.expire_manual_payouts(deps)
 
 
 @app.task(name="housekeeping", queue=queue.QUEUE_MAINTENANCE, pass_context=True)
 async def housekeeping(context: JobContext, timestamp: int) -> None:
-    """Audit partitions ahead, and old finished jobs out of the queue table."""
-    await maintenance.ensure_partitions(tasks.deps_of(context))
+    """Audit partitions ahead, old finished jobs out of the queue table, old events out."""
+    deps = tasks.deps_of(context)
+    await maintenance.ensure_partitions(deps)
+    async with deps.pool.connection() as conn:
+        await events.expire(conn, deps.settings.events_retention_days)
     await app.job_manager.delete_old_jobs(nb_hours=KEEP_FINISHED_JOBS_HOURS)
     await app.job_manager.delete_old_jobs(
         nb_hours=KEEP_WEBHOOK_JOBS_HOURS, queue=queue.QUEUE_WEBHOOKS
@@ -76,6 +82,12 @@ async def reconcile_task(context: JobContext, timestamp: int) -> None:
     await reconcile.run_daily(tasks.deps_of(context))
 
 
+@app.task(name="read_returns", queue=queue.QUEUE_MAINTENANCE, pass_context=True)
+async def read_returns(context: JobContext, timestamp: int) -> None:
+    """Apply the payouts the bank sent back (see service/returns.py)."""
+    await returns.read(tasks.deps_of(context))
+
+
 def register_periodic(settings: Settings) -> None:
     """Periodic tasks whose schedule comes from settings are registered at start-up."""
     registry = app.periodic_registry.periodic_tasks
@@ -85,10 +97,9 @@ def register_periodic(settings: Settings) -> None:
     app.periodic(cron=settings.periodic_scan_cron, priority=urgent)(periodic_scan)
     app.periodic(cron=MAINTENANCE_CRON, priority=urgent)(maintenance_task)
     app.periodic(cron=HOUSEKEEPING_CRON, priority=urgent)(housekeeping)
+    app.periodic(cron=RETURNS_CRON, priority=urgent)(read_returns)
     # Not urgent: it may wait behind payouts, never the other way round.
     app.periodic(cron=RECONCILE_CRON, priority=queue.PRIORITY_PERIODIC)(reconcile_task)
-    if settings.webhook_url:
-        app.periodic(cron=WEBHOOKS_CRON, priority=queue.PRIORITY_WEBHOOKS)(tasks.deliver_webhooks)
 
 
 @contextlib.asynccontextmanager
@@ -116,6 +127,8 @@ async def webhook_dispatcher(
     if not settings.webhook_url:
         yield None
         return
+    # Its first turn switches webhooks on (the first time WEBHOOK_URL is set,
+    # deliveries start with what commits from then on).
     dispatcher = webhooks.Dispatcher(deps.pool, settings)
     try:
         yield dispatcher
@@ -168,7 +181,13 @@ async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int 
                 lambda: reconcile.refresh_gauges(deps.pool),
                 "reconciliation gauge",
             ).start(),
+            Every(
+                gauges.GAUGE_SECONDS, lambda: gauges.refresh_check_gauges(deps.pool), "check gauges"
+            ).start(),
         ]
+        if dispatcher is not None:
+            # Webhooks: the process holding the feed's lease delivers, the others wait.
+            background.append(Every(webhooks.TURN_SECONDS, dispatcher.chore, "webhooks").start())
         try:
             await worker.run()  # type: ignore[no-untyped-call]  # procrastinate leaves it unannotated
         finally:

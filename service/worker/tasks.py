@@ -103,12 +103,10 @@ async def execute_payout(context: JobContext, payout_id: str) -> None:
             raise Backoff(exc, deps.settings.retry_backoff_cap_seconds) from exc
 
 
-# No procrastinate lock nor queueing_lock: rounds exclude each other with a
-# lease in the database (a tick that finds it taken ends at once, so ticks
-# never pile up), and a queueing_lock would make the stalled-job recovery's
-# retry of a dead worker's round hit a unique violation (QUEUE-NOTES).
+# Kept for the jobs that workers of the version before still defer during a
+# rolling deploy: webhooks are a chore of every worker now (service/webhooks.py).
 @app.task(name="deliver_webhooks", queue=queue.QUEUE_WEBHOOKS, pass_context=True)
 async def deliver_webhooks(context: JobContext, timestamp: int) -> None:
-    """One webhook delivery round (see service/webhooks.py)."""
+    """A tick of the version before: nothing to do (see service/webhooks.py)."""
     extra: dict[str, Any] = context.additional_context or {}
     await webhooks.tick(extra.get("webhooks"))

@@ -170,15 +170,13 @@ def walk_sql(url: str) -> int:
     after = events.START
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
         while True:
-            rows = conn.execute(
-                events.Q["page"],
-                {"after_xid": str(after.xid), "after_seq": after.seq, "limit": 100},
-            ).fetchall()
+            conn.execute(events.Q["sequence"])
+            rows = conn.execute(events.Q["page"], {"after": after, "limit": 100}).fetchall()
             found = [r for r in rows if r["seq"] is not None]
             if not found:
                 return seen
             seen += len(found)
-            after = events.Position.of(found[-1])
+            after = int(found[-1]["position"])
 
 
 @contextlib.contextmanager

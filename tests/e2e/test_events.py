@@ -276,6 +276,12 @@ def test_webhooks_reach_a_consumer_that_was_down_all_in_order_per_park(
     with cluster(env, tmp_path) as c:
         api = c.api()
         c.worker()
+        # Deliveries start with what commits once the worker has switched webhooks on.
+        wait_for(
+            lambda: pg.execute("SELECT 1 FROM webhook_feed").fetchone(),
+            timeout=60,
+            what="the worker to switch webhooks on",
+        )
         for _ in range(2):
             for park in pressed:
                 headers = press_headers(park, key=uuid.uuid4().hex)
@@ -331,6 +337,6 @@ def _tried_and_failed(pg: Conn) -> set[str]:
     return {
         r["park_id"]
         for r in pg.execute(
-            "SELECT park_id FROM webhook_parks WHERE failures > 0 AND last_error IS NOT NULL"
+            "SELECT park_id FROM webhook_feed_parks WHERE failures > 0 AND last_error IS NOT NULL"
         ).fetchall()
     }

@@ -186,3 +186,19 @@ def test_worker_stopped_mid_payout_hands_it_back_quietly(
             what="the payout to succeed on another worker",
         )
         assert [payout_id] == [t["idempotency_key"] for t in transfers(billing_url)]
+
+
+def test_answers_during_the_drain_close_keep_alive_connections(
+    db_url: str, billing_url: str, tmp_path: Path
+) -> None:
+    """From SIGTERM on, every answer carries `Connection: close`, so a keep-alive client (a
+    load balancer) moves its next request elsewhere instead of writing into a socket the
+    process is about to close (issue 17 item 9); before it, connections are kept."""
+    env = service_env(db_url, billing_url, API_DRAIN_SECONDS="3", SHUTDOWN_GRACE_SECONDS="5")
+    with cluster(env, tmp_path) as c, httpx.Client(base_url=c.api(), timeout=5) as client:
+        assert "close" != client.get("/ping").headers.get("connection")
+        api_proc(c).popen.send_signal(signal.SIGTERM)
+        wait_for(lambda: client.get("/ready").status_code == 503, timeout=2, what="drain began")
+        r = client.get("/ping")
+        assert (200, "close") == (r.status_code, r.headers.get("connection"))
+        api_proc(c).popen.wait(timeout=15)

@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import service_env
 from tests.helpers.api import (
+    admin_headers,
     assert_books_agree,
     assert_error,
     finish,
@@ -90,6 +91,41 @@ def first_final(pg: Pg, park_id: str, timeout: float = 30) -> dict[str, Any]:
     return found
 
 
+# The kinds of payout every adversary below is tried on (SPEC section 8): a plain press, a
+# press of a park that pays a fee (the fee is part of the one body), and a manual payout a
+# second admin approved (it orders exactly its amount).
+KINDS = ("instant", "fee", "manual")
+FEE = {"percent": "1.50", "fixed": "0.30"}
+
+
+def setup_park(api: str, park: str, kind: str) -> None:
+    if kind == "fee":
+        register(api, park, instant_fee=FEE)
+    else:
+        register(api, park)
+
+
+def start_payout(api: str, park: str, kind: str, amount: str) -> dict[str, Any]:
+    """A payout of `kind` for `amount`, accepted and queued (a manual one approved)."""
+    if kind != "manual":
+        return press(api, park, amount)
+    body = {"park_id": park, "amount": amount, "reason": "adversary"}
+    asked = httpx.post(
+        f"{api}/v1/admin/payouts",
+        json=body,
+        headers={**admin_headers("admin-1"), "Idempotency-Key": uuid.uuid4().hex},
+        timeout=10,
+    )
+    assert 201 == asked.status_code, asked.text
+    payout_id = asked.json()["id"]
+    approved = httpx.post(
+        f"{api}/v1/admin/payouts/{payout_id}/approve", headers=admin_headers("admin-2"), timeout=10
+    )
+    assert 200 == approved.status_code, approved.text
+    result: dict[str, Any] = approved.json()
+    return result
+
+
 def one_body_per_key(proxy: BillingProxy) -> None:
     for key, bodies in proxy.bodies_by_key().items():
         assert [bodies[0]] * len(bodies) == bodies, f"key {key} carried several bodies"
@@ -98,14 +134,15 @@ def one_body_per_key(proxy: BillingProxy) -> None:
 # --- orders whose answer is lost ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", KINDS)
 def test_lost_answer_then_refusal_never_reorders_under_the_same_key(
-    system: Cluster, proxy: BillingProxy, billing_url: str, pg: Pg
+    system: Cluster, proxy: BillingProxy, billing_url: str, pg: Pg, kind: str
 ) -> None:
     """Order 1 held past the timeout, the balance dropped, the retry refused: the payout ends
     failed, its key never carries another body, and the late order moves no money."""
     api = system.api()
     system.worker()
-    register(api, "lost-1")
+    setup_park(api, "lost-1", kind)
     set_balance(billing_url, "lost-1", "100.00")
     proxy.hold = {0: 4.0}
 
@@ -114,7 +151,7 @@ def test_lost_answer_then_refusal_never_reorders_under_the_same_key(
             set_balance(billing_url, "lost-1", "50.00")
 
     proxy.on_order = balance_drops
-    payout = press(api, "lost-1")
+    payout = start_payout(api, "lost-1", kind, "100.00")
 
     final = wait_final(api, "lost-1", payout["id"])
     assert ("failed", "insufficient_funds") == (final["status"], final["failure_code"])
@@ -122,15 +159,18 @@ def test_lost_answer_then_refusal_never_reorders_under_the_same_key(
     one_body_per_key(proxy)
     assert [] == transfers(billing_url)
 
-    again = press(api, "lost-1")
+    again = start_payout(api, "lost-1", kind, "50.00")
     assert "succeeded" == wait_final(api, "lost-1", again["id"])["status"]
     assert "50.00" == wait_final(api, "lost-1", again["id"])["amount"]
+    if kind == "fee":
+        assert "1.05" == wait_final(api, "lost-1", again["id"])["fee_amount"]
     one_body_per_key(proxy)
     assert_books_agree(pg, billing_url, "lost-1")
 
 
+@pytest.mark.parametrize("kind", KINDS)
 def test_unknown_outcome_past_the_retry_window_stays_in_flight(
-    db_url: str, billing_url: str, proxy: BillingProxy, pg: Pg, tmp_path: Path
+    db_url: str, billing_url: str, proxy: BillingProxy, pg: Pg, tmp_path: Path, kind: str
 ) -> None:
     """An order applied but unanswered, then Billing down past the window: the payout stays
     processing (a second press is refused as in progress) until Billing answers; one transfer."""
@@ -138,10 +178,10 @@ def test_unknown_outcome_past_the_retry_window_stays_in_flight(
     with cluster(env, tmp_path) as system:
         api = system.api()
         system.worker()
-        register(api, "unknown-1")
+        setup_park(api, "unknown-1", kind)
         set_balance(billing_url, "unknown-1", "80.00")
         set_faults(billing_url, apply_then_fail_rate=1.0)
-        payout = press(api, "unknown-1")
+        payout = start_payout(api, "unknown-1", kind, "80.00")
         wait_for(lambda: transfers(billing_url), what="the order to be applied")
         set_faults(billing_url, apply_then_fail_rate=0.0, error_rate=1.0)
         wait_for(
@@ -274,6 +314,34 @@ def test_a_worker_frozen_mid_scan_stops_nobody(
         assert_books_agree(pg, billing_url, park)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_worker_frozen_mid_order_pays_once(
+    db_url: str, billing_url: str, proxy: BillingProxy, pg: Pg, tmp_path: Path, kind: str
+) -> None:
+    """A worker SIGSTOPped while its order waits on Billing: another worker takes the payout
+    over once the first counts as dead, resends the same body under the same key, and
+    Billing moves the money once."""
+    set_balance(billing_url, "stopped-1", "40.00")
+    env = service_env(db_url, proxy.url, STALLED_JOB_SECONDS="4")
+    with cluster(env, tmp_path) as system:
+        api = system.api()
+        setup_park(api, "stopped-1", kind)
+        proxy.hold = {0: 3.0}
+        frozen = system.worker()
+        try:
+            payout = start_payout(api, "stopped-1", kind, "40.00")
+            wait_for(lambda: proxy.orders, what="the first order to reach the proxy")
+            os.kill(frozen.pid, signal.SIGSTOP)
+            system.worker()
+            final = wait_final(api, "stopped-1", payout["id"], timeout=60)
+        finally:
+            frozen.kill()
+    assert ("succeeded", "40.00") == (final["status"], final["amount"])
+    one_body_per_key(proxy)
+    assert 1 == len(transfers(billing_url))
+    assert_books_agree(pg, billing_url, "stopped-1")
+
+
 # --- clocks that disagree ----------------------------------------------------------------
 
 
@@ -327,8 +395,9 @@ def test_a_worker_behind_by_two_hours_schedules_retries_in_the_future(
     assert timedelta(hours=1) > job["wait"]
 
 
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_worker_ahead_by_two_hours_keeps_the_whole_retry_window(
-    db_url: str, billing_url: str, pg: Pg, tmp_path: Path
+    db_url: str, billing_url: str, pg: Pg, tmp_path: Path, kind: str
 ) -> None:
     """A worker two hours ahead, a one-hour retry window and a short Billing outage: the payout
     is retried, not failed, and succeeds once Billing is back."""
@@ -337,9 +406,9 @@ def test_a_worker_ahead_by_two_hours_keeps_the_whole_retry_window(
     with cluster(env, tmp_path) as system:
         api = system.api()
         system.worker(**skewed("+2h"))
-        register(api, "ahead-1")
+        setup_park(api, "ahead-1", kind)
         set_balance(billing_url, "ahead-1", "10.00")
-        payout = press(api, "ahead-1")
+        payout = start_payout(api, "ahead-1", kind, "10.00")
         wait_for(
             lambda: payouts_of(pg, "ahead-1")[0]["attempts"] >= 2,
             what="a second attempt",

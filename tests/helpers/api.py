@@ -251,18 +251,21 @@ def transfers(billing: str) -> list[dict[str, Any]]:
 
 
 def assert_books_agree(pg: psycopg.Connection[DictRow], billing: str, park_id: str) -> None:
-    """Per park, Billing's transfers are exactly our succeeded payouts: each under its own id,
-    with its amount; nothing else moved money."""
+    """Per park, Billing's transfers are exactly our succeeded (or since returned) payouts:
+    each under its own id, with its amount and fee; nothing else moved money."""
     ours = {
-        (str(r["id"]), str(r["amount"]))
+        (str(r["id"]), str(r["amount"]), None if r["fee_amount"] is None else str(r["fee_amount"]))
         for r in rows(
             pg,
-            "SELECT id, amount FROM payouts WHERE park_id = %(p)s AND status = 'succeeded'",
+            "SELECT id, amount, fee_amount FROM payouts"
+            " WHERE park_id = %(p)s AND status IN ('succeeded', 'returned')",
             p=park_id,
         )
     }
     theirs = [
-        (t["idempotency_key"], t["amount"]) for t in transfers(billing) if t["park_id"] == park_id
+        (t["idempotency_key"], t["amount"], t.get("fee"))
+        for t in transfers(billing)
+        if t["park_id"] == park_id
     ]
     assert len(theirs) == len(set(theirs)), theirs
     assert ours == set(theirs)

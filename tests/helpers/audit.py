@@ -90,10 +90,13 @@ def guards_off(pg: Pg) -> Iterator[None]:
         pg.execute("ALTER TABLE audit_log ENABLE ALWAYS TRIGGER audit_log_append_only")
 
 
-async def verify(url: str, since: date | None = None) -> tuple[Summary | Broken, list[MonthResult]]:
-    """Run the verifier; its verdict and the months it reported."""
+async def verify(
+    url: str, since: date | None = None, *, full: bool = True
+) -> tuple[Summary | Broken, list[MonthResult]]:
+    """Run the verifier (walking every month unless `full` is false); its verdict and the
+    months it reported."""
     reported: list[MonthResult] = []
     conn = await db.connect(url, name="test")
     async with conn:
-        outcome = await audit_chain.verify(conn, since=since, report=reported.append)
+        outcome = await audit_chain.verify(conn, since=since, report=reported.append, full=full)
     return outcome, reported

@@ -58,11 +58,11 @@ def register_parks(pg: Conn, *parks: str) -> None:
 
 
 def stored(pg: Conn, park: str | None = None) -> list[DictRow]:
-    """The events table in feed order, (xid, seq), one park's or all; `id` as the API gives it."""
+    """The events table in feed order (position; unstamped last, by seq), one park's or all."""
     where = "WHERE park_id = %(park)s" if park else ""
     return pg.execute(
         f"SELECT 'evt_' || e.seq AS id, e.seq, e.xid::text AS xid, e.type, e.park_id,"
-        f" e.payout_id::text AS payout_id FROM events e {where} ORDER BY e.xid, e.seq",
+        f" e.payout_id::text AS payout_id FROM events e {where} ORDER BY e.position, e.seq",
         {"park": park},
     ).fetchall()
 

@@ -213,3 +213,88 @@ def test_hostile_text_is_a_400_not_a_500(
     at the edge with 400 invalid_request."""
     r = client.request(method, path, content=body, headers=ADMIN)
     assert_error(r, 400, "invalid_request")
+
+
+def test_forwarded_for_is_one_list_over_every_header_line(db_url: str) -> None:
+    """Behind a proxy that appends its own X-Forwarded-For line, the audit keeps the address
+    that proxy saw, not the one the client wrote in its own line (issue 17 item 3)."""
+    app = create_app(make_settings(db_url, trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),)))
+    with TestClient(app, client=("10.1.2.3", 40000)) as client:
+        register(client)
+        headers = [*press_headers().items(), ("X-Forwarded-For", "6.6.6.6")]
+        headers.append(("X-Forwarded-For", "198.51.100.9"))
+        assert 202 == client.post("/v1/payouts/instant", json={}, headers=headers).status_code
+        entries = client.get(
+            "/v1/audit", params={"action": "payout.instant.request"}, headers=ADMIN
+        ).json()["entries"]
+    assert ["198.51.100.9"] == [e["details"]["client"]["ip"] for e in entries]
+
+
+def test_deeply_nested_body_is_a_400_before_parsing(client: TestClient) -> None:
+    """`params` nested 490 levels deep (1 kB) is refused 400 invalid_request, not a 500 from
+    the audit write (issue 17 item 5); 32 levels still pass."""
+    deep = b'{"params": {"a": ' + b"[" * 490 + b"]" * 490 + b"}}"
+    assert_error(client.put("/v1/parks/p1", content=deep, headers=ADMIN), 400, "invalid_request")
+    fine = b'{"params": {"a": ' + b"[" * 30 + b"]" * 30 + b"}}"
+    assert 201 == client.put("/v1/parks/p1", content=fine, headers=ADMIN).status_code
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "WyIyMDk5LTAxLTAxVDAwOjAwOjAwWiIsIjAwMDAwMDAwLTAwMDAtMDAwMC0wMDAwLTAwMDAwMDAwMDAwMCJd",
+        "WyIyMDk5LTAxLTAxVDAwOjAwOjAwWiIsMV0",
+        "WyIyMDk5LTAxLTAxVDAwOjAwOjAwWiIsMV0.AAAAAAAAAAAAAAAAAAAAAA",
+    ],
+    ids=["payouts-shape", "audit-shape", "with-a-made-up-tag"],
+)
+def test_made_up_cursors_are_refused(client: TestClient, cursor: str) -> None:
+    """A cursor the API did not issue (well-formed position, no or a wrong signature) is a
+    400 on /v1/payouts and /v1/audit, not a page of entries (issue 17 item 6)."""
+    register(client)
+    r = client.get("/v1/payouts", params={"cursor": cursor}, headers=park_headers())
+    assert_error(r, 400, "invalid_request")
+    r = client.get("/v1/audit", params={"cursor": cursor}, headers=ADMIN)
+    assert_error(r, 400, "invalid_request")
+
+
+def test_issued_cursors_page_through_and_stay_with_their_list(client: TestClient) -> None:
+    """The cursors the API issues page on; an audit cursor is refused on /v1/payouts and a
+    park's payouts cursor on another park's list."""
+    for park in ("p1", "p2", "p3"):
+        register(client, park)
+    first = client.get("/v1/audit", params={"limit": 1}, headers=ADMIN).json()
+    second = client.get(
+        "/v1/audit", params={"limit": 1, "cursor": first["next_cursor"]}, headers=ADMIN
+    )
+    assert 200 == second.status_code
+    assert first["entries"][0]["id"] != second.json()["entries"][0]["id"]
+    r = client.get("/v1/payouts", params={"cursor": first["next_cursor"]}, headers=park_headers())
+    assert_error(r, 400, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/v1/payouts/instant", "POST"),
+        ("DELETE", "/v1/parks/p1", "GET, HEAD, PUT"),
+        ("POST", "/v1/payouts", "GET, HEAD"),
+        ("GET", f"/v1/payouts/{uuid.uuid4()}/cancel", "POST"),
+    ],
+)
+def test_wrong_method_is_405_with_allow(
+    client: TestClient, method: str, path: str, allow: str
+) -> None:
+    """A known path with the wrong method answers 405 method_not_allowed with every method the
+    path does take in Allow, `GET /v1/payouts/instant` included (issue 17 item 7)."""
+    r = client.request(method, path, headers=park_headers())
+    assert_error(r, 405, "method_not_allowed")
+    assert allow == r.headers["Allow"]
+
+
+def test_a_payout_id_segment_never_shadows_a_literal_route(client: TestClient) -> None:
+    """`/v1/payouts/instant/cancel` is an unknown route (404 not_found), not the payout
+    "instant"; a non-UUID payout id is still payout_not_found."""
+    r = client.post("/v1/payouts/instant/cancel", headers=press_headers())
+    assert_error(r, 404, "not_found")
+    assert_error(client.get("/v1/payouts/abc", headers=park_headers()), 404, "payout_not_found")

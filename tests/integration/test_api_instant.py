@@ -34,6 +34,11 @@ PAYOUT_FIELDS = {
     "created_at",
     "updated_at",
     "completed_at",
+    "fee_amount",
+    "net_amount",
+    "return_code",
+    "returned_at",
+    "approval",
 }
 ACTION = "payout.instant.request"
 MAX_BODY = 16 * 1024

@@ -202,6 +202,9 @@ def test_availability_of_a_fresh_enabled_park(client: TestClient) -> None:
         "max_amount": "100000.00",
         "min_amount": "1.00",
         "cooldown_hours": 24,
+        "fee": None,
+        "details": None,
+        "instant_payouts_until": None,
     } == availability(client)
 
 
@@ -307,6 +310,8 @@ def test_put_park_creates_then_updates(client: TestClient) -> None:
         "registered_at",
         "last_payout_at",
         "next_periodic_payout_at",
+        "instant_fee",
+        "instant_payouts_until",
     } == set(body)
     again = client.put("/v1/parks/p1", json={}, headers=ADMIN)
     assert 200 == again.status_code, again.text

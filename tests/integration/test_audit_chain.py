@@ -6,6 +6,8 @@ or by dropping a partition.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from datetime import date
 import psycopg
 import pytest
 
+from service import audit_chain
 from service.audit_chain import Summary
 from tests.helpers.audit import (
     THIS_MONTH,
@@ -247,3 +250,229 @@ def test_cli_exits_0_when_intact_and_1_naming_the_entry(pg: Pg, db_url: str) -> 
     bad = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert 1 == bad.returncode, bad.stderr
     assert f"audit verify: BROKEN at entry {ids[1]} " in bad.stdout
+
+
+# --- months that vanish (issue 15, break 6) -------------------------------------------
+
+
+def _drop_month(pg: Pg, month: date) -> None:
+    """What a superuser can do: detach and drop a month, and delete its chain heads."""
+    pg.execute(f"ALTER TABLE audit_log DETACH PARTITION {partition(month)}")  # type: ignore[arg-type]
+    pg.execute(f"DROP TABLE {partition(month)}")  # type: ignore[arg-type]
+    pg.execute("DELETE FROM audit_chain_heads WHERE month = %s", (month,))
+
+
+async def test_month_dropped_with_its_heads_is_named(
+    pg: Pg, db_url: str, three_months: dict[date, list[int]]
+) -> None:
+    """A middle month detached, dropped and its chain heads deleted is named by `audit
+    verify`, which exits 1."""
+    _drop_month(pg, M2)
+    outcome = broken((await verify(db_url))[0])
+    assert (M2, None) == (outcome.month, outcome.entry_id)
+    assert f"no partition of audit_log holds {M2:%Y-%m}" in outcome.reason
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert 1 == await audit_chain.run(db_url, since=None)
+    assert f"audit verify: BROKEN at a month record ({M2:%Y-%m})" in out.getvalue()
+
+
+async def test_first_month_dropped_after_a_verify_is_named(
+    pg: Pg, db_url: str, three_months: dict[date, list[int]]
+) -> None:
+    """The oldest month dropped with its heads, once a verify has recorded it, is named:
+    the record remembers where the log began."""
+    assert isinstance((await verify(db_url))[0], Summary)
+    _drop_month(pg, M1)
+    assert M1 == broken((await verify(db_url))[0]).month
+
+
+async def test_an_archived_or_present_month_is_not_missing(
+    pg: Pg, db_url: str, three_months: dict[date, list[int]]
+) -> None:
+    """A month with a partition but no entries between others is not a gap."""
+    with guards_off(pg):
+        pg.execute(f"DELETE FROM {partition(M2)}")  # type: ignore[arg-type]
+    pg.execute("DELETE FROM audit_chain_heads WHERE month = %s", (M2,))
+    outcome, reported = await verify(db_url)
+    assert Summary(months=2, entries=12, archived=0, legacy=0) == outcome
+    assert [M1, M3] == [r.month for r in reported]
+
+
+# --- incremental verify (issue 18, item 10) -------------------------------------------
+
+
+def _recorded(pg: Pg) -> list[tuple[date, int]]:
+    rows = pg.execute("SELECT month, entries FROM audit_verified_months ORDER BY id").fetchall()
+    return [(r["month"], r["entries"]) for r in rows]
+
+
+async def test_incremental_verify_walks_a_closed_month_once(
+    pg: Pg, db_url: str, three_months: dict[date, list[int]]
+) -> None:
+    """A closed month walked intact is recorded; the next incremental run reports it from
+    its record (same digest and counts) and walks only the current month."""
+    write(pg)
+    first, walked = await verify(db_url, full=False)
+    assert [(M1, 6), (M2, 6), (M3, 6)] == _recorded(pg)
+    second, again = await verify(db_url, full=False)
+    assert first == second == Summary(months=4, entries=19, archived=0, legacy=0)
+    assert [(M1, True), (M2, True), (M3, True), (THIS_MONTH, False)] == [
+        (r.month, r.verified_at is not None) for r in again
+    ]
+    assert [r.digest for r in walked] == [r.digest for r in again]
+    assert 3 == len(_recorded(pg))  # nothing walked again, nothing recorded again
+
+
+async def test_incremental_verify_walks_again_a_month_whose_heads_moved(
+    pg: Pg, db_url: str, three_months: dict[date, list[int]]
+) -> None:
+    """An entry added to a recorded month moves its heads: the next incremental run walks
+    that month again (and records it anew), not the others."""
+    await verify(db_url, full=False)
+    write(pg, at=mid(M2, 20))
+    outcome, reported = await verify(db_url, full=False)
+    assert isinstance(outcome, Summary), outcome
+    assert [(M1, True), (M2, False), (M3, True)] == [
+        (r.month, r.verified_at is not None) for r in reported
+    ]
+    assert (M2, 7) == _recorded(pg)[-1]
+
+
+async def test_incremental_verify_says_a_closed_month_changed(
+    pg: Pg, db_url: str, three_months: dict[date, list[int]]
+) -> None:
+    """A recorded month whose last entry was deleted and its chain head rewound to match (a
+    superuser hiding a deletion) is walked again and reported CHANGED with the digest and
+    count recorded before."""
+    _, before = await verify(db_url, full=False)
+    chain = chain_of(pg, three_months[M2][0])
+    with guards_off(pg):
+        pg.execute("DELETE FROM audit_log WHERE id = %s", (chain[-1],))
+    pg.execute(
+        "UPDATE audit_chain_heads h SET last_seq = a.chain_seq, last_hash = a.chain_hash, "
+        "last_id = a.id FROM audit_log a WHERE a.id = %s AND h.month = %s "
+        "AND h.stripe = a.chain_stripe",
+        (chain[-2], M2),
+    )
+    outcome, reported = await verify(db_url, full=False)
+    assert isinstance(outcome, Summary), outcome
+    changed = next(r for r in reported if r.month == M2)
+    assert changed.changed_since is not None
+    was = next(r for r in before if r.month == M2)
+    assert (6, was.digest) == (changed.changed_since.entries, changed.changed_since.month_digest)
+    assert 5 == changed.entries
+    assert "CHANGED since verified" in audit_chain._line(changed)
+
+
+async def test_full_verify_walks_recorded_months_that_incremental_trusts(
+    pg: Pg, db_url: str, three_months: dict[date, list[int]]
+) -> None:
+    """An entry of a recorded month rewritten without touching the heads (a superuser's
+    edit) is named by a full walk; the incremental run trusts the record (its documented
+    limit: run --full now and then)."""
+    await verify(db_url, full=False)
+    target = three_months[M2][2]
+    with guards_off(pg):
+        pg.execute("UPDATE audit_log SET outcome = 'refused' WHERE id = %s", (target,))
+    assert isinstance((await verify(db_url, full=False))[0], Summary)
+    assert target == broken((await verify(db_url, full=True))[0]).entry_id
+
+
+def test_cli_full_flag_walks_every_month(pg: Pg, db_url: str) -> None:
+    """`audit verify --full` is accepted and walks; plain `audit verify` is incremental."""
+    add_month(pg, M3)
+    write(pg, at=mid(M3))
+    cmd = [sys.executable, "-m", "service", "audit", "verify"]
+    env = {**os.environ, "DATABASE_URL": db_url}
+    for _ in range(2):
+        plain = subprocess.run(
+            cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+        )
+    assert 0 == plain.returncode, plain.stderr
+    assert "unchanged since verified" in plain.stdout
+    full = subprocess.run(
+        [*cmd, "--full"], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert 0 == full.returncode, full.stderr
+    assert "unchanged since verified" not in full.stdout
+
+
+# --- one statement, many entries (issue 17, item 10) ---------------------------------
+
+MANY = (
+    "INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, details) "
+    "SELECT 'admin', 'importer', 'park-' || g, 'park.update', 'ok', jsonb_build_object('n', g) "
+    "FROM generate_series(1, %s) g"
+)
+
+
+def _head_updates(c: Pg) -> int:
+    row = c.execute(
+        "SELECT n_tup_upd AS n FROM pg_stat_xact_user_tables WHERE relname = 'audit_chain_heads'"
+    ).fetchone()
+    return int(row["n"]) if row else 0
+
+
+async def test_one_statement_of_many_entries_moves_each_head_once(
+    pg: Pg, app_db_url: str, db_url: str
+) -> None:
+    """As the app role, one INSERT of 3,000 audit rows updates its chain's head once (not
+    once per row, which made such inserts quadratic), and every row verifies."""
+    with connect(app_db_url, autocommit=False) as app:
+        app.execute(MANY, (3000,))
+        assert 1 == _head_updates(app)
+        app.execute(MANY, (10,))
+        assert 2 == _head_updates(app)
+        app.commit()
+    outcome, _ = await verify(db_url)
+    assert Summary(months=1, entries=3010, archived=0, legacy=0) == outcome
+    heads = pg.execute("SELECT sum(last_seq) AS n FROM audit_chain_heads").fetchone()
+    assert {"n": 3010} == heads
+
+
+async def test_entries_rolled_back_to_a_savepoint_leave_the_chain_whole(
+    app_db_url: str, db_url: str
+) -> None:
+    """Entries of a statement rolled back to a savepoint leave no trace in the chain: the
+    entries after them link to those before."""
+    with connect(app_db_url, autocommit=False) as app:
+        app.execute(MANY, (3,))
+        app.execute("SAVEPOINT s")
+        app.execute(MANY, (3,))
+        app.execute("ROLLBACK TO SAVEPOINT s")
+        app.execute(MANY, (2,))
+        app.commit()
+    assert Summary(months=1, entries=5, archived=0, legacy=0) == (await verify(db_url))[0]
+
+
+async def test_a_cut_tail_stays_named_after_more_entries(pg: Pg, db_url: str) -> None:
+    """Entries appended after a superuser deleted a chain's last entry continue from the
+    head, not from the table: the gap is named at the first of them."""
+    pg.execute(MANY, (3,))
+    last = pg.execute("SELECT max(id) AS id FROM audit_log").fetchone()
+    assert last is not None
+    with guards_off(pg):
+        pg.execute("DELETE FROM audit_log WHERE id = %s", (last["id"],))
+    pg.execute(MANY, (2,))
+    outcome = broken((await verify(db_url))[0])
+    assert last["id"] + 1 == outcome.entry_id
+    assert "missing" in outcome.reason
+
+
+async def test_a_tail_hint_set_by_the_caller_is_ignored(app_db_url: str, db_url: str) -> None:
+    """Chain-tail hints the app role sets by hand before its insert (pointing nowhere, or at
+    an older entry of the chain) change no link: the entries verify."""
+    with connect(app_db_url, autocommit=False) as app:
+        app.execute(MANY, (3,))
+        app.commit()
+        old = app.execute("SELECT min(id) AS id, min(at) AS at FROM audit_log").fetchone()
+        assert old is not None
+        micros = int(old["at"].timestamp() * 1_000_000)
+        for stripe in range(64):
+            name = f"fleet_payouts.audit_tail_{THIS_MONTH:%Y%m}_{stripe}"
+            for value in ("garbage", "1/1", f"{micros}/{old['id']}"):
+                app.execute("SELECT set_config(%s, %s, true)", (name, value))
+        app.execute(MANY, (4,))
+        app.commit()
+    assert Summary(months=1, entries=7, archived=0, legacy=0) == (await verify(db_url))[0]

@@ -13,7 +13,12 @@ import pytest
 from tests.helpers.emulator import REPO_ROOT
 
 BENCHES = {
+    "park_import": (["--parks", "200"], ("parks import, 200 new parks", "baseline")),
     "events": (["--scale", "0.01"], ("reader throughput", "outbox cost per instant press")),
+    "feed": (
+        ["--seconds", "1", "--rate", "20"],
+        ("before dump-restore", "after restore into a fresh cluster", "feed p99"),
+    ),
     "http_client": (["--posts", "20"], ("ms CPU per POST",)),
     # Every configuration of `make bench`: each default budget, --concurrency 100 at the last
     # one, and the unbudgeted baseline.

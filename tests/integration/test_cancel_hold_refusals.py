@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 
 from service import cancel, db, periodic
 from service.execution import Deps, execute_payout
-from tests.conftest import API_TOKEN
+from tests.conftest import ADMIN_TOKEN, API_TOKEN
 from tests.helpers.api import (
     ADMIN,
     assert_error,
@@ -186,14 +186,38 @@ def test_malformed_hold_is_refused_and_audited(client: TestClient, sql: Pg, hold
 
 
 def test_admin_action_with_an_api_token_is_refused_and_audited(client: TestClient, sql: Pg) -> None:
-    """PUT /v1/parks with an API token is 403 forbidden, changes nothing, and is on record."""
-    headers = {"Authorization": f"Bearer {API_TOKEN}", "X-User-Id": "intruder"}
+    """PUT /v1/parks with an API token is 403 forbidden, changes nothing, and is on record as
+    a user (the token's kind, not the route's) whose X-User-Id is only a claim, never as an
+    admin of that name (issue 17 item 4)."""
+    headers = {"Authorization": f"Bearer {API_TOKEN}", "X-User-Id": "support-lead-ivanov"}
     r = client.put("/v1/parks/p9", json={"instant_payouts_enabled": True}, headers=headers)
     assert_error(r, 403, "forbidden")
     assert [] == rows(sql, "SELECT * FROM parks")
     entry = rows(sql, "SELECT * FROM audit_log WHERE action = 'park.update'")
-    assert [("admin", "intruder", "p9", "forbidden")] == [
-        (e["actor_type"], e["actor_id"], e["park_id"], e["outcome"]) for e in entry
+    assert [("user", None, "p9", "forbidden", "support-lead-ivanov")] == [
+        (
+            e["actor_type"],
+            e["actor_id"],
+            e["park_id"],
+            e["outcome"],
+            e["details"]["claimed_user_id"],
+        )
+        for e in entry
+    ]
+
+
+def test_park_action_with_an_admin_token_is_audited_as_that_admin_kind(
+    client: TestClient, sql: Pg
+) -> None:
+    """A press with an admin token is 403 and on record as an admin with the claimed user id
+    as a claim: the token decides the actor type, the header names no one."""
+    headers = {**press_headers(), "Authorization": f"Bearer {ADMIN_TOKEN}"}
+    r = client.post("/v1/payouts/instant", json={}, headers=headers)
+    assert_error(r, 403, "forbidden")
+    entry = rows(sql, "SELECT * FROM audit_log WHERE action = 'payout.instant.request'")
+    assert [("admin", None, "forbidden", headers["X-User-Id"])] == [
+        (e["actor_type"], e["actor_id"], e["outcome"], e["details"]["claimed_user_id"])
+        for e in entry
     ]
 
 

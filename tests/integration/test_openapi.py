@@ -9,7 +9,7 @@ from starlette.testclient import TestClient
 from service.web import openapi
 from service.web.app import routes
 from service.web.auth import Access, access_of
-from service.web.errors import STATUS
+from service.web.errors import EDGE_CODES, STATUS
 
 SECURITY = {Access.API: [{"apiToken": []}], Access.ADMIN: [{"adminToken": []}], Access.OPEN: []}
 
@@ -58,7 +58,8 @@ def test_description_is_served_without_a_token_and_is_valid_openapi_3_1(
 
 def test_every_error_code_is_described() -> None:
     """Each code of the error table is named by the Error schema and answered somewhere,
-    except the 500 that no operation should ever answer."""
+    except the 500 that no operation should ever answer and the codes answered before any
+    route (unknown route, wrong method, the HTTP edge's own limits)."""
     described_codes = set(openapi.SCHEMAS["Error"]["properties"]["code"]["enum"])
     assert set(STATUS) == described_codes
     answered = set()
@@ -68,4 +69,5 @@ def test_every_error_code_is_described() -> None:
                 schema = response.get("content", {}).get("application/json", {}).get("schema", {})
                 for part in schema.get("allOf", []):
                     answered |= set(part.get("properties", {}).get("code", {}).get("enum", []))
-    assert set(STATUS) - {"internal_error", "not_found", "method_not_allowed"} == answered
+    unrouted = {"internal_error", "not_found", "method_not_allowed", *EDGE_CODES}
+    assert set(STATUS) - unrouted == answered

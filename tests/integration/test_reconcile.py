@@ -162,3 +162,64 @@ def test_cli_refuses_a_bad_date_before_doing_anything(when: str) -> None:
     )
     assert 2 == r.returncode
     assert "--since" in r.stderr
+
+
+def bank_returns(billing_url: str, key: str) -> None:
+    """The bank sends the payout made under `key` back (Billing records a return)."""
+    httpx.post(f"{billing_url}/admin/payouts/{key}/return", json={"code": "account_closed"})
+
+
+def outside_return(billing_url: str, key: str) -> None:
+    """Billing's returns feed names a key it made no payout under through us."""
+    body = {"idempotency_key": key, "code": "wrong_iban"}
+    httpx.post(f"{billing_url}/admin/returns", json=body).raise_for_status()
+
+
+async def test_fee_and_return_mismatches(deps: Deps, conn: db.Conn, billing_url: str) -> None:
+    """Billing recording another fee is fee_differs; a payout Billing says was returned but is
+    not returned here, and a return for a key we do not know, are returned_at_billing."""
+    from service import returns
+
+    await conn.execute(
+        "INSERT INTO parks (park_id, instant_payouts_enabled, instant_fee_percent,"
+        " instant_fee_fixed) VALUES ('rec-fee', true, 1, 0)"
+    )
+    set_balance(billing_url, "rec-fee", "100.00")
+    fee_id = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO payouts (id, park_id, kind, idempotency_key, requested_by, max_amount,"
+        " fee_percent, fee_fixed) VALUES (%s, 'rec-fee', 'instant', 'k', 'u', 1000, 1, 0)",
+        (fee_id,),
+    )
+    assert Status.SUCCEEDED == await execute_payout(deps, fee_id)
+    forget(billing_url, str(fee_id))
+    outside(billing_url, str(fee_id), "rec-fee", "100.00")  # same amount, no fee
+    returned = await paid(deps, conn, billing_url, "rec-returned", "20.00")
+    bank_returns(billing_url, returned)
+    unknown = str(uuid.uuid4())
+    outside_return(billing_url, unknown)
+    # As the returns reader keeps it (the known return is not read yet).
+    await conn.execute(
+        "INSERT INTO billing_returns_unmatched (idempotency_key, code, returned_at)"
+        " VALUES (%s, 'wrong_iban', now())",
+        (unknown,),
+    )
+    window = await db.fetch_one(conn, reconcile.Q["daily_window"], days=1)
+    assert window is not None
+    found: list[reconcile.Mismatch] = []
+
+    await reconcile.reconcile(conn, deps.billing, window["since"], window["until"], found.append)
+
+    assert {
+        ("fee_differs", str(fee_id)),
+        ("returned_at_billing", returned),
+        ("returned_at_billing", unknown),
+    } == {(m.kind, m.key) for m in found}
+
+    # Once the reader has applied the return, ours agrees with Billing's.
+    assert 1 == await returns.read(deps)
+    found.clear()
+    await reconcile.reconcile(conn, deps.billing, window["since"], window["until"], found.append)
+    assert {("fee_differs", str(fee_id)), ("returned_at_billing", unknown)} == {
+        (m.kind, m.key) for m in found
+    }

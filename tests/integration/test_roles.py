@@ -155,7 +155,12 @@ def server(pg_server_url: str) -> Iterator[Pg]:
 def fresh_roles() -> roles.Roles:
     """Role names no database of this cluster knows yet."""
     tag = f"{os.getpid()}_{next(_names)}"
-    return roles.Roles(owner=f"fpt_owner_{tag}", app=f"fpt_app_{tag}", readonly=f"fpt_ro_{tag}")
+    return roles.Roles(
+        owner=f"fpt_owner_{tag}",
+        app=f"fpt_app_{tag}",
+        readonly=f"fpt_ro_{tag}",
+        ops=f"fpt_ops_{tag}",
+    )
 
 
 def drop_roles(server: Pg, *names: str) -> None:
@@ -195,6 +200,7 @@ async def test_migrate_that_may_not_create_roles_says_what_to_run_and_continues(
         f"CREATE ROLE {names.owner} LOGIN",
         f"CREATE ROLE {names.app} LOGIN",
         f"CREATE ROLE {names.readonly} NOLOGIN",
+        f"CREATE ROLE {names.ops} NOLOGIN",
         f"GRANT {names.owner} TO {plain_user}",
     ):
         assert line in said, said
@@ -238,7 +244,7 @@ async def test_several_databases_create_the_roles_at_once(server: Pg, pg_server_
     finally:
         for url in urls:
             drop_database(pg_server_url, url)
-        drop_roles(server, names.owner, names.app, names.readonly)
+        drop_roles(server, names.ops, names.owner, names.app, names.readonly)
 
 
 async def test_partition_upkeep_as_the_app_role_gives_dbas_the_new_month(

@@ -251,9 +251,16 @@ ALLOWED = {
     (Status.PROCESSING, Status.SUCCEEDED),
     (Status.PROCESSING, Status.FAILED),
     (Status.PROCESSING, Status.SKIPPED),
+    # Manual payouts: a second admin decides, or the approval time runs out.
+    (Status.PENDING_APPROVAL, Status.PENDING),
+    (Status.PENDING_APPROVAL, Status.DENIED),
+    (Status.PENDING_APPROVAL, Status.EXPIRED),
+    # The bank sends a succeeded payout back.
+    (Status.SUCCEEDED, Status.RETURNED),
     # Not moves: a live payout is rewritten in place (job id, a crashed run taken again).
     (Status.PENDING, Status.PENDING),
     (Status.PROCESSING, Status.PROCESSING),
+    (Status.PENDING_APPROVAL, Status.PENDING_APPROVAL),
 }
 
 
@@ -299,3 +306,18 @@ def test_is_park_id(value: str, expected: bool) -> None:
 def test_is_visible_ascii(value: str, expected: bool) -> None:
     """User ids and Idempotency-Keys are 1-128 visible ASCII characters and nothing else."""
     assert expected == is_visible_ascii(value, 128)
+
+
+def test_the_cooldown_query_exempts_exactly_the_domain_s_statuses() -> None:
+    """sql/payouts.sql park_state skips the statuses domain.COOLDOWN_EXEMPT names, no more, no
+    fewer (returned included: the bank sent the money back)."""
+    import re
+
+    from service import db
+    from service.domain import COOLDOWN_EXEMPT
+
+    query = db.queries("payouts")["park_state"]
+    found = re.search(r"x\.kind = 'instant'\s+AND x\.status NOT IN \(([^)]*)\)", query)
+    assert found is not None, query
+    listed = {s.strip().strip("'") for s in found.group(1).split(",")}
+    assert {str(s) for s in COOLDOWN_EXEMPT} == listed

@@ -106,6 +106,13 @@ def test_tokens_are_split_on_commas() -> None:
         ("ADMIN_STATEMENT_TIMEOUT_SECONDS", "nan"),
         ("API_DRAIN_SECONDS", "-1"),
         ("TRUSTED_PROXIES", "10.0.0.1,lb.example"),
+        ("CURSOR_SECRET", "short"),
+        ("API_MAX_CONNECTIONS", "0"),
+        ("API_HEADER_TIMEOUT_SECONDS", "0"),
+        ("API_BODY_TIMEOUT_SECONDS", "never"),
+        ("API_KEEP_ALIVE_SECONDS", "-5"),
+        ("EVENTS_RETENTION_DAYS", "3"),
+        ("EVENTS_RETENTION_DAYS", "1e6"),
     ],
 )
 def test_bad_value_raises_config_error_naming_the_variable(variable: str, value: str) -> None:
@@ -204,3 +211,50 @@ def test_serve_with_bad_setting_exits_non_zero_naming_the_variable() -> None:
     )
     assert 0 != result.returncode
     assert "PAYOUT_PERIOD_DAYS" in result.stderr
+
+
+def test_http_edge_limits_default_and_parse() -> None:
+    """The HTTP edge's limits default to 1000 connections, 10 s head and body timeouts and a
+    5 s keep-alive, and CURSOR_SECRET to none (derived from the tokens); all parse."""
+    s = load(BASE)
+    assert (1000, 10.0, 10.0, 5.0, None) == (
+        s.api_max_connections,
+        s.api_header_timeout_seconds,
+        s.api_body_timeout_seconds,
+        s.api_keep_alive_seconds,
+        s.cursor_secret,
+    )
+    s = load(
+        env(
+            API_MAX_CONNECTIONS="50",
+            API_HEADER_TIMEOUT_SECONDS="2.5",
+            API_BODY_TIMEOUT_SECONDS="3",
+            API_KEEP_ALIVE_SECONDS="4",
+            CURSOR_SECRET="cursor-secret-0123456789",
+        )
+    )
+    assert (50, 2.5, 3.0, 4.0, "cursor-secret-0123456789") == (
+        s.api_max_connections,
+        s.api_header_timeout_seconds,
+        s.api_body_timeout_seconds,
+        s.api_keep_alive_seconds,
+        s.cursor_secret,
+    )
+    assert "cursor-secret" not in repr(s)
+
+
+def test_manual_payout_approval_hours_defaults_to_72_and_takes_fractions() -> None:
+    """MANUAL_PAYOUT_APPROVAL_HOURS is 72 by default; fractions are accepted."""
+    assert timedelta(hours=72) == load(env()).manual_payout_approval_window
+    assert (
+        timedelta(hours=0.5)
+        == load(env(MANUAL_PAYOUT_APPROVAL_HOURS="0.5")).manual_payout_approval_window
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x", "1e9"])
+def test_a_bad_manual_payout_approval_window_names_the_variable(value: str) -> None:
+    """A non-positive, malformed or absurd MANUAL_PAYOUT_APPROVAL_HOURS stops start-up naming it."""
+    with pytest.raises(ConfigError) as err:
+        load(env(MANUAL_PAYOUT_APPROVAL_HOURS=value))
+    assert "MANUAL_PAYOUT_APPROVAL_HOURS" == err.value.variable
