@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from psycopg import sql
 
 from service import db, instant, returns
 from service.domain import Status
@@ -59,11 +60,25 @@ async def lock_waiters(conn: db.Conn) -> int:
     return int(found["n"])
 
 
+async def clock_passed(admin: psycopg.Connection[Any], column: str) -> bool:
+    """The database's clock is past the park's `column` as `admin` sees it."""
+    query = sql.SQL("SELECT clock_timestamp() > {} FROM parks WHERE park_id = %s")
+    row = admin.execute(query.format(sql.Identifier(column)), (PARK,)).fetchone()
+    assert row is not None
+    return bool(row[0])
+
+
 async def press_into_the_lock(
-    conn: db.Conn, db_url: str, admin: psycopg.Connection[Any], change: str
+    conn: db.Conn,
+    db_url: str,
+    admin: psycopg.Connection[Any],
+    change: str,
+    *,
+    commit_after: str | None = None,
 ) -> instant.Accepted | instant.Refused:
     """Change the park in `admin` (holding its row), press, commit the change once the
-    press waits for the lock; the press's outcome."""
+    press waits for the lock (and, if given, once the database's clock has passed the
+    park's `commit_after` column); the press's outcome."""
     admin.execute(f"UPDATE parks SET {change} WHERE park_id = %s", (PARK,))  # type: ignore[arg-type]
     req = instant.InstantRequest(PARK, "user-1", "press-1", "req-1", Decimal("100.00"))
 
@@ -78,6 +93,10 @@ async def press_into_the_lock(
     async with asyncio.timeout(20):
         while await lock_waiters(conn) == 0:
             assert not task.done(), "the press finished without waiting for the park's lock"
+            await asyncio.sleep(0.02)
+        while commit_after is not None:
+            if await clock_passed(admin, commit_after):
+                break
             await asyncio.sleep(0.02)
     admin.commit()
     async with asyncio.timeout(20):
@@ -127,6 +146,29 @@ async def test_a_subscription_end_committed_while_a_press_waits_refuses_it(
     assert [("instant_payouts_disabled", "subscription_ended")] == [
         (e["outcome"], e["reason"]) for e in entries
     ]
+    assert [] == await db.fetch_all(conn, "SELECT id FROM payouts")
+
+
+async def test_the_end_date_is_judged_by_the_clock_after_the_lock(
+    conn: db.Conn, db_url: str, admin: psycopg.Connection[Any]
+) -> None:
+    """An end date that passes while the press waits for the park's lock refuses it
+    (subscription_ended): the time rules read the database's clock once the lock is held,
+    not when the call started."""
+    await register_park(conn)
+    outcome = await press_into_the_lock(
+        conn,
+        db_url,
+        admin,
+        "instant_payouts_until = clock_timestamp() + interval '200 milliseconds'",
+        commit_after="instant_payouts_until",
+    )
+
+    assert isinstance(outcome, instant.Refused)
+    assert ("instant_payouts_disabled", {"reason": "subscription_ended"}) == (
+        outcome.code,
+        outcome.details,
+    )
     assert [] == await db.fetch_all(conn, "SELECT id FROM payouts")
 
 
