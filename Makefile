@@ -37,10 +37,13 @@ bench: $(STAMP)
 	$(PY) -m tests.bench.http_client
 	$(PY) -m tests.bench.park_import
 
-# The suite's drill (one round of trouble) repeated for DRILL_SECONDS: three hosts, one
-# SIGKILLed, PostgreSQL restarted and crashed, Billing faults; it prints its figures.
+# The suite's two drills, each for DRILL_SECONDS: three hosts, one SIGKILLed, PostgreSQL
+# restarted and crashed, Billing faults (test_drill.py); then each host cut off from
+# PostgreSQL and Billing at random by fault-injecting links (test_partition_drill.py,
+# DRILL_SEED=<n> replays a run's faults). Each prints its figures.
 drill: $(STAMP)
-	DRILL_SECONDS=$${DRILL_SECONDS:-600} $(PY) -m pytest -q tests/e2e/test_drill.py
+	DRILL_SECONDS=$${DRILL_SECONDS:-600} $(PY) -m pytest -q \
+		tests/e2e/test_drill.py tests/e2e/test_partition_drill.py
 
 clean:
 	rm -rf $(VENV) .fleet-payouts .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from service import audit, db, observability, payouts
+from service.audit import ActorType
 
 ACTION = "payout.cancel"
 
@@ -37,6 +38,14 @@ class CancelRequest:
     user_id: str
     request_id: str
     client: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Opteum's users cancel through the API; support, signed in to the console
+    # with an admin token, as admins, "via": "console".
+    actor_type: ActorType = "user"
+    via: str | None = None
+
+    @property
+    def audit_details(self) -> dict[str, Any]:
+        return {"client": self.client, **({"via": self.via} if self.via else {})}
 
 
 async def cancel(conn: db.Conn, req: CancelRequest) -> payouts.Row:
@@ -52,7 +61,8 @@ async def cancel(conn: db.Conn, req: CancelRequest) -> payouts.Row:
             park_id=req.park_id,
             user_id=req.user_id,
             request_id=req.request_id,
-            details={"client": req.client},
+            actor_type=req.actor_type,
+            details=req.audit_details,
         )
     if done is not None:
         observability.PAYOUTS.labels(done["kind"], done["status"]).inc()
@@ -68,7 +78,7 @@ async def cancel(conn: db.Conn, req: CancelRequest) -> payouts.Row:
         await audit.write(
             conn,
             audit.Entry(
-                actor_type="user",
+                actor_type=req.actor_type,
                 actor_id=req.user_id,
                 park_id=req.park_id,
                 action=ACTION,
@@ -76,7 +86,7 @@ async def cancel(conn: db.Conn, req: CancelRequest) -> payouts.Row:
                 request_id=req.request_id,
                 payout_id=req.payout_id if current is not None else None,
                 details={
-                    "client": req.client,
+                    **req.audit_details,
                     **({"status": current["status"]} if current else {}),
                 },
             ),

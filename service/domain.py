@@ -52,6 +52,28 @@ FINAL_STATUSES = frozenset(
     }
 )
 
+
+class Kind(enum.StrEnum):
+    INSTANT = "instant"
+    PERIODIC = "periodic"
+    MANUAL = "manual"
+
+
+# The named sets of statuses that the SQL (queries, checks, indexes, triggers) lists
+# literally. tests/integration/test_one_state_machine.py reads every status list in
+# sql/*.sql and in the live schema and fails on one that is not among these (or a
+# status's TRANSITIONS): a new status is added here and in one migration, and the test
+# names every place that still disagrees.
+IN_FLIGHT = frozenset({Status.PENDING, Status.PROCESSING})
+# What a payout is created in (manual payouts wait for approval first).
+BORN = frozenset({Status.PENDING, Status.PENDING_APPROVAL})
+# Money moved under the payout's key (a returned payout moved it, and back).
+PAID = frozenset({Status.SUCCEEDED, Status.RETURNED})
+# Statuses only a manual payout takes: it waits for, or lost, its second admin.
+AWAITING_OR_REFUSED_APPROVAL = frozenset({Status.PENDING_APPROVAL, Status.DENIED, Status.EXPIRED})
+# Final statuses reached without the payout's job (an admin, the clock, the bank).
+DECIDED_WITHOUT_JOB = frozenset({Status.DENIED, Status.EXPIRED, Status.RETURNED})
+
 # The only status changes a payout may make. The trigger `payouts_guard`
 # (migrations/0012_every_payout.sql) refuses the rest; a test tries every
 # pair against the database, so the two cannot drift apart.
@@ -113,6 +135,22 @@ STALE_FIGURES = frozenset({"insufficient_funds", "currency_mismatch"})
 # sent it back). sql/payouts.sql park_state lists the same ones; a unit test
 # holds the two together.
 COOLDOWN_EXEMPT = frozenset({Status.FAILED, Status.SKIPPED, Status.CANCELLED, Status.RETURNED})
+
+# Every event type: "payout." and the status the payout was created in or reached.
+EVENT_TYPES = ("payout.created", *(f"payout.{s}" for s in Status if s in FINAL_STATUSES))
+
+NAMED_STATUS_SETS: dict[str, frozenset[Status]] = {
+    "every status": frozenset(Status),
+    "IN_FLIGHT": IN_FLIGHT,
+    "every status but BORN": frozenset(Status) - BORN,
+    "FINAL_STATUSES": FINAL_STATUSES,
+    "COOLDOWN_EXEMPT": COOLDOWN_EXEMPT,
+    "PAID": PAID,
+    "PAID | IN_FLIGHT": PAID | IN_FLIGHT,
+    "AWAITING_OR_REFUSED_APPROVAL": AWAITING_OR_REFUSED_APPROVAL,
+    "DECIDED_WITHOUT_JOB": DECIDED_WITHOUT_JOB,
+    **{f"TRANSITIONS[{old}]": new for old, new in TRANSITIONS.items() if len(new) > 1},
+}
 
 
 def parse_money(raw: str) -> Decimal:

@@ -14,10 +14,11 @@ import logging
 
 from procrastinate import App
 
-from service import audit, manual, payouts
+from service import audit, db, manual, payouts
 from service.execution import Deps
 
 logger = logging.getLogger(__name__)
+Q = db.queries("maintenance")
 ORPHAN_BATCH = 500
 
 
@@ -26,12 +27,19 @@ async def recover_stalled_jobs(app: App, deps: Deps) -> int:
     stalled = await app.job_manager.get_stalled_jobs(
         seconds_since_heartbeat=deps.settings.stalled_job_seconds
     )
+    if stalled:
+        # Due now by the database's clock: procrastinate's default (this host's clock) would
+        # put each job off by as much as this host's clock is ahead, its payout in flight.
+        async with deps.pool.connection() as conn:
+            row = await db.fetch_one(conn, Q["db_now"])
+            assert row is not None
+            db.CLOCK.observe(row["db_now"])
     count = 0
     for job in stalled:
         logger.warning(
             "requeueing stalled job %s (%s)", job.id, job.task_name, extra={"job_id": job.id}
         )
-        await app.job_manager.retry_job(job)
+        await app.job_manager.retry_job(job, retry_at=db.CLOCK.now())
         count += 1
     return count
 

@@ -50,6 +50,8 @@ class ManualRequest:
     idempotency_key: str
     request_id: str
     client: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # "console" when support acted in the console (SPEC section 9); None from the API.
+    via: str | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -64,6 +66,7 @@ class ManualRequest:
             "amount": str(self.amount),
             "reason": self.reason,
             "client": self.client,
+            **({"via": self.via} if self.via else {}),
         }
 
 
@@ -76,6 +79,11 @@ class Decision:
     request_id: str
     reason: str | None = None
     client: dict[str, Any] = dataclasses.field(default_factory=dict)
+    via: str | None = None
+
+    @property
+    def audit_details(self) -> dict[str, Any]:
+        return {"client": self.client, **({"via": self.via} if self.via else {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +283,7 @@ def _approval_refusal(row: payouts.Row, settings: Settings, decision: Decision) 
 
 
 async def _write_decision(conn: db.Conn, decision: Decision, action: str) -> payouts.Row:
-    details = {"client": decision.client}
+    details = decision.audit_details
     if action == ACTION_APPROVE:
         row = await db.fetch_one(
             conn,
@@ -379,7 +387,7 @@ def _entry(
     details = (
         what.audit_details
         if isinstance(what, ManualRequest)
-        else {"client": what.client, **({"reason": what.reason} if what.reason else {})}
+        else {**what.audit_details, **({"reason": what.reason} if what.reason else {})}
     )
     return audit.Entry(
         actor_type="admin",

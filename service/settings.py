@@ -106,6 +106,10 @@ class Settings:
     # An open breaker pauses every call this long before one probe call tries
     # Billing again: long enough not to hammer a Billing that is restarting.
     billing_breaker_cooloff_seconds: float = 30.0
+    # SPEC section 9: the support console at /console, off unless a secret signs its
+    # sessions. Eight hours is one shift: a session never outlives the person's day.
+    console_secret: str | None = None
+    console_session_hours: float = 8.0
     # The key page cursors are signed with (service/web/cursors.py); None: derived from
     # the tokens. The same on every host, or cursors fail from one host to the next.
     cursor_secret: str | None = None
@@ -247,6 +251,18 @@ def _webhook(env: Mapping[str, str]) -> tuple[str | None, str | None]:
     return url, secret
 
 
+# A console session longer than a week is a forgotten browser, not a shift.
+MAX_SESSION_HOURS = 24 * 7.0
+
+
+def _console_secret(env: Mapping[str, str]) -> str | None:
+    secret = env.get("CONSOLE_SECRET", "").strip() or None
+    if secret is not None and len(secret) < 32:
+        # It signs sessions that act with an admin's rights: a short one could be guessed.
+        raise ConfigError("CONSOLE_SECRET", "must be at least 32 characters")
+    return secret
+
+
 def _cursor_secret(env: Mapping[str, str]) -> str | None:
     secret = env.get("CURSOR_SECRET", "").strip()
     if secret and (len(secret) < 16 or not secret.isprintable()):
@@ -346,6 +362,10 @@ def load(env: Mapping[str, str], *, require_database: bool = True) -> Settings:
         billing_breaker_failures=_count(env, "BILLING_BREAKER_FAILURES", "10"),
         billing_breaker_cooloff_seconds=_positive_number(
             env, "BILLING_BREAKER_COOLOFF_SECONDS", "30"
+        ),
+        console_secret=_console_secret(env),
+        console_session_hours=_positive_number(
+            env, "CONSOLE_SESSION_HOURS", "8", maximum=MAX_SESSION_HOURS
         ),
         cursor_secret=_cursor_secret(env),
         api_max_connections=_count(env, "API_MAX_CONNECTIONS", "1000"),

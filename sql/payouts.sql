@@ -223,7 +223,8 @@ WITH done AS (
 ), entry AS (
     INSERT INTO audit_log (actor_type, actor_id, park_id, action, outcome, request_id,
                            payout_id, details)
-    SELECT 'user', %(user_id)s, park_id, 'payout.cancel', 'ok', %(request_id)s, id, %(details)s
+    SELECT %(actor_type)s, %(user_id)s, park_id, 'payout.cancel', 'ok', %(request_id)s, id,
+           %(details)s
     FROM done
 )
 SELECT * FROM done

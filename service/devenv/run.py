@@ -30,6 +30,8 @@ DATA_DIR = Path(".fleet-payouts")
 DEV_API_TOKEN = "dev-api-token-change-me"  # noqa: S105
 
 DEV_ADMIN_TOKEN = "dev-admin-token-change-me"  # noqa: S105
+# Signs the dev console's sessions; dev only, like the tokens above.
+DEV_CONSOLE_SECRET = "dev-console-secret-change-me-0123456789"  # noqa: S105
 DEMO_PARKS = [
     # park_id, balance, instant payouts on
     ("park-alpha", Decimal("1500.00"), True),
@@ -160,6 +162,7 @@ def serve_all(
         "ADMIN_TOKENS": os.environ.get("ADMIN_TOKENS", DEV_ADMIN_TOKEN),
         "PERIODIC_SCAN_CRON": os.environ.get("PERIODIC_SCAN_CRON", "* * * * *"),
         "LOG_FORMAT": os.environ.get("LOG_FORMAT", "text"),
+        "CONSOLE_SECRET": os.environ.get("CONSOLE_SECRET", DEV_CONSOLE_SECRET),
     }
 
     def spawn(*args: str) -> subprocess.Popen[bytes]:
@@ -205,6 +208,8 @@ def print_help(port: int, billing_port: int, worker_metrics: int, env: dict[str,
         f"""
 fleet-payouts is running.
   API       {api}        (metrics: {api}/metrics)
+  Console   {api}/console   sign in with any user id (say support-1) and the admin token
+            {admin}
   Worker    metrics: http://127.0.0.1:{worker_metrics}/metrics
   Billing   http://127.0.0.1:{billing_port}  (emulator)
   Demo parks: {", ".join(p for p, _, _ in DEMO_PARKS)}

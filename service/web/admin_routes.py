@@ -9,9 +9,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service import audit, instant, manual, parks
+from service import audit, instant, manual, park_admin, parks
 from service.domain import (
     Fee,
+    Kind,
     Status,
     is_park_id,
     is_visible_ascii,
@@ -33,10 +34,7 @@ PARK_FIELDS = {
     "instant_fee",
     "instant_payouts_until",
 }
-MAX_HOLD_REASON = 500
-# What timestamptz stores without surprise (and Python's datetime can hold).
-MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
-MAX_TIME = datetime(9999, 1, 1, tzinfo=UTC)
+MAX_HOLD_REASON = park_admin.MAX_HOLD_REASON
 
 
 async def put_park(request: Request) -> Response:
@@ -56,30 +54,22 @@ async def put_park(request: Request) -> Response:
         if "instant_payouts_until" in body
         else parks.UNCHANGED
     )
+    change = park_admin.ParkChange(
+        park_id=park_id,
+        user_id=user_id,
+        request_id=request_id_of(request),
+        changes=body,
+        instant=body.get("instant_payouts_enabled"),
+        periodic=body.get("periodic_payouts_enabled"),
+        params=body.get("params"),
+        hold=hold,
+        fee=fee,
+        until=until,
+        client=client_details(request),
+    )
     # A write: the request pool, with its lock timeout, like every other write.
-    async with pool_of(request).connection() as conn, conn.transaction():
-        row, created = await parks.upsert(
-            conn,
-            park_id,
-            instant=body.get("instant_payouts_enabled"),
-            periodic=body.get("periodic_payouts_enabled"),
-            params=body.get("params"),
-            hold=hold,
-            fee=fee,
-            until=until,
-        )
-        await audit.write(
-            conn,
-            audit.Entry(
-                actor_type="admin",
-                actor_id=user_id,
-                park_id=park_id,
-                action="park.register" if created else "park.update",
-                outcome="ok",
-                request_id=request_id_of(request),
-                details={"changes": body, "client": client_details(request)},
-            ),
-        )
+    async with pool_of(request).connection() as conn:
+        row, created = await park_admin.apply(conn, change)
     return JSONResponse(views.park_json(row, settings), status_code=201 if created else 200)
 
 
@@ -98,17 +88,14 @@ def _hold(body: dict[str, Any], user_id: str) -> parks.Hold:
     if raw is None:
         return parks.Hold(reason=None, by=None)
     reason = raw.get("reason") if isinstance(raw, dict) and set(raw) == {"reason"} else None
-    if (
-        not isinstance(reason, str)
-        or not 0 < len(reason.strip()) <= MAX_HOLD_REASON
-        or not params.HOLD_REASON_RE.fullmatch(reason)
-    ):
+    try:
+        return parks.Hold(reason=park_admin.hold_reason(reason), by=user_id)
+    except park_admin.InvalidChange:
         raise ApiError(
             "invalid_request",
             f'hold must be null or {{"reason": "..."}}, 1-{MAX_HOLD_REASON} characters, '
             "not blank, no control characters",
-        )
-    return parks.Hold(reason=reason.strip(), by=user_id)
+        ) from None
 
 
 def _fee(raw: Any) -> Fee | None:
@@ -137,9 +124,12 @@ def _until(raw: Any) -> datetime | None:
         raise ApiError(
             "invalid_request", "instant_payouts_until must be null or an RFC 3339 timestamp"
         ) from None
-    if not MIN_TIME <= value <= MAX_TIME:
-        raise ApiError("invalid_request", "instant_payouts_until is out of range")
-    return value
+    try:
+        # Any date the format takes, past ones too (the option has ended then); only a
+        # value that UTC cannot hold (year 9999 with a negative offset) is refused.
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ApiError("invalid_request", "instant_payouts_until is out of range") from None
 
 
 def _is_text(value: str) -> bool:
@@ -176,17 +166,18 @@ ROUTES = [
 # --- manual payouts with four eyes (SPEC section 8) --------------------------------
 
 MANUAL_FIELDS = {"park_id", "amount", "reason"}
-KINDS = ("instant", "periodic", "manual")
+KINDS = tuple(str(k) for k in Kind)
 
 
 def _reason(raw: Any, field: str) -> str:
     if (
         not isinstance(raw, str)
         or not 0 < len(raw.strip()) <= manual.MAX_REASON
-        or not raw.isprintable()
+        or not park_admin.HOLD_REASON_RE.fullmatch(raw)
     ):
         raise ApiError(
-            "invalid_request", f"{field} must be 1-{manual.MAX_REASON} printable characters"
+            "invalid_request",
+            f"{field} must be 1-{manual.MAX_REASON} characters, not blank, no control characters",
         )
     return raw.strip()
 

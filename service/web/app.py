@@ -12,6 +12,7 @@ The web edge, one concern per module:
 - lifecycle.py: readiness, drain on SIGTERM, uvicorn
 - origin.py: who and from where, for audit entries
 - openapi.py: the description served at /openapi.json
+- console/: the support console at /console (HTML, not API; off without CONSOLE_SECRET)
 """
 
 from __future__ import annotations
@@ -126,7 +127,13 @@ def create_app(settings: Settings, *, drain: Drain | None = None) -> ASGIApp:
             await admin_pool.close()
             await pool.close()
 
-    app = Starlette(routes=routes(), lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
+    all_routes = routes()
+    if settings.console_secret is not None:
+        # The support console (SPEC section 9): off unless a secret signs its sessions.
+        from service.web import console
+
+        all_routes += console.routes()
+    app = Starlette(routes=all_routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     # "/v1/payouts/" is an unknown route (a JSON 404), not a redirect.
     app.router.redirect_slashes = False
     return RequestContext(Deadline(app, drain))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from service.domain import Status
+from service.domain import EVENT_TYPES, Kind, Status
 from service.web.errors import STATUS
 from service.web.params import HOLD_REASON_PATTERN
 
@@ -29,9 +29,18 @@ POSITIVE_AMOUNT = {
 }
 # No NUL (PostgreSQL's text and jsonb cannot hold it), in keys and strings at any depth.
 NO_NUL = r"^[^\u0000]*$"
-KINDS = ("instant", "periodic", "manual")
-PERCENT = {"type": "string", "pattern": r"^[0-9]{1,3}(\.[0-9]{1,2})?$", "examples": ["1.00"]}
-FEE_MONEY = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,2})?$", "examples": ["0.00"]}
+KINDS = tuple(str(k) for k in Kind)
+# What service.domain.parse_fee_percent / parse_fee_fixed take: 0-100, and zero or more.
+PERCENT = {
+    "type": "string",
+    "pattern": r"^(100(\.0{1,2})?|(0|[1-9][0-9]?)(\.[0-9]{1,2})?)$",
+    "examples": ["1.00"],
+}
+FEE_MONEY = {
+    "type": "string",
+    "pattern": r"^(0|[1-9][0-9]{0,15})(\.[0-9]{1,2})?$",
+    "examples": ["0.00"],
+}
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -124,16 +133,7 @@ SCHEMAS: dict[str, Any] = {
             "id": {"type": "string", "description": "Opaque; consumers dedupe by it."},
             "type": {
                 "type": "string",
-                "enum": [
-                    "payout.created",
-                    "payout.succeeded",
-                    "payout.failed",
-                    "payout.skipped",
-                    "payout.cancelled",
-                    "payout.denied",
-                    "payout.expired",
-                    "payout.returned",
-                ],
+                "enum": list(EVENT_TYPES),
             },
             "created_at": TIMESTAMP,
             "payout": {"$ref": "#/components/schemas/Payout"},
@@ -195,11 +195,25 @@ SCHEMAS: dict[str, Any] = {
     "ManualRequest": _object(
         {
             "park_id": PARK_ID,
-            "amount": {**MONEY, "pattern": r"^[0-9]+(\.[0-9]{1,2})?$"},
-            "reason": {"type": "string", "minLength": 1, "maxLength": 500},
+            "amount": POSITIVE_AMOUNT,
+            "reason": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 500,
+                "pattern": HOLD_REASON_PATTERN,
+            },
         }
     ),
-    "Denial": _object({"reason": {"type": "string", "minLength": 1, "maxLength": 500}}),
+    "Denial": _object(
+        {
+            "reason": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 500,
+                "pattern": HOLD_REASON_PATTERN,
+            }
+        }
+    ),
     "ParkUpdate": {
         **_object(
             {
@@ -433,7 +447,7 @@ PATHS: dict[str, Any] = {
             "security": API,
             "parameters": [
                 PARK_HEADER,
-                _query("amount", {**MONEY, "pattern": r"^[0-9]+(\.[0-9]{1,2})?$"}),
+                _query("amount", POSITIVE_AMOUNT),
                 REQUEST_ID,
             ],
             "responses": {
@@ -565,11 +579,11 @@ PATHS: dict[str, Any] = {
             "summary": "Every park's payouts, newest first, filtered (the approvals queue)",
             "security": ADMIN,
             "parameters": [
-                _query("park_id", PARK_ID),
-                _query("status", {"type": "string", "enum": [str(s) for s in Status]}),
-                _query("kind", {"type": "string", "enum": list(KINDS)}),
-                _query("since", TIMESTAMP),
-                _query("until", TIMESTAMP),
+                _filter("park_id", PARK_ID),
+                _filter("status", {"type": "string", "enum": [str(s) for s in Status]}),
+                _filter("kind", {"type": "string", "enum": list(KINDS)}),
+                _filter("since", TIMESTAMP),
+                _filter("until", TIMESTAMP),
                 LIMIT,
                 CURSOR,
                 REQUEST_ID,
