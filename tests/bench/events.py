@@ -170,7 +170,7 @@ def walk_sql(url: str) -> int:
     after = events.START
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
         while True:
-            conn.execute(events.Q["sequence"])
+            conn.execute(events.Q["sequence"], {"batch": events.READ_BATCH})
             rows = conn.execute(events.Q["page"], {"after": after, "limit": 100}).fetchall()
             found = [r for r in rows if r["seq"] is not None]
             if not found:
