@@ -92,12 +92,21 @@ def test_a_malformed_fee_is_refused_and_changes_nothing(api: TestClient, fee: An
     assert None is api.get(f"/v1/parks/{PARK}", headers=ADMIN).json()["instant_fee"]
 
 
-@pytest.mark.parametrize("until", ["tomorrow", "2030-01-01T00:00:00", 5, "0001-01-01T00:00:00Z"])
+@pytest.mark.parametrize("until", ["tomorrow", "2030-01-01T00:00:00", 5])
 def test_a_malformed_end_date_is_refused(api: TestClient, until: Any) -> None:
     """instant_payouts_until is null or an RFC 3339 timestamp with its zone; else a 400."""
     register(api, PARK)
     r = api.put(f"/v1/parks/{PARK}", json={"instant_payouts_until": until}, headers=ADMIN)
     assert_error(r, 400, "invalid_request")
+
+
+def test_any_past_end_date_is_accepted_and_ends_the_subscription(api: TestClient) -> None:
+    """instant_payouts_until in year 1 is a past date like any other (main f057951): stored,
+    and a press is then refused subscription_ended."""
+    until = "0001-01-01T00:00:00Z"
+    assert until == register(api, PARK, instant_payouts_until=until).json()["instant_payouts_until"]
+    body = assert_error(press(api, "10.00"), 403, "instant_payouts_disabled")
+    assert {"reason": "subscription_ended"} == body["details"]
 
 
 def test_a_press_after_the_end_date_is_refused_subscription_ended(
