@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 #
-# fleet-payouts: one image for every role (API, worker, migrations, billing emulator).
+# fleet-payouts: one image for every role (API, worker, migrations). The `devkit` target
+# adds the dev kit (the Billing emulator for compose's demo Billing); production never
+# installs it.
 #
 #   docker build -t fleet-payouts .
 #   docker run --rm -e DATABASE_URL=... fleet-payouts migrate
@@ -70,3 +72,16 @@ STOPSIGNAL SIGTERM
 
 ENTRYPOINT ["fleet-payouts"]
 CMD ["serve", "--host", "0.0.0.0"]
+
+# -------------------------------------------------------------------------- devkit
+# The runtime image plus the dev kit (devkit/): `fleet-payouts billing-emulator` for
+# compose's stand-in Billing. Build it with `--target devkit`; never deploy it.
+FROM build AS devkit-build
+RUN pip install --no-cache-dir --no-deps ./devkit
+
+FROM runtime AS devkit
+COPY --from=devkit-build /opt/venv /opt/venv
+
+# ---------------------------------------------------------------------- production
+# The last stage is what `docker build .` makes: the runtime image, without the dev kit.
+FROM runtime AS production

@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup dev test lint bench drill clean
 
-$(STAMP): pyproject.toml
+# The service with its dev tools, and the dev kit (devkit/: the emulator, the embedded
+# PostgreSQL, `dev`), which the production image leaves out.
+$(STAMP): pyproject.toml devkit/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' -e ./devkit
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -18,8 +20,8 @@ dev: $(STAMP)
 	$(VENV)/bin/fleet-payouts dev
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check service tests
-	$(VENV)/bin/ruff format --check service tests
+	$(VENV)/bin/ruff check service devkit tests
+	$(VENV)/bin/ruff format --check service devkit tests
 	$(VENV)/bin/mypy
 
 test: lint

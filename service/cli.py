@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import sys
+import types
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time
 
@@ -64,16 +66,25 @@ def cmd_worker(args: argparse.Namespace) -> None:
     asyncio.run(run_worker(settings, concurrency=args.concurrency, metrics_port=args.metrics_port))
 
 
-def cmd_emulator(args: argparse.Namespace) -> None:
-    from service.billing import emulator
+def _devkit(command: str) -> types.ModuleType:
+    """The dev kit (devkit/ in the repository), which the production image leaves out."""
+    try:
+        return importlib.import_module(f"fleet_payouts_devkit.{command}")
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("fleet_payouts_devkit"):
+            raise
+        raise SystemExit(
+            "fleet-payouts: this command comes with the dev kit, which is not installed here;"
+            " from a clone: pip install -e ./devkit (make setup does it)"
+        ) from None
 
-    emulator.run(args.host, args.port)
+
+def cmd_emulator(args: argparse.Namespace) -> None:
+    _devkit("emulator").run(args.host, args.port)
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
-    from service.devenv import run
-
-    raise SystemExit(run.run(port=args.port, billing_port=args.billing_port))
+    raise SystemExit(_devkit("dev").run(port=args.port, billing_port=args.billing_port))
 
 
 def cmd_parks_import(args: argparse.Namespace) -> None:

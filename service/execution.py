@@ -52,6 +52,7 @@ from service.domain import (
     order_amount,
     quote,
 )
+from service.invariant import InvariantError
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -208,7 +209,10 @@ class _Run:
     async def order(self) -> Status | None:
         """Send the recorded order (again) until Billing answers under the payout's key."""
         p = self.payout
-        assert p.amount is not None and p.currency is not None and p.billing_params is not None
+        if not (p.amount is not None and p.currency is not None and p.billing_params is not None):
+            raise InvariantError(
+                "p.amount is not None and p.currency is not None and p.billing_params is not None"
+            )
         try:
             done = await self.deps.billing.order_payout(
                 str(p.id),

@@ -22,6 +22,7 @@ from service import audit, db, payouts, queue
 from service.billing.client import BillingClient
 from service.domain import Availability, Fee, Quote, instant_availability, payout_amount
 from service.domain import quote as domain_quote
+from service.invariant import InvariantError
 from service.settings import Settings
 
 ACTION = "payout.instant.request"
@@ -102,7 +103,8 @@ async def request_instant(conn: db.Conn, settings: Settings, req: InstantRequest
             details=req.audit_details,
             **queue.payout_job("instant"),
         )
-        assert row is not None
+        if row is None:
+            raise InvariantError("the press function returns one row")
         outcome = row.pop("outcome")
         now: datetime = row.pop("db_now")
         next_available_at: datetime | None = row.pop("next_available_at")
@@ -120,7 +122,8 @@ async def request_instant(conn: db.Conn, settings: Settings, req: InstantRequest
         existing = await payouts.park_state(conn, req.park_id, req.idempotency_key)
         if existing and existing["existing_fingerprint"] == req.fingerprint:
             replay = await payouts.get(conn, existing["existing_id"])
-            assert replay is not None
+            if replay is None:
+                raise InvariantError("replay is not None") from None
             return Accepted(replay, replay=True)
         conflict = Refused("payout_in_progress", "another payout for this park is in flight")
         await _audit_refusal(conn, req, conflict)
@@ -188,7 +191,10 @@ def _refusal(decision: Availability, now: datetime, *, subscription_ended: bool)
         return Refused("park_on_hold", "payouts for this park are on hold")
     if decision.reason == "payout_in_progress":
         return Refused("payout_in_progress", "a payout for this park is already in flight")
-    assert decision.reason == "cooldown_active" and decision.next_available_at is not None
+    if not (decision.reason == "cooldown_active" and decision.next_available_at is not None):
+        raise InvariantError(
+            'decision.reason == "cooldown_active" and decision.next_available_at is not None'
+        )
     wait = decision.next_available_at - now
     return Refused(
         "cooldown_active",

@@ -16,6 +16,7 @@ from procrastinate import App
 
 from service import audit, db, manual, payouts
 from service.execution import Deps
+from service.invariant import InvariantError
 
 logger = logging.getLogger(__name__)
 Q = db.queries("maintenance")
@@ -32,7 +33,8 @@ async def recover_stalled_jobs(app: App, deps: Deps) -> int:
         # put each job off by as much as this host's clock is ahead, its payout in flight.
         async with deps.pool.connection() as conn:
             row = await db.fetch_one(conn, Q["db_now"])
-            assert row is not None
+            if row is None:
+                raise InvariantError("row is not None")
             db.CLOCK.observe(row["db_now"])
     count = 0
     for job in stalled:

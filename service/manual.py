@@ -31,6 +31,7 @@ from psycopg import sql
 
 from service import audit, db, observability, parks, payouts, queue
 from service.instant import Refused
+from service.invariant import InvariantError
 from service.settings import Settings
 
 ACTION_REQUEST = "payout.manual.request"
@@ -188,7 +189,8 @@ async def _request(conn: db.Conn, settings: Settings, req: ManualRequest) -> Acc
         approval_window=settings.manual_payout_approval_window,
         details=req.audit_details,
     )
-    assert row is not None
+    if row is None:
+        raise InvariantError("row is not None")
     return Accepted(row, replay=False)
 
 
@@ -219,7 +221,8 @@ async def _decide(
             # Every decision about one park's payouts is serialised on its row.
             await parks.lock(conn, found["park_id"])
             row = await db.fetch_one(conn, payouts.Q["manual_for_decision"], id=decision.payout_id)
-            assert row is not None  # payouts are never deleted
+            if row is None:  # payouts are never deleted
+                raise InvariantError("row is not None")
             if row["status"] == "pending_approval" and row["approval_time_over"]:
                 # Too late: expire it now (committed), then refuse.
                 await db.fetch_one(conn, payouts.Q["expire"], id=decision.payout_id, limit=1)
@@ -304,7 +307,8 @@ async def _write_decision(conn: db.Conn, decision: Decision, action: str) -> pay
             request_id=decision.request_id,
             details={**details, "reason": decision.reason},
         )
-    assert row is not None  # locked and checked pending_approval above
+    if row is None:  # locked and checked pending_approval above
+        raise InvariantError("row is not None")
     return row
 
 
@@ -323,7 +327,8 @@ async def expire_due(conn: db.Conn) -> int:
 async def waiting(conn: db.Conn) -> tuple[int, float]:
     """How many requests await approval, and the oldest one's age in seconds."""
     row = await db.fetch_one(conn, payouts.Q["pending_approval_count"])
-    assert row is not None
+    if row is None:
+        raise InvariantError("row is not None")
     return int(row["waiting"]), float(row["oldest_seconds"])
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from service import db
 from service.domain import Fee
+from service.invariant import InvariantError
 
 Q = db.queries("parks")
 
@@ -63,7 +64,8 @@ async def upsert(
         until_given=until_given,
         until=until if isinstance(until, datetime) else None,
     )
-    assert row is not None  # INSERT ... ON CONFLICT DO UPDATE always returns the row
+    if row is None:  # INSERT ... ON CONFLICT DO UPDATE always returns the row
+        raise InvariantError("row is not None")
     created = bool(row.pop("created"))
     return row, created
 

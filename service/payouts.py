@@ -10,6 +10,7 @@ from uuid import UUID
 
 from service import db, queue
 from service.domain import Fee, Phase, Status, phase_of
+from service.invariant import InvariantError
 
 Q = db.queries("payouts")
 Row = dict[str, Any]
@@ -97,7 +98,8 @@ async def take(conn: db.Conn, payout_id: UUID, *, retry_window: timedelta) -> Ta
 
 async def reload(conn: db.Conn, payout_id: UUID) -> Payout:
     row = await db.fetch_as(conn, Payout, Q["get"], id=payout_id)
-    assert row is not None  # payouts are never deleted (the trigger refuses it)
+    if row is None:  # payouts are never deleted (the trigger refuses it)
+        raise InvariantError("row is not None")
     return row
 
 
@@ -192,7 +194,8 @@ async def note_transient(conn: db.Conn, payout_id: UUID, message: str) -> None:
 
 async def instant_parks(conn: db.Conn) -> Row:
     row = await db.fetch_one(conn, Q["instant_parks"])
-    assert row is not None
+    if row is None:
+        raise InvariantError("row is not None")
     return row
 
 

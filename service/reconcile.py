@@ -50,6 +50,7 @@ from service.billing import gate as billing_gate
 from service.billing.client import BillingClient, BillingPayout, Paused, PayoutPage, Transient
 from service.domain import format_money, format_timestamp
 from service.execution import Deps
+from service.invariant import InvariantError
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,10 @@ class Mismatch:
                 ours.append(f"{format_money(self.our_amount)} {self.our_currency}")
             parts.append(f"ours=({' '.join(ours)})")
         if self.billing_id is not None:
-            assert self.billing_amount is not None and self.billing_created_at is not None
+            if not (self.billing_amount is not None and self.billing_created_at is not None):
+                raise InvariantError(
+                    "self.billing_amount is not None and self.billing_created_at is not None"
+                )
             parts.append(
                 f"billing=({self.billing_id} {format_money(self.billing_amount)} "
                 f"{self.billing_currency} at {format_timestamp(self.billing_created_at)})"
@@ -397,7 +401,8 @@ async def run_daily(deps: Deps) -> Summary:
 
     async with deps.pool.connection() as conn:
         window = await db.fetch_one(conn, Q["daily_window"], days=RECONCILE_DAYS)
-        assert window is not None
+        if window is None:
+            raise InvariantError("window is not None")
         summary = await reconcile(conn, deps.billing, window["since"], window["until"], keep)
         async with conn.transaction():
             await db.execute(
@@ -480,7 +485,8 @@ async def main(
         async with pool.connection() as conn:
             if until is None:
                 now = await db.fetch_one(conn, Q["now"])
-                assert now is not None
+                if now is None:
+                    raise InvariantError("now is not None")
                 until = now["now"]
             since = since if since is not None else until - timedelta(days=1)
             if since >= until:

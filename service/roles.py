@@ -44,6 +44,7 @@ import psycopg
 from psycopg import sql
 
 from service import db
+from service.invariant import InvariantError
 
 logger = logging.getLogger(__name__)
 Q = db.queries("roles")
@@ -231,7 +232,8 @@ async def prepare(conn: db.Conn, roles: Roles = ROLES) -> None:
     """Before the migrations: create the roles (when allowed), hand every existing object
     to the owner, and go on as the owner, so that what the migrations create is its."""
     me = await db.fetch_one(conn, Q["whoami"], **roles.params)
-    assert me is not None
+    if me is None:
+        raise InvariantError("me is not None")
     user: str = me["name"]
     may_create = bool(me["superuser"] or me["createrole"])
     missing = [
@@ -254,7 +256,8 @@ async def prepare(conn: db.Conn, roles: Roles = ROLES) -> None:
                 sql.SQL("GRANT {} TO {}").format(sql.Identifier(roles.owner), sql.Identifier(user))
             )
         me = await db.fetch_one(conn, Q["whoami"], **roles.params)
-        assert me is not None
+        if me is None:
+            raise InvariantError("me is not None")
     if missing and not may_create:
         logger.warning(
             "fleet-payouts migrate: %s may not create roles (it needs superuser or "
@@ -347,7 +350,8 @@ async def _schema_privileges(conn: db.Conn, roles: Roles, me: dict[str, Any]) ->
         if not exists:
             continue
         have = await db.fetch_one(conn, Q["schema_privileges"], role=role)
-        assert have is not None
+        if have is None:
+            raise InvariantError("have is not None")
         if not have["usage"]:
             await conn.execute(
                 sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(public, sql.Identifier(role))
@@ -398,7 +402,8 @@ async def _warn_foreign_owned(conn: db.Conn, roles: Roles) -> None:
 async def grant(conn: db.Conn, roles: Roles = ROLES) -> None:
     """After the migrations: bring every privilege in line with the policy."""
     me = await db.fetch_one(conn, Q["whoami"], **roles.params)
-    assert me is not None
+    if me is None:
+        raise InvariantError("me is not None")
     if me["app_acts_as_owner"]:
         logger.warning(
             "fleet-payouts migrate: %s is a member of %s and so may change the schema, "
@@ -574,7 +579,8 @@ async def _function_statements(
 async def _default_statements(conn: db.Conn, roles: Roles) -> list[sql.Composed]:
     """Partitions made later by the owner's function are readable by DBAs at once."""
     have = await db.fetch_one(conn, Q["readonly_defaults"], readonly=roles.readonly)
-    assert have is not None
+    if have is None:
+        raise InvariantError("have is not None")
     statements: list[sql.Composed] = []
     for kind, present in (
         (sql.SQL("TABLES"), have["tables"]),

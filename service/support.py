@@ -13,6 +13,7 @@ from typing import Any
 from uuid import UUID
 
 from service import db
+from service.invariant import InvariantError
 
 Q = db.queries("support")
 Row = dict[str, Any]
@@ -82,6 +83,7 @@ async def failed_sign_ins(conn: db.Conn, *, action: str, ip: str, minutes: int) 
 
 async def now(conn: db.Conn) -> datetime:
     row = await db.fetch_one(conn, Q["now"])
-    assert row is not None
+    if row is None:
+        raise InvariantError("row is not None")
     value: datetime = row["now"]
     return value

@@ -61,7 +61,7 @@ def pg_server_url() -> Iterator[str]:
     if given:
         yield given
         return
-    from service.devenv.postgres import temporary_server
+    from fleet_payouts_devkit.postgres import temporary_server
 
     with temporary_server("fp-test-pg-", fast_unsafe=True) as url:
         yield url

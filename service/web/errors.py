@@ -14,6 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from service.invariant import InvariantError
+
 logger = logging.getLogger(__name__)
 
 # Status of each code this API can answer with; handlers name the code only.
@@ -90,12 +92,14 @@ def error_response(error: ApiError) -> JSONResponse:
 
 
 async def on_api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
+    if not isinstance(exc, ApiError):
+        raise InvariantError("isinstance(exc, ApiError)")
     return error_response(exc)
 
 
 async def on_http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
+    if not isinstance(exc, HTTPException):
+        raise InvariantError("isinstance(exc, HTTPException)")
     if exc.status_code == 405:
         allow = ", ".join(_allowed_methods(request))
         return error_response(

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from service import db, events
+from service.invariant import InvariantError
 from service.web import params
 from service.web.auth import PARK
 from service.web.errors import ApiError
@@ -54,7 +55,8 @@ async def _position(conn: db.Conn, raw: str | None) -> int:
     if new is not None:
         return int(new[0])
     legacy = params.decode_cursor(raw, (events.xid_part, events.seq_part))
-    assert legacy is not None
+    if legacy is None:
+        raise InvariantError("legacy is not None")
     xid, seq = legacy
     resolved = await events.legacy_position(conn, xid, seq)
     if resolved is None:

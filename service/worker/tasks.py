@@ -23,6 +23,7 @@ from procrastinate.retry import BaseRetryStrategy
 from service import db, observability, queue, webhooks
 from service.execution import Deps, RetryLater
 from service.execution import execute_payout as run_payout
+from service.invariant import InvariantError
 from service.worker.app import app
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ RETRY = PayoutRetry()
 def deps_of(context: JobContext) -> Deps:
     extra: dict[str, Any] = context.additional_context or {}
     deps = extra["deps"]
-    assert isinstance(deps, Deps)
+    if not isinstance(deps, Deps):
+        raise InvariantError("isinstance(deps, Deps)")
     return deps
 
 

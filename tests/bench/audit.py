@@ -97,7 +97,7 @@ def server(given: str | None, fast_unsafe: bool) -> Iterator[str]:
     if given:
         yield given
         return
-    from service.devenv.postgres import temporary_server
+    from fleet_payouts_devkit.postgres import temporary_server
 
     with temporary_server("fp-bench-audit-", fast_unsafe=fast_unsafe) as url:
         yield url

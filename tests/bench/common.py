@@ -15,7 +15,7 @@ def bench_server(workdir: Path) -> Iterator[str]:
     if given:
         yield given
         return
-    from service.devenv.postgres import EmbeddedPostgres
+    from fleet_payouts_devkit.postgres import EmbeddedPostgres
 
     pg = EmbeddedPostgres(workdir / "pg", fast_unsafe=True)
     try:

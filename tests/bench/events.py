@@ -216,7 +216,7 @@ def api_process(url: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def socket_port() -> Iterator[int]:
-    from service.devenv.processes import free_port
+    from fleet_payouts_devkit.processes import free_port
 
     yield free_port()
 

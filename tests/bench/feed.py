@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+from fleet_payouts_devkit.postgres import find_pg_bindir, temporary_server
 
 from service import db, events, migrate
-from service.devenv.postgres import find_pg_bindir, temporary_server
 from tests.conftest import with_dbname
 
 # The goal: SPEC section 2, "readable within 1 s of its commit whatever other transactions

@@ -49,6 +49,7 @@ from typing import IO, Any, LiteralString, cast
 
 import httpx
 import psycopg
+from fleet_payouts_devkit.processes import free_port
 from procrastinate.types import JSONValue
 from psycopg import sql
 from psycopg.rows import TupleRow
@@ -56,7 +57,6 @@ from psycopg.rows import TupleRow
 from service import db, migrate, periodic
 from service import settings as settings_module
 from service.billing.client import BillingClient, Budget
-from service.devenv.processes import free_port
 from service.execution import Deps
 from service.instant import InstantRequest
 from service.settings import Settings
@@ -369,7 +369,7 @@ class Bench:
         env = self.child_env(None)
         child = await self.spawn(
             "billing-emulator",
-            [sys.executable, "-m", "service.billing.emulator", "--port", str(port)],
+            [sys.executable, "-m", "fleet_payouts_devkit.emulator", "--port", str(port)],
             env,
         )
         self.billing_url = f"http://127.0.0.1:{port}"
@@ -1292,7 +1292,7 @@ def _server(workdir: Path) -> Iterator[tuple[str, str]]:
     if given:
         yield given, "PostgreSQL at BENCH_DATABASE_URL"
         return
-    from service.devenv.postgres import EmbeddedPostgres
+    from fleet_payouts_devkit.postgres import EmbeddedPostgres
 
     durable = os.environ.get("BENCH_DURABLE") == "1"
     pg = EmbeddedPostgres(workdir / "pg", fast_unsafe=not durable)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fleet_payouts_devkit.dev import DEV_API_TOKEN
+from fleet_payouts_devkit.processes import free_port
 
-from service.devenv.processes import free_port
-from service.devenv.run import DEV_API_TOKEN
 from tests.helpers.procs import wait_for
 
 pytestmark = pytest.mark.e2e

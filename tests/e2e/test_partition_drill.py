@@ -44,11 +44,11 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from fleet_payouts_devkit.processes import free_port
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from service import roles
-from service.devenv.processes import free_port
 from tests.conftest import service_env
 from tests.helpers.api import register, set_balance, set_faults, stats
 from tests.helpers.drill import (

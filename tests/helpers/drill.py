@@ -28,11 +28,11 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from fleet_payouts_devkit.postgres import EmbeddedPostgres, EmbeddedPostgresError
+from fleet_payouts_devkit.processes import free_port
 from psycopg.rows import DictRow, dict_row
 
 from service import migrate
-from service.devenv.postgres import EmbeddedPostgres, EmbeddedPostgresError
-from service.devenv.processes import free_port
 from tests.conftest import API_TOKEN, with_dbname
 from tests.helpers.api import (
     FINAL,

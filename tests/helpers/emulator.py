@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from service.billing.emulator import RateStats
-from service.devenv.processes import free_port, stop_process
+from fleet_payouts_devkit.emulator import RateStats
+from fleet_payouts_devkit.processes import free_port, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 15.0
@@ -82,7 +81,7 @@ def run_emulator(port: int | None = None, env: dict[str, str] | None = None) -> 
             cmd = [
                 sys.executable,
                 "-m",
-                "service.billing.emulator",
+                "fleet_payouts_devkit.emulator",
                 "--host",
                 "127.0.0.1",
                 "--port",

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from fleet_payouts_devkit.processes import free_port, stop_process
 
-from service.devenv.processes import free_port, stop_process
 from tests.helpers.emulator import REPO_ROOT
 
 

@@ -24,12 +24,12 @@ from typing import Any
 
 import httpx
 import uvicorn
+from fleet_payouts_devkit.processes import free_port
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service.devenv.processes import free_port
 from tests.helpers.procs import wait_for
 
 # (path, answer) -> the answer to send instead, for 200 JSON answers.

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
-from service.devenv.postgres import EmbeddedPostgres
+from fleet_payouts_devkit.postgres import EmbeddedPostgres
 
 
 @pytest.fixture

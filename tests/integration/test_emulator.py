@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
+from fleet_payouts_devkit.emulator import RateStats
 
-from service.billing.emulator import RateStats
 from tests.helpers.emulator import run_emulator
 
 DEADLINE_S = 5.0

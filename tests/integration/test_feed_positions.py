@@ -17,11 +17,11 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from fleet_payouts_devkit.postgres import find_pg_bindir, temporary_server
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from service import db, events, migrate, webhooks
-from service.devenv.postgres import find_pg_bindir, temporary_server
 from tests.conftest import drop_database, make_settings, with_dbname
 from tests.helpers.api import app_client, assert_error, park_headers
 from tests.helpers.events import (

@@ -194,7 +194,8 @@ def test_backup_restores_into_a_fresh_cluster(
     """The backup and restore blocks, pasted as their roles, take a dump of a live database
     holding pg_stat_statements and a payout into a fresh cluster: pg_restore exits 0, migrate
     and audit verify pass, and the events feed check runs."""
-    from service.devenv.postgres import temporary_server
+    from fleet_payouts_devkit.postgres import temporary_server
+
     from tests.helpers.api import app_client, press_headers, register
 
     pg.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")  # as compose's initdb does

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -41,3 +42,15 @@ def test_use_cases_never_import_an_edge() -> None:
     for module in ("service.instant", "service.execution", "service.periodic", "service.payouts"):
         edges = {m for m in loaded_by(module) if m.startswith(("service.web", "service.worker"))}
         assert set() == edges, module
+
+
+def test_the_runtime_package_imports_nothing_from_the_dev_kit() -> None:
+    """No module of service/ imports fleet_payouts_devkit (the emulator, the embedded
+    PostgreSQL, `dev`): the production image, which leaves the dev kit out, loads all of it.
+    Only the CLI names the kit, as a string, for its two dev commands."""
+    offenders = [
+        str(path.relative_to(REPO_ROOT))
+        for path in sorted((REPO_ROOT / "service").rglob("*.py"))
+        if re.search(r"^\s*(from|import)\s+fleet_payouts_devkit", path.read_text(), re.M)
+    ]
+    assert [] == offenders

@@ -27,6 +27,7 @@ from starlette.templating import Jinja2Templates
 
 from service import audit, cancel, db, instant, park_admin, parks, payouts, support
 from service.domain import Fee, is_park_id, parse_fee_fixed, parse_fee_percent, parse_money
+from service.invariant import InvariantError
 from service.settings import Settings
 from service.web import cursors, params, views
 from service.web.console import manual, sentences
@@ -442,7 +443,8 @@ async def _park_page(
         else None
     )
     park = views.park_json(row, settings)
-    assert decision is not None
+    if decision is None:
+        raise InvariantError("decision is not None")
     return render(
         request,
         "park.html",

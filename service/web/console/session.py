@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service.domain import format_timestamp, is_visible_ascii, parse_timestamp
+from service.invariant import InvariantError
 from service.settings import Settings
 
 COOKIE = "fp_console"
@@ -44,13 +45,15 @@ class Session:
 
 
 def _serializer(settings: Settings, salt: str) -> URLSafeSerializer:
-    assert settings.console_secret is not None
+    if settings.console_secret is None:
+        raise InvariantError("settings.console_secret is not None")
     return URLSafeSerializer(settings.console_secret, salt=salt)
 
 
 def token_fingerprint(settings: Settings, token: str) -> str:
     """Names the admin token without revealing it (the cookie is the browser's to read)."""
-    assert settings.console_secret is not None
+    if settings.console_secret is None:
+        raise InvariantError("settings.console_secret is not None")
     key = settings.console_secret.encode()
     return hmac.new(key, b"admin-token:" + token.encode(), hashlib.sha256).hexdigest()[:32]
 

@@ -25,7 +25,7 @@ from types import TracebackType
 
 import psycopg
 
-from service.devenv.processes import free_port, port_is_free
+from fleet_payouts_devkit.processes import free_port, port_is_free
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import httpx
 
+from fleet_payouts_devkit.processes import port_is_free, stop_process, wait_until
 from service import db, migrate, parks, roles
-from service.devenv.processes import port_is_free, stop_process, wait_until
 
 DATA_DIR = Path(".fleet-payouts")
 # Dev-only tokens, printed in the help text; never used unless dev sets them.
@@ -53,7 +53,7 @@ def database() -> Iterator[tuple[str, str]]:
         say("using DATABASE_URL from the environment")
         yield url, url
         return
-    from service.devenv.postgres import EmbeddedPostgres
+    from fleet_payouts_devkit.postgres import EmbeddedPostgres
 
     data = data_dir()
     pg = EmbeddedPostgres(data)
@@ -71,7 +71,7 @@ def database() -> Iterator[tuple[str, str]]:
 def data_dir() -> Path:
     """./.fleet-payouts/pg, or, for root in a folder the postgres account cannot
     reach (a mode-0700 home), a folder of its own under /var/tmp."""
-    from service.devenv.postgres import reachable_by_server
+    from fleet_payouts_devkit.postgres import reachable_by_server
 
     local = (DATA_DIR / "pg").resolve()
     if reachable_by_server(local):

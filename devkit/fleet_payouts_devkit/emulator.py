@@ -78,6 +78,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.domain import parse_timestamp
+from service.invariant import InvariantError
 
 __all__ = ["EmulatorState", "Faults", "RateStats", "create_app", "main", "run"]
 
@@ -493,7 +494,8 @@ class EmulatorState:
 
 def _state(request: Request) -> EmulatorState:
     state = request.app.state.emulator
-    assert isinstance(state, EmulatorState)
+    if not isinstance(state, EmulatorState):
+        raise InvariantError("isinstance(state, EmulatorState)")
     return state
 
 
@@ -766,7 +768,8 @@ async def reset(request: Request) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Unknown paths and methods answer in the same JSON error shape as everything else."""
-    assert isinstance(exc, HTTPException)
+    if not isinstance(exc, HTTPException):
+        raise InvariantError("isinstance(exc, HTTPException)")
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return JSONResponse(
         {"code": code, "message": str(exc.detail)},
