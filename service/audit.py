@@ -109,7 +109,13 @@ async def ensure_partitions(
     created = 0
     missing = 0
     for attempt in range(attempts):
-        row = await db.fetch_one(conn, Q["ensure_partitions"], months_ahead=months_ahead)
+        async with conn.transaction():
+            # The SQL function adds a month to a timestamptz, which PostgreSQL does in the
+            # session's TimeZone (a fresh cluster's default is the host's): in a zone west
+            # of UTC, or one with DST, the month would end days or hours off the UTC month,
+            # leaving a gap no insert fits (or an overlap that stops every later month).
+            await conn.execute("SET LOCAL TimeZone = 'UTC'")
+            row = await db.fetch_one(conn, Q["ensure_partitions"], months_ahead=months_ahead)
         created += int(row["created"]) if row else 0
         row = await db.fetch_one(conn, Q["missing_partitions"], months_ahead=months_ahead)
         missing = int(row["missing"]) if row else 0

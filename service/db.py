@@ -126,6 +126,16 @@ async def _autocommit(conn: Conn) -> None:
     # Set here rather than in connect kwargs: procrastinate opens its LISTEN
     # connection with the pool's kwargs plus its own autocommit=True.
     await conn.set_autocommit(True)
+    await _utc(conn)
+
+
+# Time rules add intervals to timestamps in SQL (`now() + '3 days'`: psycopg sends a
+# timedelta of 72 hours so), which PostgreSQL does in the session's TimeZone: in a zone
+# with DST, 3 days are 71 or 73 hours. Every session runs in UTC, whatever the
+# database's or the role's default or a host's PGTZ (which libpq sends after `options`,
+# so it wins over a `-c TimeZone` there): hosts decide alike.
+async def _utc(conn: Conn) -> None:
+    await conn.execute("SET TimeZone = 'UTC'")
 
 
 # A connection used less than this long ago is handed out without a probe:
@@ -182,6 +192,7 @@ async def connect(url: str, *, name: str) -> Conn:
     conn = await psycopg.AsyncConnection.connect(
         url, autocommit=True, **connect_kwargs(f"fleet-payouts-{name}")
     )
+    await _utc(cast(Conn, conn))
     return cast(Conn, conn)
 
 

@@ -80,6 +80,7 @@ async def apply(conn: db.Conn, item: BillingReturn) -> int:
     """Apply one return inside the caller's transaction: 1 if applied, 0 if not ours to apply."""
     payout_id = _our_id(item.idempotency_key)
     if payout_id is not None:
+        await db.fetch_one(conn, Q["lock_park"], id=payout_id)
         done = await db.fetch_one(
             conn, Q["apply"], id=payout_id, code=item.code, returned_at=item.returned_at
         )

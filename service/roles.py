@@ -416,6 +416,7 @@ async def grant(conn: db.Conn, roles: Roles = ROLES) -> None:
         )
     statements = await _relation_statements(conn, roles, me)
     statements += await _function_statements(conn, roles, me)
+    statements += await _pinned_search_paths(conn)
     if me["readonly_exists"]:
         statements += await _default_statements(conn, roles)
     if not statements:
@@ -574,6 +575,19 @@ async def _function_statements(
                     sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM {}").format(target, role)
                 )
     return statements
+
+
+async def _pinned_search_paths(conn: db.Conn) -> list[sql.Composed]:
+    """Every function of ours resolves names in pg_catalog (implicitly first), our schema,
+    then pg_temp last, and creates in our schema: the app role may create temporary
+    tables, and one named `events` or `parks` must never stand in for ours inside a
+    definer function or a guard trigger (whatever migration made the function)."""
+    return [
+        sql.SQL("ALTER FUNCTION {} SET search_path = public, pg_temp").format(
+            sql.SQL(cast(LiteralString, fn["signature"]))
+        )
+        for fn in await db.fetch_all(conn, Q["unpinned_functions"])
+    ]
 
 
 async def _default_statements(conn: db.Conn, roles: Roles) -> list[sql.Composed]:

@@ -75,6 +75,21 @@ async def approvals_queue(conn: db.Conn, *, limit: int) -> list[Row]:
     return await db.fetch_all(conn, Q["approvals_queue"], limit=limit)
 
 
+async def signed_out(
+    conn: db.Conn, *, action: str, user_id: str, issued_at: datetime, session: str
+) -> bool:
+    """Whether the console session `session` of `user_id` has been signed out."""
+    row = await db.fetch_one(
+        conn, Q["signed_out"], action=action, user_id=user_id, issued_at=issued_at, session=session
+    )
+    return bool(row and row["signed_out"])
+
+
+async def lock_sign_ins(conn: db.Conn, *, ip: str) -> None:
+    """Serialise sign-ins from `ip` until the transaction ends (the count stays exact)."""
+    await conn.execute(Q["lock_sign_ins"], {"ip": ip})
+
+
 async def failed_sign_ins(conn: db.Conn, *, action: str, ip: str, minutes: int) -> int:
     """Refused sign-ins from `ip` in the last `minutes`, by the database's clock."""
     row = await db.fetch_one(conn, Q["failed_sign_ins"], action=action, ip=ip, minutes=minutes)

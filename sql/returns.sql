@@ -6,6 +6,15 @@ SELECT cursor FROM billing_returns_cursor
 -- The feed's cursor after the page just applied, in the page's transaction.
 UPDATE billing_returns_cursor SET cursor = %(cursor)s, updated_at = now()
 
+-- lock_park --
+-- The returned payout's park, locked before `apply` runs as a statement of its
+-- own: `apply` recomputes the park's clocks from its payouts, and a statement
+-- that waited for the park's lock still reads from the snapshot it started
+-- with, so it would forget a payout of the park that succeeded meanwhile.
+SELECT k.park_id FROM parks k
+WHERE k.park_id = (SELECT p.park_id FROM payouts p WHERE p.id = %(id)s)
+FOR NO KEY UPDATE
+
 -- apply --
 -- succeeded -> returned (the only way in: payouts_guard), the park on hold
 -- and its clocks recomputed without the returned payout (it no longer counts
@@ -13,7 +22,8 @@ UPDATE billing_returns_cursor SET cursor = %(cursor)s, updated_at = now()
 -- columns), the system audit entries; the event comes from the outbox
 -- trigger. One statement. No row: the payout is not succeeded here.
 WITH returned AS (
-    UPDATE payouts SET status = 'returned', return_code = %(code)s, returned_at = %(returned_at)s
+    UPDATE payouts SET status = 'returned', return_code = %(code)s,
+                       returned_at = coalesce(%(returned_at)s::timestamptz, now())
     WHERE id = %(id)s AND status = 'succeeded'
     RETURNING *
 ), before AS (
@@ -57,5 +67,5 @@ SELECT status, return_code FROM payouts WHERE id = %(id)s
 -- A return no succeeded payout of ours explains: kept for reconciliation
 -- (returned_at_billing), never applied.
 INSERT INTO billing_returns_unmatched (idempotency_key, code, returned_at, our_status)
-VALUES (%(key)s, %(code)s, %(returned_at)s, %(our_status)s)
+VALUES (%(key)s, %(code)s, coalesce(%(returned_at)s::timestamptz, now()), %(our_status)s)
 ON CONFLICT (idempotency_key) DO NOTHING

@@ -136,3 +136,20 @@ SELECT m.member, m.role,
        to_regrole(m.member) IS NOT NULL AND to_regrole(m.role) IS NOT NULL
            AND pg_has_role(m.member::name, m.role::name, 'MEMBER') AS held
 FROM unnest(%(members)s::text[], %(roles)s::text[]) AS m(member, role)
+
+-- unpinned_functions --
+-- Our PL/pgSQL functions (triggers included) whose search_path is not pinned to public with
+-- pg_temp last. Unpinned, a session's temporary table named like ours (`events`,
+-- `parks`) comes first: a definer function writes into it, a guard trigger reads it.
+SELECT p.oid::regprocedure::text AS signature
+FROM pg_proc p
+JOIN pg_language l ON l.oid = p.prolang
+WHERE p.pronamespace = 'public'::regnamespace
+  AND l.lanname = 'plpgsql'
+  AND p.proname NOT LIKE 'procrastinate%%'
+  AND pg_has_role(current_user, p.proowner, 'USAGE')
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_depend d
+      WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+  AND NOT coalesce('search_path=public, pg_temp' = ANY (p.proconfig), false)
+ORDER BY 1

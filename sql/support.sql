@@ -77,6 +77,22 @@ WHERE status = 'pending_approval'
 ORDER BY created_at, id
 LIMIT %(limit)s
 
+-- signed_out --
+-- Whether this session was signed out: the cookie is the browser's, so a copy of it
+-- (stolen, or left in another browser) must not outlive the sign-out. Through the
+-- actor's index, from the session's start.
+SELECT EXISTS (
+    SELECT 1 FROM audit_log
+    WHERE actor_id = %(user_id)s AND at >= %(issued_at)s
+      AND action = %(action)s AND outcome = 'ok'
+      AND details->>'session' = %(session)s
+) AS signed_out
+
+-- lock_sign_ins --
+-- One address's sign-ins one at a time, on every host: each counts the failures
+-- before it and writes its own before the next counts.
+SELECT pg_advisory_xact_lock(hashtextextended('console.sign_in ' || %(ip)s, 0))
+
 -- failed_sign_ins --
 -- Console sign-ins refused from one address within the window (the action's index).
 SELECT count(*) AS n FROM audit_log

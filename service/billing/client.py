@@ -164,7 +164,8 @@ class BillingReturn:
 
     idempotency_key: str
     code: str
-    returned_at: datetime
+    # None: Billing's time was unreadable; the time we read it stands in.
+    returned_at: datetime | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,19 +380,9 @@ class BillingClient:
                 next_cursor is None or isinstance(next_cursor, str)
             ):
                 raise TypeError("returns must be a list and next_cursor a string or null")
-            returns = [
-                BillingReturn(
-                    # PostgreSQL text cannot hold NUL: one odd return must not
-                    # stop the feed for every later one.
-                    idempotency_key=str(item["idempotency_key"]).replace("\x00", "")[:255],
-                    code=str(item["code"]).replace("\x00", "")[:100] or "unknown",
-                    returned_at=_parse_timestamp(item["returned_at"]),
-                )
-                for item in items
-            ]
         except (KeyError, TypeError, AttributeError) as exc:
             raise Transient(f"Billing sent a malformed returns page: {exc}") from exc
-        return ReturnsPage(returns, next_cursor)
+        return ReturnsPage([r for r in map(_return, items) if r is not None], next_cursor)
 
     async def payouts_made(
         self, since: datetime, until: datetime, *, cursor: str | None = None
@@ -535,6 +526,38 @@ def _payout(data: Any, *, listed: bool = False) -> BillingPayout:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise Undecided(f"Billing sent a malformed payout: {exc}", status=200) from None
+
+
+def _return(item: Any) -> BillingReturn | None:
+    """One item of the returns feed. One odd item must not stop the feed for every later
+    one: an unreadable code or time is still a return of that key (applied, so its park is
+    held; returned_at is then the time we read it), and an item without a key is left to
+    reconciliation (returned_at_billing: Billing's payout says returned)."""
+    if not isinstance(item, dict):
+        logger.error(
+            "returns feed: an item that is no object, left to reconciliation: %.200r", item
+        )
+        return None
+    key = item.get("idempotency_key")
+    if not isinstance(key, str | int) or not str(key).replace("\x00", ""):
+        logger.error(
+            "returns feed: an item without a usable key, left to reconciliation: %.200r", item
+        )
+        return None
+    try:
+        returned_at: datetime | None = _parse_timestamp(item.get("returned_at"))
+    except (TypeError, ValueError, AttributeError):
+        logger.error(
+            "returns feed: key %.64s: unreadable returned_at %.64r", key, item.get("returned_at")
+        )
+        returned_at = None
+    code = item.get("code")
+    return BillingReturn(
+        # PostgreSQL text cannot hold NUL.
+        idempotency_key=str(key).replace("\x00", "")[:255],
+        code=(str(code).replace("\x00", "")[:100] if code is not None else "") or "unknown",
+        returned_at=returned_at,
+    )
 
 
 def _parse_timestamp(raw: Any) -> datetime:

@@ -14,11 +14,18 @@ shape with an X-Request-Id, like every other answer:
   new connection must start one as soon), the body within body_seconds of the
   head: else 408 and the connection closes (slowloris, never-ending chunked
   bodies). A connection that never sent a byte is closed without an answer.
+- a response the client does not take (its socket's buffers full) for
+  body_seconds aborts the connection: a reader that never reads, or pipelines
+  requests and never reads their answers, cannot hold a connection slot forever.
 - a response sent before its request's body was all read says Connection: close
   and closes the connection, so an unread body can never keep it open.
 - beyond EdgeLimits.max_connections open connections, a new one is answered
   503 unavailable with Retry-After and closed: descriptors stay for the ones in
   flight and for the database.
+- at most MAX_PIPELINED requests may wait behind the one being answered: the
+  parser reads a whole 256 kB read at once, and each request queued took a few
+  kB (8,000 pipelined /ping per read, 20 connections: +480 MB); a connection
+  past it is aborted (no client of this API pipelines; nginx never does).
 - a request the parser refuses (NUL or control characters in a header, two
   Content-Lengths, Content-Length with Transfer-Encoding, an HTTP/2 preface) is
   a JSON 400 invalid_request rather than uvicorn's text page.
@@ -54,6 +61,12 @@ MAX_HEAD = 16 * 1024
 # it is answered 503: reading it first lets the client see the answer instead
 # of a reset.
 REFUSAL_READ_SECONDS = 1.0
+# Requests queued on one connection behind the one being answered (see above).
+MAX_PIPELINED = 16
+
+
+class _PipelineTooDeep(Exception):
+    """Raised inside the parser's callback: stops it parsing the rest of the read."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +120,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._line_done = False
         self._counting = True  # bytes arriving now belong to a request head
         self._tail = b""
+        self._stall: asyncio.TimerHandle | None = None
+        self._too_deep = False
 
     # -- connections over the cap -------------------------------------------------------
 
@@ -126,6 +141,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._stop_stall_timer()
         if self._refused:
             return
         super().connection_lost(exc)
@@ -182,6 +198,9 @@ class GuardedProtocol(HttpToolsProtocol):
         return None
 
     def on_headers_complete(self) -> None:
+        if len(self.pipeline) >= MAX_PIPELINED:
+            self._too_deep = True
+            raise _PipelineTooDeep  # the parser's error: send_400_response aborts
         self._phase = "body"
         self._arm(self.LIMITS.body_seconds)
         previous = self.cycle
@@ -223,6 +242,12 @@ class GuardedProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         # The parser refused the bytes: no request to hand to the app.
         self._disarm()
+        if self._too_deep:
+            # Answers to the queued requests are still to come: a 400 now would be
+            # read as the first one's. Nothing is owed to a client that floods.
+            logger.info("edge: over %d pipelined requests: connection aborted", MAX_PIPELINED)
+            self.transport.abort()
+            return
         if not self.transport.is_closing():
             self.transport.write(
                 error_bytes(
@@ -255,6 +280,32 @@ class GuardedProtocol(HttpToolsProtocol):
                 error_bytes(status, code, message, self.server_state.default_headers)
             )
             self.transport.close()
+
+    # -- the write timer: a client that stops reading ---------------------------------------
+
+    def pause_writing(self) -> None:
+        # The transport's buffer is over its high-water mark: the client is not
+        # reading. Without a limit the answer (and the connection) would wait forever.
+        super().pause_writing()
+        self._stop_stall_timer()
+        self._stall = self.loop.call_later(self.LIMITS.body_seconds, self._stalled)
+
+    def resume_writing(self) -> None:
+        self._stop_stall_timer()
+        super().resume_writing()
+
+    def _stop_stall_timer(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        logger.info(
+            "edge: a response untaken for %.0f s: connection aborted", self.LIMITS.body_seconds
+        )
+        # abort, not close: close would wait for the buffer to drain, which never comes.
+        self.transport.abort()
 
     # -- the read timer -----------------------------------------------------------------
 

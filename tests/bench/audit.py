@@ -111,7 +111,9 @@ def _as_is(text: str) -> str:
     return text
 
 
-def generate(month: date, count: int, first_id: int, rng: random.Random) -> tuple[list, list]:
+def generate(
+    month: date, count: int, first_id: int, rng: random.Random
+) -> tuple[list[audit_chain.Row], list[audit_chain.Row]]:
     """One month's entries in time order, linked into STRIPES chains; and the heads."""
     start = datetime(month.year, month.month, 1, tzinfo=UTC)
     span = (audit_chain.next_month(month) - month).total_seconds()
@@ -258,7 +260,7 @@ def inserts_per_second(url: str, seconds: float, hold_ms: float = 0) -> float:
                 start.wait()
                 while not stop.is_set():
                     with c.transaction():
-                        c.execute(statement, (f"user-{n}", f"park-{n}", '{"k": 1}'))  # type: ignore[arg-type]
+                        c.execute(statement, (f"user-{n}", f"park-{n}", '{"k": 1}'))
                         if hold_ms:
                             c.execute("SELECT pg_sleep(%s)", (hold_ms / 1000,))
                     counts[n] += 1
@@ -291,7 +293,7 @@ def use_variant(url: str, variant: str) -> None:
             ("zz_bench_one_chain", single),
         ):
             state = "ENABLE ALWAYS" if on else "DISABLE"
-            conn.execute(f"ALTER TABLE audit_log {state} TRIGGER {trigger}")  # type: ignore[arg-type]
+            conn.execute(f"ALTER TABLE audit_log {state} TRIGGER {trigger}")
 
 
 def figure_inserts(url: str, seconds: float) -> dict[str, float]:

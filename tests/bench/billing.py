@@ -161,7 +161,7 @@ def run_once(
         def registered() -> bool:
             with psycopg.connect(url) as conn:
                 row = conn.execute("SELECT count(*) FROM procrastinate_workers").fetchone()
-            return bool(row) and row[0] == WORKERS
+            return row is not None and row[0] == WORKERS
 
         wait_for(registered, timeout=60, interval=0.1, what="the workers to register")
         cpu_before = sum(cpu_seconds(p.pid) for p in procs)

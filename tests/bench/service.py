@@ -646,6 +646,8 @@ def pgbench_script(max_amount: Decimal) -> str:
         requested_amount="NULL",
         max_amount=f"{max_amount}",
         min_amount="1.00",
+        fee_percent="NULL",
+        fee_fixed="NULL",
         queue="'payouts'",
         task="'execute_payout'",
         priority="50",

@@ -287,3 +287,53 @@ def test_pipelined_requests_are_all_answered_and_the_connection_kept(
         status, _, _ = read_answer(sock)
     assert 2 == data.count(b"HTTP/1.1 200")
     assert 200 == status
+
+
+def test_clients_that_never_read_their_answers_do_not_hold_the_connection_cap(
+    pg_server_url: str, template_url: str, emulator_url: str, tmp_path: Path
+) -> None:
+    """API_MAX_CONNECTIONS connections that pipeline 200 requests for /openapi.json (10 MB of
+    answers, more than the sockets' buffers) and never read an answer are aborted, so /ping
+    is served again while the attacker still holds its sockets (a slow reader held its
+    connection, and the cap, forever). Past MAX_PIPELINED the edge aborts them at once;
+    within it, an answer stalled for API_BODY_TIMEOUT_SECONDS does."""
+    url = create_database(pg_server_url, template=TEMPLATE)
+    env = service_env(url, emulator_url, API_MAX_CONNECTIONS="20", **TIMEOUTS)
+    with (
+        contextlib.closing(_Dropper(pg_server_url, url)),
+        cluster(env, tmp_path) as c,
+        contextlib.ExitStack() as readers,
+    ):
+        api = c.api()
+        for _ in range(20):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(address(api))
+            readers.callback(sock.close)
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
+
+        def pinged() -> bool:
+            try:
+                return httpx.get(f"{api}/ping", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(pinged, timeout=20, what="/ping served while the slow readers keep their sockets")
+
+
+def test_a_deep_pipeline_takes_no_memory(served: tuple[str, Proc]) -> None:
+    """Twenty connections each sending 8,000 pipelined requests for /ping in one write are
+    closed by the server, the API's memory stays within 30 MB of where it was, and /ping
+    answers (each request queued took a few kB: +480 MB, the connections kept)."""
+    api, proc = served
+    before = rss_mb(proc)
+    with contextlib.ExitStack() as floods:
+        socks = [floods.enter_context(connect(api, timeout=10)) for _ in range(20)]
+        for sock in socks:
+            sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n" * 8000)
+        for sock in socks:
+            with contextlib.suppress(ConnectionResetError):
+                while sock.recv(65536):  # a timeout here: the server kept the connection
+                    pass
+        assert rss_mb(proc) - before < 30
+    assert 200 == httpx.get(f"{api}/ping", timeout=5).status_code

@@ -90,7 +90,7 @@ SCHEMA.config.checks.positive_data_acceptance.expected_statuses = [
 OPAQUE = ("cursor", "after")
 
 
-def checks_for(case: Case) -> list[Any]:
+def checks_for(case: Case[Any]) -> list[Any]:
     """Every check, less positive data acceptance for a case carrying a made-up cursor."""
     if any(name in (case.query or {}) for name in OPAQUE):
         return [check for check in CHECKS if check is not positive_data_acceptance]
@@ -156,7 +156,7 @@ def token_for(path: str) -> str:
     suppress_health_check=list(HealthCheck),
 )
 def test_no_input_gets_a_server_error_or_an_undescribed_answer(
-    case: schemathesis.Case, api: str
+    case: schemathesis.Case[Any], api: str
 ) -> None:
     """Every generated request, valid or hostile, is answered below 500 and as described."""
     headers = {"Authorization": f"Bearer {token_for(case.path)}"}
@@ -175,18 +175,18 @@ def test_stateful_links_reach_cancel_and_answer_as_described(fresh_api: str) -> 
     reached: set[str] = set()
 
     class Workflow(SCHEMA.as_state_machine()):  # type: ignore[misc]
-        def get_call_kwargs(self, case: Case) -> dict[str, Any]:
+        def get_call_kwargs(self, case: Case[Any]) -> dict[str, Any]:
             return {
                 "base_url": fresh_api,
                 "headers": {"Authorization": f"Bearer {token_for(case.path)}"},
                 "timeout": 10,
             }
 
-        def after_call(self, response: Response, case: Case) -> None:
+        def after_call(self, response: Response, case: Case[Any]) -> None:
             reached.add(f"{case.method} {case.path} {response.status_code}")
 
         def validate_response(
-            self, response: Response, case: Case, additional_checks: Any = None, **kwargs: Any
+            self, response: Response, case: Case[Any], additional_checks: Any = None, **kwargs: Any
         ) -> None:
             case.validate_response(response, checks=checks_for(case), transport_kwargs=kwargs)
 

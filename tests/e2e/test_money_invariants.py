@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 import psycopg
@@ -60,7 +60,15 @@ def system(db_url: str, proxy: BillingProxy, tmp_path: Path) -> Iterator[Cluster
         yield c
 
 
-def skewed(offset: str) -> dict[str, str]:
+class Skew(TypedDict):
+    """libfaketime's environment: its keys named, so none is taken for worker()'s own."""
+
+    LD_PRELOAD: str
+    FAKETIME: str
+    FAKETIME_DONT_FAKE_MONOTONIC: str
+
+
+def skewed(offset: str) -> Skew:
     """Environment that shifts a process's wall clock by `offset` (libfaketime)."""
     if not FAKETIME_LIB.exists():
         pytest.skip("libfaketime is not installed (Debian package faketime; .ci/run installs it)")

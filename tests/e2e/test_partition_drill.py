@@ -485,8 +485,10 @@ def test_partition_drill_three_hosts_cut_off_at_random_lose_double_and_overlap_n
         Receiver() as receiver,
     ):
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(LEASE_LOG)  # type: ignore[arg-type]
-        pg_port = int(conninfo_to_dict(url)["port"])
+            conn.execute(LEASE_LOG)
+        pg_port_text = conninfo_to_dict(url)["port"]
+        assert pg_port_text is not None
+        pg_port = int(pg_port_text)
         billing_port = httpx.URL(billing_url).port
         assert billing_port is not None
         wired: list[Wired] = []

@@ -44,9 +44,9 @@ def add_month(pg: Pg, month: date) -> str:
     the owner's like the upkeep's."""
     end = audit_chain.next_month(month)
     name = partition(month)
-    pg.execute(f"SET ROLE {roles.ROLES.owner}")  # type: ignore[arg-type]
+    pg.execute(f"SET ROLE {roles.ROLES.owner}")
     pg.execute(
-        f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF audit_log "  # type: ignore[arg-type]
+        f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF audit_log "
         f"FOR VALUES FROM ('{month}') TO ('{end}')"
     )
     pg.execute("RESET ROLE")
@@ -68,7 +68,7 @@ def write(pg: Pg, at: datetime | None = None, **columns: Any) -> DictRow:
     names = ", ".join(values)
     marks = ", ".join(f"%({n})s" for n in values)
     row = pg.execute(
-        f"INSERT INTO audit_log ({names}) VALUES ({marks}) "  # type: ignore[arg-type]
+        f"INSERT INTO audit_log ({names}) VALUES ({marks}) "
         "RETURNING id, at, chain_stripe, chain_seq, chain_hash",
         {k: psycopg.types.json.Jsonb(v) if isinstance(v, dict) else v for k, v in values.items()},
     ).fetchone()

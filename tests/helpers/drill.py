@@ -385,7 +385,9 @@ FEED_HEADERS = {"Authorization": f"Bearer {API_TOKEN}"}  # every park's events
 
 def feed_page(client: httpx.Client, api: str, after: str | None) -> tuple[int, dict[str, Any]]:
     """One GET /v1/events page of every park's events: status and body."""
-    params = {"limit": 100} if after is None else {"limit": 100, "after": after}
+    params: dict[str, int | str] = (
+        {"limit": 100} if after is None else {"limit": 100, "after": after}
+    )
     r = client.get(f"{api}/v1/events", params=params, headers=FEED_HEADERS)
     body: dict[str, Any] = (
         r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
@@ -529,7 +531,7 @@ def check_books(
             if p["kind"] == "instant"
         }
         accepted = [p for p in load.presses if p.payout_id is not None]
-        told = {p.payout_id: (p.park, p.key) for p in accepted}
+        told = {p.payout_id: (p.park, p.key) for p in load.presses if p.payout_id is not None}
         assert len(accepted) == len(told), "two presses told the same payout"
         by_key = {(p.park, p.key): p for p in load.presses}
         unlike = {

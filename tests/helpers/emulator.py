@@ -18,7 +18,8 @@ from typing import Any
 
 import httpx
 from fleet_payouts_devkit.emulator import RateStats
-from fleet_payouts_devkit.processes import free_port, stop_process
+from fleet_payouts_devkit.processes import free_port as free_port  # the tests take it from here
+from fleet_payouts_devkit.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 15.0

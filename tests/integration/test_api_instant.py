@@ -51,9 +51,12 @@ def press(
     client: TestClient, park: str = "p1", key: str = "k1", body: Any = None, **extra: str
 ) -> httpx.Response:
     headers = press_headers(park=park, key=key, **extra)
+    r: httpx.Response
     if isinstance(body, bytes):
-        return client.post("/v1/payouts/instant", content=body, headers=headers)
-    return client.post("/v1/payouts/instant", json=body, headers=headers)
+        r = client.post("/v1/payouts/instant", content=body, headers=headers)
+    else:
+        r = client.post("/v1/payouts/instant", json=body, headers=headers)
+    return r
 
 
 def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:

@@ -34,7 +34,8 @@ from tests.helpers.api import (
 
 def press(client: TestClient, park: str = "p1", key: str = "k1") -> httpx.Response:
     headers = press_headers(park, key=key)
-    return client.post("/v1/payouts/instant", json={}, headers=headers)
+    r: httpx.Response = client.post("/v1/payouts/instant", json={}, headers=headers)
+    return r
 
 
 def availability(client: TestClient, park: str = "p1") -> dict[str, Any]:

@@ -69,21 +69,21 @@ REATTACH = [
 
 def export(pg: Pg, statement: str) -> bytes:
     out = io.BytesIO()
-    with pg.cursor().copy(statement) as copy:  # type: ignore[arg-type]
+    with pg.cursor().copy(statement) as copy:
         for chunk in copy:
             out.write(chunk)
     return out.getvalue()
 
 
 def load(pg: Pg, table: str, data: bytes) -> None:
-    pg.execute(RESTORE_TABLE.format(t=table))  # type: ignore[arg-type]
-    with pg.cursor().copy(IMPORT.format(t=table)) as copy:  # type: ignore[arg-type]
+    pg.execute(RESTORE_TABLE.format(t=table))
+    with pg.cursor().copy(IMPORT.format(t=table)) as copy:
         copy.write(data)
 
 
 def problems(pg: Pg, table: str) -> list[tuple[object, ...]]:
-    links = pg.execute(BROKEN_LINKS.format(t=table)).fetchall()  # type: ignore[arg-type]
-    ends = pg.execute(ENDS_DIFFER.format(t=table)).fetchall()  # type: ignore[arg-type]
+    links = pg.execute(BROKEN_LINKS.format(t=table)).fetchall()
+    ends = pg.execute(ENDS_DIFFER.format(t=table)).fetchall()
     return [tuple(r.values()) for r in [*links, *ends]]
 
 
@@ -99,13 +99,13 @@ def archived(pg: Pg, db_url: str) -> bytes:
     with psycopg.connect(db_url, autocommit=True) as other:
         write(other, at=mid(OLD, 9))  # type: ignore[arg-type]  # a second chain
     pg.execute("SET ROLE fleet_payouts_owner")
-    pg.execute(f"ALTER TABLE audit_log DETACH PARTITION {TABLE} CONCURRENTLY")  # type: ignore[arg-type]
+    pg.execute(f"ALTER TABLE audit_log DETACH PARTITION {TABLE} CONCURRENTLY")
     rows, heads = export(pg, EXPORT), export(pg, HEADS)
     assert 3 == len(heads.splitlines())  # header and two chains
     load(pg, "audit_restore", rows)
     assert [] == problems(pg, "audit_restore")
-    pg.execute(RECORD, {"location": "s3://audit-archive/x.csv", "sha256": "0" * 64})  # type: ignore[arg-type]
-    pg.execute(f"DROP TABLE {TABLE}")  # type: ignore[arg-type]
+    pg.execute(RECORD, {"location": "s3://audit-archive/x.csv", "sha256": "0" * 64})
+    pg.execute(f"DROP TABLE {TABLE}")
     pg.execute("DROP TABLE audit_restore")
     pg.execute("RESET ROLE")
     return rows
@@ -128,7 +128,7 @@ async def test_restored_month_verifies_against_its_archive(
     load(pg, TABLE, archived)
     assert [] == problems(pg, TABLE)
     for statement in REATTACH:
-        pg.execute(statement)  # type: ignore[arg-type]
+        pg.execute(statement)
     pg.execute("RESET ROLE")
     outcome, reported = await verify(db_url)
     assert isinstance(outcome, Summary), outcome

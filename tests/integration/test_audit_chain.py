@@ -178,10 +178,10 @@ async def test_emptied_middle_month_is_caught(
     """A month emptied in the middle of the log is caught, naming its first chain's first entry."""
     if how == "delete every row":
         with guards_off(pg):
-            pg.execute(f"DELETE FROM {partition(M2)}")  # type: ignore[arg-type]
+            pg.execute(f"DELETE FROM {partition(M2)}")
     else:
-        pg.execute(f"ALTER TABLE audit_log DETACH PARTITION {partition(M2)}")  # type: ignore[arg-type]
-        pg.execute(f"DROP TABLE {partition(M2)}")  # type: ignore[arg-type]
+        pg.execute(f"ALTER TABLE audit_log DETACH PARTITION {partition(M2)}")
+        pg.execute(f"DROP TABLE {partition(M2)}")
     outcome = broken((await verify(db_url))[0])
     first = pg.execute(
         "SELECT first_id FROM audit_chain_heads WHERE month = %s AND last_seq > 0 "
@@ -257,8 +257,8 @@ def test_cli_exits_0_when_intact_and_1_naming_the_entry(pg: Pg, db_url: str) -> 
 
 def _drop_month(pg: Pg, month: date) -> None:
     """What a superuser can do: detach and drop a month, and delete its chain heads."""
-    pg.execute(f"ALTER TABLE audit_log DETACH PARTITION {partition(month)}")  # type: ignore[arg-type]
-    pg.execute(f"DROP TABLE {partition(month)}")  # type: ignore[arg-type]
+    pg.execute(f"ALTER TABLE audit_log DETACH PARTITION {partition(month)}")
+    pg.execute(f"DROP TABLE {partition(month)}")
     pg.execute("DELETE FROM audit_chain_heads WHERE month = %s", (month,))
 
 
@@ -292,7 +292,7 @@ async def test_an_archived_or_present_month_is_not_missing(
 ) -> None:
     """A month with a partition but no entries between others is not a gap."""
     with guards_off(pg):
-        pg.execute(f"DELETE FROM {partition(M2)}")  # type: ignore[arg-type]
+        pg.execute(f"DELETE FROM {partition(M2)}")
     pg.execute("DELETE FROM audit_chain_heads WHERE month = %s", (M2,))
     outcome, reported = await verify(db_url)
     assert Summary(months=2, entries=12, archived=0, legacy=0) == outcome

@@ -30,7 +30,7 @@ def exists(pg: Pg, table: str) -> bool:
 async def test_new_month_is_attached_while_a_long_reader_holds_the_log(pg: Pg, db_url: str) -> None:
     """With a report reading audit_log in an open transaction, the upkeep still attaches the
     missing month, and inserts go on meanwhile."""
-    pg.execute(f"DROP TABLE {NEXT}")  # type: ignore[arg-type]
+    pg.execute(f"DROP TABLE {NEXT}")
     with connect(db_url, autocommit=False) as report, connect(db_url) as press:
         report.execute("SELECT count(*) FROM audit_log").fetchone()
         conn = await db.connect(db_url, name="test")
@@ -47,7 +47,7 @@ async def test_a_month_whose_lock_is_taken_is_skipped_then_created(
 ) -> None:
     """While another session holds a lock ATTACH needs, the upkeep gives up after its lock
     timeouts (presses are not held) and says so; the next run creates the month."""
-    pg.execute(f"DROP TABLE {NEXT}")  # type: ignore[arg-type]
+    pg.execute(f"DROP TABLE {NEXT}")
     conn = await db.connect(db_url, name="test")
     async with conn:
         with connect(db_url, autocommit=False) as vacuum_like, connect(db_url) as press:

@@ -30,14 +30,16 @@ Pg = psycopg.Connection[DictRow]
 
 
 def press(client: TestClient, park: str = "p1", key: str | None = None) -> httpx.Response:
-    return client.post(
+    r: httpx.Response = client.post(
         "/v1/payouts/instant", json={}, headers=press_headers(park, key=key or uuid.uuid4().hex)
     )
+    return r
 
 
 def cancel_payout(client: TestClient, payout_id: str, park: str = "p1") -> httpx.Response:
     headers = {**park_headers(park), "X-User-Id": "u1"}
-    return client.post(f"/v1/payouts/{payout_id}/cancel", headers=headers)
+    r: httpx.Response = client.post(f"/v1/payouts/{payout_id}/cancel", headers=headers)
+    return r
 
 
 def outcomes(sql: Pg, action: str) -> list[str]:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from psycopg.rows import DictRow
@@ -215,6 +216,19 @@ def test_an_address_with_too_many_failures_is_refused_even_the_right_token(
     assert ["too_many_sign_ins"] == outcomes[-1:]
 
 
+def test_a_refused_address_is_on_record_once_per_window(
+    console: TestClient, sql: SQL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five more attempts from an address already refused write one too_many_sign_ins
+    entry, not five (each attempt of a flood wrote a chained entry, without limit)."""
+    monkeypatch.setattr(pages, "FAILED_SIGN_IN_DELAY_SECONDS", 0.0)
+    for _ in range(pages.MAX_FAILED_SIGN_INS):
+        assert 401 == sign_in(console, token="not-the-token-0123456789").status_code
+    assert [429] * 5 == [sign_in(console).status_code for _ in range(5)]
+    outcomes = [e["outcome"] for e in rows(sql, "SELECT outcome FROM audit_log ORDER BY id")]
+    assert ["unauthorized"] * pages.MAX_FAILED_SIGN_INS + ["too_many_sign_ins"] == outcomes
+
+
 def test_sign_in_and_out_are_audited(console: TestClient, sql: SQL) -> None:
     """Signing in and out each write an admin entry naming the user, via console."""
     sign_in(console, user="support-7")
@@ -227,6 +241,25 @@ def test_sign_in_and_out_are_audited(console: TestClient, sql: SQL) -> None:
         ("admin", "support-7", "console.sign_in", "ok"),
         ("admin", "support-7", "console.sign_out", "ok"),
     ] == [(e["actor_type"], e["actor_id"], e["action"], e["outcome"]) for e in entries]
+
+
+def test_a_copy_of_the_cookie_is_no_session_after_sign_out(console: TestClient, sql: SQL) -> None:
+    """A copy of the session cookie taken before sign-out (stolen, or in another browser)
+    is sent to sign in afterwards, and its forms change nothing (it kept working, actions
+    audited as the signed-out user, until the session's end 8 h later)."""
+    register(console, "p1")
+    sign_in(console, user="support-7")
+    stolen = console.cookies.get("fp_console")
+    page = console.get("/console/parks/p1")
+    token = csrf_of(page.text)
+    console.post("/console/sign-out", data={"csrf": token}, follow_redirects=False)
+    console.cookies.set("fp_console", stolen, path="/console")
+    assert 303 == console.get("/console/parks", follow_redirects=False).status_code
+    r = console.post(
+        "/console/parks/p1/hold", data={"csrf": token, "reason": "x"}, follow_redirects=False
+    )
+    assert "/console/sign-in" == r.headers["location"].split("?")[0]
+    assert [{"hold_reason": None}] == rows(sql, "SELECT hold_reason FROM parks")
 
 
 def test_sign_in_returns_only_to_a_console_page(console: TestClient) -> None:
@@ -433,7 +466,7 @@ def request_manual(c: TestClient, park: str, amount: str = "250.00") -> str:
     page = c.get("/console/approvals").text
     key = re.search(r'name="key" value="([^"]+)"', page)
     assert key is not None
-    r = c.post(
+    r: httpx.Response = c.post(
         "/console/approvals",
         data={
             "csrf": csrf_of(page),

@@ -4,6 +4,7 @@ position that orders the feed by commit (migrations/0005_events.sql)."""
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import psycopg
 import pytest
@@ -14,7 +15,7 @@ from tests.helpers.events import Conn, finish, insert_payout, register_parks, st
 
 FINAL = ["succeeded", "failed", "skipped"]
 # A test that would wait on a lock for ever fails in seconds instead.
-LOCK_WAIT = {"options": "-c lock_timeout=10s"}
+LOCK_WAIT: dict[str, Any] = {"options": "-c lock_timeout=10s"}
 
 
 @pytest.fixture

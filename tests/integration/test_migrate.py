@@ -21,7 +21,7 @@ TABLES = ["parks", "payouts", "audit_log", "procrastinate_jobs", "schema_migrati
 async def fetch_scalar(url: str, query: str, *params: object) -> object:
     conn = await db.connect(url, name="test")
     async with conn:
-        cur = await conn.execute(query, params or None)  # type: ignore[arg-type]
+        cur = await conn.execute(query, params or None)
         row = await cur.fetchone()
         assert row is not None
         return next(iter(row.values()))

@@ -11,7 +11,11 @@ from service.web.app import routes
 from service.web.auth import Access, access_of
 from service.web.errors import EDGE_CODES, STATUS
 
-SECURITY = {Access.API: [{"apiToken": []}], Access.ADMIN: [{"adminToken": []}], Access.OPEN: []}
+SECURITY: dict[Access, list[dict[str, list[str]]]] = {
+    Access.API: [{"apiToken": []}],
+    Access.ADMIN: [{"adminToken": []}],
+    Access.OPEN: [],
+}
 
 
 def routed() -> set[tuple[str, str]]:

@@ -75,7 +75,7 @@ async def run_into_the_lock(
 ) -> T:
     """Change the park in `admin` (holding its row), start `path`, commit the change once
     `path` waits for the lock, and return what `path` returned."""
-    admin.execute(f"UPDATE parks SET {change} WHERE park_id = %s", (PARK,))  # type: ignore[arg-type]
+    admin.execute(f"UPDATE parks SET {change} WHERE park_id = %s", (PARK,))
     task = asyncio.ensure_future(path)
     async with asyncio.timeout(20):
         while await lock_waiters(conn) == 0:
@@ -127,7 +127,7 @@ async def test_a_change_committed_after_the_scan_read_its_candidates_wins(
         conn, periodic.Q["due_candidates"], period=deps.settings.payout_period, limit=10
     )
     assert [PARK] == [r["park_id"] for r in candidates]
-    admin.execute(f"UPDATE parks SET {change} WHERE park_id = %s", (PARK,))  # type: ignore[arg-type]
+    admin.execute(f"UPDATE parks SET {change} WHERE park_id = %s", (PARK,))
     admin.commit()
 
     assert 0 == await periodic.create_batch(conn, deps, [PARK], {})

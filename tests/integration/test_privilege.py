@@ -143,7 +143,7 @@ def test_app_role_cannot_write_events(app_db_url: str, statement: str) -> None:
     """As the app role, no statement writes `events` directly: a leaked password cannot
     forge or erase a payout event (the outbox triggers write them as the owner)."""
     with connect(app_db_url) as app, pytest.raises(psycopg.errors.InsufficientPrivilege):
-        app.execute(statement)  # type: ignore[arg-type]
+        app.execute(statement)
 
 
 CLOSED = months_back(1)
@@ -174,7 +174,7 @@ def test_app_role_cannot_date_an_audit_entry(pg: Pg, app_db_url: str, at: dateti
                     sql.SQL(
                         "INSERT INTO audit_log ({}, actor_type, action, outcome) {} "
                         "VALUES (1, 'user', 'forged', 'ok')"
-                    ).format(sql.Identifier(column), sql.SQL(overriding))  # type: ignore[arg-type]
+                    ).format(sql.Identifier(column), sql.SQL(overriding))
                 )
         with app.transaction():
             began = app.execute("SELECT now() AS t").fetchone()
@@ -308,7 +308,7 @@ def test_ops_role_writes_nothing_else(pg: Pg, statement: str) -> None:
     """fleet_payouts_ops may not touch money, events, the audit log or the schema."""
     pg.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(R.ops)))
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
-        pg.execute(statement)  # type: ignore[arg-type]
+        pg.execute(statement)
 
 
 async def test_reconcile_runs_as_the_ops_role(ops_login: str, billing_url: str) -> None:

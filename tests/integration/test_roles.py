@@ -35,7 +35,7 @@ def denied_as_app(app_db_url: str, statement: str) -> str:
         psycopg.connect(app_db_url, autocommit=True) as c,
         pytest.raises(psycopg.errors.InsufficientPrivilege) as refused,
     ):
-        c.execute(statement)  # type: ignore[arg-type]
+        c.execute(statement)
     return str(refused.value)
 
 
@@ -85,9 +85,9 @@ def test_app_role_cannot_reach_around_audit_log(app_db_url: str, statement: str)
 
 def test_readonly_role_reads_everything_and_writes_nothing(pg: Pg) -> None:
     """fleet_payouts_readonly SELECTs the log, its partitions, heads and payouts; not INSERT."""
-    pg.execute(f"SET ROLE {roles.ROLES.readonly}")  # type: ignore[arg-type]
+    pg.execute(f"SET ROLE {roles.ROLES.readonly}")
     for table in ("audit_log", partition(THIS_MONTH), "audit_chain_heads", "payouts", "parks"):
-        pg.execute(f"SELECT count(*) FROM {table}").fetchone()  # type: ignore[arg-type]
+        pg.execute(f"SELECT count(*) FROM {table}").fetchone()
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         pg.execute("INSERT INTO parks (park_id) VALUES ('p1')")
 
@@ -125,7 +125,7 @@ async def test_app_role_runs_a_whole_instant_payout(
         deps = Deps(pool=pool, billing=billing, settings=make_settings(app_db_url, billing_url))
         assert Status.SUCCEEDED == await execute_payout(deps, payout_id)
         await gauges.refresh_gauges(pool)
-        pg.execute(f"DROP TABLE {NEXT}")  # type: ignore[arg-type]
+        pg.execute(f"DROP TABLE {NEXT}")
         assert 1 == await maintenance.ensure_partitions(deps)
     finally:
         await billing.aclose()
@@ -165,14 +165,14 @@ def fresh_roles() -> roles.Roles:
 
 def drop_roles(server: Pg, *names: str) -> None:
     for name in names:
-        server.execute(f"DROP ROLE IF EXISTS {name}")  # type: ignore[arg-type]
+        server.execute(f"DROP ROLE IF EXISTS {name}")
 
 
 @pytest.fixture
 def plain_user(server: Pg) -> Iterator[str]:
     """A login role that is neither superuser nor CREATEROLE (a typical managed-database user)."""
     name = f"fpt_plain_{os.getpid()}_{next(_names)}"
-    server.execute(f"CREATE ROLE {name} LOGIN")  # type: ignore[arg-type]
+    server.execute(f"CREATE ROLE {name} LOGIN")
     yield name
     drop_roles(server, name)
 
@@ -182,7 +182,7 @@ def plain_db_url(server: Pg, pg_server_url: str, plain_user: str) -> Iterator[st
     """An empty database that `plain_user` owns, and so may create objects in."""
     url = create_database(pg_server_url, template="template0")
     name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
-    server.execute(f'ALTER DATABASE "{name}" OWNER TO {plain_user}')  # type: ignore[arg-type]
+    server.execute(f'ALTER DATABASE "{name}" OWNER TO {plain_user}')
     yield url
     drop_database(pg_server_url, url)
 
@@ -251,15 +251,15 @@ async def test_partition_upkeep_as_the_app_role_gives_dbas_the_new_month(
     pg: Pg, app_db_url: str
 ) -> None:
     """A month the app role's upkeep creates is the owner's, readable by DBAs, not by the app."""
-    pg.execute(f"DROP TABLE {NEXT}")  # type: ignore[arg-type]
+    pg.execute(f"DROP TABLE {NEXT}")
     conn = await db.connect(app_db_url, name="test")
     async with conn:
         assert 1 == await audit.ensure_partitions(conn)
-    pg.execute(f"SET ROLE {roles.ROLES.readonly}")  # type: ignore[arg-type]
-    pg.execute(f"SELECT count(*) FROM {NEXT}")  # type: ignore[arg-type]
+    pg.execute(f"SET ROLE {roles.ROLES.readonly}")
+    pg.execute(f"SELECT count(*) FROM {NEXT}")
     pg.execute("RESET ROLE")
     with connect(app_db_url) as app, pytest.raises(psycopg.errors.InsufficientPrivilege):
-        app.execute(f"SELECT count(*) FROM {NEXT}")  # type: ignore[arg-type]
+        app.execute(f"SELECT count(*) FROM {NEXT}")
 
 
 def test_app_db_url_logs_in_as_the_app_role(app_db_url: str) -> None:

@@ -39,7 +39,7 @@ async def insert_payout(conn: db.Conn, park_id: str = PARK, **columns: Any) -> u
     names = ", ".join(values)
     placeholders = ", ".join(f"%({n})s" for n in values)
     await conn.execute(
-        f"INSERT INTO payouts ({names}) VALUES ({placeholders})",  # type: ignore[arg-type]
+        f"INSERT INTO payouts ({names}) VALUES ({placeholders})",
         values,
     )
     return values["id"]  # type: ignore[no-any-return]
@@ -88,7 +88,7 @@ async def to_succeeded(conn: db.Conn, payout_id: uuid.UUID) -> None:
 
 
 async def count(conn: db.Conn, query: str, *params: object) -> int:
-    cur = await conn.execute(query, params or None)  # type: ignore[arg-type]
+    cur = await conn.execute(query, params or None)
     row = await cur.fetchone()
     assert row is not None
     return int(row["n"])
@@ -235,7 +235,7 @@ async def test_final_payout_is_frozen(conn: db.Conn, park: str, final: str, chan
     await (to_succeeded if final == "succeeded" else to_failed)(conn, payout)
     with pytest.raises(errors.IntegrityConstraintViolation, match="is final"):
         await conn.execute(
-            f"UPDATE payouts SET {change} WHERE id = %s",  # type: ignore[arg-type]
+            f"UPDATE payouts SET {change} WHERE id = %s",
             (payout,),
         )
     assert final == await status_of(conn, payout)
@@ -302,7 +302,7 @@ async def test_audit_log_is_append_only(
     sql = statement.format(table=target)
     params = (audit_entry,) if "%s" in sql else None
     with pytest.raises(psycopg.Error) as info:
-        await conn.execute(sql, params)  # type: ignore[arg-type]
+        await conn.execute(sql, params)
     assert isinstance(info.value, errors.InsufficientPrivilege), repr(info.value)
     assert "append-only" in str(info.value)
     n = await count(
@@ -321,4 +321,4 @@ async def test_every_audit_partition_refuses_truncate(conn: db.Conn) -> None:
     assert len(partitions) >= 4
     for name in partitions:
         with pytest.raises(errors.InsufficientPrivilege):
-            await conn.execute(f"TRUNCATE {name}")  # type: ignore[arg-type]
+            await conn.execute(f"TRUNCATE {name}")

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 from psycopg.rows import dict_row
 
-from service import db, gauges, webhooks
+from service import db, events, gauges, webhooks
 from tests.conftest import make_settings
 from tests.helpers.events import Conn, finish, insert_payout, register_parks, stored
 
@@ -275,7 +275,7 @@ async def test_the_undelivered_gauge_reads_a_bounded_amount(
     finish(pg, stored(pg, "p7")[0]["payout_id"], "failed")  # handed out, not delivered
     pg.execute("ANALYZE events")
     async with pool.connection() as conn:
-        await webhooks.events.sequence(conn)
+        await events.sequence(conn)
         await webhooks._hand_out(conn)  # one step of a turn, alone
     finish(pg, stored(pg, "p8")[0]["payout_id"], "skipped")  # committed, not stamped
     assert 2 == await undelivered(pool)

@@ -15,6 +15,7 @@ import pytest
 from service.audit_chain import (
     Archive,
     Broken,
+    Content,
     Head,
     MonthResult,
     MonthVerifier,
@@ -36,7 +37,7 @@ def chain(stripe: int, n: int, first_id: int, month: date = MONTH) -> list[Row]:
     prev = genesis(month, stripe)
     for seq in range(1, n + 1):
         entry_id = first_id + 2 * (seq - 1)
-        content: tuple[object, ...] = (
+        content: Content = (
             entry_id,
             T0 + timedelta(seconds=entry_id),
             "user",
@@ -48,7 +49,7 @@ def chain(stripe: int, n: int, first_id: int, month: date = MONTH) -> list[Row]:
             None,
             f'{{"n": {entry_id}}}',
         )
-        link = hashlib.sha256(prev + canonical(*content, stripe, seq)).digest()  # type: ignore[arg-type]
+        link = hashlib.sha256(prev + canonical(*content, stripe, seq)).digest()
         rows.append((*content, stripe, seq, link))
         prev = link
     return rows

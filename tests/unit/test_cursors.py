@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from service.web import cursors
@@ -11,7 +13,7 @@ from tests.conftest import make_settings
 KINDS = (int, str)
 
 
-def key(**overrides: object) -> bytes:
+def key(**overrides: Any) -> bytes:
     return cursors.key_for(make_settings("postgresql://unused/db", **overrides))
 
 

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
@@ -47,6 +48,22 @@ FAILED_SIGN_IN_DELAY_SECONDS = 1.0
 # Past this many failed sign-ins from one address in the window, that address is
 # refused without looking at what it sends, until the window moves on.
 MAX_FAILED_SIGN_INS = 10
+# Sign-ins using a database connection at once, per process (the rest wait without one).
+SIGN_IN_CONCURRENCY = 2
+_sign_in_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def sign_in_slots() -> asyncio.Semaphore:
+    """This event loop's sign-in slots (a semaphore belongs to one loop; tests run several)."""
+    loop = asyncio.get_running_loop()
+    slots = _sign_in_slots.get(loop)
+    if slots is None:
+        slots = _sign_in_slots[loop] = asyncio.Semaphore(SIGN_IN_CONCURRENCY)
+    return slots
+
+
 SIGN_IN_WINDOW_MINUTES = 15
 SIGN_IN_ACTION = "console.sign_in"
 SIGN_OUT_ACTION = "console.sign_out"
@@ -116,9 +133,19 @@ def secure(response: Response) -> Response:
 async def current_session(request: Request) -> sessions.Session:
     if not sessions.has_cookie(request):
         raise sessions.SignInRequired
+    settings = settings_of(request)
     async with admin_pool_of(request).connection() as conn:
         now = await support.now(conn)
-    return sessions.read(settings_of(request), request, now)
+        session = sessions.read(settings, request, now)
+        if await support.signed_out(
+            conn,
+            action=SIGN_OUT_ACTION,
+            user_id=session.user_id,
+            issued_at=sessions.issued_at(settings, session),
+            session=sessions.session_id(session),
+        ):
+            raise sessions.SignInRequired
+    return session
 
 
 def to_sign_in(request: Request) -> Response:
@@ -300,20 +327,30 @@ async def sign_in(request: Request) -> Response:
     token = fields.get("token", "").strip()
     next_url = _next(fields.get("next"))
     ip = client_ip(request)
-    async with pool_of(request).connection() as conn:
+    # Sign-in is open to anyone: a flood of it must not take the presses' connections
+    # (each attempt writes a chained audit entry), so a few at a time, the rest wait here.
+    async with sign_in_slots(), pool_of(request).connection() as conn, conn.transaction():
+        if ip is not None:
+            await support.lock_sign_ins(conn, ip=ip)
         failures = await _recent_failures(conn, ip)
         if failures >= MAX_FAILED_SIGN_INS:
-            await _audit_sign_in(request, conn, user_id, "too_many_sign_ins")
-            await asyncio.sleep(FAILED_SIGN_IN_DELAY_SECONDS)
-            raise Refusal("too_many_sign_ins")
-        if not params.is_user_id(user_id) or not sessions.matching_admin_token(settings, token):
-            await _audit_sign_in(request, conn, user_id, "unauthorized")
-            failed = True
+            outcome = "too_many_sign_ins"
+        elif not params.is_user_id(user_id) or not sessions.matching_admin_token(settings, token):
+            outcome = "unauthorized"
         else:
+            outcome = "ok"
             now = await support.now(conn)
-            await _audit_sign_in(request, conn, user_id, "ok")
-            failed = False
-    if failed:
+        # An address already refused is on record once per window: a flood of refused
+        # attempts would otherwise write an entry each to the append-only log, and keep
+        # its own count (and so the refusal) up for as long as it lasts.
+        if outcome != "too_many_sign_ins" or failures == MAX_FAILED_SIGN_INS:
+            await _audit_sign_in(request, conn, user_id, outcome)
+    # The delay without the connection (or the slot) in hand: a caller waiting out its
+    # delay holds nothing anyone else needs.
+    if outcome == "too_many_sign_ins":
+        await asyncio.sleep(FAILED_SIGN_IN_DELAY_SECONDS)
+        raise Refusal("too_many_sign_ins")
+    if outcome == "unauthorized":
         await asyncio.sleep(FAILED_SIGN_IN_DELAY_SECONDS)
         pre, _ = sessions.pre_token(settings, request)
         return render(
@@ -371,7 +408,12 @@ async def sign_out(request: Request, session: sessions.Session) -> Response:
                 action=SIGN_OUT_ACTION,
                 outcome="ok",
                 request_id=request_id_of(request),
-                details={"via": VIA, "client": client(request)},
+                # Names the session: every page refuses it from now on (current_session).
+                details={
+                    "via": VIA,
+                    "client": client(request),
+                    "session": sessions.session_id(session),
+                },
             ),
         )
     response = RedirectResponse("/console/sign-in?done=signed_out", status_code=303)

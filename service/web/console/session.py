@@ -111,6 +111,15 @@ def read(settings: Settings, request: Request, now: datetime) -> Session:
     return session
 
 
+def session_id(session: Session) -> str:
+    """Names one session (for its sign-out entry) without revealing its CSRF token."""
+    return hashlib.sha256(b"session:" + session.csrf.encode()).hexdigest()[:32]
+
+
+def issued_at(settings: Settings, session: Session) -> datetime:
+    return session.expires_at - timedelta(hours=settings.console_session_hours)
+
+
 def has_cookie(request: Request) -> bool:
     return bool(request.cookies.get(COOKIE))
 
