@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) -m tests.bench.events
 	$(PY) -m tests.bench.feed
 	$(PY) -m tests.bench.billing
+	$(PY) -m tests.bench.http_client
 	$(PY) -m tests.bench.park_import
 
 # The suite's two drills, each for DRILL_SECONDS: three hosts, one SIGKILLed, PostgreSQL

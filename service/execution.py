@@ -74,7 +74,12 @@ class Deps:
 
 
 async def execute_payout(deps: Deps, payout_id: UUID) -> Status | None:
-    """Drive one payout to a final status, or raise RetryLater."""
+    """Drive one payout to a final status, or raise RetryLater.
+
+    Each step borrows a pooled connection for its own statements only and gives it
+    back before any wait on Billing or on the budget: a worker's connections stay
+    a small constant however many payouts it runs at once.
+    """
     async with deps.pool.connection() as conn:
         taken = await payouts.take(conn, payout_id, retry_window=deps.settings.billing_retry_window)
         if taken is None:
@@ -83,17 +88,16 @@ async def execute_payout(deps: Deps, payout_id: UUID) -> Status | None:
                 logger.warning("payout %s does not exist; dropping its job", payout_id)
                 return None
             return Status(current["status"])
-        db.CLOCK.observe(taken.db_now)
-        observability.bind(park_id=taken.park_id)
-        return await _Run(deps, conn, taken).drive()
+    db.CLOCK.observe(taken.db_now)
+    observability.bind(park_id=taken.park_id, kind=taken.kind)
+    return await _Run(deps, taken).drive()
 
 
 class _Run:
     """One run of one payout's job: holds the latest row it has seen."""
 
-    def __init__(self, deps: Deps, conn: db.Conn, taken: payouts.Taken) -> None:
+    def __init__(self, deps: Deps, taken: payouts.Taken) -> None:
         self.deps = deps
-        self.conn = conn
         self.taken = taken
         self.payout: payouts.Payout = taken
         self.log = {"payout_id": str(taken.id), "park_id": taken.park_id}
@@ -175,19 +179,20 @@ class _Run:
                 available=available if is_storable_balance(available) else None,
                 currency=currency,
             )
-        recorded = await payouts.record_order(
-            self.conn,
-            p.id,
-            available=available,
-            amount=amount,
-            currency=currency,
-            billing_params=self.taken.park_params,
-            fee_amount=split.fee_amount,
-            net_amount=split.net_amount,
-        )
-        # No row: a stalled run of this job that came back to life recorded
-        # first; go on from the order it recorded.
-        self.payout = recorded or await payouts.reload(self.conn, p.id)
+        async with self.deps.pool.connection() as conn:
+            recorded = await payouts.record_order(
+                conn,
+                p.id,
+                available=available,
+                amount=amount,
+                currency=currency,
+                billing_params=self.taken.park_params,
+                fee_amount=split.fee_amount,
+                net_amount=split.net_amount,
+            )
+            # No row: a stalled run of this job that came back to life recorded
+            # first; go on from the order it recorded.
+            self.payout = recorded or await payouts.reload(conn, p.id)
         return None
 
     async def balance(self) -> tuple[Decimal, str]:
@@ -232,7 +237,8 @@ class _Run:
         """Try again later; the problem stays visible to support meanwhile (a pause
         asked Billing nothing, so there is no problem to show)."""
         if not isinstance(exc, Paused):
-            await payouts.note_transient(self.conn, self.payout.id, str(exc))
+            async with self.deps.pool.connection() as conn:
+                await payouts.note_transient(conn, self.payout.id, str(exc))
         raise RetryLater(str(exc), retry_after=exc.retry_after) from exc
 
     async def succeed(self, done: BillingPayout) -> Status | None:
@@ -265,12 +271,12 @@ class _Run:
         """Billing decided the key: no money moved, for good. Maybe follow with fresh figures."""
         p = self.payout
         follow = p.kind == "periodic" and p.follows is None and exc.code in STALE_FIGURES
-        async with self.conn.transaction():
-            status = await self.fail(exc.code, exc.message)
+        async with self.deps.pool.connection() as conn, conn.transaction():
+            status = await self.fail(exc.code, exc.message, conn=conn)
             if follow and status is Status.FAILED:
                 settings = self.deps.settings
                 new = await payouts.follow_up(
-                    self.conn,
+                    conn,
                     p,
                     uuid.uuid4(),
                     reason=exc.code,
@@ -283,21 +289,32 @@ class _Run:
 
     # --- FINISHED ---------------------------------------------------------------
 
-    async def fail(self, code: str, message: str) -> Status | None:
+    async def fail(self, code: str, message: str, *, conn: db.Conn | None = None) -> Status | None:
         return await self.finish(
             Status.FAILED,
             code,
             {"failure_message": message},
+            conn=conn,
             failure_code=code,
             failure_message=message,
         )
 
     async def finish(
-        self, status: Status, outcome: str, details: dict[str, Any], **params: Any
+        self,
+        status: Status,
+        outcome: str,
+        details: dict[str, Any],
+        *,
+        conn: db.Conn | None = None,
+        **params: Any,
     ) -> Status | None:
+        """Write the final status (on `conn` when the caller's transaction goes on)."""
+        if conn is None:
+            async with self.deps.pool.connection() as own:
+                return await self.finish(status, outcome, details, conn=own, **params)
         p = self.payout
         row = await payouts.finish(
-            self.conn,
+            conn,
             p.id,
             status=status,
             outcome=outcome,
@@ -306,7 +323,7 @@ class _Run:
         )
         if row is None:
             # Another run of this job finished it first: its word stands.
-            self.payout = await payouts.reload(self.conn, p.id)
+            self.payout = await payouts.reload(conn, p.id)
             return Status(self.payout.status)
         self.payout = row
         observability.PAYOUTS.labels(row.kind, row.status).inc()

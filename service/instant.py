@@ -1,9 +1,9 @@
-"""The instant payout request: one transaction from the button to the queue.
+"""The instant payout request: one SQL function call from the button to the queue.
 
-Lock the park row, check the rules, insert the payout with its audit entry
-and defer its job on the same connection; commit. Refusals roll all of that
-back and are then audited in a transaction of their own, so accepted and
-refused presses alike stay on record.
+The function (migration 0014, sql/payouts.sql press_instant) locks the park row,
+checks the rules, and inserts the payout with its job and audit entry, in one
+round trip in autocommit. A refusal writes nothing there and is then audited in a
+statement of its own, so accepted and refused presses alike stay on record.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg.errors
 
-from service import audit, db, parks, payouts, queue
+from service import audit, db, payouts, queue
 from service.billing.client import BillingClient
 from service.domain import Availability, Fee, Quote, instant_availability, payout_amount
 from service.domain import quote as domain_quote
@@ -81,10 +81,37 @@ class Accepted:
 
 
 async def request_instant(conn: db.Conn, settings: Settings, req: InstantRequest) -> Accepted:
-    """Accept the request (new or replayed) or raise Refused; audits either way."""
+    """Accept the request (new or replayed) or raise Refused; audits either way.
+
+    One round trip for an accepted or replayed press (one SQL function call in
+    autocommit: lock, rules, insert); a refusal's audit entry is a second one.
+    """
     try:
-        async with conn.transaction():
-            return await _decide_and_enqueue(conn, settings, req)
+        row = await db.fetch_one(
+            conn,
+            payouts.Q["press_instant"],
+            id=uuid.uuid4(),
+            park_id=req.park_id,
+            idempotency_key=req.idempotency_key,
+            request_fingerprint=req.fingerprint,
+            requested_by=req.user_id,
+            request_id=req.request_id,
+            requested_amount=req.amount,
+            max_amount=settings.payout_max_amount,
+            min_amount=settings.payout_min_amount,
+            cooldown=settings.instant_cooldown,
+            details=req.audit_details,
+            **queue.payout_job("instant"),
+        )
+        if row is None:
+            raise InvariantError("the press function returns one row")
+        outcome = row.pop("outcome")
+        now: datetime = row.pop("db_now")
+        next_available_at: datetime | None = row.pop("next_available_at")
+        subscription_ended: bool = row.pop("subscription_ended")
+        if outcome in ("ok", "replay"):
+            return Accepted(row, replay=outcome == "replay")
+        raise _refusal_of(outcome, settings, req, now, next_available_at, subscription_ended)
     except Refused as refusal:
         await _audit_refusal(conn, req, refusal)
         raise
@@ -103,66 +130,39 @@ async def request_instant(conn: db.Conn, settings: Settings, req: InstantRequest
         raise conflict from exc
 
 
-async def _decide_and_enqueue(conn: db.Conn, settings: Settings, req: InstantRequest) -> Accepted:
-    # Every decision about one park's payouts is serialised on its row.
-    if await parks.lock(conn, req.park_id) is None:
-        raise Refused("park_not_found", f"park {req.park_id} is not registered")
-    park = await payouts.park_state(conn, req.park_id, req.idempotency_key)
-    if park is None:  # locked above: it cannot vanish
-        raise InvariantError("park is not None")
-
-    if park["existing_id"] is not None:
-        if park["existing_fingerprint"] != req.fingerprint:
-            raise Refused(
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with a different request body",
-            )
-        existing = await payouts.get(conn, park["existing_id"])
-        if existing is None:
-            raise InvariantError("existing is not None")
-        await audit.write(conn, _entry(req, "ok", existing["id"], {"replay": True}))
-        return Accepted(existing, replay=True)
-
-    now: datetime = park["db_now"]
-    limit = settings.payout_max_amount
-    if req.amount is not None and req.amount > limit and park["instant_payouts_enabled"]:
-        raise Refused(
+def _refusal_of(
+    code: str,
+    settings: Settings,
+    req: InstantRequest,
+    now: datetime,
+    next_available_at: datetime | None,
+    subscription_ended: bool,
+) -> Refused:
+    """The refusal the press function named, with its message and details."""
+    if code == "park_not_found":
+        return Refused("park_not_found", f"park {req.park_id} is not registered")
+    if code == "idempotency_key_reused":
+        return Refused(
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with a different request body",
+        )
+    if code == "amount_above_limit":
+        limit = settings.payout_max_amount
+        return Refused(
             "amount_above_limit",
             f"one payout moves at most {limit}",
             details={"max_amount": str(limit)},
         )
-    minimum = settings.payout_min_amount
-    if req.amount is not None and req.amount < minimum and park["instant_payouts_enabled"]:
-        raise Refused(
+    if code == "amount_below_minimum":
+        minimum = settings.payout_min_amount
+        return Refused(
             "amount_below_minimum",
             f"one payout moves at least {minimum}",
             details={"min_amount": str(minimum)},
         )
-    decision = _decide(park, settings, now)
-    if not decision.available:
-        raise _refusal(decision, now, subscription_ended=park["subscription_ended"])
-
-    row = await db.fetch_one(
-        conn,
-        payouts.Q["insert_instant"],
-        id=uuid.uuid4(),
-        park_id=req.park_id,
-        idempotency_key=req.idempotency_key,
-        request_fingerprint=req.fingerprint,
-        requested_by=req.user_id,
-        request_id=req.request_id,
-        requested_amount=req.amount,
-        max_amount=settings.payout_max_amount,
-        min_amount=settings.payout_min_amount,
-        # The park's fee terms as they stand under its lock: fixed with the payout.
-        fee_percent=park["instant_fee_percent"],
-        fee_fixed=park["instant_fee_fixed"],
-        details=req.audit_details,
-        **queue.payout_job("instant"),
+    return _refusal(
+        Availability(False, code, next_available_at), now, subscription_ended=subscription_ended
     )
-    if row is None:
-        raise InvariantError("row is not None")
-    return Accepted(row, replay=False)
 
 
 def _decide(park: payouts.Row, settings: Settings, now: datetime) -> Availability:
@@ -228,8 +228,8 @@ async def _audit_refusal(conn: db.Conn, req: InstantRequest, refusal: Refused) -
     details = {
         k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in refusal.details.items()
     }
-    async with conn.transaction():
-        await audit.write(conn, _entry(req, refusal.code, None, details))
+    # One statement: in autocommit it is its own transaction, one round trip.
+    await audit.write(conn, _entry(req, refusal.code, None, details))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,19 @@ WITH job AS (
 )
 SELECT * FROM created
 
+-- press_instant --
+-- The whole instant press in one round trip, in autocommit (migration 0014): the
+-- park's row lock, the rules and the insert of the payout, its job and its audit
+-- entry (or the replay's audit entry); a refusal writes nothing and names its code.
+-- The payout's columns are NULL unless outcome is 'ok' or 'replay'; a new payout
+-- carries the park's fee terms as they stood under its lock.
+SELECT r.outcome, r.db_now, r.next_available_at, r.subscription_ended, (r.payout).*
+FROM payouts_press_instant(
+    %(id)s, %(park_id)s, %(idempotency_key)s, %(request_fingerprint)s, %(requested_by)s,
+    %(request_id)s, %(requested_amount)s, %(max_amount)s, %(min_amount)s, %(cooldown)s,
+    %(details)s::jsonb, %(queue)s, %(task)s, %(priority)s
+) r
+
 -- park_state --
 -- All the rules need to know about one park: the flag and the end of the
 -- subscription, the fee terms, the payout made with

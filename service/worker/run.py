@@ -37,6 +37,10 @@ RECONCILE_CRON = "40 3 * * *"
 # Billing's returns feed: SPEC 8 asks for at least once a minute; twice
 # leaves room for a run that found the lease taken.
 RETURNS_CRON = "* * * * * */30"
+# Pooled connections per worker, whatever its concurrency: a payout run borrows one
+# for each of its statements and none while it waits on Billing or the budget;
+# procrastinate keeps one for LISTEN and borrows one to fetch and finish jobs.
+WORKER_POOL_SIZE = 8
 # How often a worker reads the shared Billing pause for its gauge.
 GATE_REFRESH_SECONDS = 1.0
 # deliver_webhooks jobs were deferred by workers of the version before (webhooks
@@ -100,7 +104,12 @@ def register_periodic(settings: Settings) -> None:
 
 @contextlib.asynccontextmanager
 async def worker_deps(settings: Settings, *, concurrency: int) -> AsyncIterator[Deps]:
-    pool = db.make_pool(settings.database_url, name="worker", min_size=2, max_size=concurrency + 4)
+    pool = db.make_pool(
+        settings.database_url,
+        name="worker",
+        min_size=2,
+        max_size=min(WORKER_POOL_SIZE, concurrency + 4),
+    )
     await pool.open(wait=True)
     billing = billing_gate.client(pool, settings)
     try:
@@ -144,7 +153,6 @@ async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int 
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port)
-    tasks.RETRY.cap_seconds = settings.retry_backoff_cap_seconds
     register_periodic(settings)
     heartbeat = settings.stalled_job_seconds / 6
     async with (

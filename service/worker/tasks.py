@@ -29,10 +29,14 @@ from service.worker.app import app
 logger = logging.getLogger(__name__)
 
 
-def payout_kind(priority: int) -> str:
-    """The kind a payout job was deferred for: its priority says it, one to one."""
-    kinds = {p: kind for kind, p in queue.PRIORITIES.items()}
-    return kinds.get(priority, "periodic")
+class Backoff(Exception):
+    """A payout run's error on its way to the retry strategy, with the backoff cap of
+    the worker's own Settings."""
+
+    def __init__(self, cause: Exception, cap_seconds: float) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
+        self.cap_seconds = cap_seconds
 
 
 class PayoutRetry(BaseRetryStrategy):
@@ -47,12 +51,18 @@ class PayoutRetry(BaseRetryStrategy):
     The retry time is written by the database's clock (db.CLOCK): every
     worker compares it with the database's now(), so a host whose clock is
     hours off neither hammers Billing nor waits for hours.
+
+    The cap is the worker's RETRY_BACKOFF_CAP_SECONDS, carried by the Backoff the
+    task raises (the strategy is built at import, before any Settings exist);
+    DEFAULT_CAP_SECONDS only for an error that did not pass through the task.
     """
 
-    def __init__(self, cap_seconds: float = 60.0) -> None:
-        self.cap_seconds = cap_seconds
+    DEFAULT_CAP_SECONDS = 60.0
 
     def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision:
+        cap = self.DEFAULT_CAP_SECONDS
+        if isinstance(exception, Backoff):
+            cap, exception = exception.cap_seconds, exception.cause
         if isinstance(exception, asyncio.CancelledError | JobAborted):
             # The worker is stopping (a deploy) and cut the job short: not an
             # error. The payout is hand-back-safe at any point (a later run resends
@@ -63,7 +73,7 @@ class PayoutRetry(BaseRetryStrategy):
                 extra={"payout_id": job.task_kwargs.get("payout_id"), "job_id": job.id},
             )
             return RetryDecision(retry_at=db.CLOCK.now())
-        base = min(self.cap_seconds, 2.0 ** min(job.attempts, 16))
+        base = min(cap, 2.0 ** min(job.attempts, 16))
         delay = base * random.uniform(0.75, 1.25)
         if isinstance(exception, RetryLater) and exception.retry_after is not None:
             delay = max(delay, exception.retry_after)
@@ -85,12 +95,14 @@ def deps_of(context: JobContext) -> Deps:
 
 @app.task(name=queue.TASK_EXECUTE_PAYOUT, queue=queue.QUEUE_PAYOUTS, pass_context=True, retry=RETRY)
 async def execute_payout(context: JobContext, payout_id: str) -> None:
-    """Drive one payout to a final status (see service/execution.py)."""
-    job = context.job
-    with observability.log_context(
-        payout_id=payout_id, job_id=job.id, kind=payout_kind(job.priority)
-    ):
-        await run_payout(deps_of(context), uuid.UUID(payout_id))
+    """Drive one payout to a final status (see service/execution.py); the log
+    context's kind is the payout's own, bound once the run has read it."""
+    deps = deps_of(context)
+    with observability.log_context(payout_id=payout_id, job_id=context.job.id):
+        try:
+            await run_payout(deps, uuid.UUID(payout_id))
+        except Exception as exc:
+            raise Backoff(exc, deps.settings.retry_backoff_cap_seconds) from exc
 
 
 # Kept for the jobs that workers of the version before still defer during a

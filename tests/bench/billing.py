@@ -10,9 +10,10 @@ emulator (no latency). Figures, read from the emulator's request log:
 - peak one-second calls / BILLING_RPS, over the whole run (goal <= 1 + 1/BILLING_RPS);
 - achieved calls per second / BILLING_RPS between the 10th and the 90th percentile call,
   while the queue is full (goal >= 0.9);
-- where the achieved rate misses its goal, whether the workers are the limit: payouts per
-  second per worker process and worker CPU per payout, against the same three workers
-  with no budget at all (BILLING_RPS = 1,000,000) measured in the same run.
+- beside each, its baseline: payouts per second per worker process and worker CPU per
+  payout of the same three workers with no budget to speak of (BILLING_RPS at the
+  setting's bound, 100,000) measured in the same run, so whether the workers or the
+  budget are the limit can be read off.
 
 PostgreSQL: BENCH_DATABASE_URL (a server whose user may create databases), or an embedded
 one in a temporary directory, fsync off.
@@ -36,7 +37,7 @@ import psycopg
 from service import db, migrate, periodic
 from service.billing import gate as billing_gate
 from service.execution import Deps
-from service.settings import Settings
+from service.settings import MAX_RPS, Settings
 from service.settings import load as load_settings
 from service.worker.app import app as queue_app
 from tests.bench.common import bench_server
@@ -46,7 +47,8 @@ from tests.helpers.procs import Proc, wait_for
 
 WORKERS = 3
 CONCURRENCY = 10
-UNBUDGETED_RPS = 1_000_000
+# The setting's own bound: a value above it makes the workers refuse to start.
+UNBUDGETED_RPS = MAX_RPS
 NEVER = "0 0 1 1 *"  # the workers' own periodic scan must not add payouts mid-run
 PARALLEL_PUTS = 32
 MAX_PAYOUTS = 3000
@@ -61,6 +63,8 @@ class Run:
     achieved_rps: float  # between the 10th and 90th percentile call
     seconds: float  # first call to last call
     worker_cpu_s: float
+    peak_connections: int  # the workers' pooled connections, all together, sampled
+    concurrency: int
 
     @property
     def payouts_per_worker_s(self) -> float:
@@ -106,6 +110,15 @@ async def fill_queue(settings: Settings, n: int) -> None:
         await pool.close()
 
 
+def worker_connections(url: str) -> int:
+    """Connections the workers hold open right now (their pools, procrastinate's included)."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fleet-payouts-worker'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def final_count(url: str) -> int:
     with psycopg.connect(url) as conn:
         row = conn.execute(
@@ -115,7 +128,13 @@ def final_count(url: str) -> int:
 
 
 def run_once(
-    server_url: str, template: str, billing_url: str, workdir: Path, rps: float, n: int
+    server_url: str,
+    template: str,
+    billing_url: str,
+    workdir: Path,
+    rps: float,
+    n: int,
+    concurrency: int = CONCURRENCY,
 ) -> Run:
     url = create_database(server_url, template=template)
     procs: list[Proc] = []
@@ -135,7 +154,7 @@ def run_once(
         logs = workdir / f"rps-{rps:g}"
         logs.mkdir(exist_ok=True)
         procs = [
-            Proc(["worker", "--concurrency", str(CONCURRENCY)], env, logs / f"worker-{i}.log")
+            Proc(["worker", "--concurrency", str(concurrency)], env, logs / f"worker-{i}.log")
             for i in range(WORKERS)
         ]
 
@@ -147,8 +166,14 @@ def run_once(
         wait_for(registered, timeout=60, interval=0.1, what="the workers to register")
         cpu_before = sum(cpu_seconds(p.pid) for p in procs)
         asyncio.run(fill_queue(load_settings(env), n))
+        peak = [0]
+
+        def drained() -> bool:
+            peak[0] = max(peak[0], worker_connections(url))
+            return final_count(url) >= n or any(not p.alive() for p in procs)
+
         wait_for(
-            lambda: final_count(url) >= n or any(not p.alive() for p in procs),
+            drained,
             timeout=60 + 3 * n / min(rps, 300),
             interval=0.2,
             what=f"{n} payouts to finish",
@@ -173,6 +198,8 @@ def run_once(
         achieved_rps=achieved,
         seconds=times[-1] - times[0],
         worker_cpu_s=cpu,
+        peak_connections=peak[0],
+        concurrency=concurrency,
     )
 
 
@@ -182,7 +209,10 @@ def report(run: Run, unbudgeted: Run | None) -> bool:
     peak_goal = 1 + 1 / run.rps
     rate_ratio = run.achieved_rps / run.rps
     peak_ok, rate_ok = peak_ratio <= peak_goal + 1e-9, rate_ratio >= 0.9
-    print(f"\n== BILLING_RPS={run.rps:g}: {WORKERS} workers, {run.payouts:,} queued payouts ==")
+    print(
+        f"\n== BILLING_RPS={run.rps:g}: {WORKERS} workers at --concurrency {run.concurrency}, "
+        f"{run.payouts:,} queued payouts =="
+    )
     print(
         f"  peak one-second calls / limit : {peak_ratio:.3f}  ({run.peak_1s} calls; "
         f"goal <= {peak_goal:.3f})  {'PASS' if peak_ok else 'MISS'}"
@@ -196,10 +226,14 @@ def report(run: Run, unbudgeted: Run | None) -> bool:
         f"{run.payouts_per_worker_s:.0f} payouts/s per worker, "
         f"{run.cpu_ms_per_payout:.2f} ms worker CPU per payout"
     )
-    if not rate_ok and unbudgeted is not None:
+    print(
+        f"  DB connections per worker      : {run.peak_connections / WORKERS:.1f} at most "
+        f"(sampled; --concurrency {run.concurrency})"
+    )
+    if unbudgeted is not None:
         share = run.achieved_rps / unbudgeted.achieved_rps
         print(
-            f"  workers are the limit?         : without any budget the same workers make "
+            f"  baseline, no budget            : the same workers make "
             f"{unbudgeted.achieved_rps:.0f} calls/s ({unbudgeted.payouts_per_worker_s:.0f} "
             f"payouts/s per worker, {unbudgeted.cpu_ms_per_payout:.2f} ms CPU per payout); "
             f"budgeted / unbudgeted = {share:.2f}"
@@ -212,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.billing", description=__doc__)
     parser.add_argument("--rps", default="10,100,1000", help="comma-separated BILLING_RPS values")
     parser.add_argument("--seconds", type=float, default=8.0, help="queued work, in seconds")
+    parser.add_argument(
+        "--concurrency", default="10,100", help="worker --concurrency values, at the last budget"
+    )
     args = parser.parse_args(argv)
     budgets = [float(r) for r in args.rps.split(",")]
     workdir = Path(tempfile.mkdtemp(dir="/tmp", prefix="fp-bench-billing-"))
@@ -227,10 +264,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_once(server_url, template, billing_url, workdir, rps, size(rps, args.seconds))
                 for rps in budgets
             ]
-            unbudgeted = None
-            if any(r.achieved_rps < 0.9 * r.rps for r in runs):
-                n = max(r.payouts for r in runs)
-                unbudgeted = run_once(server_url, template, billing_url, workdir, UNBUDGETED_RPS, n)
+            # The other concurrencies, at the last (largest) budget: connections per worker.
+            last = budgets[-1]
+            runs += [
+                run_once(
+                    server_url, template, billing_url, workdir, last, size(last, args.seconds), c
+                )
+                for c in (int(x) for x in args.concurrency.split(","))
+                if c != CONCURRENCY
+            ]
+            n = max(r.payouts for r in runs)
+            unbudgeted = run_once(server_url, template, billing_url, workdir, UNBUDGETED_RPS, n)
             met = [report(run, unbudgeted) for run in runs]
             with psycopg.connect(server_url, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')

@@ -1,6 +1,6 @@
-"""The events and Billing budget benchmarks still run end to end at a tiny scale, on the
-suite's server (their figures are not checked here: they are timing, and the suite shares its
-CPUs)."""
+"""The events, Billing budget and HTTP client benchmarks still run end to end at a tiny
+scale, on the suite's server (their figures are not checked here: they are timing, and the
+suite shares its CPUs)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,17 @@ BENCHES = {
         ["--seconds", "1", "--rate", "20"],
         ("before dump-restore", "after restore into a fresh cluster", "feed p99"),
     ),
+    "http_client": (["--posts", "20"], ("ms CPU per POST",)),
+    # Every configuration of `make bench`: each default budget, --concurrency 100 at the last
+    # one, and the unbudgeted baseline.
     "billing": (
-        ["--rps", "20", "--seconds", "2"],
-        ("peak one-second calls / limit", "achieved rate / limit"),
+        ["--seconds", "0.05"],
+        (
+            "peak one-second calls / limit",
+            "achieved rate / limit",
+            "baseline, no budget",
+            "DB connections per worker",
+        ),
     ),
 }
 
@@ -38,7 +46,7 @@ def test_bench_prints_every_figure(pg_server_url: str, bench: str) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=300,
         check=False,
     )
     assert 0 == r.returncode, r.stdout + r.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import timedelta
 from decimal import Decimal
@@ -290,3 +291,35 @@ async def test_billing_refusing_our_token_fails_no_payout(deps: Deps, conn: db.C
             await wrong.aclose()
             await right.aclose()
         assert [str(payout_id)] == [t["idempotency_key"] for t in transfers(guarded)]
+
+
+async def test_runs_hold_no_connection_while_billing_answers(
+    db_url: str, conn: db.Conn, billing_url: str
+) -> None:
+    """Eight payouts whose Billing call takes 0.4 s each all succeed on one pooled connection
+    that a caller waits at most 1 s for: no run keeps it while it waits on Billing."""
+    emulator(billing_url, "PUT", "/admin/faults", {"latency_ms": 400})
+    ids = []
+    for i in range(8):
+        park = f"exec-one-conn-{i}"
+        await conn.execute(
+            'INSERT INTO parks (park_id, params) VALUES (%s, \'{"iban": "X1"}\')', (park,)
+        )
+        payout_id = uuid.uuid4()
+        await conn.execute(
+            "INSERT INTO payouts (id, park_id, kind, max_amount, available, currency) "
+            "VALUES (%s, %s, 'periodic', 1000, 50, 'RUB')",
+            (payout_id, park),
+        )
+        emulator(billing_url, "PUT", f"/admin/balances/{park}", {"available": "50.00"})
+        ids.append(payout_id)
+    pool = db.make_pool(db_url, name="test-one", min_size=1, max_size=1, timeout=1.0)
+    await pool.open(wait=True)
+    billing = BillingClient(billing_url, token=None, timeout=5.0, budget=Budget(1000))
+    try:
+        one = Deps(pool=pool, billing=billing, settings=make_settings(db_url, billing_url))
+        done = await asyncio.gather(*(execute_payout(one, i) for i in ids))
+    finally:
+        await billing.aclose()
+        await pool.close()
+    assert [Status.SUCCEEDED] * 8 == done

@@ -100,6 +100,15 @@ def test_a_malformed_end_date_is_refused(api: TestClient, until: Any) -> None:
     assert_error(r, 400, "invalid_request")
 
 
+def test_any_past_end_date_is_accepted_and_ends_the_subscription(api: TestClient) -> None:
+    """instant_payouts_until in year 1 is a past date like any other (main f057951): stored,
+    and a press is then refused subscription_ended."""
+    until = "0001-01-01T00:00:00Z"
+    assert until == register(api, PARK, instant_payouts_until=until).json()["instant_payouts_until"]
+    body = assert_error(press(api, "10.00"), 403, "instant_payouts_disabled")
+    assert {"reason": "subscription_ended"} == body["details"]
+
+
 def test_a_press_after_the_end_date_is_refused_subscription_ended(
     api: TestClient, sql: psycopg.Connection[DictRow]
 ) -> None:
