@@ -236,7 +236,7 @@ def restore_row_from_backup(pg: Pg, payout_id: uuid.UUID) -> None:
 @pytest.mark.xfail(
     strict=True,
     reason="a payout with no recorded order is decided afresh from the balance, without asking "
-    "Billing under its key first (the runbook's restore section says it asks): after a restore "
+    "Billing under its key first (the restore runbook says so and lists them for a person): after a restore "
     "from a backup older than its order it ends skipped although paid, or, with another "
     "balance, orders another body under its key and waits forever on Billing's 422",
 )
