@@ -237,8 +237,9 @@ def restore_row_from_backup(pg: Pg, payout_id: uuid.UUID) -> None:
     strict=True,
     reason="a payout with no recorded order is decided afresh from the balance, without asking "
     "Billing under its key first (the restore runbook says so and lists them for a "
-    "person): after a restore from a backup older than its order it ends skipped although paid, or, with another "
-    "balance, orders another body under its key and waits forever on Billing's 422",
+    "person): after a restore from a backup older than its order it ends skipped although "
+    "paid, or, with another balance, orders another body under its key and waits forever "
+    "on Billing's 422",
 )
 async def test_a_payout_restored_from_before_its_order_ends_as_billing_made_it(
     deps: Deps, pg: Pg, billing_url: str
