@@ -145,14 +145,11 @@ async def get_audit(request: Request) -> Response:
         since=params.time_param(request, "since"),
         until=params.time_param(request, "until"),
     )
-    key = cursors.key_for(settings_of(request))
-    after = cursors.verify(
-        key, "audit", request.query_params.get("cursor"), (params.parse_time, params.row_id)
-    )
+    pager = cursors.Pager(cursors.key_for(settings_of(request)), "audit")
+    after = pager.after(request.query_params.get("cursor"), (params.parse_time, params.row_id))
     async with admin_pool_of(request).connection() as conn:
         rows = await audit.page(conn, filters, limit=limit + 1, after=after)
-    rows, position = params.page(rows, limit, "at", "id")
-    cursor = cursors.sign(key, "audit", *position) if position else None
+    rows, cursor = pager.page(rows, limit, "at", "id")
     return JSONResponse({"entries": [views.audit_json(r) for r in rows], "next_cursor": cursor})
 
 
@@ -279,14 +276,11 @@ async def list_admin_payouts(request: Request) -> Response:
         since=params.time_param(request, "since"),
         until=params.time_param(request, "until"),
     )
-    key = cursors.key_for(settings_of(request))
-    after = cursors.verify(
-        key, "admin_payouts", request.query_params.get("cursor"), (params.parse_time, uuid.UUID)
-    )
+    pager = cursors.Pager(cursors.key_for(settings_of(request)), "admin_payouts")
+    after = pager.after(request.query_params.get("cursor"), (params.parse_time, uuid.UUID))
     async with admin_pool_of(request).connection() as conn:
         rows = await manual.page(conn, filters, limit=limit + 1, after=after)
-    rows, position = params.page(rows, limit, "created_at", "id")
-    cursor = cursors.sign(key, "admin_payouts", *position) if position else None
+    rows, cursor = pager.page(rows, limit, "created_at", "id")
     return JSONResponse({"payouts": [views.payout_json(r) for r in rows], "next_cursor": cursor})
 
 

@@ -14,6 +14,7 @@ when tokens rotate, and cursors issued before the rotation then answer 400
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 from collections.abc import Callable
@@ -62,6 +63,28 @@ def verify(
     ):
         raise ApiError("invalid_request", "cursor was not issued by this API")
     return params.decode_cursor(payload, kinds)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pager:
+    """The cursors of one list (`purpose`) under one key: where a page starts, and the
+    cursor of the page after it."""
+
+    key: bytes
+    purpose: str
+
+    def after(
+        self, raw: str | None, kinds: tuple[Callable[[Any], Any], ...]
+    ) -> tuple[Any, ...] | None:
+        return verify(self.key, self.purpose, raw, kinds)
+
+    def page(
+        self, rows: list[dict[str, Any]], limit: int, *keys: str
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """The first `limit` of `limit + 1` rows fetched, and the next page's cursor (the
+        values of `keys` in the last row) if more exist."""
+        rows, position = params.page(rows, limit, *keys)
+        return rows, sign(self.key, self.purpose, *position) if position else None
 
 
 def _tag(key: bytes, purpose: str, payload: str) -> str:

@@ -89,16 +89,12 @@ async def get_payout(request: Request) -> Response:
 async def list_payouts(request: Request) -> Response:
     park_id = params.park_header(request)
     limit = params.limit_param(request)
-    key = cursors.key_for(settings_of(request))
     # The park is part of what is signed: a cursor is valid for the list it came from.
-    purpose = f"payouts/{park_id}"
-    after = cursors.verify(
-        key, purpose, request.query_params.get("cursor"), (params.parse_time, uuid.UUID)
-    )
+    pager = cursors.Pager(cursors.key_for(settings_of(request)), f"payouts/{park_id}")
+    after = pager.after(request.query_params.get("cursor"), (params.parse_time, uuid.UUID))
     async with pool_of(request).connection() as conn:
         rows = await payouts.page(conn, park_id, limit=limit + 1, after=after)
-    rows, position = params.page(rows, limit, "created_at", "id")
-    cursor = cursors.sign(key, purpose, *position) if position else None
+    rows, cursor = pager.page(rows, limit, "created_at", "id")
     return JSONResponse({"payouts": [views.payout_json(r) for r in rows], "next_cursor": cursor})
 
 
