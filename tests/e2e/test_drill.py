@@ -21,7 +21,7 @@ import pytest
 
 from service import roles
 from tests.conftest import service_env, with_user
-from tests.helpers.api import register, set_balance, set_faults, stats
+from tests.helpers.api import register, set_faults, stats
 from tests.helpers.drill import (
     IN_FLIGHT,
     RECOVERY_TIMEOUT_S,
@@ -37,6 +37,7 @@ from tests.helpers.drill import (
     private_database,
     progress,
     read_feed,
+    seed_parks,
 )
 from tests.helpers.emulator import billing_requests
 from tests.helpers.procs import wait_for
@@ -50,7 +51,6 @@ INSTANT_PARKS = [f"drill-i{i:02d}" for i in range(40)]
 PERIODIC_PARKS = [f"drill-p{i:02d}" for i in range(8)]
 PERIOD = timedelta(seconds=3)
 # Enough for ~1,000 payouts of PAYOUT_MAX_AMOUNT each: no park runs dry during a drill.
-BALANCE = "100000000.00"
 FAULTS_ON = {
     "error_rate": 0.1,
     "timeout_rate": 0.05,
@@ -125,12 +125,7 @@ def test_drill_three_hosts_through_crashes_and_faults_lose_and_double_nothing(
         try:
             sup.start()
             all_ready(hosts)
-            for park in INSTANT_PARKS:
-                register(hosts[0].url, park, instant=True, periodic=False)
-                set_balance(billing_url, park, BALANCE)
-            for park in PERIODIC_PARKS:
-                set_balance(billing_url, park, BALANCE)
-                register(hosts[0].url, park, instant=False, periodic=True)
+            seed_parks(hosts[0].url, billing_url, INSTANT_PARKS, PERIODIC_PARKS)
             load.start()
             tail.start()
             progress(url, "the start")

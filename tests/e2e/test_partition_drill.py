@@ -50,7 +50,7 @@ from psycopg.rows import dict_row
 
 from service import roles
 from tests.conftest import service_env
-from tests.helpers.api import register, set_balance, set_faults, stats
+from tests.helpers.api import register, set_faults, stats
 from tests.helpers.drill import (
     FINISHED,
     IN_FLIGHT,
@@ -67,6 +67,7 @@ from tests.helpers.drill import (
     in_flight_report,
     private_database,
     read_feed,
+    seed_parks,
 )
 from tests.helpers.faultproxy import DOWN, UP, FaultNet, Link, fault_net
 from tests.helpers.leaselog import LEASE_LOG, HostOf, lease_findings
@@ -84,7 +85,6 @@ HOSTS = 3
 INSTANT_PARKS = [f"part-i{i:02d}" for i in range(30)]
 PERIODIC_PARKS = [f"part-p{i:02d}" for i in range(6)]
 PERIOD = timedelta(seconds=3)
-BALANCE = "100000000.00"
 STALLED_JOB_SECONDS = 5  # the scan lease's length: cuts longer than this outlive it
 GATE_PROBE_S = 2.0  # BILLING_TIMEOUT_SECONDS (1) + 1: the probe's lease
 WEBHOOK_LEASE_S = 45.0  # service.webhooks.LEASE_SECONDS with its defaults
@@ -516,12 +516,7 @@ def test_partition_drill_three_hosts_cut_off_at_random_lose_double_and_overlap_n
         try:
             sup.start()
             all_ready(hosts)
-            for park in INSTANT_PARKS:
-                register(hosts[0].url, park, instant=True, periodic=False)
-                set_balance(billing_url, park, BALANCE)
-            for park in PERIODIC_PARKS:
-                set_balance(billing_url, park, BALANCE)
-                register(hosts[0].url, park, instant=False, periodic=True)
+            seed_parks(hosts[0].url, billing_url, INSTANT_PARKS, PERIODIC_PARKS)
             load.start()
             tail.start()
             wait_for(

@@ -39,12 +39,17 @@ from tests.helpers.api import (
     assert_books_agree,
     periodic_payouts,
     press_headers,
+    register,
     rows,
+    set_balance,
     spacing_violations,
     transfers,
 )
 from tests.helpers.emulator import REPO_ROOT
 from tests.helpers.procs import Proc, wait_for
+
+# Every drill park's balance: more than any storm pays out, so no payout is skipped.
+BALANCE = "100000000.00"
 
 PRESSERS = 3
 PRESS_PAUSE_S = 0.15  # pacing of each presser between presses, not synchronisation
@@ -339,6 +344,17 @@ class Load:
 
 IN_FLIGHT = "status IN ('pending', 'processing')"
 FINISHED = f"NOT ({IN_FLIGHT})"
+
+
+def seed_parks(api: str, billing_url: str, instant: list[str], periodic: list[str]) -> None:
+    """Register the drill's parks, each with a balance: presses pay the instant ones, the
+    scan the periodic ones."""
+    for park in instant:
+        register(api, park, instant=True, periodic=False)
+        set_balance(billing_url, park, BALANCE)
+    for park in periodic:
+        set_balance(billing_url, park, BALANCE)
+        register(api, park, instant=False, periodic=True)
 
 
 def count(url: str, where: str) -> int:
