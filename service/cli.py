@@ -11,9 +11,9 @@ import types
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time
 
-from service import settings as settings_module
-from service.domain import parse_timestamp
-from service.settings import ConfigError, Settings
+from service.core import settings as settings_module
+from service.core.settings import ConfigError, Settings
+from service.core.values import parse_timestamp
 
 
 def _settings(*, require_database: bool = True) -> Settings:
@@ -35,7 +35,7 @@ def _database_url() -> str:
 def cmd_migrate(args: argparse.Namespace) -> None:
     import psycopg
 
-    from service import migrate
+    from service.ops import migrate
 
     try:
         applied = asyncio.run(migrate.migrate(_database_url()))
@@ -49,7 +49,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from service import observability
+    from service.core import observability
     from service.web.lifecycle import serve
 
     settings = _settings()
@@ -58,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from service import observability
+    from service.core import observability
     from service.worker.run import run_worker
 
     settings = _settings()
@@ -88,7 +88,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
 
 def cmd_parks_import(args: argparse.Namespace) -> None:
-    from service.registry import import_csv
+    from service.parks.csv_import import import_csv
 
     raise SystemExit(asyncio.run(import_csv(_database_url(), args.file)))
 
@@ -96,7 +96,8 @@ def cmd_parks_import(args: argparse.Namespace) -> None:
 def cmd_audit_verify(args: argparse.Namespace) -> None:
     import psycopg
 
-    from service import audit_chain, checks
+    from service.audit import chain as audit_chain
+    from service.ops import checks
 
     try:
         code = asyncio.run(audit_chain.run(_database_url(), since=args.since, full=args.full))
@@ -115,7 +116,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> None:
-    from service import observability, reconcile
+    from service.core import observability
+    from service.ops import reconcile
 
     settings = _settings()
     observability.setup(settings, "cli")

@@ -20,14 +20,15 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 
-from service import db, migrate, roles
-from service.settings import Settings
+from service.core import db
+from service.core.settings import Settings
+from service.ops import migrate, roles
 from tests.helpers.emulator import run_emulator
 
 if TYPE_CHECKING:
     from starlette.testclient import TestClient
 
-    from service.execution import Deps
+    from service.payouts.execution import Deps
 
 TEMPLATE = f"fp_template_{os.getpid()}"
 _counter = itertools.count()
@@ -129,7 +130,7 @@ async def deps(db_url: str, billing_url: str) -> AsyncIterator[Deps]:
     client for the session's emulator, paced by this process alone.
     """
     from service.billing.client import BillingClient, Budget
-    from service.execution import Deps
+    from service.payouts.execution import Deps
 
     pool = db.make_pool(db_url, name="test", max_size=4)
     await pool.open(wait=True)

@@ -23,7 +23,9 @@ from pathlib import Path
 import httpx
 
 from fleet_payouts_devkit.processes import port_is_free, stop_process, wait_until
-from service import db, migrate, parks, roles
+from service.core import db
+from service.ops import migrate, roles
+from service.parks import store as parks
 
 DATA_DIR = Path(".fleet-payouts")
 # Dev-only tokens, printed in the help text; never used unless dev sets them.

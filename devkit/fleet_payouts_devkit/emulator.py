@@ -77,8 +77,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.domain import parse_timestamp
-from service.invariant import InvariantError
+from service.core.invariant import InvariantError
+from service.core.values import parse_timestamp
 
 __all__ = ["EmulatorState", "Faults", "RateStats", "create_app", "main", "run"]
 

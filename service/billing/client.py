@@ -36,8 +36,8 @@ from typing import Any, Literal, Protocol
 import httpx
 from aiolimiter import AsyncLimiter
 
-from service import observability
-from service.domain import format_money, format_timestamp, parse_timestamp
+from service.core import observability
+from service.core.values import format_money, format_timestamp, parse_timestamp
 
 logger = logging.getLogger(__name__)
 

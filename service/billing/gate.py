@@ -45,9 +45,9 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
-from service import db, observability
 from service.billing.client import BillingClient, Outcome, Paused, Permit, pause_seconds
-from service.settings import Settings
+from service.core import db, observability
+from service.core.settings import Settings
 
 logger = logging.getLogger(__name__)
 Q = db.queries("billing")

@@ -9,17 +9,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service import audit, instant, manual, park_admin, parks
-from service.domain import (
-    Fee,
-    Kind,
-    Status,
-    is_park_id,
-    is_visible_ascii,
-    parse_fee_fixed,
-    parse_fee_percent,
-    parse_money,
-)
+from service.audit import store as audit
+from service.core.values import is_park_id, is_visible_ascii, parse_money
+from service.parks import admin as park_admin
+from service.parks import store as parks
+from service.parks.fees import Fee, parse_fee_fixed, parse_fee_percent
+from service.payouts import instant, manual
+from service.payouts.model import Kind, Status
 from service.web import cursors, params, views
 from service.web.auth import ADMIN
 from service.web.errors import ApiError

@@ -25,9 +25,10 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
-from service import db, gauges
 from service.billing import gate as billing_gate
-from service.settings import Settings
+from service.core import db
+from service.core.settings import Settings
+from service.ops import gauges
 from service.web import admin_routes, events, ops_routes, payout_routes
 from service.web.errors import EXCEPTION_HANDLERS
 from service.web.lifecycle import Drain, ReadinessProbe

@@ -18,9 +18,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service import observability
-from service.domain import is_park_id
-from service.settings import Settings
+from service.core import observability
+from service.core.settings import Settings
+from service.core.values import is_park_id
 from service.web import refusals
 from service.web.errors import ApiError
 from service.web.state import settings_of

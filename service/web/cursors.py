@@ -20,7 +20,7 @@ import hmac
 from collections.abc import Callable
 from typing import Any
 
-from service.settings import Settings
+from service.core.settings import Settings
 from service.web import params
 from service.web.errors import ApiError
 

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.invariant import InvariantError
+from service.core.invariant import InvariantError
 
 logger = logging.getLogger(__name__)
 

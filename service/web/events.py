@@ -15,8 +15,9 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service import db, events
-from service.invariant import InvariantError
+from service.core import db
+from service.core.invariant import InvariantError
+from service.events import outbox as events
 from service.web import params
 from service.web.auth import PARK
 from service.web.errors import ApiError

@@ -20,7 +20,7 @@ from types import FrameType
 import psycopg
 import uvicorn
 
-from service.settings import Settings
+from service.core.settings import Settings
 from service.web import edge
 
 logger = logging.getLogger(__name__)

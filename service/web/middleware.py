@@ -18,8 +18,8 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import observability
-from service.domain import is_visible_ascii
+from service.core import observability
+from service.core.values import is_visible_ascii
 from service.web.errors import ApiError, unavailable
 from service.web.lifecycle import Drain
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from service.domain import EVENT_TYPES, Kind, Status
+from service.payouts.model import EVENT_TYPES, Kind, Status
 from service.web.errors import STATUS
 from service.web.params import HOLD_REASON_PATTERN
 
@@ -21,7 +21,7 @@ PARK_ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$", "examples": ["p
 VISIBLE_ASCII = {"type": "string", "pattern": "^[!-~]{1,128}$"}
 MONEY = {"type": "string", "pattern": r"^[0-9]+\.[0-9]{2}$", "examples": ["1500.00"]}
 TIMESTAMP = {"type": "string", "format": "date-time"}
-# What service.domain.parse_money takes: above zero, at most 2 fractional digits.
+# What service.payouts.model.parse_money takes: above zero, at most 2 fractional digits.
 POSITIVE_AMOUNT = {
     "type": "string",
     "pattern": r"^([1-9][0-9]{0,15}(\.[0-9]{1,2})?|0\.(0[1-9]|[1-9][0-9]?))$",
@@ -30,7 +30,7 @@ POSITIVE_AMOUNT = {
 # No NUL (PostgreSQL's text and jsonb cannot hold it), in keys and strings at any depth.
 NO_NUL = r"^[^\u0000]*$"
 KINDS = tuple(str(k) for k in Kind)
-# What service.domain.parse_fee_percent / parse_fee_fixed take: 0-100, and zero or more.
+# What service.parks.fees.parse_fee_percent / parse_fee_fixed take: 0-100, and zero or more.
 PERCENT = {
     "type": "string",
     "pattern": r"^(100(\.0{1,2})?|(0|[1-9][0-9]?)(\.[0-9]{1,2})?)$",

@@ -20,8 +20,8 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
-from service import park_admin
-from service.domain import is_park_id, is_visible_ascii, parse_timestamp
+from service.core.values import is_park_id, is_visible_ascii, parse_timestamp
+from service.parks import admin as park_admin
 from service.web.errors import ApiError
 from service.web.views import timestamp
 
@@ -32,7 +32,7 @@ MAX_BODY_BYTES = 16 * 1024
 # Park params are a flat mapping in practice; 32 levels is far past any real use.
 MAX_BODY_DEPTH = 32
 # A hold reason: text without control characters, not blank. The rule is the use
-# case's (service/park_admin.py), the API and the console alike; OpenAPI states it.
+# case's (service/parks/admin.py), the API and the console alike; OpenAPI states it.
 HOLD_REASON_PATTERN = park_admin.HOLD_REASON_PATTERN
 HOLD_REASON_RE = park_admin.HOLD_REASON_RE
 # ASCII digits only: str.isdigit() also says yes to "²", which int() refuses.

@@ -10,9 +10,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service import cancel, instant, observability, payouts
 from service.billing.client import Malformed, Rejected, Transient
-from service.domain import parse_money
+from service.core import observability
+from service.core.values import parse_money
+from service.payouts import cancel, instant
+from service.payouts import store as payouts
 from service.web import cursors, params, views
 from service.web.auth import PARK
 from service.web.errors import ApiError, unavailable

@@ -14,8 +14,8 @@ import psycopg
 import psycopg_pool
 from starlette.requests import Request
 
-from service import audit
-from service.domain import is_park_id
+from service.audit import store as audit
+from service.core.values import is_park_id
 from service.web import params
 from service.web.errors import ApiError
 from service.web.origin import client_details

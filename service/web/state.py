@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, TypedDict
 
 from starlette.requests import Request
 
-from service import db
-from service.settings import Settings
+from service.core import db
+from service.core.settings import Settings
 
 if TYPE_CHECKING:
     from service.billing.client import BillingClient

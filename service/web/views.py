@@ -6,9 +6,11 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from service.domain import Fee, format_money, next_periodic_payout_at
-from service.settings import Settings
-from service.wire import money, payout_json, timestamp
+from service.core.settings import Settings
+from service.core.values import format_money
+from service.parks.fees import Fee
+from service.payouts.model import next_periodic_payout_at
+from service.payouts.wire import money, payout_json, timestamp
 
 __all__ = ["audit_json", "availability_json", "money", "park_json", "payout_json", "timestamp"]
 

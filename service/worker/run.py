@@ -14,11 +14,15 @@ from collections.abc import AsyncIterator
 from procrastinate import JobContext
 from procrastinate.worker import Worker
 
-from service import db, events, gauges, maintenance, periodic, queue, reconcile, returns, webhooks
-from service.background import Every
 from service.billing import gate as billing_gate
-from service.execution import Deps
-from service.settings import Settings
+from service.core import db, queue
+from service.core.background import Every
+from service.core.settings import Settings
+from service.events import outbox as events
+from service.events import webhooks
+from service.ops import gauges, maintenance, reconcile
+from service.payouts import periodic, returns
+from service.payouts.execution import Deps
 from service.worker import tasks
 from service.worker.app import app
 
@@ -84,7 +88,7 @@ async def reconcile_task(context: JobContext, timestamp: int) -> None:
 
 @app.task(name="read_returns", queue=queue.QUEUE_MAINTENANCE, pass_context=True)
 async def read_returns(context: JobContext, timestamp: int) -> None:
-    """Apply the payouts the bank sent back (see service/returns.py)."""
+    """Apply the payouts the bank sent back (see service/payouts/returns.py)."""
     await returns.read(tasks.deps_of(context))
 
 

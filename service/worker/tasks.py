@@ -2,7 +2,7 @@
 
 The tasks receive their dependencies (pool, Billing client, settings) through
 the worker's additional context, set up in service/worker/run.py. Their
-names, queues and priorities are service/queue.py's: the use cases write job
+names, queues and priorities are service/core/queue.py's: the use cases write job
 rows in SQL under those names.
 """
 
@@ -20,10 +20,11 @@ from procrastinate.exceptions import JobAborted
 from procrastinate.jobs import Job
 from procrastinate.retry import BaseRetryStrategy
 
-from service import db, observability, queue, webhooks
-from service.execution import Deps, RetryLater
-from service.execution import execute_payout as run_payout
-from service.invariant import InvariantError
+from service.core import db, observability, queue
+from service.core.invariant import InvariantError
+from service.events import webhooks
+from service.payouts.execution import Deps, RetryLater
+from service.payouts.execution import execute_payout as run_payout
 from service.worker.app import app
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def deps_of(context: JobContext) -> Deps:
 
 @app.task(name=queue.TASK_EXECUTE_PAYOUT, queue=queue.QUEUE_PAYOUTS, pass_context=True, retry=RETRY)
 async def execute_payout(context: JobContext, payout_id: str) -> None:
-    """Drive one payout to a final status (see service/execution.py); the log
+    """Drive one payout to a final status (see service/payouts/execution.py); the log
     context's kind is the payout's own, bound once the run has read it."""
     deps = deps_of(context)
     with observability.log_context(payout_id=payout_id, job_id=context.job.id):
@@ -106,9 +107,9 @@ async def execute_payout(context: JobContext, payout_id: str) -> None:
 
 
 # Kept for the jobs that workers of the version before still defer during a
-# rolling deploy: webhooks are a chore of every worker now (service/webhooks.py).
+# rolling deploy: webhooks are a chore of every worker now (service/events/webhooks.py).
 @app.task(name="deliver_webhooks", queue=queue.QUEUE_WEBHOOKS, pass_context=True)
 async def deliver_webhooks(context: JobContext, timestamp: int) -> None:
-    """A tick of the version before: nothing to do (see service/webhooks.py)."""
+    """A tick of the version before: nothing to do (see service/events/webhooks.py)."""
     extra: dict[str, Any] = context.additional_context or {}
     await webhooks.tick(extra.get("webhooks"))

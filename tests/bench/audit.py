@@ -5,7 +5,7 @@ with valid hash chains (8 per month), then prints three figures, each with its g
 and a baseline measured in the same run:
 
 1. p95 latency of one park's latest 50 entries through the GET /v1/audit query
-   (service.audit.page), goal <= 20 ms; baseline: a `SELECT 1` round trip.
+   (service.audit.store.page), goal <= 20 ms; baseline: a `SELECT 1` round trip.
 2. chained inserts per second with 3 concurrent writers (each insert its own
    transaction), goal >= 500; baselines: the same inserts into a copy of the table
    without the chain, and into one with a single chain that every writer locks until it
@@ -20,7 +20,7 @@ about 60 GB of disk and an hour or two to load here; figures 1 and 2 depend on a
 size only through index depth, figure 3's time grows linearly and its memory not at all.
 
 The entries are written straight into standalone monthly tables (COPY) and ATTACHed,
-with chains computed here by service.audit_chain's own functions: going through the
+with chains computed here by service.audit.chain's own functions: going through the
 trigger would take hours at 10 M. Figure 3 checks them all, so a generator that got a
 link wrong would show as a failed verify, not as a fast one.
 
@@ -51,7 +51,10 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 
-from service import audit, audit_chain, db, migrate
+from service.audit import chain as audit_chain
+from service.audit import store as audit
+from service.core import db
+from service.ops import migrate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARKS = 80_000
@@ -378,7 +381,7 @@ def figure_verify(url: str, months: list[date], entries: int) -> dict[str, float
         raise RuntimeError(f"audit verify (incremental) exited {code}:\n{output}")
     since = str(months[-2])
     _, _, rss_two, _ = run_measured(VERIFY, ["audit", "verify", "--full", "--since", since], env)
-    _, _, rss_bare, _ = run_measured("import service.cli, service.audit_chain, psycopg", [], env)
+    _, _, rss_bare, _ = run_measured("import service.cli, service.audit.chain, psycopg", [], env)
     streamed = asyncio.run(stream_rate(url, months))
     return {
         "rate": entries / seconds,

@@ -34,11 +34,13 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from service import db, migrate, periodic
 from service.billing import gate as billing_gate
-from service.execution import Deps
-from service.settings import MAX_RPS, Settings
-from service.settings import load as load_settings
+from service.core import db
+from service.core.settings import MAX_RPS, Settings
+from service.core.settings import load as load_settings
+from service.ops import migrate
+from service.payouts import periodic
+from service.payouts.execution import Deps
 from service.worker.app import app as queue_app
 from tests.bench.common import bench_server
 from tests.conftest import create_database, drop_database, service_env, with_dbname

@@ -37,8 +37,11 @@ import httpx
 import psycopg
 from psycopg.rows import dict_row
 
-from service import db, events, instant, migrate
-from service.settings import Settings
+from service.core import db
+from service.core.settings import Settings
+from service.events import outbox as events
+from service.ops import migrate
+from service.payouts import instant
 from service.worker.app import app as queue_app
 from tests.bench.common import bench_server
 from tests.conftest import with_dbname

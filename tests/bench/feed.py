@@ -31,7 +31,9 @@ from pathlib import Path
 import psycopg
 from fleet_payouts_devkit.postgres import find_pg_bindir, temporary_server
 
-from service import db, events, migrate
+from service.core import db
+from service.events import outbox as events
+from service.ops import migrate
 from tests.conftest import with_dbname
 
 # The goal: SPEC section 2, "readable within 1 s of its commit whatever other transactions

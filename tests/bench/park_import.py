@@ -28,7 +28,7 @@ from pathlib import Path
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from service import migrate
+from service.ops import migrate
 from tests.bench.common import bench_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -54,12 +54,14 @@ from procrastinate.types import JSONValue
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from service import db, migrate, periodic
-from service import settings as settings_module
 from service.billing.client import BillingClient, Budget
-from service.execution import Deps
-from service.instant import InstantRequest
-from service.settings import Settings
+from service.core import db
+from service.core import settings as settings_module
+from service.core.settings import Settings
+from service.ops import migrate
+from service.payouts import periodic
+from service.payouts.execution import Deps
+from service.payouts.instant import InstantRequest
 from service.worker import tasks
 from service.worker.app import app as queue_app
 

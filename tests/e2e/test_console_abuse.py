@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import roles
+from service.ops import roles
 from service.web.console import pages
 from tests.conftest import TEMPLATE, create_database, drop_database, service_env, with_user
 from tests.helpers.api import park_headers

@@ -26,7 +26,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from service import roles
+from service.ops import roles
 from service.web.console import manual, sentences
 from tests.conftest import (
     ADMIN_TOKEN,

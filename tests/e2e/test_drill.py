@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from service import roles
+from service.ops import roles
 from tests.conftest import service_env, with_user
 from tests.helpers.api import register, set_faults, stats
 from tests.helpers.drill import (

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import db
+from service.core import db
 from tests.conftest import ADMIN_TOKEN, API_TOKEN, service_env
 from tests.helpers.procs import cluster
 

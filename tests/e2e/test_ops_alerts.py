@@ -22,9 +22,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.rows import DictRow
 
-from service import reconcile
 from service.billing.client import BillingClient, Budget
-from service.execution import Deps
+from service.ops import reconcile
+from service.payouts.execution import Deps
 from tests.conftest import make_settings, service_env
 from tests.helpers import audit as audit_helpers
 from tests.helpers.emulator import REPO_ROOT, free_port
@@ -165,7 +165,7 @@ class Fleet:
 
 def run_daily_reconciliation(db_url: str, billing_url: str) -> None:
     async def run() -> None:
-        from service import db
+        from service.core import db
 
         pool = db.make_pool(db_url, name="test", max_size=2)
         await pool.open(wait=True)

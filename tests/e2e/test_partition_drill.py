@@ -48,7 +48,7 @@ from fleet_payouts_devkit.processes import free_port
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
-from service import roles
+from service.ops import roles
 from tests.conftest import service_env
 from tests.helpers.api import register, set_faults, stats
 from tests.helpers.drill import (
@@ -87,7 +87,7 @@ PERIODIC_PARKS = [f"part-p{i:02d}" for i in range(6)]
 PERIOD = timedelta(seconds=3)
 STALLED_JOB_SECONDS = 5  # the scan lease's length: cuts longer than this outlive it
 GATE_PROBE_S = 2.0  # BILLING_TIMEOUT_SECONDS (1) + 1: the probe's lease
-WEBHOOK_LEASE_S = 45.0  # service.webhooks.LEASE_SECONDS with its defaults
+WEBHOOK_LEASE_S = 45.0  # service.events.webhooks.LEASE_SECONDS with its defaults
 # Every payout is final this long after the last fault healed (the runbook's bound for the
 # drill's settings: STALLED_JOB_SECONDS=5, RETRY_BACKOFF_CAP_SECONDS=1, breaker cool-off 1 s).
 DRAIN_BOUND_S = 60.0

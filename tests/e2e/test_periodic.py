@@ -16,9 +16,10 @@ import httpx
 import psycopg
 import pytest
 
-from service import db, periodic
 from service.billing.client import BillingClient, Budget
-from service.execution import Deps
+from service.core import db
+from service.payouts import periodic
+from service.payouts.execution import Deps
 from service.worker.app import app
 from tests.conftest import make_settings, service_env
 from tests.helpers.api import (

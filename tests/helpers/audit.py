@@ -10,8 +10,10 @@ from typing import Any
 import psycopg
 from psycopg.rows import DictRow, dict_row
 
-from service import audit_chain, db, roles
-from service.audit_chain import Broken, MonthResult, Summary
+from service.audit import chain as audit_chain
+from service.audit.chain import Broken, MonthResult, Summary
+from service.core import db
+from service.ops import roles
 
 Pg = psycopg.Connection[DictRow]
 NOW = datetime.now(UTC)

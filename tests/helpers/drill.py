@@ -32,7 +32,7 @@ from fleet_payouts_devkit.postgres import EmbeddedPostgres, EmbeddedPostgresErro
 from fleet_payouts_devkit.processes import free_port
 from psycopg.rows import DictRow, dict_row
 
-from service import migrate
+from service.ops import migrate
 from tests.conftest import API_TOKEN, with_dbname
 from tests.helpers.api import (
     FINAL,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service import observability
+from service.core import observability
 
 
 def statements_sent() -> float:

@@ -12,7 +12,8 @@ import pytest
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from service import observability, payouts
+from service.core import observability
+from service.payouts import store as payouts
 from service.web.app import create_app, routes
 from service.web.auth import Access, access_of
 from tests.conftest import ADMIN_TOKEN, API_TOKEN, make_settings

@@ -11,7 +11,8 @@ import pytest
 from psycopg.rows import dict_row
 from starlette.testclient import TestClient
 
-from service import db, events
+from service.core import db
+from service.events import outbox as events
 from tests.helpers.api import ADMIN_AUTH, assert_error, park_headers, press_headers, register
 from tests.helpers.events import (
     Conn,

@@ -16,10 +16,14 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from service import audit, db, payouts, returns, roles
+from service.audit import store as audit
 from service.billing.client import BillingClient, BillingReturn, Budget
-from service.domain import Status
-from service.execution import Deps, RetryLater, execute_payout
+from service.core import db
+from service.ops import roles
+from service.payouts import returns
+from service.payouts import store as payouts
+from service.payouts.execution import Deps, RetryLater, execute_payout
+from service.payouts.model import Status
 from tests.helpers.audit import Pg, connect
 from tests.helpers.procs import wait_for
 from tests.helpers.proxy import BillingProxy, Canned, billing_proxy

@@ -10,7 +10,7 @@ import io
 import psycopg
 import pytest
 
-from service.audit_chain import MonthResult, Summary
+from service.audit.chain import MonthResult, Summary
 from tests.helpers.audit import Pg, add_month, broken, mid, months_back, verify, write
 
 OLD, KEPT = months_back(3), months_back(2)

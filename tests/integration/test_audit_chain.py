@@ -18,8 +18,8 @@ from datetime import date
 import psycopg
 import pytest
 
-from service import audit_chain
-from service.audit_chain import Summary
+from service.audit import chain as audit_chain
+from service.audit.chain import Summary
 from tests.helpers.audit import (
     THIS_MONTH,
     Pg,

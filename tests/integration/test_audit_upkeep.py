@@ -8,7 +8,10 @@ import logging
 import psycopg
 import pytest
 
-from service import audit, audit_chain, db, migrate
+from service.audit import chain as audit_chain
+from service.audit import store as audit
+from service.core import db
+from service.ops import migrate
 from tests.helpers.audit import THIS_MONTH, Pg, connect, partition, write
 
 NEXT = partition(audit_chain.next_month(THIS_MONTH))
@@ -52,7 +55,7 @@ async def test_a_month_whose_lock_is_taken_is_skipped_then_created(
     async with conn:
         with connect(db_url, autocommit=False) as vacuum_like, connect(db_url) as press:
             vacuum_like.execute("LOCK TABLE audit_log IN SHARE UPDATE EXCLUSIVE MODE")
-            with caplog.at_level(logging.WARNING, logger="service.audit"):
+            with caplog.at_level(logging.WARNING, logger="service.audit.store"):
                 assert 0 == await audit.ensure_partitions(conn, attempts=2)
             press.execute("SET lock_timeout = '1s'")
             write(press)

@@ -17,10 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
-from service import db, reconcile
 from service.billing.client import BillingClient, Budget, Undecided
-from service.domain import Status
-from service.execution import Deps, RetryLater, execute_payout
+from service.core import db
+from service.ops import reconcile
+from service.payouts.execution import Deps, RetryLater, execute_payout
+from service.payouts.model import Status
 from tests.helpers.proxy import BillingProxy, Canned, billing_proxy
 
 PARK = "answers-park"

@@ -18,10 +18,10 @@ import pytest
 from prometheus_client import REGISTRY
 from psycopg.rows import DictRow
 
-from service import db
 from service.billing import gate as billing_gate
 from service.billing.client import BillingClient, Paused, Permit, Transient
 from service.billing.gate import SharedGate
+from service.core import db
 from tests.helpers.api import set_faults, stats
 from tests.helpers.emulator import peak_in_one_second
 

@@ -12,8 +12,9 @@ import pytest
 from psycopg.rows import DictRow
 from starlette.testclient import TestClient
 
-from service import cancel, db, periodic
-from service.execution import Deps, execute_payout
+from service.core import db
+from service.payouts import cancel, periodic
+from service.payouts.execution import Deps, execute_payout
 from tests.conftest import ADMIN_TOKEN, API_TOKEN
 from tests.helpers.api import (
     ADMIN,

@@ -17,7 +17,7 @@ import pytest
 from psycopg.rows import DictRow
 from starlette.testclient import TestClient
 
-from service import settings as settings_module
+from service.core import settings as settings_module
 from service.web import openapi
 from service.web.app import create_app
 from service.web.console import pages, sentences

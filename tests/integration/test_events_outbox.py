@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from service import events
+from service.events import outbox as events
 from tests.helpers.events import Conn, finish, insert_payout, register_parks, stored
 
 FINAL = ["succeeded", "failed", "skipped"]

@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
-from service import db
 from service.billing.client import BillingClient, Budget
-from service.domain import Status
-from service.execution import Deps, RetryLater, execute_payout
+from service.core import db
+from service.payouts.execution import Deps, RetryLater, execute_payout
+from service.payouts.model import Status
 from tests.conftest import make_settings
 from tests.helpers.emulator import run_emulator
 

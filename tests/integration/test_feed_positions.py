@@ -21,7 +21,10 @@ from fleet_payouts_devkit.postgres import find_pg_bindir, temporary_server
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
-from service import db, events, migrate, webhooks
+from service.core import db
+from service.events import outbox as events
+from service.events import webhooks
+from service.ops import migrate
 from tests.conftest import drop_database, make_settings, with_dbname
 from tests.helpers.api import app_client, assert_error, park_headers
 from tests.helpers.events import (

@@ -15,10 +15,11 @@ import pytest
 from psycopg.rows import DictRow
 from starlette.testclient import TestClient
 
-from service import db, manual
-from service.domain import Status
-from service.execution import Deps, execute_payout
-from service.instant import Refused
+from service.core import db
+from service.payouts import manual
+from service.payouts.execution import Deps, execute_payout
+from service.payouts.instant import Refused
+from service.payouts.model import Status
 from tests.conftest import make_settings
 from tests.helpers.api import (
     admin_headers,

@@ -1,4 +1,4 @@
-"""service/migrate.py: procrastinate's schema and ours, applied once, safely in parallel."""
+"""service/ops/migrate.py: procrastinate's schema and ours, applied once, safely in parallel."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from service import db, migrate
+from service.core import db
+from service.ops import migrate
 from tests.helpers.emulator import REPO_ROOT
 
 # procrastinate's schema, then every file of migrations/ in name order.

@@ -1,4 +1,4 @@
-"""The payout state machine is defined once (service/domain.py) and every other place
+"""The payout state machine is defined once (service/payouts/model.py) and every other place
 that spells it out agrees: the schema's checks, index predicates and trigger functions as
 the database holds them now, every status list in sql/*.sql, and the OpenAPI description.
 
@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from psycopg.rows import DictRow
 
-from service import domain
-from service.domain import Kind, Status
+from service.payouts import model as domain
+from service.payouts.model import Kind, Status
 from service.web import openapi
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
@@ -46,7 +46,9 @@ def undefined_lists(where: str, text: str) -> list[str]:
         if values <= JOB_STATUSES and not values <= {str(s) for s in Status}:
             continue  # a procrastinate job status list
         if named(values) is None:
-            problems.append(f"{where}: status list {sorted(values)} is no set of service.domain")
+            problems.append(
+                f"{where}: status list {sorted(values)} is no set of service.payouts.model"
+            )
     for m in STATUS_ONE.finditer(text):
         if m.group(1) not in {str(s) for s in Status} | JOB_STATUSES:
             problems.append(f"{where}: {m.group(1)!r} is no domain.Status")

@@ -14,9 +14,9 @@ import pytest
 from psycopg.rows import DictRow
 from starlette.testclient import TestClient
 
-from service import db
-from service.domain import Status
-from service.execution import Deps, execute_payout
+from service.core import db
+from service.payouts.execution import Deps, execute_payout
+from service.payouts.model import Status
 from tests.helpers.api import (
     ADMIN,
     app_client,

@@ -17,9 +17,10 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 
-from service import db, instant, periodic
-from service.domain import Status
-from service.execution import Deps, execute_payout
+from service.core import db
+from service.payouts import instant, periodic
+from service.payouts.execution import Deps, execute_payout
+from service.payouts.model import Status
 from tests.conftest import make_settings
 from tests.helpers.api import set_balance
 

@@ -19,9 +19,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from service import db, instant, returns
-from service.domain import Status
-from service.execution import Deps, execute_payout
+from service.core import db
+from service.payouts import instant, returns
+from service.payouts.execution import Deps, execute_payout
+from service.payouts.model import Status
 from tests.conftest import make_settings
 from tests.helpers.api import (
     app_client,

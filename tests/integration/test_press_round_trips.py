@@ -6,8 +6,9 @@ import tempfile
 from decimal import Decimal
 from pathlib import Path
 
-from service import db, instant
-from service.instant import InstantRequest
+from service.core import db
+from service.payouts import instant
+from service.payouts.instant import InstantRequest
 from tests.conftest import make_settings
 
 PARK = "press-trips"

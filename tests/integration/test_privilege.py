@@ -1,5 +1,5 @@
 """Least privilege as SPEC section 7 states it, tried as each role: the policy of
-service/roles.py table by table and privilege by privilege, nothing by default; the
+service/ops/roles.py table by table and privilege by privilege, nothing by default; the
 app role can neither write events nor date an audit entry; the ops role runs the
 runbooks' "Do" steps and nothing more; readonly reads query text.
 """
@@ -17,7 +17,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from service import audit_chain, migrate, reconcile, roles
+from service.audit import chain as audit_chain
+from service.ops import migrate, reconcile, roles
 from tests.conftest import TEMPLATE, drop_database, make_settings, with_dbname, with_user
 from tests.helpers.audit import Pg, add_month, connect, months_back
 
@@ -96,7 +97,7 @@ def test_each_role_has_exactly_the_privileges_its_policy_line_gives(
     sessions: dict[str, Pg], role: str, table: str, privilege: str
 ) -> None:
     """As the role itself, a statement needing one privilege on one table passes the
-    privilege check exactly when service/roles.py TABLES gives it that privilege."""
+    privilege check exactly when service/ops/roles.py TABLES gives it that privilege."""
     assert expected(role, table, privilege) == attempt(sessions[role], table, privilege)
 
 
@@ -120,9 +121,9 @@ def test_an_unlisted_table_gives_the_app_nothing(
     pg.execute("CREATE TABLE unlisted (id int)")
     pg.execute(sql.SQL("GRANT ALL ON unlisted TO {}").format(sql.Identifier(R.app)))
     pg.execute("RESET ROLE")
-    with caplog.at_level("WARNING", logger="service.roles"):
+    with caplog.at_level("WARNING", logger="service.ops.roles"):
         asyncio.run(migrate.migrate(db_url))
-    assert "no line of service/roles.py TABLES names unlisted" in caplog.text
+    assert "no line of service/ops/roles.py TABLES names unlisted" in caplog.text
     with connect(with_user(db_url, R.app)) as app:
         assert [False] * 5 == [attempt(app, "unlisted", p) for p in ATTEMPTS]
     pg.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(R.readonly)))

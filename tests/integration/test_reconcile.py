@@ -18,9 +18,10 @@ import pytest
 from prometheus_client import REGISTRY
 from psycopg.rows import DictRow
 
-from service import db, reconcile
-from service.domain import Status
-from service.execution import Deps, execute_payout
+from service.core import db
+from service.ops import reconcile
+from service.payouts.execution import Deps, execute_payout
+from service.payouts.model import Status
 from tests.conftest import service_env
 from tests.helpers.api import set_balance
 from tests.helpers.emulator import REPO_ROOT
@@ -178,7 +179,7 @@ def outside_return(billing_url: str, key: str) -> None:
 async def test_fee_and_return_mismatches(deps: Deps, conn: db.Conn, billing_url: str) -> None:
     """Billing recording another fee is fee_differs; a payout Billing says was returned but is
     not returned here, and a return for a key we do not know, are returned_at_billing."""
-    from service import returns
+    from service.payouts import returns
 
     await conn.execute(
         "INSERT INTO parks (park_id, instant_payouts_enabled, instant_fee_percent,"

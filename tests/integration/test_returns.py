@@ -14,9 +14,10 @@ import pytest
 from psycopg.rows import DictRow
 from starlette.testclient import TestClient
 
-from service import db, returns
-from service.domain import Status
-from service.execution import Deps, execute_payout
+from service.core import db
+from service.payouts import returns
+from service.payouts.execution import Deps, execute_payout
+from service.payouts.model import Status
 from tests.helpers.api import (
     ADMIN,
     app_client,

@@ -17,10 +17,13 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from service import audit, audit_chain, db, gauges, maintenance, migrate, roles
+from service.audit import chain as audit_chain
+from service.audit import store as audit
 from service.billing.client import BillingClient, Budget
-from service.domain import Status
-from service.execution import Deps, execute_payout
+from service.core import db
+from service.ops import gauges, maintenance, migrate, roles
+from service.payouts.execution import Deps, execute_payout
+from service.payouts.model import Status
 from tests.conftest import create_database, drop_database, make_settings, with_user
 from tests.helpers.api import app_client, press_headers, register, set_balance
 from tests.helpers.audit import THIS_MONTH, Pg, connect, partition, verify
@@ -192,7 +195,7 @@ async def test_migrate_that_may_not_create_roles_says_what_to_run_and_continues(
 ) -> None:
     """Without CREATEROLE, migrate names the roles to create with the SQL, and migrates anyway."""
     names = fresh_roles()
-    with caplog.at_level(logging.WARNING, logger="service.roles"):
+    with caplog.at_level(logging.WARNING, logger="service.ops.roles"):
         applied = await migrate.migrate(with_user(plain_db_url, plain_user), role_names=names)
     assert "0003_audit_chain.sql" in applied
     said = caplog.text
@@ -211,7 +214,7 @@ async def test_superuser_migrate_hands_an_older_schema_to_the_owner(
 ) -> None:
     """A schema migrated by another role (as before the roles existed) is handed to the owner
     by the next migrate run as a superuser, and the app role gets its privileges."""
-    with caplog.at_level(logging.WARNING, logger="service.roles"):
+    with caplog.at_level(logging.WARNING, logger="service.ops.roles"):
         await migrate.migrate(with_user(plain_db_url, plain_user))
     assert f"cannot act as {roles.ROLES.owner}" in caplog.text
     superuser = with_user(plain_db_url, "postgres")

@@ -18,7 +18,8 @@ from pathlib import Path
 import psycopg
 from psycopg.rows import DictRow
 
-from service import audit_chain, roles
+from service.audit import chain as audit_chain
+from service.ops import roles
 from tests.conftest import with_user
 from tests.helpers import audit as audit_helpers
 from tests.helpers.emulator import REPO_ROOT

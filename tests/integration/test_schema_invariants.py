@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from service import db
+from service.core import db
 
 PARK = "park-1"
 

@@ -16,7 +16,8 @@ import sentry_sdk
 from sentry_sdk.envelope import Envelope
 from sentry_sdk.transport import Transport
 
-from service import observability, payouts
+from service.core import observability
+from service.payouts import store as payouts
 from tests.conftest import ADMIN_TOKEN, API_TOKEN, make_settings
 from tests.helpers.api import app_client, park_headers
 
@@ -91,7 +92,7 @@ def test_job_error_event_is_tagged_with_payout_and_kind(sentry: Captured) -> Non
     park and kind."""
     payout_id = str(uuid.uuid4())
     with observability.log_context(payout_id=payout_id, kind="periodic", park_id="p9"):
-        logging.getLogger("service.execution").error("Billing refused the order")
+        logging.getLogger("service.payouts.execution").error("Billing refused the order")
     sentry_sdk.flush()
     assert [(payout_id, "periodic", "p9")] == [
         (e["tags"].get("payout_id"), e["tags"].get("kind"), e["tags"].get("park_id"))

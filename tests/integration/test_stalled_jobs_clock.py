@@ -13,8 +13,9 @@ import psycopg
 import pytest
 from psycopg.rows import DictRow
 
-from service import db, maintenance
-from service.execution import Deps
+from service.core import db
+from service.ops import maintenance
+from service.payouts.execution import Deps
 from service.worker.app import app
 
 AHEAD = timedelta(hours=1)

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from psycopg.rows import DictRow
 
-from service.domain import Status, can_change
+from service.payouts.model import Status, can_change
 
 PARK = "park-sm"
 

@@ -1,5 +1,5 @@
 """The webhook dispatcher in-process against a real database, with the consumer as an
-httpx mock: what a round sends, signs, retries and records (service/webhooks.py)."""
+httpx mock: what a round sends, signs, retries and records (service/events/webhooks.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ import pytest
 from prometheus_client import REGISTRY
 from psycopg.rows import dict_row
 
-from service import db, events, gauges, webhooks
+from service.core import db
+from service.events import outbox as events
+from service.events import webhooks
+from service.ops import gauges
 from tests.conftest import make_settings
 from tests.helpers.events import Conn, finish, insert_payout, register_parks, stored
 

@@ -1,5 +1,5 @@
 """Webhooks beside a consumer path that hangs (issue 17 break 12): 48 parks whose
-deliveries never get an answer delay no other park's events (service/webhooks.py)."""
+deliveries never get an answer delay no other park's events (service/events/webhooks.py)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from service import db, webhooks
-from service.background import Every
+from service.core import db
+from service.core.background import Every
+from service.events import webhooks
 from tests.conftest import make_settings
 from tests.helpers.emulator import free_port
 from tests.helpers.events import Conn, finish, insert_payout, register_parks

@@ -1,4 +1,4 @@
-"""The audit chain's canonical form and MonthVerifier (service/audit_chain.py): no database.
+"""The audit chain's canonical form and MonthVerifier (service/audit/chain.py): no database.
 
 The database builds the same links (migrations/0003_audit_chain.sql); that both agree is
 pinned by tests/integration/test_audit_chain.py.
@@ -12,7 +12,7 @@ from uuid import UUID
 
 import pytest
 
-from service.audit_chain import (
+from service.audit.chain import (
     Archive,
     Broken,
     Content,

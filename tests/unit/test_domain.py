@@ -1,4 +1,4 @@
-"""Payout rules and the state machine of service/domain.py: plain values, no I/O."""
+"""Payout rules and the state machine of service/payouts/model.py: plain values, no I/O."""
 
 from __future__ import annotations
 
@@ -7,15 +7,13 @@ from decimal import Decimal
 
 import pytest
 
-from service.domain import (
+from service.core.values import is_park_id, is_visible_ascii, parse_money
+from service.payouts.model import (
     Availability,
     Status,
     can_change,
     instant_availability,
-    is_park_id,
-    is_visible_ascii,
     next_periodic_payout_at,
-    parse_money,
     payout_amount,
 )
 
@@ -313,8 +311,8 @@ def test_the_cooldown_query_exempts_exactly_the_domain_s_statuses() -> None:
     fewer (returned included: the bank sent the money back)."""
     import re
 
-    from service import db
-    from service.domain import COOLDOWN_EXEMPT
+    from service.core import db
+    from service.payouts.model import COOLDOWN_EXEMPT
 
     query = db.queries("payouts")["park_state"]
     found = re.search(r"x\.kind = 'instant'\s+AND x\.status NOT IN \(([^)]*)\)", query)

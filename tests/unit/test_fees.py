@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.domain import CENT, Fee, parse_fee_fixed, parse_fee_percent, quote
+from service.core.values import CENT
+from service.parks.fees import Fee, parse_fee_fixed, parse_fee_percent
+from service.payouts.model import quote
 
 AMOUNTS = st.decimals(min_value=Decimal("0.01"), max_value=Decimal("9999999999999999.99"), places=2)
 PERCENTS = st.decimals(min_value=Decimal(0), max_value=Decimal(100), places=2)

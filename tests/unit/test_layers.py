@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.helpers.emulator import REPO_ROOT
 
@@ -29,19 +31,67 @@ def test_the_web_app_loads_neither_the_executor_nor_the_worker() -> None:
     loaded = loaded_by("service.web.app")
     assert "service.web.app" in loaded
     assert set() == loaded & {
-        "service.execution",
+        "service.payouts.execution",
         "service.worker.tasks",
         "service.worker.run",
-        "service.periodic",
-        "service.maintenance",
+        "service.payouts.periodic",
+        "service.ops.maintenance",
     }
 
 
-def test_use_cases_never_import_an_edge() -> None:
-    """The use cases and data modules load no web, worker or CLI module."""
-    for module in ("service.instant", "service.execution", "service.periodic", "service.payouts"):
-        edges = {m for m in loaded_by(module) if m.startswith(("service.web", "service.worker"))}
-        assert set() == edges, module
+# service/'s packages from the bottom up: each may import only the packages before it
+# (and itself). web/ and worker/ are the two edges and never import each other; cli.py
+# and __main__ sit on top.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("core",),
+    ("audit",),
+    ("parks",),
+    ("billing",),
+    ("payouts",),
+    ("events", "support"),
+    ("ops",),
+    ("web", "worker"),
+    ("cli",),
+    ("__main__",),
+)
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The service packages a module names in any import, at the top or inside a function."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            parts = node.module.split(".")
+            if parts[0] != "service":
+                continue
+            if len(parts) > 1:
+                found.add(parts[1])
+            else:
+                found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "service" and len(parts) > 1:
+                    found.add(parts[1])
+    return found
+
+
+def test_every_package_imports_only_the_layers_below_it() -> None:
+    """No module of service/ imports a package of its own layer or a layer above it:
+    core/ knows no payout, payouts/ no ops, web, worker or CLI, and web/ and worker/
+    never each other (a new package must be placed in LAYERS)."""
+    rank = {package: level for level, packages in enumerate(LAYERS) for package in packages}
+    offenders = []
+    for path in sorted((REPO_ROOT / "service").rglob("*.py")):
+        parts = path.relative_to(REPO_ROOT / "service").parts
+        package = parts[0] if len(parts) > 1 else path.stem
+        if package == "__init__":
+            continue
+        assert package in rank, f"{package} is in no layer of LAYERS"
+        for used in imported_packages(path) - {package}:
+            if rank.get(used, len(LAYERS)) >= rank[package]:
+                offenders.append(f"{path.relative_to(REPO_ROOT)} imports service.{used}")
+    assert [] == offenders
 
 
 def test_the_runtime_package_imports_nothing_from_the_dev_kit() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from procrastinate.jobs import Job
 
-from service import db
-from service.execution import RetryLater
+from service.core import db
+from service.payouts.execution import RetryLater
 from service.worker.tasks import RETRY, Backoff
 
 

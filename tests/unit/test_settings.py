@@ -1,4 +1,4 @@
-"""service/settings.py: defaults from SPEC section 5, and refusals that name the variable."""
+"""service/core/settings.py: defaults from SPEC section 5, and refusals that name the variable."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from service.settings import ConfigError, Settings, load
+from service.core.settings import ConfigError, Settings, load
 from tests.conftest import service_env
 from tests.helpers.emulator import REPO_ROOT
 

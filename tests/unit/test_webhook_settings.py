@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.settings import ConfigError, load
+from service.core.settings import ConfigError, load
 
 BASE = {"DATABASE_URL": "postgresql://127.0.0.1/fleet", "BILLING_URL": "http://127.0.0.1:8081"}
 SECRET = "whsec-0123456789abcdef"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service import webhooks
+from service.events import webhooks
 
 # printf '1700000000.{"id":"evt_1"}' | openssl dgst -sha256 -hmac whsec-test-0123456789abcdef
 OPENSSL_VECTOR = "d2862aed4a65b135bcc94da62c06b132479f175f9f0a6d8b52f0a70793aba0e6"

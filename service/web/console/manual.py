@@ -1,7 +1,7 @@
 """Manual payouts (SPEC section 8) as the console drives them: the approvals queue, the
 request form, approve and deny.
 
-A thin adapter over the use cases of service/manual.py, the ones the API's
+A thin adapter over the use cases of service/payouts/manual.py, the ones the API's
 /v1/admin/payouts endpoints run, so both edges apply the same rules (four eyes, hold,
 in flight, limits) and refuse with the same codes; it only turns the signed-in user
 into the use cases' requests, marked "via": "console" for the audit log.
@@ -14,10 +14,11 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from service import db, support
-from service import manual as use_cases
-from service.instant import Refused as RuleRefused
-from service.settings import Settings
+from service.core import db
+from service.core.settings import Settings
+from service.payouts import manual as use_cases
+from service.payouts.instant import Refused as RuleRefused
+from service.support import store as support
 
 # The pages show the queue and the forms (kept as a switch for a build without them).
 AVAILABLE = True

@@ -26,10 +26,17 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
-from service import audit, cancel, db, instant, park_admin, parks, payouts, support
-from service.domain import Fee, is_park_id, parse_fee_fixed, parse_fee_percent, parse_money
-from service.invariant import InvariantError
-from service.settings import Settings
+from service.audit import store as audit
+from service.core import db
+from service.core.invariant import InvariantError
+from service.core.settings import Settings
+from service.core.values import is_park_id, parse_money
+from service.parks import admin as park_admin
+from service.parks import store as parks
+from service.parks.fees import Fee, parse_fee_fixed, parse_fee_percent
+from service.payouts import cancel, instant
+from service.payouts import store as payouts
+from service.support import store as support
 from service.web import cursors, params, views
 from service.web.console import manual, sentences
 from service.web.console import session as sessions

@@ -20,9 +20,9 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.domain import format_timestamp, is_visible_ascii, parse_timestamp
-from service.invariant import InvariantError
-from service.settings import Settings
+from service.core.invariant import InvariantError
+from service.core.settings import Settings
+from service.core.values import format_timestamp, is_visible_ascii, parse_timestamp
 
 COOKIE = "fp_console"
 # Before sign-in: the CSRF token of the sign-in form itself (a forged sign-in

@@ -1,0 +1,157 @@
+"""The payout events outbox: reading it in commit order, and each event's JSON.
+
+Events are written by triggers on `payouts` (migrations/0005_events.sql), in
+the transaction of the change; nothing in Python writes one. Each gets a
+position once it has committed, from the database's sequencer
+(migrations/0008_feed_positions.sql): readers stamp what has committed, then
+read stamped events in position order, so a reader never misses an event nor
+sees one twice, and no open transaction anywhere holds the feed back.
+
+Takes a connection from its caller, never opens one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from service.core import db
+from service.payouts.wire import payout_json, timestamp
+
+Q = db.queries("events")
+Row = dict[str, Any]
+
+# A page never holds more than this (GET /v1/events `limit`, 1-100).
+PAGE_MAX = 100
+_XID8_END = 2**64
+_BIGINT_END = 2**63
+
+# Before every event: positions start at 1.
+START = 0
+
+
+class UnknownPosition(Exception):
+    """A position past the feed's end: no reader could have been given it."""
+
+
+class ExpiredPosition(Exception):
+    """Events after this position were deleted (EVENTS_RETENTION_DAYS): resume at `oldest`."""
+
+    def __init__(self, oldest: int) -> None:
+        super().__init__(f"events after this cursor are gone; the oldest kept follows {oldest}")
+        self.oldest = oldest
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    events: list[Row]
+    next: int
+
+
+def position_part(value: Any) -> int:
+    """A cursor's position, checked (for params.decode_cursor: ValueError means 400)."""
+    return _bounded_int(value, _BIGINT_END)
+
+
+def xid_part(value: Any) -> int:
+    """A v5 cursor's xid8 part, checked (for params.decode_cursor: ValueError means 400)."""
+    return _bounded_int(value, _XID8_END)
+
+
+def seq_part(value: Any) -> int:
+    """A v5 cursor's seq part, checked (for params.decode_cursor: ValueError means 400)."""
+    return _bounded_int(value, _BIGINT_END)
+
+
+def _bounded_int(value: Any, end: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < end:
+        raise ValueError("not a cursor position")
+    return value
+
+
+# What one call of the sequencer stamps at most. A reader's call stays short
+# (a backlog, e.g. the events of v5 right after the deploy, about 0.2 s per
+# thousand on a busy host) so that readers queued behind it stay well inside
+# the API's statement timeout; the webhook dispatcher's start stamps in bulk.
+READ_BATCH = 1_000
+SEQUENCE_BATCH = 10_000
+
+
+async def sequence(conn: db.Conn, batch: int = READ_BATCH) -> int:
+    """Give up to `batch` committed events their positions (autocommit: they commit at once)."""
+    row = await db.fetch_one(conn, Q["sequence"], batch=batch)
+    return int(row["stamped"]) if row else 0
+
+
+async def legacy_position(conn: db.Conn, xid: int, seq: int) -> int | None:
+    """The position that resumes a v5 (xid, seq) cursor; None if we cannot have issued it."""
+    await sequence(conn)
+    row = await db.fetch_one(conn, Q["legacy_position"], xid=str(xid), seq=seq)
+    return None if row is None or row["position"] is None else int(row["position"])
+
+
+async def page(conn: db.Conn, *, after: int, limit: int, park_id: str | None) -> Page:
+    """Up to `limit` events after position `after` (one park's, or every park's), oldest first.
+
+    The next position is the last event's, or `after` itself when nothing newer
+    is committed yet. Raises UnknownPosition for a position from the future and
+    ExpiredPosition when events after `after` were deleted by retention.
+    """
+    await sequence(conn)
+    if park_id is None:
+        rows = await db.fetch_all(conn, Q["page"], after=after, limit=limit)
+    else:
+        rows = await db.fetch_all(conn, Q["park_page"], park_id=park_id, after=after, limit=limit)
+    if after > int(rows[0]["last_position"]):
+        raise UnknownPosition(f"position {after} is past the feed's end")
+    oldest = int(rows[0]["oldest"])
+    if after != START and after < oldest - 1:
+        raise ExpiredPosition(oldest - 1)
+    found = [r for r in rows if r["seq"] is not None]
+    return Page(found, int(found[-1]["position"]) if found else after)
+
+
+# Retention deletes this many events per statement (each its own short
+# transaction), up to EXPIRE_BATCHES_PER_RUN per hourly run: a backlog is
+# worked off over runs, never in one long lock.
+EXPIRE_BATCH = 5000
+EXPIRE_BATCHES_PER_RUN = 200
+
+
+async def expire(conn: db.Conn, days: float) -> int:
+    """Delete the events older than `days` (EVENTS_RETENTION_DAYS), a batch at a time."""
+    deleted = 0
+    for _ in range(EXPIRE_BATCHES_PER_RUN):
+        row = await db.fetch_one(conn, Q["expire"], days=days, batch=EXPIRE_BATCH)
+        count = int(row["deleted"]) if row else 0
+        deleted += count
+        if count < EXPIRE_BATCH:
+            break
+    return deleted
+
+
+def event_json(row: Row) -> dict[str, Any]:
+    """The API's event object (SPEC section 3) of a row read by this module."""
+    return {
+        "id": event_id(row["seq"]),
+        "type": row["type"],
+        "created_at": timestamp(row["created_at"]),
+        "payout": payout_json(snapshot(row["payout"])),
+    }
+
+
+def event_id(seq: int) -> str:
+    """Opaque to consumers; unique because seq is (and the same as v5 gave)."""
+    return f"evt_{seq}"
+
+
+def snapshot(text: str) -> Row:
+    """The payout columns the trigger stored, as the payouts table types them."""
+    payout: Row = json.loads(text, parse_float=Decimal)
+    for column in ("created_at", "updated_at", "completed_at"):
+        if payout[column] is not None:
+            payout[column] = datetime.fromisoformat(payout[column])
+    return payout

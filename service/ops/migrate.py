@@ -1,0 +1,190 @@
+"""`fleet-payouts migrate`: procrastinate's schema and ours, in order, exactly once.
+
+Every host runs this at start-up, so it must be safe three at a time: a
+session advisory lock serialises the runs, each file is applied in its own
+transaction together with the row that records it, and a run that finds
+everything recorded does nothing.
+
+procrastinate tracks nothing itself: on an empty database we apply its full
+schema and record every upgrade file it ships as already applied; later
+versions' upgrade files are then applied in version order.
+
+Around the files: the database roles (service/ops/roles.py) before, so that what the
+files create belongs to fleet_payouts_owner, and their privileges after; then the
+audit partitions ahead, and the partition indexes that a migration created
+`ON ONLY` the parent, built CONCURRENTLY so that no insert waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import pathlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import LiteralString, cast
+
+from procrastinate.schema import SchemaManager
+from psycopg import sql
+
+from service.audit import store as audit
+from service.core import db
+from service.ops import roles
+
+logger = logging.getLogger(__name__)
+
+# Arbitrary but fixed: every host must take the same lock.
+MIGRATION_LOCK_KEY = 0x666C_7065_6D69_6772 & 0x7FFF_FFFF_FFFF_FFFF
+# Waiting runs poll for the lock rather than queue for it: a session waiting inside
+# pg_advisory_lock() holds a snapshot that CREATE INDEX CONCURRENTLY, run by the
+# holder, would wait for in turn.
+LOCK_POLL_SECONDS = 0.2
+PROCRASTINATE_BASE = "procrastinate/schema"
+
+CREATE_LEDGER: LiteralString = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    name       text PRIMARY KEY,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)"""
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+Q_MIGRATE = db.queries("migrate")
+
+
+class MigrationError(Exception):
+    """An applied migration file was edited afterwards, or one failed to apply."""
+
+
+def procrastinate_upgrades() -> list[Migration]:
+    path = pathlib.Path(SchemaManager.get_migrations_path())
+    return [
+        Migration(f"procrastinate/{p.name}", p.read_text("utf-8"))
+        for p in sorted(path.glob("*.sql"))
+    ]
+
+
+def own_migrations() -> list[Migration]:
+    files = db.resource_dir("migrations")
+    names = sorted(f.name for f in files.iterdir() if f.name.endswith(".sql"))
+    return [Migration(n, files.joinpath(n).read_text("utf-8")) for n in names]
+
+
+async def migrate(url: str, *, role_names: roles.Roles = roles.ROLES) -> list[str]:
+    """Bring the database to the current version; return the names applied."""
+    applied_now: list[str] = []
+    conn = await db.connect(url, name="migrate")
+    async with conn:
+        await _lock(conn)
+        try:
+            await roles.prepare(conn, role_names)
+            await conn.execute(CREATE_LEDGER)
+            rows = await (
+                await conn.execute("SELECT name, checksum FROM schema_migrations")
+            ).fetchall()
+            done = {r["name"]: r["checksum"] for r in rows}
+
+            pending: list[Migration] = []
+            upgrades = procrastinate_upgrades()
+            if PROCRASTINATE_BASE not in done:
+                base = Migration(PROCRASTINATE_BASE, SchemaManager.get_schema())
+                async with conn.transaction():
+                    await conn.execute(base.sql)
+                    await _record(conn, base)
+                    # The full schema already contains every upgrade it ships with.
+                    for upgrade in upgrades:
+                        await _record(conn, upgrade)
+                applied_now.append(base.name)
+            else:
+                pending.extend(u for u in upgrades if u.name not in done)
+
+            for migration in own_migrations():
+                if migration.name in done:
+                    if done[migration.name] != migration.checksum:
+                        raise MigrationError(
+                            f"{migration.name} was changed after it was applied; "
+                            "migrations are forward-only: add a new file instead"
+                        )
+                    continue
+                pending.append(migration)
+
+            for migration in pending:
+                logger.info("applying migration %s", migration.name)
+                await db.ddl_transaction(
+                    conn, _applying(conn, migration), f"migration {migration.name}"
+                )
+                applied_now.append(migration.name)
+
+            await audit.ensure_partitions(conn)
+            await complete_partition_indexes(conn)
+            await roles.grant(conn, role_names)
+        finally:
+            await conn.execute("RESET ROLE")
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+    return applied_now
+
+
+async def _lock(conn: db.Conn) -> None:
+    while True:
+        cur = await conn.execute("SELECT pg_try_advisory_lock(%s) AS got", (MIGRATION_LOCK_KEY,))
+        row = await cur.fetchone()
+        if row and row["got"]:
+            return
+        await asyncio.sleep(LOCK_POLL_SECONDS)
+
+
+def _applying(conn: db.Conn, migration: Migration) -> Callable[[], Awaitable[None]]:
+    async def apply() -> None:
+        await conn.execute(migration.sql)
+        await _record(conn, migration)
+
+    return apply
+
+
+async def complete_partition_indexes(conn: db.Conn) -> int:
+    """Build, CONCURRENTLY, each partition's share of an index that a migration created
+    `ON ONLY` a partitioned table, and attach it; the parent index turns valid once
+    every partition has its share. Returns how many it built.
+
+    A plain CREATE INDEX on a partitioned table holds a SHARE lock on every partition
+    until it has indexed them all: on a log of millions of rows, every audited press
+    would wait that long. An index left invalid by an interrupted run is rebuilt.
+    """
+    built = 0
+    for row in await db.fetch_all(conn, Q_MIGRATE["unattached_partition_indexes"]):
+        child = sql.Identifier(row["child"])
+        if row["child_valid"] is False:
+            await conn.execute(sql.SQL("DROP INDEX CONCURRENTLY {}").format(child))
+        if row["child_valid"] is not True:
+            # Catalog text (pg_get_indexdef) after its "USING": method and columns.
+            method_and_columns = sql.SQL(cast(LiteralString, row["using_clause"]))
+            await conn.execute(
+                sql.SQL("CREATE INDEX CONCURRENTLY {} ON {}{}").format(
+                    child, sql.Identifier(row["partition"]), method_and_columns
+                )
+            )
+            built += 1
+        await conn.execute(
+            sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
+                sql.Identifier(row["parent_index"]), child
+            )
+        )
+    return built
+
+
+async def _record(conn: db.Conn, migration: Migration) -> None:
+    await conn.execute(
+        "INSERT INTO schema_migrations (name, checksum) VALUES (%s, %s)",
+        (migration.name, migration.checksum),
+    )

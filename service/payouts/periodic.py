@@ -1,0 +1,134 @@
+"""The periodic payout scan: pay every park that has not been paid for N days.
+
+State-based, not tick-based: each run pays whoever is due *now*, so ticks
+missed during an outage catch up by themselves and a tick deferred twice
+creates nothing twice (the due rule, the park row locks and the in-flight
+unique index see to it).
+
+Parks are handled in batches of BATCH: one POST /v1/balances/select per
+batch, then one transaction that locks the batch's parks and inserts their
+payouts, jobs and audit entries with the balance snapshot. Memory stays flat
+in the number of parks. A park whose balance Billing left out or sent
+unusable (malformed, negative) gets no snapshot: its own job asks, decides
+and records why, and the rest of the batch goes on.
+
+One scan runs at a time across all hosts, under a lease with a deadline
+(table scan_leases, the database's clock) renewed at every batch: a worker
+frozen mid-scan keeps nobody waiting longer than STALLED_JOB_SECONDS, after
+which it counts as dead anyway. The lease only
+saves Billing a second set of balance calls; two scans at once still pay no
+park twice (the due rule, park row locks and the in-flight index).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from service.billing.client import MAX_SELECT, Balance, Rejected, Transient
+from service.core import db, queue
+from service.core.values import is_storable_balance
+from service.payouts.execution import Deps
+
+logger = logging.getLogger(__name__)
+Q = db.queries("periodic")
+
+BATCH = MAX_SELECT
+LEASE_NAME = "periodic_scan"
+# Past this many new jobs the planner's statistics on procrastinate_jobs are
+# stale enough to turn job fetching quadratic (QUEUE-NOTES): re-analyze.
+ANALYZE_AFTER = 5000
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    created: int
+    batches: int
+    skipped_busy: bool = False
+
+
+async def scan(deps: Deps, *, batch_size: int = BATCH) -> ScanResult:
+    """Create the periodic payouts of every park due now; return how many."""
+    created = batches = 0
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    async with deps.pool.connection() as conn:
+        lease = timedelta(seconds=deps.settings.stalled_job_seconds)
+        if not await _lease(conn, holder, lease):
+            logger.debug("periodic scan already running on another worker")
+            return ScanResult(0, 0, skipped_busy=True)
+        try:
+            while True:
+                rows = await db.fetch_all(
+                    conn,
+                    Q["due_candidates"],
+                    period=deps.settings.payout_period,
+                    limit=batch_size,
+                )
+                park_ids = [r["park_id"] for r in rows]
+                if not park_ids:
+                    break
+                try:
+                    balances = await deps.billing.balances(park_ids)
+                except (Transient, Rejected) as exc:
+                    # Next tick tries again; a refusal of the whole batch is no
+                    # reason to crash the scan job either.
+                    logger.warning("periodic scan stopped, Billing unavailable: %s", exc)
+                    break
+                if not await _lease(conn, holder, lease):
+                    # Frozen past the lease: another scan took over.
+                    logger.warning("periodic scan lost its lease; stopping")
+                    break
+                made = await create_batch(conn, deps, park_ids, balances)
+                created += made
+                batches += 1
+                if made == 0 or len(park_ids) < batch_size:
+                    break
+            if created >= ANALYZE_AFTER:
+                await conn.execute("ANALYZE procrastinate_jobs")
+        finally:
+            await db.execute(conn, Q["release_lease"], name=LEASE_NAME, holder=holder)
+    if created:
+        logger.info("periodic scan created %s payouts in %s batches", created, batches)
+    return ScanResult(created, batches)
+
+
+async def _lease(conn: db.Conn, holder: str, ttl: timedelta) -> bool:
+    row = await db.fetch_one(conn, Q["take_lease"], name=LEASE_NAME, holder=holder, ttl=ttl)
+    return row is not None
+
+
+def snapshot(balance: Balance | None) -> Balance | None:
+    """The balance to store with the payout, if the table can keep it as Billing said it."""
+    return balance if balance is not None and is_storable_balance(balance.available) else None
+
+
+async def create_batch(
+    conn: db.Conn, deps: Deps, park_ids: list[str], balances: dict[str, Balance]
+) -> int:
+    """One transaction: lock the still-due parks, insert their payouts, jobs and audit entries."""
+    async with conn.transaction():
+        locked = [
+            r["park_id"]
+            for r in await db.fetch_all(
+                conn, Q["lock_due"], park_ids=park_ids, period=deps.settings.payout_period
+            )
+        ]
+        if not locked:
+            return 0
+        known = [snapshot(balances.get(p)) for p in locked]
+        await db.execute(
+            conn,
+            Q["insert"],
+            ids=[uuid.uuid4() for _ in locked],
+            park_ids=locked,
+            available=[b.available if b else None for b in known],
+            currency=[b.currency if b else None for b in known],
+            max_amount=deps.settings.payout_max_amount,
+            min_amount=deps.settings.payout_min_amount,
+            **queue.payout_job("periodic"),
+        )
+    return len(locked)

@@ -1,0 +1,123 @@
+"""Bank returns (SPEC section 8): Billing's returns feed, applied to our payouts.
+
+Days after a payout succeeded the bank may send it back. A worker task reads
+Billing's `GET /v1/returns` at least once a minute, one reader at a time
+under the `returns` lease (scan_leases, the database's clock), each call
+through the shared Billing budget. Each page is applied in one transaction
+with the feed's cursor, so a reader that dies mid-page applies it again
+later, and applying is idempotent (only a `succeeded` payout can become
+`returned`: the trigger says so).
+
+For each return: the payout moves `succeeded -> returned` with its code and
+time, the park is put on hold (`payout_returned: <code>`, by the system),
+its clocks forget the returned payout (it no longer counts as the last
+payout nor as a periodic attempt, so the park is due again once released),
+and system audit entries are written; the event comes from the outbox
+trigger. A return no succeeded payout of ours explains (an unknown key, a
+payout that failed here) is never applied: it is kept for reconciliation,
+which reports it as `returned_at_billing`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from datetime import timedelta
+
+from service.billing.client import BillingReturn, Transient
+from service.core import db, observability
+from service.payouts.execution import Deps
+
+logger = logging.getLogger(__name__)
+Q = db.queries("returns")
+LEASES = db.queries("periodic")
+LEASE_NAME = "returns"
+# Pages read per run at most: a backlog drains over a few runs, and one run
+# never holds the lease for long.
+MAX_PAGES = 20
+
+
+async def read(deps: Deps) -> int:
+    """Apply the returns Billing recorded since the last run; how many were applied."""
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    ttl = timedelta(seconds=deps.settings.stalled_job_seconds)
+    applied = 0
+    async with deps.pool.connection() as conn:
+        if not await _lease(conn, holder, ttl):
+            return 0
+        try:
+            for _ in range(MAX_PAGES):
+                row = await db.fetch_one(conn, Q["cursor"])
+                cursor = row["cursor"] if row else None
+                try:
+                    page = await deps.billing.returns_page(cursor)
+                except Transient as exc:
+                    logger.warning("returns feed unavailable: %s", exc)
+                    break
+                if not await _lease(conn, holder, ttl):
+                    logger.warning("returns reader lost its lease; stopping")
+                    break
+                async with conn.transaction():
+                    for item in page.returns:
+                        applied += await apply(conn, item)
+                    if page.next_cursor is not None and page.next_cursor != cursor:
+                        await db.execute(conn, Q["save_cursor"], cursor=page.next_cursor)
+                if not page.returns or page.next_cursor in (None, cursor):
+                    break
+        finally:
+            await db.execute(conn, LEASES["release_lease"], name=LEASE_NAME, holder=holder)
+    return applied
+
+
+async def _lease(conn: db.Conn, holder: str, ttl: timedelta) -> bool:
+    row = await db.fetch_one(conn, LEASES["take_lease"], name=LEASE_NAME, holder=holder, ttl=ttl)
+    return row is not None
+
+
+async def apply(conn: db.Conn, item: BillingReturn) -> int:
+    """Apply one return inside the caller's transaction: 1 if applied, 0 if not ours to apply."""
+    payout_id = _our_id(item.idempotency_key)
+    if payout_id is not None:
+        await db.fetch_one(conn, Q["lock_park"], id=payout_id)
+        done = await db.fetch_one(
+            conn, Q["apply"], id=payout_id, code=item.code, returned_at=item.returned_at
+        )
+        if done is not None:
+            observability.RETURNS.labels(item.code).inc()
+            logger.warning(
+                "payout %s returned by the bank (%s); park %s put on hold",
+                payout_id,
+                item.code,
+                done["park_id"],
+                extra={"payout_id": str(payout_id), "park_id": done["park_id"]},
+            )
+            return 1
+        ours = await db.fetch_one(conn, Q["status"], id=payout_id)
+        if ours is not None and ours["status"] == "returned":
+            return 0  # read again after a lost cursor: applied already
+    else:
+        ours = None
+    logger.error(
+        "Billing reports a return (%s) under key %s that no succeeded payout of ours explains",
+        item.code,
+        item.idempotency_key[:128],
+    )
+    await db.execute(
+        conn,
+        Q["unmatched"],
+        key=item.idempotency_key[:255],
+        code=item.code,
+        returned_at=item.returned_at,
+        our_status=ours["status"] if ours else None,
+    )
+    return 0
+
+
+def _our_id(key: str) -> uuid.UUID | None:
+    """Our payout ids are the keys we send; anything else is not ours."""
+    try:
+        return uuid.UUID(key)
+    except ValueError:
+        return None

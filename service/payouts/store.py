@@ -1,0 +1,210 @@
+"""SQL for the payouts table family. Takes the caller's connection, never opens one."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from service.core import db, queue
+from service.core.invariant import InvariantError
+from service.parks.fees import Fee
+from service.payouts.model import Phase, Status, phase_of
+
+Q = db.queries("payouts")
+Row = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Payout:
+    """One row of `payouts`, as the execution of a payout sees it."""
+
+    id: UUID
+    park_id: str
+    kind: str
+    status: str
+    requested_amount: Decimal | None
+    max_amount: Decimal
+    min_amount: Decimal | None
+    available: Decimal | None
+    amount: Decimal | None
+    currency: str | None
+    billing_params: dict[str, Any] | None
+    ordered_at: datetime | None
+    billing_payout_id: str | None
+    follows: UUID | None
+    attempts: int
+    created_at: datetime
+    # The park's fee terms when the payout was created (instant only), and
+    # the fee fixed with the order.
+    fee_percent: Decimal | None
+    fee_fixed: Decimal | None
+    fee_amount: Decimal | None
+    net_amount: Decimal | None
+
+    @property
+    def fee(self) -> Fee | None:
+        if self.fee_percent is None or self.fee_fixed is None:
+            return None
+        return Fee(self.fee_percent, self.fee_fixed)
+
+    @property
+    def phase(self) -> Phase:
+        return phase_of(Status(self.status), self.ordered_at is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Taken(Payout):
+    """A payout a run has just taken, with what that run needs besides the row."""
+
+    park_params: dict[str, Any]
+    # The database's clock when the payout was taken, and whether the retry
+    # window (before any order) was over by it.
+    db_now: datetime
+    retry_window_over: bool
+
+
+async def get(conn: db.Conn, payout_id: UUID, *, park_id: str | None = None) -> Row | None:
+    if park_id is None:
+        return await db.fetch_one(conn, Q["get"], id=payout_id)
+    return await db.fetch_one(conn, Q["get_for_park"], id=payout_id, park_id=park_id)
+
+
+async def page(
+    conn: db.Conn, park_id: str, *, limit: int, after: tuple[datetime, UUID] | None
+) -> list[Row]:
+    return await db.fetch_all(
+        conn,
+        Q["list_page"],
+        park_id=park_id,
+        limit=limit,
+        after_created_at=after[0] if after else None,
+        after_id=after[1] if after else None,
+    )
+
+
+async def park_state(conn: db.Conn, park_id: str, idempotency_key: str | None) -> Row | None:
+    """What the instant rules need about a park (see the park_state query); None if unknown."""
+    return await db.fetch_one(
+        conn, Q["park_state"], park_id=park_id, idempotency_key=idempotency_key
+    )
+
+
+async def take(conn: db.Conn, payout_id: UUID, *, retry_window: timedelta) -> Taken | None:
+    """pending/processing -> processing; None when the payout is final or missing."""
+    return await db.fetch_as(conn, Taken, Q["take"], id=payout_id, retry_window=retry_window)
+
+
+async def reload(conn: db.Conn, payout_id: UUID) -> Payout:
+    row = await db.fetch_as(conn, Payout, Q["get"], id=payout_id)
+    if row is None:  # payouts are never deleted (the trigger refuses it)
+        raise InvariantError("row is not None")
+    return row
+
+
+async def record_order(
+    conn: db.Conn,
+    payout_id: UUID,
+    *,
+    available: Decimal,
+    amount: Decimal,
+    currency: str,
+    billing_params: dict[str, Any],
+    fee_amount: Decimal | None = None,
+    net_amount: Decimal | None = None,
+) -> Payout | None:
+    """Recovery point ORDERED; None if another run recorded an order first."""
+    return await db.fetch_as(
+        conn,
+        Payout,
+        Q["record_order"],
+        id=payout_id,
+        available=available,
+        amount=amount,
+        currency=currency,
+        billing_params=billing_params,
+        fee_amount=fee_amount,
+        net_amount=net_amount,
+    )
+
+
+async def finish(
+    conn: db.Conn,
+    payout_id: UUID,
+    *,
+    status: Status,
+    outcome: str,
+    details: dict[str, Any],
+    billing_payout_id: str | None = None,
+    failure_code: str | None = None,
+    failure_message: str | None = None,
+    available: Decimal | None = None,
+    currency: str | None = None,
+) -> Payout | None:
+    """processing -> final, with the park's clock and the audit entry; None if already final."""
+    return await db.fetch_as(
+        conn,
+        Payout,
+        Q["finish"],
+        id=payout_id,
+        status=str(status),
+        outcome=outcome,
+        details=details,
+        billing_payout_id=billing_payout_id,
+        failure_code=failure_code,
+        failure_message=failure_message,
+        available=available,
+        currency=currency,
+    )
+
+
+async def follow_up(
+    conn: db.Conn,
+    refused: Payout,
+    new_id: UUID,
+    *,
+    reason: str,
+    max_amount: Decimal,
+    min_amount: Decimal,
+) -> Payout | None:
+    """A fresh periodic payout following `refused`; None if the park is off schedule."""
+    return await db.fetch_as(
+        conn,
+        Payout,
+        Q["follow_up"],
+        id=new_id,
+        follows=refused.id,
+        reason=reason,
+        max_amount=max_amount,
+        min_amount=min_amount,
+        **queue.payout_job("periodic"),
+    )
+
+
+async def redrive(conn: db.Conn, payout_id: UUID, kind: str) -> int | None:
+    """Give the in-flight payout a new job; its id, or None if the payout is final."""
+    row = await db.fetch_one(conn, Q["redrive"], id=payout_id, **queue.payout_job(kind))
+    return int(row["job_id"]) if row else None
+
+
+async def note_transient(conn: db.Conn, payout_id: UUID, message: str) -> None:
+    await db.execute(conn, Q["note_transient"], id=payout_id, failure_message=message[:500])
+
+
+async def instant_parks(conn: db.Conn) -> Row:
+    row = await db.fetch_one(conn, Q["instant_parks"])
+    if row is None:
+        raise InvariantError("row is not None")
+    return row
+
+
+async def in_flight_ages(conn: db.Conn) -> tuple[float, float]:
+    """Seconds since the oldest in-flight payout was created, and since the oldest open order."""
+    row = await db.fetch_one(conn, Q["oldest_in_flight_seconds"])
+    return (float(row["seconds"]), float(row["order_seconds"])) if row else (0.0, 0.0)
+
+
+async def orphans(conn: db.Conn, *, min_age_seconds: float, limit: int) -> list[Row]:
+    return await db.fetch_all(conn, Q["orphans"], min_age_seconds=min_age_seconds, limit=limit)

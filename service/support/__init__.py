@@ -1,0 +1,1 @@
+"""The support console's reads (sql/support.sql): the park and payout views support acts from."""
