@@ -77,13 +77,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from service.billing.contract import KEY_RE, MAX_LIST_LIMIT, MAX_SELECT_PARK_IDS, Code, Path
 from service.core.invariant import InvariantError
 from service.core.values import parse_timestamp
 
 __all__ = ["EmulatorState", "Faults", "RateStats", "create_app", "main", "run"]
 
-MAX_SELECT_PARK_IDS = 1000
-MAX_LIST_LIMIT = 1000
 REQUEST_LOG_SIZE = 100_000
 MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_CURRENCY = "RUB"
@@ -91,8 +90,6 @@ CENT = Decimal("0.01")
 
 # ASCII digits only: ``\d`` would also accept e.g. Arabic-Indic digits, which Decimal parses.
 _AMOUNT_RE = re.compile(r"-?[0-9]{1,18}(?:\.[0-9]{1,2})?")
-# Visible ASCII, as the service's own Idempotency-Key rule; payout ids fit easily.
-_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
 _MAX_ID_LEN = 255
 _MAX_CURRENCY_LEN = 16
 
@@ -455,11 +452,11 @@ class EmulatorState:
         """Why Billing refuses this order for good, or None if it can be paid."""
         balance = self.balances.get(req.park_id)
         if balance is None:
-            return 404, "park_not_found", f"unknown park {req.park_id!r}"
+            return 404, Code.PARK_NOT_FOUND, f"unknown park {req.park_id!r}"
         if req.currency != balance.currency:
-            return 422, "currency_mismatch", f"park {req.park_id!r} is in {balance.currency}"
+            return 422, Code.CURRENCY_MISMATCH, f"park {req.park_id!r} is in {balance.currency}"
         if req.amount > balance.available:
-            return 409, "insufficient_funds", f"available {_money(balance.available)}"
+            return 409, Code.INSUFFICIENT_FUNDS, f"available {_money(balance.available)}"
         return None
 
     def execute_payout(self, key: str, req: PayoutRequest) -> tuple[Response, Payout | None]:
@@ -472,7 +469,7 @@ class EmulatorState:
         decided = existing.request if existing is not None else refused[0] if refused else None
         if decided is not None and decided != req:
             return _error(
-                422, "idempotency_key_reused", "key already used with a different body"
+                422, Code.IDEMPOTENCY_KEY_REUSED, "key already used with a different body"
             ), None
         if existing is not None:
             return JSONResponse(existing.to_json()), None
@@ -506,7 +503,7 @@ def _handles_bad_input(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except InvalidRequest as exc:
-            return _error(400, "invalid_request", str(exc))
+            return _error(400, Code.INVALID_REQUEST, str(exc))
 
     return wrapped
 
@@ -536,7 +533,7 @@ def _contract(handler: Handler) -> Handler:
         if faults.latency_ms > 0:
             await asyncio.sleep(faults.latency_ms / 1000)
         if not state.authorized(request):
-            return _error(401, "unauthorized", "missing or wrong bearer token")
+            return _error(401, Code.UNAUTHORIZED, "missing or wrong bearer token")
         roll = state.rng.random()
         if roll < faults.error_rate:
             return _error(503, "unavailable", "injected fault: error_rate")
@@ -544,7 +541,7 @@ def _contract(handler: Handler) -> Handler:
         if roll < faults.throttle_rate:
             return _error(
                 429,
-                "rate_limited",
+                Code.RATE_LIMITED,
                 "injected fault: throttle_rate",
                 headers={"Retry-After": faults.retry_after_header()},
             )
@@ -565,7 +562,7 @@ async def get_balance(request: Request) -> Response:
     park_id = _parse_id(request.query_params.get("park_id"), "park_id")
     balance = _state(request).balances.get(park_id)
     if balance is None:
-        return _error(404, "park_not_found", f"unknown park {park_id!r}")
+        return _error(404, Code.PARK_NOT_FOUND, f"unknown park {park_id!r}")
     return JSONResponse(balance.to_json())
 
 
@@ -587,7 +584,7 @@ async def select_balances(request: Request) -> Response:
 @_contract
 async def create_payout(request: Request) -> Response:
     key = request.headers.get("idempotency-key")
-    if key is None or not _KEY_RE.fullmatch(key):
+    if key is None or not KEY_RE.fullmatch(key):
         raise InvalidRequest("Idempotency-Key header (1-255 visible ASCII characters) is required")
     data = await _json_object(request)
     _reject_unknown(data, {"park_id", "amount", "currency", "params", "fee"})
@@ -619,7 +616,7 @@ async def get_payout(request: Request) -> Response:
     key = request.path_params["key"]
     payout = _state(request).payouts_by_key.get(key)
     if payout is None:
-        return _error(404, "payout_not_found", "no payout was made with this key")
+        return _error(404, Code.PAYOUT_NOT_FOUND, "no payout was made with this key")
     return JSONResponse(payout.to_json())
 
 
@@ -658,7 +655,7 @@ async def post_return(request: Request) -> Response:
     data = await _json_object(request)
     _reject_unknown(data, {"code"})
     code = data.get("code")
-    if not isinstance(code, str) or not _KEY_RE.fullmatch(code) or len(code) > 100:
+    if not isinstance(code, str) or not KEY_RE.fullmatch(code) or len(code) > 100:
         raise InvalidRequest("code must be 1-100 visible ASCII characters")
     key = request.path_params["key"]
     state = _state(request)
@@ -666,7 +663,7 @@ async def post_return(request: Request) -> Response:
     if payout is None:
         if key in state.payouts_by_key:
             return _error(409, "already_returned", "this payout was returned already")
-        return _error(404, "payout_not_found", "no payout was made with this key")
+        return _error(404, Code.PAYOUT_NOT_FOUND, "no payout was made with this key")
     return JSONResponse(payout.to_admin_json())
 
 
@@ -676,9 +673,9 @@ async def post_outside_return(request: Request) -> Response:
     data = await _json_object(request)
     _reject_unknown(data, {"code", "idempotency_key"})
     code, key = data.get("code"), data.get("idempotency_key")
-    if not isinstance(code, str) or not _KEY_RE.fullmatch(code) or len(code) > 100:
+    if not isinstance(code, str) or not KEY_RE.fullmatch(code) or len(code) > 100:
         raise InvalidRequest("code must be 1-100 visible ASCII characters")
-    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
         raise InvalidRequest("idempotency_key must be 1-255 visible ASCII characters")
     _state(request).record_outside_return(key, code)
     return JSONResponse({"idempotency_key": key, "code": code}, status_code=201)
@@ -706,7 +703,7 @@ async def put_balance(request: Request) -> Response:
 async def get_admin_balance(request: Request) -> Response:
     balance = _state(request).balances.get(request.path_params["park_id"])
     if balance is None:
-        return _error(404, "park_not_found", "unknown park")
+        return _error(404, Code.PARK_NOT_FOUND, "unknown park")
     return JSONResponse(balance.to_json())
 
 
@@ -719,7 +716,7 @@ async def post_outside_payout(request: Request) -> Response:
     data = await _json_object(request)
     _reject_unknown(data, {"park_id", "amount", "currency", "idempotency_key"})
     key = data.get("idempotency_key")
-    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
         raise InvalidRequest("idempotency_key must be 1-255 visible ASCII characters")
     req = PayoutRequest(
         park_id=_parse_id(data.get("park_id"), "park_id"),
@@ -729,14 +726,14 @@ async def post_outside_payout(request: Request) -> Response:
     )
     payout = _state(request).record_outside_payout(key, req)
     if payout is None:
-        return _error(409, "idempotency_key_reused", "a payout was already made with this key")
+        return _error(409, Code.IDEMPOTENCY_KEY_REUSED, "a payout was already made with this key")
     return JSONResponse(payout.to_admin_json(), status_code=201)
 
 
 async def delete_payout(request: Request) -> Response:
     payout = _state(request).forget_payout(request.path_params["key"])
     if payout is None:
-        return _error(404, "payout_not_found", "no payout was made with this key")
+        return _error(404, Code.PAYOUT_NOT_FOUND, "no payout was made with this key")
     return JSONResponse(payout.to_admin_json())
 
 
@@ -781,11 +778,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def create_app(token: str | None = None, *, seed: int | None = None) -> Starlette:
     """Build a fresh emulator; ``token`` enables bearer auth, ``seed`` makes faults repeatable."""
     routes = [
-        Route("/v1/balance", get_balance, methods=["GET"]),
-        Route("/v1/balances/select", select_balances, methods=["POST"]),
-        Route("/v1/payouts", create_payout, methods=["POST"]),
-        Route("/v1/payouts", list_made_payouts, methods=["GET"]),
-        Route("/v1/payouts/{key}", get_payout, methods=["GET"]),
+        Route(Path.BALANCE, get_balance, methods=["GET"]),
+        Route(Path.BALANCES_SELECT, select_balances, methods=["POST"]),
+        Route(Path.PAYOUTS, create_payout, methods=["POST"]),
+        Route(Path.PAYOUTS, list_made_payouts, methods=["GET"]),
+        Route(Path.PAYOUT, get_payout, methods=["GET"]),
         Route("/admin/balances/{park_id}", put_balance, methods=["PUT"]),
         Route("/admin/balances/{park_id}", get_admin_balance, methods=["GET"]),
         Route("/admin/payouts", list_payouts, methods=["GET"]),
@@ -793,7 +790,7 @@ def create_app(token: str | None = None, *, seed: int | None = None) -> Starlett
         Route("/admin/payouts/{key}", delete_payout, methods=["DELETE"]),
         Route("/admin/payouts/{key}/return", post_return, methods=["POST"]),
         Route("/admin/returns", post_outside_return, methods=["POST"]),
-        Route("/v1/returns", list_returns, methods=["GET"]),
+        Route(Path.RETURNS, list_returns, methods=["GET"]),
         Route("/admin/faults", put_faults, methods=["PUT"]),
         Route("/admin/faults", get_faults, methods=["GET"]),
         Route("/admin/stats", get_stats, methods=["GET"]),

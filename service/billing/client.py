@@ -36,43 +36,23 @@ from typing import Any, Literal, Protocol
 import httpx
 from aiolimiter import AsyncLimiter
 
+from service.billing.contract import (
+    DECISIVE,
+    MAX_LIST_LIMIT,
+    MAX_SELECT_PARK_IDS,
+    Path,
+    payout_path,
+)
 from service.core import observability
 from service.core.values import format_money, format_timestamp, parse_timestamp
 
 logger = logging.getLogger(__name__)
 
 _CURRENCY_RE = re.compile(r"[A-Z]{3}")
-# SPEC section 4: the bulk endpoint takes at most this many parks per call,
-# and the list of payouts gives at most this many per page.
-MAX_SELECT = 1000
-MAX_LIST = 1000
 # A 429 without a usable Retry-After pauses for this long; a larger one than
 # the cap is taken as the cap, so that one bad header cannot stop payouts for days.
 DEFAULT_RETRY_AFTER_SECONDS = 1.0
 MAX_RETRY_AFTER_SECONDS = 600.0
-
-# SPEC section 4, "Only these answers decide": per endpoint, the (status, code)
-# pairs of Billing's own error body that are its final word. The one allow-list:
-# anything else -- another status (408, 413, 401/403, a 3xx), a 404 or 400
-# without Billing's body, a gateway's HTML page, our key reused with another
-# body (a person must look) -- is Undecided, and an order stays in flight.
-# Status and code must agree: a proxy's 404 page that happens to be JSON with
-# some "code" decides nothing.
-DECISIVE: dict[str, frozenset[tuple[int, str]]] = {
-    "payout": frozenset(
-        {
-            (409, "insufficient_funds"),
-            (422, "currency_mismatch"),
-            (404, "park_not_found"),
-            (400, "invalid_request"),
-        }
-    ),
-    "balance": frozenset({(404, "park_not_found"), (400, "invalid_request")}),
-    "balances_select": frozenset({(400, "invalid_request")}),
-    # GET /v1/payouts/{K}: only Billing's own 404 means "no payout under K".
-    "payout_status": frozenset({(404, "payout_not_found")}),
-    "payouts_list": frozenset({(400, "invalid_request")}),
-}
 
 
 class BillingError(Exception):
@@ -268,15 +248,15 @@ class BillingClient:
         await self._http.aclose()
 
     async def balance(self, park_id: str) -> Balance:
-        response = await self._request("balance", "GET", "/v1/balance", params={"park_id": park_id})
+        response = await self._request("balance", "GET", Path.BALANCE, params={"park_id": park_id})
         return _balance(response.json())
 
     async def balances(self, park_ids: Sequence[str]) -> dict[str, Balance]:
-        """Balances of up to MAX_SELECT parks in one call; unknown parks are left out."""
-        if len(park_ids) > MAX_SELECT:
-            raise ValueError(f"at most {MAX_SELECT} parks per call")
+        """Balances of up to MAX_SELECT_PARK_IDS parks in one call; unknown parks are left out."""
+        if len(park_ids) > MAX_SELECT_PARK_IDS:
+            raise ValueError(f"at most {MAX_SELECT_PARK_IDS} parks per call")
         response = await self._request(
-            "balances_select", "POST", "/v1/balances/select", json={"park_ids": list(park_ids)}
+            "balances_select", "POST", Path.BALANCES_SELECT, json={"park_ids": list(park_ids)}
         )
         items = response.json().get("balances")
         if not isinstance(items, list):
@@ -315,7 +295,7 @@ class BillingClient:
             # Part of the one body under the key: the same fee on every resend.
             body["fee"] = format_money(fee)
         response = await self._request(
-            "payout", "POST", "/v1/payouts", json=body, headers={"Idempotency-Key": key}
+            "payout", "POST", Path.PAYOUTS, json=body, headers={"Idempotency-Key": key}
         )
         made = _payout(response.json())
         if (made.park_id, made.amount, made.currency) != (park_id, amount, currency):
@@ -331,7 +311,7 @@ class BillingClient:
     async def find_payout(self, key: str) -> BillingPayout | None:
         """The payout Billing made under this key, or None if it made none."""
         try:
-            response = await self._request("payout_status", "GET", f"/v1/payouts/{key}")
+            response = await self._request("payout_status", "GET", payout_path(key))
         except Rejected:
             # DECISIVE allows one refusal here: Billing's own 404 for the key.
             return None
@@ -343,7 +323,7 @@ class BillingClient:
         until: datetime,
         *,
         cursor: str | None = None,
-        limit: int = MAX_LIST,
+        limit: int = MAX_LIST_LIMIT,
     ) -> PayoutPage:
         """One page of the payouts Billing made in [since, until), oldest first."""
         params: dict[str, str | int] = {
@@ -353,7 +333,7 @@ class BillingClient:
         }
         if cursor is not None:
             params["cursor"] = cursor
-        response = await self._request("payouts_list", "GET", "/v1/payouts", params=params)
+        response = await self._request("payouts_list", "GET", Path.PAYOUTS, params=params)
         data = response.json()
         try:
             items = data["payouts"]
@@ -366,12 +346,12 @@ class BillingClient:
         except (KeyError, TypeError, AttributeError) as exc:
             raise Transient(f"Billing sent a malformed payout list: {exc}") from exc
 
-    async def returns_page(self, after: str | None, *, limit: int = MAX_LIST) -> ReturnsPage:
+    async def returns_page(self, after: str | None, *, limit: int = MAX_LIST_LIMIT) -> ReturnsPage:
         """The returns Billing recorded after the cursor, in the order it recorded them."""
         params: dict[str, str | int] = {"limit": limit}
         if after is not None:
             params["after"] = after
-        response = await self._request("returns", "GET", "/v1/returns", params=params)
+        response = await self._request("returns", "GET", Path.RETURNS, params=params)
         data = response.json()
         try:
             items = data["returns"]

@@ -29,7 +29,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from service.billing.client import MAX_SELECT, Balance, Rejected, Transient
+from service.billing.client import Balance, Rejected, Transient
+from service.billing.contract import MAX_SELECT_PARK_IDS
 from service.core import db, queue
 from service.core.values import is_storable_balance
 from service.payouts.execution import Deps
@@ -37,7 +38,7 @@ from service.payouts.execution import Deps
 logger = logging.getLogger(__name__)
 Q = db.queries("periodic")
 
-BATCH = MAX_SELECT
+BATCH = MAX_SELECT_PARK_IDS
 LEASE_NAME = "periodic_scan"
 # Past this many new jobs the planner's statistics on procrastinate_jobs are
 # stale enough to turn job fetching quadratic (QUEUE-NOTES): re-analyze.
