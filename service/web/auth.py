@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from service import observability
 from service.domain import is_park_id
-from service.settings import Settings
+from service.settings import Secret, Settings
 from service.web import refusals
 from service.web.errors import ApiError
 from service.web.state import settings_of
@@ -123,11 +123,11 @@ def authenticate(request: Request, settings: Settings, access: Access) -> None:
         raise ApiError("forbidden", f"this token is not valid for {access.value} endpoints")
 
 
-def _matches(presented: bytes, tokens: tuple[str, ...]) -> bool:
+def _matches(presented: bytes, tokens: tuple[Secret, ...]) -> bool:
     found = False
     for token in tokens:
         # No early exit: the time taken does not tell which token matched.
-        found |= hmac.compare_digest(presented, token.encode())
+        found |= hmac.compare_digest(presented, token.reveal().encode())
     return found
 
 

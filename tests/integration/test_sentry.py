@@ -47,8 +47,8 @@ def sentry(db_url: str) -> Iterator[Captured]:
         billing_token=BILLING_TOKEN,
         sentry_environment="staging",
         sentry_release="fleet-payouts@test",
+        webhook_secret=WEBHOOK_SECRET,
     )
-    object.__setattr__(settings, "webhook_secret", WEBHOOK_SECRET)  # once webhooks exist
     observability.init_sentry(settings, transport=transport)
     try:
         yield transport

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from service.settings import ConfigError, Settings, load
+from service.settings import ConfigError, Secret, Settings, load
 from tests.conftest import service_env
 from tests.helpers.emulator import REPO_ROOT
 
@@ -63,8 +63,8 @@ def test_tokens_are_split_on_commas() -> None:
             ADMIN_TOKENS="admin-token-cccccccccc",
         )
     )
-    assert ("api-token-aaaaaaaaaaaa", "api-token-bbbbbbbbbbbb") == s.api_tokens
-    assert ("admin-token-cccccccccc",) == s.admin_tokens
+    assert (Secret("api-token-aaaaaaaaaaaa"), Secret("api-token-bbbbbbbbbbbb")) == s.api_tokens
+    assert (Secret("admin-token-cccccccccc"),) == s.admin_tokens
 
 
 @pytest.mark.parametrize(
@@ -187,7 +187,7 @@ def test_repr_never_contains_secrets() -> None:
         "BILLING_TOKEN": "billing-secret-token-333",
     }
     s = load(env(**secrets))
-    assert (secrets["API_TOKENS"],) == s.api_tokens  # the tokens were really loaded
+    assert (Secret(secrets["API_TOKENS"]),) == s.api_tokens  # the tokens were really loaded
     for text in (repr(s), str(s), f"{s}"):
         for secret in [*secrets.values(), "db-secret-pw"]:
             assert secret not in text
@@ -233,7 +233,7 @@ def test_http_edge_limits_default_and_parse() -> None:
             CURSOR_SECRET="cursor-secret-0123456789",
         )
     )
-    assert (50, 2.5, 3.0, 4.0, "cursor-secret-0123456789") == (
+    assert (50, 2.5, 3.0, 4.0, Secret("cursor-secret-0123456789")) == (
         s.api_max_connections,
         s.api_header_timeout_seconds,
         s.api_body_timeout_seconds,
