@@ -21,6 +21,7 @@ import decimal
 import hmac
 import ipaddress
 import math
+import re
 import urllib.parse
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -141,8 +142,9 @@ class Variable:
 
     def value(self, text: str) -> Any:
         """The field's value for the variable's stripped text, or ConfigError naming it."""
-        if not text.isprintable():
-            # A pasted newline or a stray control character; the text may be a secret.
+        # A stray control character is a mistake (the text may be a secret: never echoed);
+        # a list may still break its lines after a comma.
+        if not re.sub(r"\s*,\s*", ",", text).isprintable():
             raise ConfigError(self.name, "contains a control character")
         try:
             value = self.cast(text)
@@ -302,7 +304,7 @@ def tokens(text: str) -> tuple[str, ...]:
     """Comma-separated tokens, each as hard to guess as a password."""
     found = tuple(t.strip() for t in text.split(",") if t.strip())
     for token in found:
-        if len(token) < 16 or " " in token:
+        if len(token) < 16 or not token.isprintable() or " " in token:
             # The token itself is a secret: name the variable, never the value.
             raise Invalid("each token must be at least 16 printable characters")
     return found

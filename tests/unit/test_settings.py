@@ -455,3 +455,12 @@ def test_tests_settings_are_the_declared_defaults_but_for_test_env() -> None:
         if getattr(made, f.name) != getattr(loaded, f.name)
     }
     assert set(TEST_ENV) == different
+
+
+def test_a_token_list_may_break_lines_after_its_commas() -> None:
+    """API_TOKENS written over several lines (a YAML block) loads; a tab inside a token does not."""
+    s = load(env(API_TOKENS="api-token-aaaaaaaaaaaa,\n  api-token-bbbbbbbbbbbb\n"))
+    assert (Secret("api-token-aaaaaaaaaaaa"), Secret("api-token-bbbbbbbbbbbb")) == s.api_tokens
+    with pytest.raises(ConfigError) as err:
+        load(env(API_TOKENS="api-token-aaaa\taaaaaaaa"))
+    assert "API_TOKENS" == err.value.variable
