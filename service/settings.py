@@ -373,6 +373,8 @@ def count(name: str, default: str, help: str, *, at_most: str | None = None) -> 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    """Every setting of the service, each declared once by `setting()` on its field."""
+
     # SPEC section 5. Required, so first: a dataclass's fields without defaults lead.
     database_url: Secret = setting(
         "DATABASE_URL",

@@ -464,3 +464,10 @@ def test_a_token_list_may_break_lines_after_its_commas() -> None:
     with pytest.raises(ConfigError) as err:
         load(env(API_TOKENS="api-token-aaaa\taaaaaaaa"))
     assert "API_TOKENS" == err.value.variable
+
+
+def test_every_declared_variable_has_one_line_of_help() -> None:
+    """Each declaration carries a one-line help text, and its variable name is unique."""
+    declared = list(variables().values())
+    assert [] == [v.name for v in declared if not v.help or "\n" in v.help or len(v.help) > 100]
+    assert len(declared) == len({v.name for v in declared})
