@@ -710,4 +710,10 @@ def secret_values(settings: Settings) -> tuple[str, ...]:
     if password:
         found.append(password)
         found.append(urllib.parse.unquote(password))
-    return tuple(dict.fromkeys(found))
+    # Longest first, so a URL goes whole before its password; a text of a few characters
+    # is left alone: cutting "pw" out of every string would leave events unreadable.
+    kept = sorted({text for text in found if len(text) >= MIN_SCRUBBED}, key=len, reverse=True)
+    return tuple(kept)
+
+
+MIN_SCRUBBED = 4
