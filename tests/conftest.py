@@ -8,12 +8,11 @@ user must be allowed to CREATE DATABASE).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
-from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -21,6 +20,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 
 from service.core import db
+from service.core import settings as settings_module
 from service.core.settings import Settings
 from service.ops import migrate, roles
 from tests.helpers.emulator import run_emulator
@@ -157,28 +157,30 @@ def billing_url(emulator_url: str) -> str:
     return emulator_url
 
 
+# What in-process tests change from the declared defaults: the test tokens, a budget
+# the emulator can take, and quick timeouts and retries.
+TEST_ENV = {
+    "API_TOKENS": API_TOKEN,
+    "ADMIN_TOKENS": ADMIN_TOKEN,
+    "BILLING_RPS": "100",
+    "BILLING_TIMEOUT_SECONDS": "2",
+    "RETRY_BACKOFF_CAP_SECONDS": "1",
+    "WORKER_POLL_SECONDS": "0.5",
+}
+
+
 def make_settings(
     db_url: str, billing_url: str = "http://127.0.0.1:9", **overrides: object
 ) -> Settings:
-    values: dict[str, object] = {
-        "database_url": db_url,
-        "billing_url": billing_url,
-        "billing_token": None,
-        "api_tokens": (API_TOKEN,),
-        "admin_tokens": (ADMIN_TOKEN,),
-        "payout_period": timedelta(days=7),
-        "instant_cooldown": timedelta(hours=24),
-        "payout_max_amount": Decimal("100000.00"),
-        "billing_rps": 100.0,
-        "periodic_scan_cron": "*/5 * * * *",
-        "sentry_dsn": None,
-        "log_level": "INFO",
-        "billing_timeout_seconds": 2.0,
-        "retry_backoff_cap_seconds": 1.0,
-        "worker_poll_seconds": 0.5,
+    """Settings as load() reads them from TEST_ENV (the declared defaults elsewhere), then
+    `overrides` by field name; a secret given as text is held as a Secret, as load() does."""
+    loaded = settings_module.load({"DATABASE_URL": db_url, "BILLING_URL": billing_url, **TEST_ENV})
+    declared = settings_module.variables()
+    hidden: dict[str, Any] = {
+        field: settings_module.hide(value) if declared[field].secret else value
+        for field, value in overrides.items()
     }
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+    return dataclasses.replace(loaded, **hidden)
 
 
 def service_env(db_url: str, billing_url: str, **overrides: str) -> dict[str, str]:

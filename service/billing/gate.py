@@ -336,7 +336,7 @@ def client(pool: db.Pool, settings: Settings) -> BillingClient:
     """The process's Billing client, every call through its shared gate."""
     return BillingClient(
         settings.billing_url,
-        token=settings.billing_token,
+        token=settings.billing_token.reveal() if settings.billing_token else None,
         timeout=settings.billing_timeout_seconds,
         budget=from_settings(pool, settings),
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from service.core.settings import Settings
+from service.core.settings import Settings, secret_values
 
 BILLING_REQUESTS = Counter(
     "fleet_payouts_billing_requests_total",
@@ -256,7 +256,7 @@ def init_sentry(settings: Settings, **options: Any) -> None:
     import sentry_sdk
 
     sentry_sdk.init(
-        dsn=settings.sentry_dsn,
+        dsn=settings.sentry_dsn.reveal() if settings.sentry_dsn else None,
         traces_sample_rate=0.0,
         server_name=None,
         release=settings.sentry_release or f"fleet-payouts@{_version()}",
@@ -274,10 +274,8 @@ def _version() -> str:
 
 
 def _secrets(settings: Settings) -> tuple[str, ...]:
-    values = [*settings.api_tokens, *settings.admin_tokens, settings.billing_token]
-    # Present once webhooks are configured; never in an event.
-    values.append(getattr(settings, "webhook_secret", None))
-    return tuple(v for v in values if v)
+    # Every Secret setting (tokens, keys, the DSN, the database URL and its password).
+    return secret_values(settings)
 
 
 # Keys whose values never leave the process, wherever they sit in an event.

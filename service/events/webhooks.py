@@ -289,7 +289,7 @@ class Dispatcher:
         body = body_of(row)
         headers = {
             "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(self._secret, int(time.time()), body),
+            SIGNATURE_HEADER: sign(self._secret.reveal(), int(time.time()), body),
         }
         try:
             response = await self.client.post(self.url, content=body, headers=headers)

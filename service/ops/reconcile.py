@@ -475,7 +475,7 @@ async def main(
     Read-only: the daily run, not this, feeds the gauge. Billing is called
     through the shared gate, so the workers' budget holds meanwhile.
     """
-    pool = db.make_pool(settings.database_url, name="reconcile", min_size=1, max_size=2)
+    pool = db.make_pool(settings.database_url.reveal(), name="reconcile", min_size=1, max_size=2)
     try:
         await pool.open(wait=True, timeout=10)
     except psycopg.Error as exc:

@@ -86,7 +86,7 @@ def create_app(settings: Settings, *, drain: Drain | None = None) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         pool = db.make_pool(
-            settings.database_url,
+            settings.database_url.reveal(),
             name="api",
             min_size=settings.api_pool_min_size,
             max_size=settings.api_pool_max_size,
@@ -97,14 +97,14 @@ def create_app(settings: Settings, *, drain: Drain | None = None) -> ASGIApp:
             ),
         )
         admin_pool = db.make_pool(
-            settings.database_url,
+            settings.database_url.reveal(),
             name="api-admin",
             min_size=1,
             max_size=settings.admin_pool_max_size,
             timeout=settings.api_pool_timeout_seconds,
             session=db.timeouts(statement_seconds=settings.admin_statement_timeout_seconds),
         )
-        readiness = ReadinessProbe(settings.database_url)
+        readiness = ReadinessProbe(settings.database_url.reveal())
         # Open without waiting: /ping must answer even while the database is
         # down, and /ready says whether it is up.
         await pool.open(wait=False)

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service.core import observability
-from service.core.settings import Settings
+from service.core.settings import Secret, Settings
 from service.core.values import is_park_id
 from service.web import refusals
 from service.web.errors import ApiError
@@ -123,11 +123,11 @@ def authenticate(request: Request, settings: Settings, access: Access) -> None:
         raise ApiError("forbidden", f"this token is not valid for {access.value} endpoints")
 
 
-def _matches(presented: bytes, tokens: tuple[str, ...]) -> bool:
+def _matches(presented: bytes, tokens: tuple[Secret, ...]) -> bool:
     found = False
     for token in tokens:
         # No early exit: the time taken does not tell which token matched.
-        found |= hmac.compare_digest(presented, token.encode())
+        found |= hmac.compare_digest(presented, token.reveal().encode())
     return found
 
 

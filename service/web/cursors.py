@@ -32,11 +32,16 @@ _DERIVATION = b"fleet-payouts/cursor-key/v1"
 def key_for(settings: Settings) -> bytes:
     """The signing key of this deployment (see the module docstring)."""
     if settings.cursor_secret:
-        material = settings.cursor_secret.encode()
+        material = settings.cursor_secret.reveal().encode()
     else:
         # Admin tokens are in the mix so that holding the API token alone is not enough.
         material = "\n".join(
-            ["admin", *sorted(settings.admin_tokens), "api", *sorted(settings.api_tokens)]
+            [
+                "admin",
+                *sorted(t.reveal() for t in settings.admin_tokens),
+                "api",
+                *sorted(t.reveal() for t in settings.api_tokens),
+            ]
         ).encode()
     return hmac.new(_DERIVATION, material, hashlib.sha256).digest()
 

@@ -109,7 +109,7 @@ def register_periodic(settings: Settings) -> None:
 @contextlib.asynccontextmanager
 async def worker_deps(settings: Settings, *, concurrency: int) -> AsyncIterator[Deps]:
     pool = db.make_pool(
-        settings.database_url,
+        settings.database_url.reveal(),
         name="worker",
         min_size=2,
         max_size=min(WORKER_POOL_SIZE, concurrency + 4),

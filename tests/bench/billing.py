@@ -98,7 +98,7 @@ async def set_balances(billing_url: str, parks: list[str]) -> None:
 async def fill_queue(settings: Settings, n: int) -> None:
     """The periodic scan, in this process, makes n due parks' payouts and jobs; its own
     Billing calls (one per 1,000 parks) take their slots from the same shared budget."""
-    pool = db.make_pool(settings.database_url, name="bench", min_size=1, max_size=4)
+    pool = db.make_pool(settings.database_url.reveal(), name="bench", min_size=1, max_size=4)
     await pool.open(wait=True)
     billing = billing_gate.client(pool, settings)
     try:

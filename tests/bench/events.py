@@ -29,8 +29,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
-from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -38,7 +36,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from service.core import db
-from service.core.settings import Settings
+from service.core.settings import Secret, Settings
 from service.events import outbox as events
 from service.ops import migrate
 from service.payouts import instant
@@ -238,17 +236,9 @@ class PressCost:
 
 def settings_for(url: str) -> Settings:
     return Settings(
-        database_url=url,
+        database_url=Secret(url),
         billing_url="http://127.0.0.1:9",
-        billing_token=None,
-        api_tokens=(API_TOKEN,),
-        admin_tokens=(),
-        payout_period=timedelta(days=7),
-        instant_cooldown=timedelta(hours=24),
-        payout_max_amount=Decimal("100000.00"),
-        billing_rps=10.0,
-        periodic_scan_cron="*/5 * * * *",
-        sentry_dsn=None,
+        api_tokens=(Secret(API_TOKEN),),
         log_level="WARNING",
     )
 

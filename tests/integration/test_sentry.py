@@ -48,8 +48,8 @@ def sentry(db_url: str) -> Iterator[Captured]:
         billing_token=BILLING_TOKEN,
         sentry_environment="staging",
         sentry_release="fleet-payouts@test",
+        webhook_secret=WEBHOOK_SECRET,
     )
-    object.__setattr__(settings, "webhook_secret", WEBHOOK_SECRET)  # once webhooks exist
     observability.init_sentry(settings, transport=transport)
     try:
         yield transport
@@ -92,7 +92,7 @@ def test_job_error_event_is_tagged_with_payout_and_kind(sentry: Captured) -> Non
     park and kind."""
     payout_id = str(uuid.uuid4())
     with observability.log_context(payout_id=payout_id, kind="periodic", park_id="p9"):
-        logging.getLogger("service.payouts.execution").error("Billing refused the order")
+        logging.getLogger("service.payouts.store.execution").error("Billing refused the order")
     sentry_sdk.flush()
     assert [(payout_id, "periodic", "p9")] == [
         (e["tags"].get("payout_id"), e["tags"].get("kind"), e["tags"].get("park_id"))

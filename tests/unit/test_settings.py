@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import ipaddress
+import json
+import logging
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -10,8 +15,10 @@ from decimal import Decimal
 
 import pytest
 
-from service.core.settings import ConfigError, Settings, load
-from tests.conftest import service_env
+from service.core import observability
+from service.core import settings as settings_module
+from service.core.settings import ConfigError, Secret, Settings, load, variables
+from tests.conftest import TEST_ENV, make_settings, service_env
 from tests.helpers.emulator import REPO_ROOT
 
 BASE = {
@@ -63,8 +70,8 @@ def test_tokens_are_split_on_commas() -> None:
             ADMIN_TOKENS="admin-token-cccccccccc",
         )
     )
-    assert ("api-token-aaaaaaaaaaaa", "api-token-bbbbbbbbbbbb") == s.api_tokens
-    assert ("admin-token-cccccccccc",) == s.admin_tokens
+    assert (Secret("api-token-aaaaaaaaaaaa"), Secret("api-token-bbbbbbbbbbbb")) == s.api_tokens
+    assert (Secret("admin-token-cccccccccc"),) == s.admin_tokens
 
 
 @pytest.mark.parametrize(
@@ -187,7 +194,7 @@ def test_repr_never_contains_secrets() -> None:
         "BILLING_TOKEN": "billing-secret-token-333",
     }
     s = load(env(**secrets))
-    assert (secrets["API_TOKENS"],) == s.api_tokens  # the tokens were really loaded
+    assert (Secret(secrets["API_TOKENS"]),) == s.api_tokens  # the tokens were really loaded
     for text in (repr(s), str(s), f"{s}"):
         for secret in [*secrets.values(), "db-secret-pw"]:
             assert secret not in text
@@ -233,7 +240,7 @@ def test_http_edge_limits_default_and_parse() -> None:
             CURSOR_SECRET="cursor-secret-0123456789",
         )
     )
-    assert (50, 2.5, 3.0, 4.0, "cursor-secret-0123456789") == (
+    assert (50, 2.5, 3.0, 4.0, Secret("cursor-secret-0123456789")) == (
         s.api_max_connections,
         s.api_header_timeout_seconds,
         s.api_body_timeout_seconds,
@@ -258,3 +265,209 @@ def test_a_bad_manual_payout_approval_window_names_the_variable(value: str) -> N
     with pytest.raises(ConfigError) as err:
         load(env(MANUAL_PAYOUT_APPROVAL_HOURS=value))
     assert "MANUAL_PAYOUT_APPROVAL_HOURS" == err.value.variable
+
+
+# Values a variable of some kind refuses; each declared variable must refuse one of them.
+BAD_VALUES = [
+    "",
+    "x",
+    "-1",
+    "0",
+    "1.234",
+    "nan",
+    "1e400",
+    "1e12",
+    "short",
+    "ftp://host",
+    "two words here",
+    "bad\x01value",
+]
+# WEBHOOK_SECRET is only read with WEBHOOK_URL set.
+BASE_WITH_WEBHOOK = {
+    **BASE,
+    "WEBHOOK_URL": "https://opteum.example/hooks",
+    "WEBHOOK_SECRET": "whsec-0123456789abcdef",
+}
+
+
+@pytest.mark.parametrize("field", list(variables()))
+def test_every_declared_variable_refuses_a_bad_value_naming_it(field: str) -> None:
+    """Every declared setting refuses some malformed value with a ConfigError naming its
+    variable (a free-text one at least a control character), and nothing else escapes load()."""
+    variable = variables()[field]
+    refused = []
+    for value in BAD_VALUES:
+        try:
+            load({**BASE_WITH_WEBHOOK, variable.name: value})
+        except ConfigError as err:
+            assert variable.name == err.variable, value
+            assert variable.name in str(err)
+            refused.append(value)
+    assert "bad\x01value" in refused
+    if variable.cast is not settings_module.optional_text:
+        assert [] != [v for v in refused if v != "bad\x01value"]
+
+
+def _readme_defaults() -> dict[str, str]:
+    """README's configuration table: variable → its default column, backticks dropped."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    found: dict[str, str] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`"):
+            continue
+        names = [n.strip().strip("`") for n in cells[0].split(" / ")]
+        defaults = cells[1].replace("`", "").split(" / ")
+        if len(defaults) != len(names):
+            defaults = [cells[1].replace("`", "")] * len(names)
+        found.update(zip(names, defaults, strict=True))
+    return found
+
+
+def test_readme_configuration_table_matches_the_declarations() -> None:
+    """README's configuration table lists every declared variable, and no other, with the
+    declared default (or the declared wording of an unset one)."""
+    declared = {v.name: v.documented or v.default for v in variables().values()}
+    assert declared == _readme_defaults()
+
+
+def test_systemd_env_example_names_declared_variables_with_their_defaults() -> None:
+    """ops/systemd/env.example names only declared variables, and shows each tunable that
+    has a default at that default."""
+    declared = {v.name: v for v in variables().values()}
+    text = (REPO_ROOT / "ops" / "systemd" / "env.example").read_text()
+    lines = re.findall(r"^#?([A-Z][A-Z0-9_]+)=(.*)$", text, flags=re.MULTILINE)
+    assert lines
+    for name, value in lines:
+        assert name in declared, name
+        variable = declared[name]
+        if variable.default and not variable.secret:
+            assert variable.default == value.strip('"'), name
+
+
+# A valid value for every secret setting; the test below fails when one is added without one.
+SECRET_VALUES = {
+    "DATABASE_URL": "postgresql://fp:pw-db-5ecret-4411@127.0.0.1:5432/fleet",
+    "BILLING_TOKEN": "billing-5ecret-4412",
+    "API_TOKENS": "api-5ecret-token-4413,api-5ecret-token-4414",
+    "ADMIN_TOKENS": "admin-5ecret-token-4415",
+    "SENTRY_DSN": "https://key5ecret4416@sentry.invalid/1",
+    "WEBHOOK_SECRET": "webhook-5ecret-4417",
+    "CONSOLE_SECRET": "console-5ecret-4418-0123456789abcdef",
+    "CURSOR_SECRET": "cursor-5ecret-4419",
+}
+SECRET_PARTS = ["pw-db-5ecret-4411", *(f"5ecret-{n}" for n in range(4412, 4420)), "key5ecret"]
+
+
+def _all_secrets_set() -> Settings:
+    return load({**BASE, "WEBHOOK_URL": "https://opteum.example/hooks", **SECRET_VALUES})
+
+
+def test_every_secret_setting_is_held_as_a_secret() -> None:
+    """Each secret variable's value (each token of a list) is a Secret that reveals the text."""
+    s = _all_secrets_set()
+    assert set(SECRET_VALUES) == {v.name for v in variables().values() if v.secret}
+    for field, variable in variables().items():
+        if variable.secret:
+            value = getattr(s, field)
+            items = value if isinstance(value, tuple) else (value,)
+            assert all(isinstance(item, Secret) for item in items), field
+            assert SECRET_VALUES[variable.name].split(",")[0] == items[0].reveal()
+
+
+def test_repr_and_logged_settings_contain_no_secret_value(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """repr, str, format and a settings object logged as JSON or text show no part of any
+    secret, the database password and the DSN's key included."""
+    s = _all_secrets_set()
+    logger = logging.getLogger("tests.settings")
+    with caplog.at_level(logging.INFO, logger="tests.settings"):
+        logger.info("settings %s %r", s, s, extra={"park_id": s.api_tokens})
+        logger.info("token %s, %r, %-30s", s.billing_token, s.admin_tokens, s.webhook_secret)
+    texts = [repr(s), str(s), f"{s}", f"{s.console_secret:>40}", f"{s.cursor_secret!r}"]
+    for record in caplog.records:
+        texts.append(observability.JsonFormatter().format(record))
+        texts.append(logging.Formatter("%(message)s").format(record))
+    assert "'***'" in repr(s)
+    for text in texts:
+        for part in SECRET_PARTS:
+            assert part not in text, text
+
+
+def test_sentry_scrubber_cuts_out_every_secret_setting() -> None:
+    """Sentry's before_send removes every secret setting's text from any string of an event,
+    the database password and the DSN on their own included."""
+    s = _all_secrets_set()
+    leaky = " ".join(
+        [*(t.split(",")[0] for t in SECRET_VALUES.values()), "password=pw-db-5ecret-4411"]
+    )
+    scrub = observability._before_send(observability._secrets(s))
+    event = scrub({"message": leaky, "extra": {"note": [leaky]}}, {})
+    text = json.dumps(event)
+    for part in SECRET_PARTS:
+        assert part not in text
+
+
+def test_secret_never_prints_and_compares_by_value() -> None:
+    """A Secret prints as *** however it is formatted, reveals its text, equals the same
+    Secret or plain text, hashes as that text, cannot be changed, and survives copies."""
+    secret = Secret("s3cr3t-value-0123456789")
+    shown = [
+        repr(secret),
+        str(secret),
+        f"{secret}",
+        f"{secret!r}",
+        f"{secret:>30}",
+        format(secret, "<5"),
+    ]
+    assert ["'***'", "***", "***", "'***'", "***", "***"] == shown
+    assert "s3cr3t-value-0123456789" == secret.reveal()
+    assert Secret("s3cr3t-value-0123456789") == secret
+    assert "s3cr3t-value-0123456789" == secret
+    assert Secret("other") != secret
+    assert 1 != secret
+    assert hash("s3cr3t-value-0123456789") == hash(secret)
+    with pytest.raises(AttributeError):
+        secret._value = "changed"
+    for copied in (copy.copy(secret), copy.deepcopy(secret)):
+        assert "s3cr3t-value-0123456789" == copied.reveal()
+
+
+def test_blank_values_keep_their_old_meaning() -> None:
+    """A blank SENTRY_ENVIRONMENT is production and a blank secret is unset, while a blank
+    number stops start-up; a WEBHOOK_SECRET without WEBHOOK_URL is not even read."""
+    s = load(env(SENTRY_ENVIRONMENT=" ", CONSOLE_SECRET="", WEBHOOK_SECRET="short"))
+    assert ("production", None, None) == (s.sentry_environment, s.console_secret, s.webhook_secret)
+    with pytest.raises(ConfigError) as err:
+        load(env(PAYOUT_PERIOD_DAYS=""))
+    assert "PAYOUT_PERIOD_DAYS" == err.value.variable
+
+
+def test_tests_settings_are_the_declared_defaults_but_for_test_env() -> None:
+    """tests/conftest.make_settings differs from load()'s defaults only in TEST_ENV's fields."""
+    made = make_settings(BASE["DATABASE_URL"], BASE["BILLING_URL"])
+    loaded = load(BASE)
+    different = {
+        variables()[f.name].name
+        for f in dataclasses.fields(Settings)
+        if getattr(made, f.name) != getattr(loaded, f.name)
+    }
+    assert set(TEST_ENV) == different
+
+
+def test_a_token_list_may_break_lines_after_its_commas() -> None:
+    """API_TOKENS written over several lines (a YAML block) loads; a tab inside a token does not."""
+    s = load(env(API_TOKENS="api-token-aaaaaaaaaaaa,\n  api-token-bbbbbbbbbbbb\n"))
+    assert (Secret("api-token-aaaaaaaaaaaa"), Secret("api-token-bbbbbbbbbbbb")) == s.api_tokens
+    with pytest.raises(ConfigError) as err:
+        load(env(API_TOKENS="api-token-aaaa\taaaaaaaa"))
+    assert "API_TOKENS" == err.value.variable
+
+
+def test_every_declared_variable_has_one_line_of_help() -> None:
+    """Each declaration carries a one-line help text, and its variable name is unique."""
+    declared = list(variables().values())
+    assert [] == [v.name for v in declared if not v.help or "\n" in v.help or len(v.help) > 100]
+    assert len(declared) == len({v.name for v in declared})

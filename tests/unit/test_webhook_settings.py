@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.core.settings import ConfigError, load
+from service.core.settings import ConfigError, Secret, load
 
 BASE = {"DATABASE_URL": "postgresql://127.0.0.1/fleet", "BILLING_URL": "http://127.0.0.1:8081"}
 SECRET = "whsec-0123456789abcdef"
@@ -20,7 +20,7 @@ def test_webhooks_are_off_by_default() -> None:
 def test_url_and_secret_are_read() -> None:
     """WEBHOOK_URL with a WEBHOOK_SECRET turns webhooks on; neither appears in repr."""
     s = load({**BASE, "WEBHOOK_URL": "https://opteum.example/hooks", "WEBHOOK_SECRET": SECRET})
-    assert ("https://opteum.example/hooks", SECRET) == (s.webhook_url, s.webhook_secret)
+    assert ("https://opteum.example/hooks", Secret(SECRET)) == (s.webhook_url, s.webhook_secret)
     assert SECRET not in repr(s)
 
 

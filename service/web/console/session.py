@@ -47,14 +47,14 @@ class Session:
 def _serializer(settings: Settings, salt: str) -> URLSafeSerializer:
     if settings.console_secret is None:
         raise InvariantError("settings.console_secret is not None")
-    return URLSafeSerializer(settings.console_secret, salt=salt)
+    return URLSafeSerializer(settings.console_secret.reveal(), salt=salt)
 
 
 def token_fingerprint(settings: Settings, token: str) -> str:
     """Names the admin token without revealing it (the cookie is the browser's to read)."""
     if settings.console_secret is None:
         raise InvariantError("settings.console_secret is not None")
-    key = settings.console_secret.encode()
+    key = settings.console_secret.reveal().encode()
     return hmac.new(key, b"admin-token:" + token.encode(), hashlib.sha256).hexdigest()[:32]
 
 
@@ -62,7 +62,7 @@ def matching_admin_token(settings: Settings, presented: str) -> bool:
     """Whether `presented` is one of ADMIN_TOKENS; constant time, every token compared."""
     found = False
     for token in settings.admin_tokens:
-        found |= hmac.compare_digest(presented.encode(), token.encode())
+        found |= hmac.compare_digest(presented.encode(), token.reveal().encode())
     return found
 
 
@@ -105,7 +105,7 @@ def read(settings: Settings, request: Request, now: datetime) -> Session:
         raise SignInRequired from None
     if session.expires_at <= now or not is_visible_ascii(session.user_id, 128):
         raise SignInRequired
-    current = {token_fingerprint(settings, t) for t in settings.admin_tokens}
+    current = {token_fingerprint(settings, t.reveal()) for t in settings.admin_tokens}
     if not any(hmac.compare_digest(session.token_fingerprint, f) for f in current):
         raise SignInRequired
     return session
