@@ -51,5 +51,4 @@ async def record_run(url: str, check: str, *, ok: bool, detail: str | None) -> b
 
 
 async def states(conn: db.Conn) -> list[CheckState]:
-    rows = await db.fetch_all(conn, Q["all"])
-    return [CheckState(**row) for row in rows]
+    return await db.fetch_all_as(conn, CheckState, Q["all"])
