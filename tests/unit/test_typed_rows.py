@@ -12,6 +12,7 @@ import dataclasses
 import re
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -126,12 +127,12 @@ class _Cursor:
 def test_row_as_maps_columns_by_name_and_drops_undeclared_ones() -> None:
     """Columns the dataclass does not declare (added by a later migration) are dropped."""
     at = datetime(2026, 1, 1, tzinfo=UTC)
-    make = db.row_as(_Pair)(_Cursor("a", "extra", "b"))
+    make = db.row_as(_Pair)(cast(Any, _Cursor("a", "extra", "b")))
     assert _Pair(b=2, a=at) == make((at, "ignored", 2))
 
 
 def test_row_as_takes_columns_in_field_order_positionally() -> None:
     """A query selecting exactly the fields, in order, builds the row from its values."""
     at = datetime(2026, 1, 1, tzinfo=UTC)
-    make = db.row_as(_Pair)(_Cursor("b", "a"))
+    make = db.row_as(_Pair)(cast(Any, _Cursor("b", "a")))
     assert _Pair(b=2, a=at) == make((2, at))
