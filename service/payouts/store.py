@@ -141,6 +141,8 @@ class Taken(Payout):
 
 
 async def get(conn: db.Conn, payout_id: UUID, *, park_id: str | None = None) -> Row | None:
+    """The payout as a mapping: what the press (instant.py) and the worker's execution
+    still read; everything else reads `record`, which this goes into once they do."""
     if park_id is None:
         return await db.fetch_one(conn, Q["get"], id=payout_id)
     return await db.fetch_one(conn, Q["get_for_park"], id=payout_id, park_id=park_id)
@@ -155,9 +157,11 @@ async def record(conn: db.Conn, payout_id: UUID, *, park_id: str | None = None) 
 
 async def page(
     conn: db.Conn, park_id: str, *, limit: int, after: tuple[datetime, UUID] | None
-) -> list[Row]:
-    return await db.fetch_all(
+) -> list[Record]:
+    """One park's payouts, newest first, keyset-paged on (created_at, id)."""
+    return await db.fetch_all_as(
         conn,
+        Record,
         Q["list_page"],
         park_id=park_id,
         limit=limit,
