@@ -260,6 +260,8 @@ async def fetch_all_as(conn: Conn, cls: type[T], query: LiteralString, **params:
 
 
 async def fetch_one(conn: Conn, query: LiteralString, **params: Any) -> dict[str, Any] | None:
+    """One row as a mapping, for a store's own use: what leaves a store is a dataclass
+    (fetch_as), tests/unit/test_typed_rows.py sees to that."""
     cur = await conn.execute(query, _adapt(params))
     return await cur.fetchone()
 
