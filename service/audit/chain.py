@@ -25,11 +25,13 @@ import contextlib
 import dataclasses
 import hashlib
 import struct
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from service.core import db
+from service.core.invariant import InvariantError
 
 Q = db.queries("audit")
 
@@ -211,10 +213,14 @@ class MonthResult:
     changed_since: Verified | None = None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Row:
+class Row(NamedTuple):
     """One entry as the chain_entries query reads it: what it says, then its link
-    (all three None for an entry without one)."""
+    (all three None for an entry without one).
+
+    A NamedTuple, not a frozen dataclass like the other rows: `audit verify` reads
+    millions, and a frozen dataclass's __init__ (one object.__setattr__ per field)
+    took 11.6 µs an entry against 0.9 µs here, more than the hashing itself.
+    """
 
     id: int
     at: datetime
@@ -528,12 +534,20 @@ async def _verify_month(conn: db.Conn, month: date, legacy_max_id: int) -> Month
         return verifier.finish()
 
 
+def _entry_rows(cursor: Any) -> Callable[[Sequence[Any]], Row]:
+    """The chain_entries query's columns, checked once per cursor, are Row's fields."""
+    columns = tuple(c.name for c in cursor.description or ())
+    if columns != Row._fields:
+        raise InvariantError(f"chain_entries returns {columns}, not {Row._fields}")
+    return Row._make
+
+
 async def month_entries(conn: db.Conn, month: date) -> AsyncGenerator[Row, None]:
     """One month's entries in the order the verifier takes them, through a server-side
     cursor (so inside the caller's transaction), a few thousand rows per round trip.
     Binary: timestamps, uuids and hashes arrive without text to parse."""
     end = next_month(month)
-    cur = conn.cursor("audit_entries", row_factory=db.row_as(Row), binary=True)
+    cur = conn.cursor("audit_entries", row_factory=_entry_rows, binary=True)
     async with cur:
         cur.itersize = FETCH_ROWS
         await cur.execute(

@@ -6,7 +6,6 @@ pinned by tests/integration/test_audit_chain.py.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from datetime import UTC, date, datetime, timedelta
 from uuid import UUID
@@ -137,7 +136,7 @@ def test_intact_month_verifies_and_digests_its_chain_ends() -> None:
 def test_edited_entry_is_named() -> None:
     """An entry whose content changed is the broken link."""
     edited = list(A)
-    edited[1] = dataclasses.replace(A[1], outcome="refused")
+    edited[1] = A[1]._replace(outcome="refused")
     assert 3 == broken_at(run(MonthVerifier(MONTH, heads_of(A, B), legacy_max_id=0), edited + B))
 
 
@@ -164,8 +163,7 @@ def test_swapped_contents_are_caught() -> None:
 
 def _linked_as(content: Row, place: Row) -> Row:
     """`content`'s entry in `place`'s position of the chain, with `place`'s link."""
-    return dataclasses.replace(
-        content,
+    return content._replace(
         chain_stripe=place.chain_stripe,
         chain_seq=place.chain_seq,
         chain_hash=place.chain_hash,
@@ -190,9 +188,9 @@ def test_entry_the_heads_do_not_know_is_caught() -> None:
 
 def test_unlinked_entries_are_legacy_only_up_to_the_recorded_id() -> None:
     """Entries without a link count as legacy up to legacy_max_id; a later one is broken."""
-    legacy = dataclasses.replace(A[0], chain_stripe=None, chain_seq=None, chain_hash=None)
+    legacy = A[0]._replace(chain_stripe=None, chain_seq=None, chain_hash=None)
     verifier = MonthVerifier(MONTH, heads_of(A, B), legacy_max_id=100)
-    unlinked = [dataclasses.replace(legacy, id=100), dataclasses.replace(legacy, id=101)]
+    unlinked = [legacy._replace(id=100), legacy._replace(id=101)]
     result = run(verifier, [*A, *B, *unlinked])
     assert 101 == broken_at(result)
     assert 1 == verifier.legacy
