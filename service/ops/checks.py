@@ -22,7 +22,7 @@ AUDIT_VERIFY = "audit_verify"
 RECONCILE = "reconcile"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CheckState:
     """One check as the gauges export it: Unix times, 0 for never."""
 
