@@ -50,6 +50,32 @@ async def write(conn: db.Conn, entry: Entry) -> None:
     await db.execute(conn, Q["insert"], **dataclasses.asdict(entry))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Logged:
+    """An entry as written (COLUMNS: what GET /v1/audit and the console show)."""
+
+    id: int
+    at: datetime
+    actor_type: str
+    actor_id: str | None
+    park_id: str | None
+    action: str
+    outcome: str
+    request_id: str | None
+    payout_id: UUID | None
+    details: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Partitions:
+    created: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Missing:
+    missing: int
+
+
 @dataclasses.dataclass(frozen=True)
 class Filters:
     park_id: str | None = None
@@ -61,7 +87,7 @@ class Filters:
 
 async def page(
     conn: db.Conn, filters: Filters, *, limit: int, after: tuple[datetime, int] | None
-) -> list[dict[str, Any]]:
+) -> list[Logged]:
     """Newest first, keyset pagination on (at, id).
 
     The WHERE clause names only the filters given: with `(x IS NULL OR ...)`
@@ -93,8 +119,9 @@ async def page(
     query = sql.SQL(
         "SELECT {} FROM audit_log WHERE {} ORDER BY at DESC, id DESC LIMIT %(limit)s"
     ).format(COLUMNS, where)
-    cur = await conn.execute(query, params)
-    return await cur.fetchall()
+    async with conn.cursor(row_factory=db.row_as(Logged)) as cur:
+        await cur.execute(query, params)
+        return await cur.fetchall()
 
 
 async def ensure_partitions(
@@ -115,10 +142,12 @@ async def ensure_partitions(
             # of UTC, or one with DST, the month would end days or hours off the UTC month,
             # leaving a gap no insert fits (or an overlap that stops every later month).
             await conn.execute("SET LOCAL TimeZone = 'UTC'")
-            row = await db.fetch_one(conn, Q["ensure_partitions"], months_ahead=months_ahead)
-        created += int(row["created"]) if row else 0
-        row = await db.fetch_one(conn, Q["missing_partitions"], months_ahead=months_ahead)
-        missing = int(row["missing"]) if row else 0
+            made = await db.fetch_as(
+                conn, _Partitions, Q["ensure_partitions"], months_ahead=months_ahead
+            )
+        created += made.created if made else 0
+        left = await db.fetch_as(conn, _Missing, Q["missing_partitions"], months_ahead=months_ahead)
+        missing = left.missing if left else 0
         if not missing:
             return created
         if attempt + 1 < attempts:

@@ -45,9 +45,59 @@ class ExpiredPosition(Exception):
         self.oldest = oldest
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """One event as the feed reads it; `payout` is the snapshot's JSON text."""
+
+    seq: int
+    position: int
+    type: str
+    created_at: datetime
+    payout: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _PageRow:
+    """A row of the page queries: the feed's ends, and an event (all None on an empty page)."""
+
+    last_position: int
+    oldest: int
+    seq: int | None
+    position: int | None
+    type: str | None
+    created_at: datetime | None
+    payout: str | None
+
+    def event(self) -> Event | None:
+        if (
+            self.seq is None
+            or self.position is None
+            or self.type is None
+            or self.created_at is None
+            or self.payout is None
+        ):
+            return None
+        return Event(self.seq, self.position, self.type, self.created_at, self.payout)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Stamped:
+    stamped: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Position:
+    position: int | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Deleted:
+    deleted: int
+
+
 @dataclasses.dataclass(frozen=True)
 class Page:
-    events: list[Row]
+    events: list[Event]
     next: int
 
 
@@ -82,15 +132,15 @@ SEQUENCE_BATCH = 10_000
 
 async def sequence(conn: db.Conn, batch: int = READ_BATCH) -> int:
     """Give up to `batch` committed events their positions (autocommit: they commit at once)."""
-    row = await db.fetch_one(conn, Q["sequence"], batch=batch)
-    return int(row["stamped"]) if row else 0
+    row = await db.fetch_as(conn, _Stamped, Q["sequence"], batch=batch)
+    return row.stamped if row else 0
 
 
 async def legacy_position(conn: db.Conn, xid: int, seq: int) -> int | None:
     """The position that resumes a v5 (xid, seq) cursor; None if we cannot have issued it."""
     await sequence(conn)
-    row = await db.fetch_one(conn, Q["legacy_position"], xid=str(xid), seq=seq)
-    return None if row is None or row["position"] is None else int(row["position"])
+    row = await db.fetch_as(conn, _Position, Q["legacy_position"], xid=str(xid), seq=seq)
+    return None if row is None else row.position
 
 
 async def page(conn: db.Conn, *, after: int, limit: int, park_id: str | None) -> Page:
@@ -102,16 +152,18 @@ async def page(conn: db.Conn, *, after: int, limit: int, park_id: str | None) ->
     """
     await sequence(conn)
     if park_id is None:
-        rows = await db.fetch_all(conn, Q["page"], after=after, limit=limit)
+        rows = await db.fetch_all_as(conn, _PageRow, Q["page"], after=after, limit=limit)
     else:
-        rows = await db.fetch_all(conn, Q["park_page"], park_id=park_id, after=after, limit=limit)
-    if after > int(rows[0]["last_position"]):
+        rows = await db.fetch_all_as(
+            conn, _PageRow, Q["park_page"], park_id=park_id, after=after, limit=limit
+        )
+    if after > rows[0].last_position:
         raise UnknownPosition(f"position {after} is past the feed's end")
-    oldest = int(rows[0]["oldest"])
+    oldest = rows[0].oldest
     if after != START and after < oldest - 1:
         raise ExpiredPosition(oldest - 1)
-    found = [r for r in rows if r["seq"] is not None]
-    return Page(found, int(found[-1]["position"]) if found else after)
+    found = [e for e in (r.event() for r in rows) if e is not None]
+    return Page(found, found[-1].position if found else after)
 
 
 # Retention deletes this many events per statement (each its own short
@@ -125,21 +177,26 @@ async def expire(conn: db.Conn, days: float) -> int:
     """Delete the events older than `days` (EVENTS_RETENTION_DAYS), a batch at a time."""
     deleted = 0
     for _ in range(EXPIRE_BATCHES_PER_RUN):
-        row = await db.fetch_one(conn, Q["expire"], days=days, batch=EXPIRE_BATCH)
-        count = int(row["deleted"]) if row else 0
+        row = await db.fetch_as(conn, _Deleted, Q["expire"], days=days, batch=EXPIRE_BATCH)
+        count = row.deleted if row else 0
         deleted += count
         if count < EXPIRE_BATCH:
             break
     return deleted
 
 
-def event_json(row: Row) -> dict[str, Any]:
-    """The API's event object (SPEC section 3) of a row read by this module."""
+def event_json(event: Event | Row) -> dict[str, Any]:
+    """The API's event object (SPEC section 3) of an event read by this module (or, as
+    a mapping, by the webhook dispatcher's queries)."""
+    if not isinstance(event, Event):
+        event = Event(
+            event["seq"], event["position"], event["type"], event["created_at"], event["payout"]
+        )
     return {
-        "id": event_id(row["seq"]),
-        "type": row["type"],
-        "created_at": timestamp(row["created_at"]),
-        "payout": payout_json(snapshot(row["payout"])),
+        "id": event_id(event.seq),
+        "type": event.type,
+        "created_at": timestamp(event.created_at),
+        "payout": payout_json(snapshot(event.payout)),
     }
 
 

@@ -22,7 +22,7 @@ AUDIT_VERIFY = "audit_verify"
 RECONCILE = "reconcile"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CheckState:
     """One check as the gauges export it: Unix times, 0 for never."""
 
@@ -51,5 +51,4 @@ async def record_run(url: str, check: str, *, ok: bool, detail: str | None) -> b
 
 
 async def states(conn: db.Conn) -> list[CheckState]:
-    rows = await db.fetch_all(conn, Q["all"])
-    return [CheckState(**row) for row in rows]
+    return await db.fetch_all_as(conn, CheckState, Q["all"])

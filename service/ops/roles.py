@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, LiteralString, cast
+from typing import LiteralString
 
 import psycopg
 from psycopg import sql
@@ -228,21 +228,115 @@ def _dba_script(roles: Roles, user: str) -> str:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Me:
+    """Who migrate runs as (the whoami query): what it may do, which roles exist."""
+
+    name: str
+    superuser: bool
+    createrole: bool
+    owner_exists: bool
+    app_exists: bool
+    readonly_exists: bool
+    ops_exists: bool
+    acts_as_owner: bool
+    app_acts_as_owner: bool
+    owns_schema: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaPrivileges:
+    """What one role may do in the schema (usage, create) and the database (create_schema)."""
+
+    usage: bool
+    create: bool
+    create_schema: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """A wanted (member, role) pair: whether both roles exist, and whether it holds."""
+
+    member: str
+    role: str
+    possible: bool
+    held: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ForeignOwned:
+    """An object another role owns, as the statement that hands it to the owner."""
+
+    statement: str
+
+
+@dataclass(frozen=True, slots=True)
+class Relation:
+    """A table, partition, view or sequence of the schema with the privileges held on it
+    (explicit grants; column ones as 'role:PRIVILEGE:column')."""
+
+    name: str
+    relname: str
+    relkind: str
+    partition: bool
+    ours: bool
+    app: list[str]
+    ops: list[str]
+    readonly: list[str]
+    public: list[str]
+    columns: list[str]
+    column_privileges: list[str]
+    sequence_of: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Function:
+    """A function of the schema: SECURITY DEFINER or not, and who may execute it."""
+
+    signature: str
+    proname: str
+    definer: bool
+    ours: bool
+    public: bool
+    app: bool
+    ops: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Unpinned:
+    """A PL/pgSQL function of ours whose search_path is not pinned."""
+
+    signature: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReadonlyDefaults:
+    """Whether tables and sequences created later come with SELECT for readonly."""
+
+    tables: bool
+    sequences: bool
+
+
+async def _whoami(conn: db.Conn, roles: Roles) -> Me:
+    me = await db.fetch_as(conn, Me, Q["whoami"], **roles.params)
+    if me is None:
+        raise InvariantError("me is not None")
+    return me
+
+
 async def prepare(conn: db.Conn, roles: Roles = ROLES) -> None:
     """Before the migrations: create the roles (when allowed), hand every existing object
     to the owner, and go on as the owner, so that what the migrations create is its."""
-    me = await db.fetch_one(conn, Q["whoami"], **roles.params)
-    if me is None:
-        raise InvariantError("me is not None")
-    user: str = me["name"]
-    may_create = bool(me["superuser"] or me["createrole"])
+    me = await _whoami(conn, roles)
+    user = me.name
+    may_create = me.superuser or me.createrole
     missing = [
         (name, login)
         for name, login, exists in (
-            (roles.owner, True, me["owner_exists"]),
-            (roles.app, True, me["app_exists"]),
-            (roles.readonly, False, me["readonly_exists"]),
-            (roles.ops, False, me["ops_exists"]),
+            (roles.owner, True, me.owner_exists),
+            (roles.app, True, me.app_exists),
+            (roles.readonly, False, me.readonly_exists),
+            (roles.ops, False, me.ops_exists),
         )
         if not exists
     ]
@@ -250,14 +344,12 @@ async def prepare(conn: db.Conn, roles: Roles = ROLES) -> None:
         for name, login in missing:
             await conn.execute(_create_role(name, login))
             logger.info("created role %s", name)
-        if me["createrole"] and not me["superuser"] and not me["acts_as_owner"]:
+        if me.createrole and not me.superuser and not me.acts_as_owner:
             # PostgreSQL 15: CREATEROLE may grant membership in roles it did not create.
             await conn.execute(
                 sql.SQL("GRANT {} TO {}").format(sql.Identifier(roles.owner), sql.Identifier(user))
             )
-        me = await db.fetch_one(conn, Q["whoami"], **roles.params)
-        if me is None:
-            raise InvariantError("me is not None")
+        me = await _whoami(conn, roles)
     if missing and not may_create:
         logger.warning(
             "fleet-payouts migrate: %s may not create roles (it needs superuser or "
@@ -270,14 +362,14 @@ async def prepare(conn: db.Conn, roles: Roles = ROLES) -> None:
 
     # Before SET ROLE below: the owner may grant no role membership.
     await _memberships(conn, roles, may_create=may_create)
-    if me["superuser"] or me["owns_schema"]:
+    if me.superuser or me.owns_schema:
         await _schema_privileges(conn, roles, me)
-    if not me["owner_exists"]:
+    if not me.owner_exists:
         return
     if user == roles.owner:
         await _warn_foreign_owned(conn, roles)
         return
-    if not (me["superuser"] or me["acts_as_owner"]):
+    if not (me.superuser or me.acts_as_owner):
         logger.warning(
             "fleet-payouts migrate: %s cannot act as %s, so the schema stays %s's. "
             "Run migrate as %s, or have a DBA run: GRANT %s TO %s;",
@@ -302,13 +394,14 @@ async def _memberships(conn: db.Conn, roles: Roles, *, may_create: bool) -> None
     """readonly in pg_read_all_stats, ops in readonly and pg_signal_backend: granted when
     this login may (superuser, or CREATEROLE), else said as SQL for a DBA."""
     pairs = _membership_pairs(roles)
-    rows = await db.fetch_all(
+    rows = await db.fetch_all_as(
         conn,
+        Membership,
         Q["memberships"],
         members=[m for m, _ in pairs],
         roles=[r for _, r in pairs],
     )
-    lacking = [(r["member"], r["role"]) for r in rows if r["possible"] and not r["held"]]
+    lacking = [(r.member, r.role) for r in rows if r.possible and not r.held]
     refused: list[str] = []
     for member, role in lacking:
         statement = sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(member))
@@ -330,39 +423,39 @@ async def _memberships(conn: db.Conn, roles: Roles, *, may_create: bool) -> None
         )
 
 
-async def _schema_privileges(conn: db.Conn, roles: Roles, me: dict[str, Any]) -> None:
+async def _schema_privileges(conn: db.Conn, roles: Roles, me: Me) -> None:
     """The owner creates in the schema; the app and readonly roles use it and create
     nothing (PostgreSQL 15 no longer lets PUBLIC create in `public`; older ones did)."""
     public = sql.Identifier("public")
-    if me["owner_exists"]:
-        owner = await db.fetch_one(conn, Q["schema_privileges"], role=roles.owner)
-        if owner and not (owner["usage"] and owner["create"]):
+    if me.owner_exists:
+        owner = await db.fetch_as(conn, SchemaPrivileges, Q["schema_privileges"], role=roles.owner)
+        if owner and not (owner.usage and owner.create):
             await conn.execute(
                 sql.SQL("GRANT CREATE, USAGE ON SCHEMA {} TO {}").format(
                     public, sql.Identifier(roles.owner)
                 )
             )
     for role, exists in (
-        (roles.app, me["app_exists"]),
-        (roles.readonly, me["readonly_exists"]),
-        (roles.ops, me["ops_exists"]),
+        (roles.app, me.app_exists),
+        (roles.readonly, me.readonly_exists),
+        (roles.ops, me.ops_exists),
     ):
         if not exists:
             continue
-        have = await db.fetch_one(conn, Q["schema_privileges"], role=role)
+        have = await db.fetch_as(conn, SchemaPrivileges, Q["schema_privileges"], role=role)
         if have is None:
             raise InvariantError("have is not None")
-        if not have["usage"]:
+        if not have.usage:
             await conn.execute(
                 sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(public, sql.Identifier(role))
             )
-        if have["create"]:
+        if have.create:
             await conn.execute(
                 sql.SQL("REVOKE CREATE ON SCHEMA {} FROM PUBLIC, {}").format(
                     public, sql.Identifier(role)
                 )
             )
-        if have["create_schema"]:
+        if have.create_schema:
             logger.warning(
                 "fleet-payouts migrate: %s may create schemas in this database; "
                 "a DBA should run: REVOKE CREATE ON DATABASE <db> FROM PUBLIC, %s;",
@@ -374,37 +467,35 @@ async def _schema_privileges(conn: db.Conn, roles: Roles, me: dict[str, Any]) ->
 async def _adopt(conn: db.Conn, roles: Roles) -> None:
     """Give the owner every object it does not own yet (a database that predates the
     roles, where the schema belonged to whoever ran migrate)."""
-    rows = await db.fetch_all(conn, Q["foreign_owned"], owner=roles.owner)
+    rows = await db.fetch_all_as(conn, ForeignOwned, Q["foreign_owned"], owner=roles.owner)
     if not rows:
         return
 
     async def hand_over() -> None:
         for row in rows:
             # Catalog-built text: format() quoted every identifier in it.
-            await conn.execute(row["statement"])
+            await conn.execute(row.statement)
 
     await db.ddl_transaction(conn, hand_over, f"handing {len(rows)} objects to {roles.owner}")
     logger.info("handed %d objects to %s", len(rows), roles.owner)
 
 
 async def _warn_foreign_owned(conn: db.Conn, roles: Roles) -> None:
-    rows = await db.fetch_all(conn, Q["foreign_owned"], owner=roles.owner)
+    rows = await db.fetch_all_as(conn, ForeignOwned, Q["foreign_owned"], owner=roles.owner)
     if rows:
         logger.warning(
             "fleet-payouts migrate: %d objects are not %s's yet (e.g. %s); run migrate once "
             "as a superuser to hand them over.",
             len(rows),
             roles.owner,
-            rows[0]["statement"],
+            rows[0].statement,
         )
 
 
 async def grant(conn: db.Conn, roles: Roles = ROLES) -> None:
     """After the migrations: bring every privilege in line with the policy."""
-    me = await db.fetch_one(conn, Q["whoami"], **roles.params)
-    if me is None:
-        raise InvariantError("me is not None")
-    if me["app_acts_as_owner"]:
+    me = await _whoami(conn, roles)
+    if me.app_acts_as_owner:
         logger.warning(
             "fleet-payouts migrate: %s is a member of %s and so may change the schema, "
             "disable audit_log's triggers and drop its partitions: a DBA should run "
@@ -417,7 +508,7 @@ async def grant(conn: db.Conn, roles: Roles = ROLES) -> None:
     statements = await _relation_statements(conn, roles, me)
     statements += await _function_statements(conn, roles, me)
     statements += await _pinned_search_paths(conn)
-    if me["readonly_exists"]:
+    if me.readonly_exists:
         statements += await _default_statements(conn, roles)
     if not statements:
         return
@@ -430,41 +521,37 @@ async def grant(conn: db.Conn, roles: Roles = ROLES) -> None:
     logger.info("privileges: %d grants or revokes", len(statements))
 
 
-async def _relation_statements(
-    conn: db.Conn, roles: Roles, me: dict[str, Any]
-) -> list[sql.Composed]:
+async def _relation_statements(conn: db.Conn, roles: Roles, me: Me) -> list[sql.Composed]:
     statements: list[sql.Composed] = []
     skipped: list[str] = []
     unlisted: list[str] = []
-    for rel in await db.fetch_all(conn, Q["relations"], **roles.params):
-        if rel["relkind"] != "S" and not rel["partition"] and rel["relname"] not in TABLES:
-            unlisted.append(rel["relname"])
+    for rel in await db.fetch_all_as(conn, Relation, Q["relations"], **roles.params):
+        if rel.relkind != "S" and not rel.partition and rel.relname not in TABLES:
+            unlisted.append(rel.relname)
         want = wanted(
-            rel["relname"],
-            rel["relkind"],
-            rel["partition"],
-            columns=frozenset(rel["columns"]),
-            sequence_of=rel["sequence_of"],
+            rel.relname,
+            rel.relkind,
+            rel.partition,
+            columns=frozenset(rel.columns),
+            sequence_of=rel.sequence_of,
         )
         grantees: list[tuple[str, sql.Composable, list[str], frozenset[str]]] = [
-            ("public", sql.SQL("PUBLIC"), rel["public"], NONE)
+            ("public", sql.SQL("PUBLIC"), rel.public, NONE)
         ]
         for key, exists, have, privileges in (
-            ("app", me["app_exists"], rel["app"], want.app),
-            ("ops", me["ops_exists"], rel["ops"], want.ops),
-            ("readonly", me["readonly_exists"], rel["readonly"], want.readonly),
+            ("app", me.app_exists, rel.app, want.app),
+            ("ops", me.ops_exists, rel.ops, want.ops),
+            ("readonly", me.readonly_exists, rel.readonly, want.readonly),
         ):
             if exists:
                 name = getattr(roles, key)
                 grantees.append((key, sql.Identifier(name), have, privileges))
         # Column privileges held now, and wanted: (role key, privilege) -> columns.
         held_columns: dict[tuple[str, str], set[str]] = {}
-        for entry in rel["column_privileges"]:
+        for entry in rel.column_privileges:
             key, privilege, column = entry.split(":", 2)
             held_columns.setdefault((key, privilege), set()).add(column)
-        wanted_columns = (
-            {("app", "INSERT"): set(want.app_insert_columns)} if me["app_exists"] else {}
-        )
+        wanted_columns = {("app", "INSERT"): set(want.app_insert_columns)} if me.app_exists else {}
         changes = [(role, set(have) - w, w - set(have)) for _, role, have, w in grantees]
         column_changes = [
             (key, privilege, held_columns.get((key, privilege), set()), cols)
@@ -475,10 +562,10 @@ async def _relation_statements(
             held == cols for _, _, held, cols in column_changes
         ):
             continue
-        if not rel["ours"]:
-            skipped.append(rel["name"])
+        if not rel.ours:
+            skipped.append(rel.name)
             continue
-        target = sql.Identifier("public", rel["relname"])
+        target = sql.Identifier("public", rel.relname)
         for role, extra, lacking in changes:
             if extra:
                 statements.append(_privileges("REVOKE", extra, target, "FROM", role))
@@ -543,34 +630,33 @@ def _privileges(
     )
 
 
-async def _function_statements(
-    conn: db.Conn, roles: Roles, me: dict[str, Any]
-) -> list[sql.Composed]:
+async def _function_statements(conn: db.Conn, roles: Roles, me: Me) -> list[sql.Composed]:
     statements: list[sql.Composed] = []
     grantees = [
         (sql.Identifier(name), key, definer_list, everything)
         for name, key, exists, definer_list, everything in (
-            (roles.app, "app", me["app_exists"], APP_DEFINER_FUNCTIONS, True),
-            (roles.ops, "ops", me["ops_exists"], OPS_FUNCTIONS, False),
+            (roles.app, "app", me.app_exists, APP_DEFINER_FUNCTIONS, True),
+            (roles.ops, "ops", me.ops_exists, OPS_FUNCTIONS, False),
         )
         if exists
     ]
-    for fn in await db.fetch_all(conn, Q["functions"], **roles.params):
-        if not fn["ours"]:
+    for fn in await db.fetch_all_as(conn, Function, Q["functions"], **roles.params):
+        if not fn.ours:
             continue
         # regprocedure text: the quoted name and argument types.
-        target = sql.SQL(cast(LiteralString, fn["signature"]))
-        if fn["definer"] and fn["public"]:
+        target = sql.SQL(fn.signature)
+        if fn.definer and fn.public:
             statements.append(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC").format(target))
         for role, key, listed, everything in grantees:
             # procrastinate's functions and ours run with the caller's rights: the app
             # calls any of them; ops those its runbook steps name.
-            want = fn["proname"] in listed or (everything and not fn["definer"])
-            if want and not fn[key]:
+            want = fn.proname in listed or (everything and not fn.definer)
+            held = fn.app if key == "app" else fn.ops
+            if want and not held:
                 statements.append(
                     sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(target, role)
                 )
-            elif fn[key] and not want:
+            elif held and not want:
                 statements.append(
                     sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM {}").format(target, role)
                 )
@@ -583,22 +669,22 @@ async def _pinned_search_paths(conn: db.Conn) -> list[sql.Composed]:
     tables, and one named `events` or `parks` must never stand in for ours inside a
     definer function or a guard trigger (whatever migration made the function)."""
     return [
-        sql.SQL("ALTER FUNCTION {} SET search_path = public, pg_temp").format(
-            sql.SQL(cast(LiteralString, fn["signature"]))
-        )
-        for fn in await db.fetch_all(conn, Q["unpinned_functions"])
+        sql.SQL("ALTER FUNCTION {} SET search_path = public, pg_temp").format(sql.SQL(fn.signature))
+        for fn in await db.fetch_all_as(conn, Unpinned, Q["unpinned_functions"])
     ]
 
 
 async def _default_statements(conn: db.Conn, roles: Roles) -> list[sql.Composed]:
     """Partitions made later by the owner's function are readable by DBAs at once."""
-    have = await db.fetch_one(conn, Q["readonly_defaults"], readonly=roles.readonly)
+    have = await db.fetch_as(
+        conn, ReadonlyDefaults, Q["readonly_defaults"], readonly=roles.readonly
+    )
     if have is None:
         raise InvariantError("have is not None")
     statements: list[sql.Composed] = []
     for kind, present in (
-        (sql.SQL("TABLES"), have["tables"]),
-        (sql.SQL("SEQUENCES"), have["sequences"]),
+        (sql.SQL("TABLES"), have.tables),
+        (sql.SQL("SEQUENCES"), have.sequences),
     ):
         if not present:
             statements.append(

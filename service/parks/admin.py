@@ -68,7 +68,7 @@ class ParkChange:
     via: str | None = None
 
 
-async def apply(conn: db.Conn, change: ParkChange) -> tuple[dict[str, Any], bool]:
+async def apply(conn: db.Conn, change: ParkChange) -> tuple[parks.Park, bool]:
     """The park as changed and whether it was created, with its audit entry, in one
     transaction; ParkNotFound for an `existing_only` change of an unknown park."""
     async with conn.transaction():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from service.core import db
@@ -18,6 +19,41 @@ class Unchanged:
 
 
 UNCHANGED = Unchanged()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Park:
+    """One row of `parks`."""
+
+    park_id: str
+    instant_payouts_enabled: bool
+    periodic_payouts_enabled: bool
+    # Passed through to Billing with each payout (bank details, contract ids...).
+    params: dict[str, Any]
+    registered_at: datetime
+    updated_at: datetime
+    last_payout_at: datetime | None
+    last_periodic_attempt_at: datetime | None
+    hold_reason: str | None
+    hold_since: datetime | None
+    hold_by: str | None
+    instant_fee_percent: Decimal | None
+    instant_fee_fixed: Decimal | None
+    instant_payouts_until: datetime | None
+
+    @property
+    def fee(self) -> Fee | None:
+        """The instant fee, when the park has one (both parts or neither, by a CHECK)."""
+        if self.instant_fee_percent is None or self.instant_fee_fixed is None:
+            return None
+        return Fee(self.instant_fee_percent, self.instant_fee_fixed)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Upserted(Park):
+    """A park as upsert returns it: with whether the statement inserted it."""
+
+    created: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +74,7 @@ async def upsert(
     hold: Hold | None = None,
     fee: Fee | Unchanged | None = UNCHANGED,
     until: datetime | Unchanged | None = UNCHANGED,
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[Park, bool]:
     """Register or update a park; returns the row and whether it was created.
 
     `hold` None leaves the hold as it is; a Hold sets it (reason) or releases it (no reason).
@@ -48,8 +84,9 @@ async def upsert(
     fee_given = not isinstance(fee, Unchanged)
     until_given = not isinstance(until, Unchanged)
     new_fee = fee if isinstance(fee, Fee) else None
-    row = await db.fetch_one(
+    row = await db.fetch_as(
         conn,
+        _Upserted,
         Q["upsert"],
         park_id=park_id,
         instant=instant,
@@ -66,17 +103,16 @@ async def upsert(
     )
     if row is None:  # INSERT ... ON CONFLICT DO UPDATE always returns the row
         raise InvariantError("row is not None")
-    created = bool(row.pop("created"))
-    return row, created
+    return row, row.created
 
 
-async def get(conn: db.Conn, park_id: str) -> dict[str, Any] | None:
-    return await db.fetch_one(conn, Q["get"], park_id=park_id)
+async def get(conn: db.Conn, park_id: str) -> Park | None:
+    return await db.fetch_as(conn, Park, Q["get"], park_id=park_id)
 
 
-async def lock(conn: db.Conn, park_id: str) -> dict[str, Any] | None:
+async def lock(conn: db.Conn, park_id: str) -> Park | None:
     """Lock the park row until the transaction ends, or None if no such park."""
-    return await db.fetch_one(conn, Q["lock"], park_id=park_id)
+    return await db.fetch_as(conn, Park, Q["lock"], park_id=park_id)
 
 
 async def mark_paid(conn: db.Conn, park_id: str, at: datetime) -> None:

@@ -50,14 +50,15 @@ class CancelRequest:
         return {"client": self.client, **({"via": self.via} if self.via else {})}
 
 
-async def cancel(conn: db.Conn, req: CancelRequest) -> payouts.Row:
+async def cancel(conn: db.Conn, req: CancelRequest) -> payouts.Record:
     """The cancelled payout (cancelling twice answers the same), else NotCancellable/NotFound.
 
     Refusals are audited too: a cancel is a user action, whatever its outcome.
     """
     async with conn.transaction():
-        done = await db.fetch_one(
+        done = await db.fetch_as(
             conn,
+            payouts.Record,
             payouts.Q["cancel"],
             id=req.payout_id,
             park_id=req.park_id,
@@ -67,12 +68,12 @@ async def cancel(conn: db.Conn, req: CancelRequest) -> payouts.Row:
             details=req.audit_details,
         )
     if done is not None:
-        observability.PAYOUTS.labels(done["kind"], done["status"]).inc()
+        observability.PAYOUTS.labels(done.kind, done.status).inc()
         return done
-    current = await payouts.get(conn, req.payout_id, park_id=req.park_id)
+    current = await payouts.record(conn, req.payout_id, park_id=req.park_id)
     if current is None:
         outcome = "payout_not_found"
-    elif current["status"] == "cancelled":
+    elif current.status == "cancelled":
         outcome = "ok"  # cancelled twice: the same answer, on record again
     else:
         outcome = "payout_not_cancellable"
@@ -89,12 +90,12 @@ async def cancel(conn: db.Conn, req: CancelRequest) -> payouts.Row:
                 payout_id=req.payout_id if current is not None else None,
                 details={
                     **req.audit_details,
-                    **({"status": current["status"]} if current else {}),
+                    **({"status": current.status} if current else {}),
                 },
             ),
         )
     if current is None:
         raise NotFound(str(req.payout_id))
-    if current["status"] != "cancelled":
-        raise NotCancellable(current["status"])
+    if current.status != "cancelled":
+        raise NotCancellable(current.status)
     return current

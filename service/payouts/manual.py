@@ -92,7 +92,7 @@ class Decision:
 
 @dataclasses.dataclass(frozen=True)
 class Accepted:
-    payout: payouts.Row
+    payout: payouts.Record
     replay: bool
 
 
@@ -114,10 +114,10 @@ async def request(conn: db.Conn, settings: Settings, req: ManualRequest) -> Acce
     except psycopg.errors.UniqueViolation as exc:
         # The park lock orders requests for one park; two requests for two
         # parks under one key race here, and the loser is a replay or a reuse.
-        existing = await db.fetch_one(
-            conn, payouts.Q["manual_by_key"], idempotency_key=req.idempotency_key
+        existing = await db.fetch_as(
+            conn, payouts.Record, payouts.Q["manual_by_key"], idempotency_key=req.idempotency_key
         )
-        if existing is not None and existing["request_fingerprint"] == req.fingerprint:
+        if existing is not None and existing.request_fingerprint == req.fingerprint:
             return Accepted(existing, replay=True)
         conflict = _conflict(exc)
         await _audit(conn, ACTION_REQUEST, req.user_id, req.park_id, None, req, conflict)
@@ -132,11 +132,11 @@ def _conflict(exc: psycopg.errors.UniqueViolation) -> Refused:
 
 
 async def _request(conn: db.Conn, settings: Settings, req: ManualRequest) -> Accepted:
-    existing = await db.fetch_one(
-        conn, payouts.Q["manual_by_key"], idempotency_key=req.idempotency_key
+    existing = await db.fetch_as(
+        conn, payouts.Record, payouts.Q["manual_by_key"], idempotency_key=req.idempotency_key
     )
     if existing is not None:
-        if existing["request_fingerprint"] != req.fingerprint:
+        if existing.request_fingerprint != req.fingerprint:
             raise Refused(
                 "idempotency_key_reused",
                 "this Idempotency-Key was used with a different request body",
@@ -147,7 +147,7 @@ async def _request(conn: db.Conn, settings: Settings, req: ManualRequest) -> Acc
                 ACTION_REQUEST,
                 req.user_id,
                 req.park_id,
-                existing["id"],
+                existing.id,
                 req,
                 "ok",
                 {"replay": True},
@@ -169,15 +169,18 @@ async def _request(conn: db.Conn, settings: Settings, req: ManualRequest) -> Acc
         )
     if await parks.lock(conn, req.park_id) is None:
         raise Refused("park_not_found", f"park {req.park_id} is not registered")
-    waiting = await db.fetch_one(conn, payouts.Q["awaiting_approval"], park_id=req.park_id)
+    waiting = await db.fetch_as(
+        conn, payouts.Awaiting, payouts.Q["awaiting_approval"], park_id=req.park_id
+    )
     if waiting is not None:
         raise Refused(
             "approval_pending",
             "a manual payout for this park awaits approval",
-            details={"payout_id": str(waiting["id"])},
+            details={"payout_id": str(waiting.id)},
         )
-    row = await db.fetch_one(
+    row = await db.fetch_as(
         conn,
+        payouts.Record,
         payouts.Q["insert_manual"],
         id=uuid.uuid4(),
         park_id=req.park_id,
@@ -200,44 +203,49 @@ async def _request(conn: db.Conn, settings: Settings, req: ManualRequest) -> Acc
 # --- approve and deny ------------------------------------------------------------
 
 
-async def approve(conn: db.Conn, settings: Settings, decision: Decision) -> payouts.Row:
+async def approve(conn: db.Conn, settings: Settings, decision: Decision) -> payouts.Record:
     """The approved payout, now pending with its job; else Refused or NotFound."""
     return await _decide(conn, settings, decision, ACTION_APPROVE)
 
 
-async def deny(conn: db.Conn, settings: Settings, decision: Decision) -> payouts.Row:
+async def deny(conn: db.Conn, settings: Settings, decision: Decision) -> payouts.Record:
     """The denied payout; else Refused or NotFound."""
     return await _decide(conn, settings, decision, ACTION_DENY)
 
 
 async def _decide(
     conn: db.Conn, settings: Settings, decision: Decision, action: str
-) -> payouts.Row:
+) -> payouts.Record:
     park_id: str | None = None
     refusal: Refused | None = None
     try:
         async with conn.transaction():
-            found = await payouts.get(conn, decision.payout_id)
-            if found is None or found["kind"] != "manual":
+            found = await payouts.record(conn, decision.payout_id)
+            if found is None or found.kind != "manual":
                 raise NotFound(str(decision.payout_id))
-            park_id = found["park_id"]
+            park_id = found.park_id
             # Every decision about one park's payouts is serialised on its row.
-            await parks.lock(conn, found["park_id"])
-            row = await db.fetch_one(conn, payouts.Q["manual_for_decision"], id=decision.payout_id)
+            await parks.lock(conn, found.park_id)
+            row = await db.fetch_as(
+                conn,
+                payouts.ManualDecision,
+                payouts.Q["manual_for_decision"],
+                id=decision.payout_id,
+            )
             if row is None:  # payouts are never deleted
                 raise InvariantError("row is not None")
-            if row["status"] == "pending_approval" and row["approval_time_over"]:
+            if row.status == "pending_approval" and row.approval_time_over:
                 # Too late: expire it now (committed), then refuse.
                 await db.fetch_one(conn, payouts.Q["expire"], id=decision.payout_id, limit=1)
                 observability.PAYOUTS.labels("manual", "expired").inc()
                 refusal = _not_pending("expired")
-            elif row["status"] != "pending_approval":
-                refusal = _not_pending(row["status"])
+            elif row.status != "pending_approval":
+                refusal = _not_pending(row.status)
             elif action == ACTION_APPROVE:
                 refusal = _approval_refusal(row, settings, decision)
             if refusal is None:
                 done = await _write_decision(conn, decision, action)
-                observability.bind(payout_id=str(done["id"]))
+                observability.bind(payout_id=str(done.id))
                 if action == ACTION_DENY:
                     observability.PAYOUTS.labels("manual", "denied").inc()
                 return done
@@ -271,15 +279,17 @@ def _self_approval() -> Refused:
     return Refused("self_approval_forbidden", "only another admin may approve this request")
 
 
-def _approval_refusal(row: payouts.Row, settings: Settings, decision: Decision) -> Refused | None:
+def _approval_refusal(
+    row: payouts.ManualDecision, settings: Settings, decision: Decision
+) -> Refused | None:
     """The rules of SPEC section 2 for a payout about to start, in the press's order."""
-    if decision.user_id.lower() == str(row["requested_by"]).lower():
+    if decision.user_id.lower() == str(row.requested_by).lower():
         return _self_approval()
-    if row["hold_reason"] is not None:
+    if row.hold_reason is not None:
         return Refused("park_on_hold", "payouts for this park are on hold")
-    if row["in_flight"]:
+    if row.in_flight:
         return Refused("payout_in_progress", "another payout for this park is in flight")
-    if row["requested_amount"] > settings.payout_max_amount:
+    if row.requested_amount is not None and row.requested_amount > settings.payout_max_amount:
         return Refused(
             "amount_above_limit",
             f"one payout moves at most {settings.payout_max_amount}",
@@ -288,11 +298,12 @@ def _approval_refusal(row: payouts.Row, settings: Settings, decision: Decision) 
     return None
 
 
-async def _write_decision(conn: db.Conn, decision: Decision, action: str) -> payouts.Row:
+async def _write_decision(conn: db.Conn, decision: Decision, action: str) -> payouts.Record:
     details = decision.audit_details
     if action == ACTION_APPROVE:
-        row = await db.fetch_one(
+        row = await db.fetch_as(
             conn,
+            payouts.Record,
             payouts.Q["approve"],
             id=decision.payout_id,
             user_id=decision.user_id,
@@ -301,8 +312,9 @@ async def _write_decision(conn: db.Conn, decision: Decision, action: str) -> pay
             **queue.payout_job("manual"),
         )
     else:
-        row = await db.fetch_one(
+        row = await db.fetch_as(
             conn,
+            payouts.Record,
             payouts.Q["deny"],
             id=decision.payout_id,
             user_id=decision.user_id,
@@ -321,7 +333,9 @@ async def _write_decision(conn: db.Conn, decision: Decision, action: str) -> pay
 async def expire_due(conn: db.Conn) -> int:
     """Expire the requests whose approval time ran out; how many."""
     async with conn.transaction():
-        rows = await db.fetch_all(conn, payouts.Q["expire"], id=None, limit=EXPIRE_BATCH)
+        rows = await db.fetch_all_as(
+            conn, payouts.Record, payouts.Q["expire"], id=None, limit=EXPIRE_BATCH
+        )
     for _ in rows:
         observability.PAYOUTS.labels("manual", "expired").inc()
     return len(rows)
@@ -329,10 +343,10 @@ async def expire_due(conn: db.Conn) -> int:
 
 async def waiting(conn: db.Conn) -> tuple[int, float]:
     """How many requests await approval, and the oldest one's age in seconds."""
-    row = await db.fetch_one(conn, payouts.Q["pending_approval_count"])
+    row = await db.fetch_as(conn, payouts.Waiting, payouts.Q["pending_approval_count"])
     if row is None:
         raise InvariantError("row is not None")
-    return int(row["waiting"]), float(row["oldest_seconds"])
+    return row.waiting, row.oldest_seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,7 +360,7 @@ class Filters:
 
 async def page(
     conn: db.Conn, filters: Filters, *, limit: int, after: tuple[datetime, uuid.UUID] | None
-) -> list[payouts.Row]:
+) -> list[payouts.Record]:
     """Every park's payouts, newest first, filtered (the approvals queue, support's search).
 
     The WHERE clause names only the filters given, so the planner can pick the
@@ -376,8 +390,9 @@ async def page(
     query = sql.SQL(
         "SELECT * FROM payouts WHERE {} ORDER BY created_at DESC, id DESC LIMIT %(limit)s"
     ).format(where)
-    cur = await conn.execute(query, params)
-    return await cur.fetchall()
+    async with conn.cursor(row_factory=db.row_as(payouts.Record)) as cur:
+        await cur.execute(query, params)
+        return await cur.fetchall()
 
 
 # --- audit -----------------------------------------------------------------------

@@ -55,6 +55,80 @@ class Payout:
         return phase_of(Status(self.status), self.ordered_at is not None)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Record:
+    """One whole row of `payouts`, as the API, the console and support read it."""
+
+    id: UUID
+    park_id: str
+    kind: str
+    status: str
+    idempotency_key: str | None
+    request_fingerprint: str | None
+    requested_by: str | None
+    request_id: str | None
+    requested_amount: Decimal | None
+    max_amount: Decimal
+    min_amount: Decimal | None
+    available: Decimal | None
+    amount: Decimal | None
+    currency: str | None
+    billing_params: dict[str, Any] | None
+    ordered_at: datetime | None
+    billing_payout_id: str | None
+    failure_code: str | None
+    failure_message: str | None
+    attempts: int
+    job_id: int | None
+    follows: UUID | None
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+    fee_percent: Decimal | None
+    fee_fixed: Decimal | None
+    fee_amount: Decimal | None
+    net_amount: Decimal | None
+    return_code: str | None
+    returned_at: datetime | None
+    # A manual payout's four-eyes record (SPEC section 8); None for the other kinds.
+    approval_reason: str | None
+    approval_expires_at: datetime | None
+    approved_by: str | None
+    approved_at: datetime | None
+    denied_by: str | None
+    denied_reason: str | None
+
+    def wire_row(self) -> dict[str, Any]:
+        """The columns as wire.payout_json reads them (the shape of the events' snapshot)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ManualDecision(Record):
+    """A manual payout locked for its decision, with what deciding it needs."""
+
+    # The park's hold, whether its approval window is over by the statement's clock,
+    # and whether another payout of the park is in flight.
+    hold_reason: str | None
+    approval_time_over: bool
+    in_flight: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Awaiting:
+    """The park's manual payout awaiting approval (its id)."""
+
+    id: UUID
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Waiting:
+    """The approvals queue: its length and its oldest request's age in seconds."""
+
+    waiting: int
+    oldest_seconds: float
+
+
 @dataclasses.dataclass(frozen=True)
 class Taken(Payout):
     """A payout a run has just taken, with what that run needs besides the row."""
@@ -67,16 +141,27 @@ class Taken(Payout):
 
 
 async def get(conn: db.Conn, payout_id: UUID, *, park_id: str | None = None) -> Row | None:
+    """The payout as a mapping: what the press (instant.py) and the worker's execution
+    still read; everything else reads `record`, which this goes into once they do."""
     if park_id is None:
         return await db.fetch_one(conn, Q["get"], id=payout_id)
     return await db.fetch_one(conn, Q["get_for_park"], id=payout_id, park_id=park_id)
 
 
+async def record(conn: db.Conn, payout_id: UUID, *, park_id: str | None = None) -> Record | None:
+    """The payout, if it exists (and belongs to `park_id`, when given)."""
+    if park_id is None:
+        return await db.fetch_as(conn, Record, Q["get"], id=payout_id)
+    return await db.fetch_as(conn, Record, Q["get_for_park"], id=payout_id, park_id=park_id)
+
+
 async def page(
     conn: db.Conn, park_id: str, *, limit: int, after: tuple[datetime, UUID] | None
-) -> list[Row]:
-    return await db.fetch_all(
+) -> list[Record]:
+    """One park's payouts, newest first, keyset-paged on (created_at, id)."""
+    return await db.fetch_all_as(
         conn,
+        Record,
         Q["list_page"],
         park_id=park_id,
         limit=limit,

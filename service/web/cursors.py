@@ -18,11 +18,13 @@ import dataclasses
 import hashlib
 import hmac
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from service.core.settings import Settings
 from service.web import params
 from service.web.errors import ApiError
+
+R = TypeVar("R")
 
 # 128 bits: forging one is as hopeless as guessing a token, and a cursor stays short.
 TAG_BYTES = 16
@@ -83,9 +85,7 @@ class Pager:
     ) -> tuple[Any, ...] | None:
         return verify(self.key, self.purpose, raw, kinds)
 
-    def page(
-        self, rows: list[dict[str, Any]], limit: int, *keys: str
-    ) -> tuple[list[dict[str, Any]], str | None]:
+    def page(self, rows: list[R], limit: int, *keys: str) -> tuple[list[R], str | None]:
         """The first `limit` of `limit + 1` rows fetched, and the next page's cursor (the
         values of `keys` in the last row) if more exist."""
         rows, position = params.page(rows, limit, *keys)

@@ -13,10 +13,10 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 
@@ -215,15 +215,20 @@ def encode_cursor(*parts: Any) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def page(
-    rows: list[dict[str, Any]], limit: int, *keys: str
-) -> tuple[list[dict[str, Any]], tuple[Any, ...] | None]:
+R = TypeVar("R")
+
+
+def page(rows: list[R], limit: int, *keys: str) -> tuple[list[R], tuple[Any, ...] | None]:
     """The first `limit` of `limit + 1` rows fetched, and the position after them (the
-    values of `keys` in the last row, for the next cursor) if more exist."""
+    values of `keys` in the last row, for the next cursor) if more exist. Rows are
+    typed rows (the values are attributes) or mappings (payouts.page's, still)."""
     if len(rows) <= limit:
         return rows, None
     rows = rows[:limit]
-    return rows, tuple(rows[-1][key] for key in keys)
+    last = rows[-1]
+    if isinstance(last, Mapping):
+        return rows, tuple(last[key] for key in keys)
+    return rows, tuple(getattr(last, key) for key in keys)
 
 
 def decode_cursor(

@@ -6,59 +6,69 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from service.audit.store import Logged
 from service.core.settings import Settings
 from service.core.values import format_money
 from service.parks.fees import Fee
+from service.parks.store import Park
+from service.payouts import wire
 from service.payouts.model import next_periodic_payout_at
-from service.payouts.wire import money, payout_json, timestamp
+from service.payouts.store import Record
+from service.payouts.wire import money, timestamp
 
 __all__ = ["audit_json", "availability_json", "money", "park_json", "payout_json", "timestamp"]
 
 
-def park_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
+def payout_json(payout: Record | dict[str, Any]) -> dict[str, Any]:
+    """SPEC section 3's payout, from a typed row (or a row another module still reads
+    as a mapping: payouts.get, the press)."""
+    return wire.payout_json(payout.wire_row() if isinstance(payout, Record) else payout)
+
+
+def park_json(park: Park, settings: Settings) -> dict[str, Any]:
     return {
-        "park_id": row["park_id"],
-        "instant_payouts_enabled": row["instant_payouts_enabled"],
-        "periodic_payouts_enabled": row["periodic_payouts_enabled"],
-        "params": row["params"],
+        "park_id": park.park_id,
+        "instant_payouts_enabled": park.instant_payouts_enabled,
+        "periodic_payouts_enabled": park.periodic_payouts_enabled,
+        "params": park.params,
         "hold": (
             {
-                "reason": row["hold_reason"],
-                "since": timestamp(row["hold_since"]),
-                "by": row["hold_by"],
+                "reason": park.hold_reason,
+                "since": timestamp(park.hold_since),
+                "by": park.hold_by,
             }
-            if row["hold_reason"] is not None
+            if park.hold_reason is not None
             else None
         ),
-        "instant_fee": fee_json(row["instant_fee_percent"], row["instant_fee_fixed"]),
-        "instant_payouts_until": timestamp(row["instant_payouts_until"]),
-        "registered_at": timestamp(row["registered_at"]),
-        "last_payout_at": timestamp(row["last_payout_at"]),
+        "instant_fee": fee_json(park.instant_fee_percent, park.instant_fee_fixed),
+        "instant_payouts_until": timestamp(park.instant_payouts_until),
+        "registered_at": timestamp(park.registered_at),
+        "last_payout_at": timestamp(park.last_payout_at),
         "next_periodic_payout_at": timestamp(
             next_periodic_payout_at(
                 # A park on hold is left alone by the scan until released.
-                enabled=row["periodic_payouts_enabled"] and row["hold_reason"] is None,
-                registered_at=row["registered_at"],
-                last_succeeded_at=row["last_payout_at"],
-                last_periodic_attempt_at=row["last_periodic_attempt_at"],
+                enabled=park.periodic_payouts_enabled and park.hold_reason is None,
+                registered_at=park.registered_at,
+                last_succeeded_at=park.last_payout_at,
+                last_periodic_attempt_at=park.last_periodic_attempt_at,
                 period=settings.payout_period,
             )
         ),
     }
 
 
-def audit_json(row: dict[str, Any]) -> dict[str, Any]:
+def audit_json(entry: Logged) -> dict[str, Any]:
     return {
-        "id": row["id"],
-        "at": timestamp(row["at"]),
-        "actor_type": row["actor_type"],
-        "actor_id": row["actor_id"],
-        "park_id": row["park_id"],
-        "action": row["action"],
-        "outcome": row["outcome"],
-        "request_id": row["request_id"],
-        "payout_id": str(row["payout_id"]) if row["payout_id"] else None,
-        "details": row["details"],
+        "id": entry.id,
+        "at": timestamp(entry.at),
+        "actor_type": entry.actor_type,
+        "actor_id": entry.actor_id,
+        "park_id": entry.park_id,
+        "action": entry.action,
+        "outcome": entry.outcome,
+        "request_id": entry.request_id,
+        "payout_id": str(entry.payout_id) if entry.payout_id else None,
+        "details": entry.details,
     }
 
 

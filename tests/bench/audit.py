@@ -46,6 +46,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -116,7 +117,7 @@ def _as_is(text: str) -> str:
 
 def generate(
     month: date, count: int, first_id: int, rng: random.Random
-) -> tuple[list[audit_chain.Row], list[audit_chain.Row]]:
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """One month's entries in time order, linked into STRIPES chains; and the heads."""
     start = datetime(month.year, month.month, 1, tzinfo=UTC)
     span = (audit_chain.next_month(month) - month).total_seconds()

@@ -90,8 +90,8 @@ async def read(url: str, after: int, stop: threading.Event, run: Run) -> int:
             page = await events.page(conn, after=after, limit=100, park_id=None)
             now = time.monotonic()
             for row in page.events:
-                if row["type"] == "payout.created":
-                    run.readable.setdefault(events.snapshot(row["payout"])["id"], now)
+                if row.type == "payout.created":
+                    run.readable.setdefault(events.snapshot(row.payout)["id"], now)
             after = page.next
             if stop.is_set() and not page.events:
                 return after

@@ -15,7 +15,6 @@ import pytest
 from service.audit.chain import (
     Archive,
     Broken,
-    Content,
     Head,
     MonthResult,
     MonthVerifier,
@@ -37,7 +36,7 @@ def chain(stripe: int, n: int, first_id: int, month: date = MONTH) -> list[Row]:
     prev = genesis(month, stripe)
     for seq in range(1, n + 1):
         entry_id = first_id + 2 * (seq - 1)
-        content: Content = (
+        content = (
             entry_id,
             T0 + timedelta(seconds=entry_id),
             "user",
@@ -50,13 +49,23 @@ def chain(stripe: int, n: int, first_id: int, month: date = MONTH) -> list[Row]:
             f'{{"n": {entry_id}}}',
         )
         link = hashlib.sha256(prev + canonical(*content, stripe, seq)).digest()
-        rows.append((*content, stripe, seq, link))
+        rows.append(Row(*content, stripe, seq, link))
         prev = link
     return rows
 
 
+def link_of(row: Row) -> bytes:
+    """The chain hash of an entry these tests linked."""
+    if row.chain_hash is None:
+        raise ValueError(f"entry {row.id} has no link")
+    return row.chain_hash
+
+
 def heads_of(*chains: list[Row]) -> list[Head]:
-    return [Head(c[-1][10], c[-1][11], c[-1][12], c[0][0], c[-1][0]) for c in chains]
+    return [
+        Head(c[-1].chain_stripe or 0, c[-1].chain_seq or 0, link_of(c[-1]), c[0].id, c[-1].id)
+        for c in chains
+    ]
 
 
 def run(verifier: MonthVerifier, rows: list[Row]) -> MonthResult | Broken:
@@ -121,13 +130,13 @@ def test_intact_month_verifies_and_digests_its_chain_ends() -> None:
     result = run(MonthVerifier(MONTH, heads_of(A, B), legacy_max_id=0), A + B)
     assert isinstance(result, MonthResult), result
     assert (7, 0) == (result.entries, result.legacy)
-    assert month_digest([(0, 4, A[-1][12]), (5, 3, B[-1][12])]) == result.digest
+    assert month_digest([(0, 4, link_of(A[-1])), (5, 3, link_of(B[-1]))]) == result.digest
 
 
 def test_edited_entry_is_named() -> None:
     """An entry whose content changed is the broken link."""
     edited = list(A)
-    edited[1] = (*A[1][:6], "refused", *A[1][7:])
+    edited[1] = A[1]._replace(outcome="refused")
     assert 3 == broken_at(run(MonthVerifier(MONTH, heads_of(A, B), legacy_max_id=0), edited + B))
 
 
@@ -147,9 +156,18 @@ def test_deleted_tail_is_named_by_the_head() -> None:
 def test_swapped_contents_are_caught() -> None:
     """Two entries that swap everything but their place in the chain break at the first."""
     swapped = list(A)
-    swapped[1] = (*A[2][:10], *A[1][10:])
-    swapped[2] = (*A[1][:10], *A[2][10:])
+    swapped[1] = _linked_as(A[2], A[1])
+    swapped[2] = _linked_as(A[1], A[2])
     assert 5 == broken_at(run(MonthVerifier(MONTH, heads_of(A, B), legacy_max_id=0), swapped + B))
+
+
+def _linked_as(content: Row, place: Row) -> Row:
+    """`content`'s entry in `place`'s position of the chain, with `place`'s link."""
+    return content._replace(
+        chain_stripe=place.chain_stripe,
+        chain_seq=place.chain_seq,
+        chain_hash=place.chain_hash,
+    )
 
 
 def test_a_whole_missing_chain_is_named_by_its_first_entry() -> None:
@@ -164,22 +182,23 @@ def test_an_emptied_month_is_caught() -> None:
 
 def test_entry_the_heads_do_not_know_is_caught() -> None:
     """An entry beyond its chain's head (written around the trigger) is named."""
-    heads = [Head(0, 3, A[2][12], 1, 5), *heads_of(B)]
+    heads = [Head(0, 3, link_of(A[2]), 1, 5), *heads_of(B)]
     assert 7 == broken_at(run(MonthVerifier(MONTH, heads, legacy_max_id=0), A + B))
 
 
 def test_unlinked_entries_are_legacy_only_up_to_the_recorded_id() -> None:
     """Entries without a link count as legacy up to legacy_max_id; a later one is broken."""
-    legacy: Row = (*A[0][:10], None, None, None)
+    legacy = A[0]._replace(chain_stripe=None, chain_seq=None, chain_hash=None)
     verifier = MonthVerifier(MONTH, heads_of(A, B), legacy_max_id=100)
-    result = run(verifier, [*A, *B, (100, *legacy[1:]), (101, *legacy[1:])])
+    unlinked = [legacy._replace(id=100), legacy._replace(id=101)]
+    result = run(verifier, [*A, *B, *unlinked])
     assert 101 == broken_at(result)
     assert 1 == verifier.legacy
 
 
 def test_archived_month_is_crossed_with_its_record() -> None:
     """A month with no entries left but an archive record matching its heads verifies."""
-    digest = month_digest([(0, 4, A[-1][12]), (5, 3, B[-1][12])])
+    digest = month_digest([(0, 4, link_of(A[-1])), (5, 3, link_of(B[-1]))])
     archive = Archive(entries=7, month_digest=digest, location="s3://audit/2026-03")
     result = run(MonthVerifier(MONTH, heads_of(A, B), legacy_max_id=0, archive=archive), [])
     assert isinstance(result, MonthResult), result

@@ -17,6 +17,7 @@ from uuid import UUID
 from service.core import db
 from service.core.settings import Settings
 from service.payouts import manual as use_cases
+from service.payouts import store as payouts
 from service.payouts.instant import Refused as RuleRefused
 from service.support import store as support
 
@@ -47,7 +48,7 @@ class Actor:
     client: dict[str, Any]
 
 
-async def queue(conn: db.Conn, *, limit: int) -> list[dict[str, Any]]:
+async def queue(conn: db.Conn, *, limit: int) -> list[payouts.Record]:
     """Manual payouts waiting for approval, oldest first."""
     return await support.approvals_queue(conn, limit=limit)
 
@@ -61,7 +62,7 @@ async def request(
     amount: Decimal,
     reason: str,
     idempotency_key: str,
-) -> dict[str, Any]:
+) -> payouts.Record:
     """A new manual payout, `pending_approval` (the same one for the same form); Refused."""
     req = use_cases.ManualRequest(
         park_id=park_id,
@@ -82,14 +83,14 @@ async def request(
 
 async def approve(
     conn: db.Conn, settings: Settings, actor: Actor, payout_id: UUID
-) -> dict[str, Any]:
+) -> payouts.Record:
     """The payout, now `pending` with its job; Refused by the rules (four eyes, hold...)."""
     return await _decide(use_cases.approve, conn, settings, actor, payout_id, None)
 
 
 async def deny(
     conn: db.Conn, settings: Settings, actor: Actor, payout_id: UUID, reason: str
-) -> dict[str, Any]:
+) -> payouts.Record:
     """The payout, now `denied`; Refused by the rules."""
     return await _decide(use_cases.deny, conn, settings, actor, payout_id, reason)
 
@@ -101,7 +102,7 @@ async def _decide(
     actor: Actor,
     payout_id: UUID,
     reason: str | None,
-) -> dict[str, Any]:
+) -> payouts.Record:
     decision = use_cases.Decision(
         payout_id=payout_id,
         user_id=actor.user_id,
@@ -111,7 +112,7 @@ async def _decide(
         via=VIA,
     )
     try:
-        row: dict[str, Any] = await use_case(conn, settings, decision)
+        row: payouts.Record = await use_case(conn, settings, decision)
     except use_cases.NotFound:
         raise Refused("payout_not_found", "no such manual payout") from None
     except RuleRefused as refusal:

@@ -437,14 +437,14 @@ async def home(request: Request) -> Response:
 
 async def park_search(request: Request, session: sessions.Session) -> Response:
     query = request.query_params.get("q", "").strip()
-    found: list[dict[str, Any]] = []
+    found: list[support.ParkFound] = []
     problem = None
     if query and not is_park_id(query):
         problem = "A park id is 1-64 letters, digits, _ or -."
     elif query:
         async with admin_pool_of(request).connection() as conn:
             found = await support.search_parks(conn, query, limit=SEARCH_LIMIT + 1)
-        if len(found) == 1 and found[0]["park_id"] == query:
+        if len(found) == 1 and found[0].park_id == query:
             return RedirectResponse(f"/console/parks/{query}", status_code=303)
     return render(
         request,
@@ -484,9 +484,9 @@ async def _park_page(
         cursors.sign(
             cursors.key_for(settings),
             TIMELINE,
-            entries[-1]["at"],
-            entries[-1]["source"],
-            entries[-1]["key"],
+            entries[-1].at,
+            entries[-1].source,
+            entries[-1].key,
         )
         if more
         else None
@@ -501,10 +501,10 @@ async def _park_page(
         status_code=status_code,
         error=error,
         park=park,
-        fee=_fee(row),
-        until=views.timestamp(row.get("instant_payouts_until")),
-        fee_percent=row.get("instant_fee_percent"),
-        fee_fixed=row.get("instant_fee_fixed"),
+        fee=_fee(row.fee),
+        until=views.timestamp(row.instant_payouts_until),
+        fee_percent=row.instant_fee_percent,
+        fee_fixed=row.instant_fee_fixed,
         available=decision.decision.available,
         availability=(
             sentences.SUBSCRIPTION_ENDED
@@ -520,12 +520,9 @@ async def _park_page(
     )
 
 
-def _fee(row: dict[str, Any]) -> str | None:
-    """The paid option's fee, when this version of the schema has one (SPEC section 8)."""
-    percent, fixed = row.get("instant_fee_percent"), row.get("instant_fee_fixed")
-    if percent is None and fixed is None:
-        return None
-    return f"{percent or 0}% + {fixed or 0}"
+def _fee(fee: Fee | None) -> str | None:
+    """The paid option's fee, as the park page shows it (SPEC section 8)."""
+    return f"{fee.percent}% + {fee.fixed}" if fee else None
 
 
 def _timeline_cursor(settings: Settings, raw: str | None) -> support.TimelinePosition | None:
@@ -550,26 +547,33 @@ def _key(raw: Any) -> str:
     return raw
 
 
-def _timeline_entry(row: dict[str, Any]) -> dict[str, Any]:
-    source = support.SOURCES[row["source"]]
-    details = row["details"]
+def _timeline_entry(entry: support.TimelineEntry) -> dict[str, Any]:
+    details = entry.details
     return {
-        "at": views.timestamp(row["at"]),
-        "source": source,
-        "payout_id": str(row["payout_id"]) if row["payout_id"] else None,
-        "kind": row["kind"],
-        "status": row["status"],
-        "amount": views.money(row["amount"]),
-        "currency": row["currency"],
-        "type": row["type"],
-        "actor_type": row["actor_type"],
-        "actor_id": row["actor_id"],
-        "action": row["action"],
-        "outcome": row["outcome"],
+        "at": views.timestamp(entry.at),
+        "source": support.SOURCES[entry.source],
+        "payout_id": str(entry.payout_id) if entry.payout_id else None,
+        "kind": entry.kind,
+        "status": entry.status,
+        "amount": views.money(entry.amount),
+        "currency": entry.currency,
+        "type": entry.type,
+        "actor_type": entry.actor_type,
+        "actor_id": entry.actor_id,
+        "action": entry.action,
+        "outcome": entry.outcome,
         # Who-from-where is on the audit page; the timeline keeps to what happened.
         "details": _compact({k: v for k, v in details.items() if k != "client"})
         if details
         else None,
+    }
+
+
+def _audit_entry(entry: audit.Logged) -> dict[str, Any]:
+    """An audit entry as the console lists it: its details in one short line."""
+    return {
+        **views.audit_json(entry),
+        "details": _compact(entry.details) if entry.details else None,
     }
 
 
@@ -679,11 +683,11 @@ async def _payout_page(
     status_code: int = 200,
 ) -> Response:
     async with admin_pool_of(request).connection() as conn:
-        row = await payouts.get(conn, payout_id)
+        row = await payouts.record(conn, payout_id)
         if row is None:
             raise Refusal("payout_not_found")
-        trail = await support.payout_audit(conn, row["park_id"], payout_id, limit=200)
-        events = await support.payout_events(conn, row["park_id"], payout_id)
+        trail = await support.payout_audit(conn, row.park_id, payout_id, limit=200)
+        events = await support.payout_events(conn, row.park_id, payout_id)
     payout = views.payout_json(row)
     return render(
         request,
@@ -693,14 +697,11 @@ async def _payout_page(
         error=error,
         payout=payout,
         # Support sees the last transient problem while retries go on (the API does not).
-        note=row["failure_message"] if row["status"] != "failed" else None,
-        approval=row.get("approval_reason"),
-        trail=[
-            {**views.audit_json(e), "details": _compact(e["details"]) if e["details"] else None}
-            for e in trail
-        ],
+        note=row.failure_message if row.status != "failed" else None,
+        approval=row.approval_reason,
+        trail=[_audit_entry(e) for e in trail],
         events=[
-            {"id": f"evt_{e['seq']}", "type": e["type"], "at": views.timestamp(e["created_at"])}
+            {"id": f"evt_{e.seq}", "type": e.type, "at": views.timestamp(e.created_at)}
             for e in events
         ],
     )
@@ -709,11 +710,11 @@ async def _payout_page(
 async def payout_cancel(request: Request, session: sessions.Session) -> Response:
     payout_id = payout_id_of(request)
     async with admin_pool_of(request).connection() as conn:
-        row = await payouts.get(conn, payout_id)
+        row = await payouts.record(conn, payout_id)
     if row is None:
         raise Refusal("payout_not_found")
     req = cancel.CancelRequest(
-        park_id=row["park_id"],
+        park_id=row.park_id,
         payout_id=payout_id,
         user_id=session.user_id,
         request_id=request_id_of(request),
@@ -783,7 +784,7 @@ async def _decide(
     session: sessions.Session,
     payout_id: uuid.UUID,
     what: str,
-    call: Callable[[Any], Awaitable[dict[str, Any]]],
+    call: Callable[[Any], Awaitable[payouts.Record]],
 ) -> Response:
     async with pool_of(request).connection() as conn:
         try:
@@ -872,7 +873,7 @@ async def request_manual(request: Request, session: sessions.Session) -> Respons
             )
         except manual.Refused as refused:
             return await again(sentences.refusal(refused.code), STATUS.get(refused.code, 409))
-    return done(f"/console/payouts/{row['id']}", "request")
+    return done(f"/console/payouts/{row.id}", "request")
 
 
 # --- audit -----------------------------------------------------------------------------
@@ -906,10 +907,7 @@ async def audit_search(request: Request, session: sessions.Session) -> Response:
         rows, position = params.page(rows, PAGE_SIZE, "at", "id")
         if position:
             cursor = cursors.sign(cursors.key_for(settings_of(request)), "audit", *position)
-        entries = [
-            {**views.audit_json(r), "details": _compact(r["details"]) if r["details"] else None}
-            for r in rows
-        ]
+        entries = [_audit_entry(r) for r in rows]
     next_link = None
     if cursor:
         next_link = "/console/audit?" + urlencode(
