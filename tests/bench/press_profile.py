@@ -23,11 +23,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from decimal import Decimal
 from pathlib import Path
 
-from service import db
-from service.instant import InstantRequest
 from tests.bench import service as bench
 
 PIN = shutil.which("taskset") or "taskset"
@@ -58,34 +55,9 @@ def _pinned_wrk(workdir: Path, core: int) -> str:
     return str(wrapper)
 
 
-def _pg_processes(data_dir: Path) -> dict[int, float]:
-    """CPU seconds so far of the postmaster of `data_dir` and each of its children."""
-    try:
-        postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return {}
-    tick = os.sysconf("SC_CLK_TCK")
-    found: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        pid, ppid = int(entry.name), int(fields[1])
-        if pid == postmaster or ppid == postmaster:
-            # utime, stime, and the CPU of children already reaped (cutime, cstime).
-            found[pid] = sum(int(f) for f in fields[11:15]) / tick
-    return found
-
-
 def pg_cpu(data_dir: Path, before: dict[int, float]) -> tuple[float, dict[int, float]]:
-    """CPU the server used since `before` (processes that exited since are counted by their
-    parent's cutime/cstime, the postmaster's), and the new reading."""
-    now = _pg_processes(data_dir)
-    used = sum(now[pid] - before.get(pid, 0.0) for pid in now)
-    return used, now
+    """CPU the server used since `before`, and the new reading."""
+    return bench.pg_cpu_since(data_dir, before) or 0.0, bench.pg_processes(data_dir)
 
 
 async def _sample_waits(url: str, seconds: float) -> collections.Counter[str]:
@@ -159,27 +131,51 @@ async def run(args: argparse.Namespace, server_url: str, workdir: Path) -> None:
                 (parks,),
             )
             await conn.execute("ANALYZE")
-        port = bench.free_port()  # type: ignore[attr-defined]  # patched by _ports_from
-        api = await b.spawn(
-            f"api-{port}",
-            [PIN, "-c", str(args.api_core), sys.executable]
-            + (["-m", "cProfile", "-o", args.cprofile] if args.cprofile else [])
-            + ["-m", "service", "serve", "--port", str(port)],
-            b.child_env(url, **dict(kv.split("=", 1) for kv in args.env)),
-        )
-        api_url = f"http://127.0.0.1:{port}"
-        await b._wait_http(api, f"{api_url}/ready")
-        wrk = _pinned_wrk(workdir, args.other_core)
+        pin = [PIN, "-c", str(args.api_core)] if args.api_core >= 0 else []
+        apis: list[tuple[bench.Child, str]] = []
+        for _ in range(args.apis):
+            port = bench.free_port()  # type: ignore[attr-defined]  # patched by _ports_from
+            api = await b.spawn(
+                f"api-{port}",
+                [*pin, sys.executable]
+                + (["-m", "cProfile", "-o", args.cprofile] if args.cprofile else [])
+                + ["-m", "service", "serve", "--port", str(port)],
+                b.child_env(url, **dict(kv.split("=", 1) for kv in args.env)),
+            )
+            apis.append((api, f"http://127.0.0.1:{port}"))
+        for api, api_url in apis:
+            await b._wait_http(api, f"{api_url}/ready")
+        wrk = _pinned_wrk(workdir, args.other_core) if args.other_core >= 0 else "wrk"
         lua = workdir / "instant.lua"
         lua.write_text(bench.WRK_LUA)
-        warm = 3000 * 2
-        await bench._wrk_press(wrk, lua, api_url, first=1, parks=warm, seconds=1)
+        # Each API gets its share of the clients, and parks of its own.
+        bench.CLIENTS = max(1, args.clients // args.apis)
+        share = parks // args.apis
+        warm = 1000 * 2
+
+        async def load(first: int, seconds: int) -> list[bench.WrkPresses]:
+            return list(
+                await asyncio.gather(
+                    *(
+                        bench._wrk_press(
+                            wrk,
+                            lua,
+                            u,
+                            first=first + i * share,
+                            parks=share - warm,
+                            seconds=seconds,
+                        )
+                        for i, (_, u) in enumerate(apis)
+                    )
+                )
+            )
+
+        await load(1, 1)
+        api = apis[0][0]
         spy = None
         if args.spy:
             spy = await asyncio.create_subprocess_exec(
-                PIN,
-                "-c",
-                str(args.other_core),
+                *([PIN, "-c", str(args.other_core)] if args.other_core >= 0 else []),
                 shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
                 "record",
                 "--nonblocking",
@@ -199,33 +195,39 @@ async def run(args: argparse.Namespace, server_url: str, workdir: Path) -> None:
         pg_dir = workdir / "pg"
         if args.pg_core is not None:
             # Backends forked later inherit the postmaster's affinity.
-            for pid in _pg_processes(pg_dir):
+            for pid in bench.pg_processes(pg_dir):
                 os.sched_setaffinity(pid, {args.pg_core})
         _, pg_before = pg_cpu(pg_dir, {})
         sampler = asyncio.create_task(_sample_waits(url, args.seconds))
-        cpu_before = api.cpu_seconds()
-        presses = await bench._wrk_press(
-            wrk, lua, api_url, first=warm + 1, parks=parks - warm, seconds=args.seconds
-        )
-        api_cpu = api.cpu_seconds() - cpu_before
+        cpu_before = sum(a.cpu_seconds() for a, _ in apis)
+        runs = await load(warm + 1, args.seconds)
+        api_cpu = sum(a.cpu_seconds() for a, _ in apis) - cpu_before
         pg_used, _ = pg_cpu(pg_dir, pg_before)
         waits = await sampler
         if spy is not None:
             await spy.wait()
-        await b.stop(api)
-        rate = presses.accepted / presses.seconds
+        await b.stop(*(a for a, _ in apis))
+        accepted = sum(r.accepted for r in runs)
+        seconds = max(r.seconds for r in runs)
+        others: collections.Counter[int] = collections.Counter()
+        for r in runs:
+            others.update(r.others)
         print(
-            f"presses: {presses.accepted} accepted in {presses.seconds:.1f} s = {rate:.0f}/s; "
-            f"others {presses.others}"
+            f"presses: {accepted} accepted in {seconds:.1f} s = {accepted / seconds:.0f}/s "
+            f"({args.apis} API process(es), {bench.CLIENTS} clients each); others {dict(others)}"
         )
         print(
-            f"API CPU: {1000 * api_cpu / max(1, presses.accepted):.3f} ms per press, "
-            f"{100 * api_cpu / presses.seconds:.0f}% of its core; "
-            f"wrk p50 {presses.p50_ms:.2f} ms p99 {presses.p99_ms:.2f} ms"
+            f"API CPU: {1000 * api_cpu / max(1, accepted):.3f} ms per press, "
+            f"{100 * api_cpu / seconds / args.apis:.0f}% of a core per process; wrk p50 "
+            + ", ".join(f"{r.p50_ms:.2f}" for r in runs)
+            + " ms, p99 "
+            + ", ".join(f"{r.p99_ms:.2f}" for r in runs)
+            + " ms"
         )
+        wrk_cpu = sum(r.cpu_seconds for r in runs)
         print(
-            f"PostgreSQL CPU: {1000 * pg_used / max(1, presses.accepted):.3f} ms per press; "
-            f"wrk CPU {1000 * presses.cpu_seconds / max(1, presses.accepted):.3f} ms per press"
+            f"PostgreSQL CPU: {1000 * pg_used / max(1, accepted):.3f} ms per press; "
+            f"wrk CPU {1000 * wrk_cpu / max(1, accepted):.3f} ms per press"
         )
         total = sum(waits.values()) or 1
         print(
@@ -234,7 +236,7 @@ async def run(args: argparse.Namespace, server_url: str, workdir: Path) -> None:
         )
         if args.keep_log:
             shutil.copy(api.log, args.keep_log)
-        inside = _app_durations(api.log)[-presses.accepted :]
+        inside = _app_durations(api.log)[-runs[0].accepted :]
         if inside:
             inside.sort()
             print(
@@ -249,38 +251,12 @@ async def run(args: argparse.Namespace, server_url: str, workdir: Path) -> None:
         await b.close()
 
 
-def press_script(max_amount: Decimal, min_amount: Decimal, cooldown_s: float) -> str:
-    """The service's one statement (press_instant), for pgbench -M prepared."""
-    park = "('pgb-' || :id::text)"
-    key = "('pgb-key-' || :id::text)"
-    call = bench._fill(
-        db.queries("payouts")["press_instant"],
-        id="md5('pgb-' || :id::text)::uuid",
-        park_id=park,
-        idempotency_key=key,
-        request_fingerprint=f"'{InstantRequest('p', bench.USER_ID, 'k', 'r', None).fingerprint}'",
-        requested_by=f"'{bench.USER_ID}'",
-        request_id="('pgb-req-' || :id::text)",
-        requested_amount="NULL::numeric",
-        max_amount=f"{max_amount}",
-        min_amount=f"{min_amount}",
-        cooldown=f"interval '{cooldown_s} seconds'",
-        details=f"jsonb_build_object('idempotency_key', {key}, 'requested_amount', NULL)",
-        queue="'payouts'",
-        task="'execute_payout'",
-        priority="50",
-    )
-    return "\n".join(
-        ["\\set n :n + 1", f"\\set id :client_id * {bench.PGB_STRIDE} + :n", f"{call};", ""]
-    )
-
-
 async def _pgbench(b: bench.Bench, url: str, pg_dir: Path, seconds: int) -> None:
     """pgbench on the bench's five-statement transaction and on the one-call press."""
     settings = b.settings(url)
     scripts = {
         "five statements": bench.pgbench_script(settings.payout_max_amount),
-        "one call": press_script(
+        "one call": bench.pgbench_press_script(
             settings.payout_max_amount,
             settings.payout_min_amount,
             settings.instant_cooldown.total_seconds(),
@@ -317,8 +293,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--spy", help="write py-spy's collapsed stacks here")
-    parser.add_argument("--api-core", type=int, default=1)
-    parser.add_argument("--other-core", type=int, default=0)
+    parser.add_argument("--api-core", type=int, default=1, help="-1: not pinned")
+    parser.add_argument("--other-core", type=int, default=0, help="-1: wrk not pinned")
+    parser.add_argument("--apis", type=int, default=1, help="API processes, one port each")
+    parser.add_argument("--clients", type=int, default=bench.CLIENTS)
     parser.add_argument("--cprofile", help="run the API under cProfile, stats written here")
     parser.add_argument("--pg-core", type=int, help="pin PostgreSQL's processes to this core")
     parser.add_argument("--keep-log", help="copy the API's log here")
