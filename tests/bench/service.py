@@ -2,7 +2,10 @@
 baseline measured in the same run on the same machine.
 
 1. instant request throughput: POST /v1/payouts/instant per second at 8
-   concurrent clients, vs pgbench running the same SQL transaction;
+   concurrent clients, vs pgbench running the same SQL (the press's one function
+   call; the five-statement transaction of before migration 0014 printed too), with
+   the API's CPU and DB statements per press, PostgreSQL's CPU per press and per
+   call, and the ratio CPU alone would allow;
 2. DB statements per instant payout, from the request to `succeeded`
    (pg_stat_statements, idle background subtracted);
 3. periodic scan of 80,000 due parks: time and peak memory vs one
