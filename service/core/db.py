@@ -62,8 +62,19 @@ class CountingCursor(psycopg.AsyncCursor[psycopg.rows.Row]):
 
 def _record(seconds: float) -> None:
     process = observability.PROCESS["name"]
-    observability.DB_QUERIES.labels(process).inc()
-    observability.DB_SECONDS.labels(process).observe(seconds)
+    children = _METRICS.get(process)
+    if children is None:
+        # labels() validates and locks on every call: the children are looked up once.
+        children = (
+            observability.DB_QUERIES.labels(process),
+            observability.DB_SECONDS.labels(process),
+        )
+        _METRICS[process] = children
+    children[0].inc()
+    children[1].observe(seconds)
+
+
+_METRICS: dict[str, tuple[Any, Any]] = {}
 
 
 # A session that stops mid-transaction (a frozen worker: SIGSTOP, a paused
@@ -138,22 +149,24 @@ async def _utc(conn: Conn) -> None:
     await conn.execute("SET TimeZone = 'UTC'")
 
 
-# A connection used less than this long ago is handed out without a probe:
-# a round trip per checkout is a fifth of the instant request's statements,
-# and a connection broken in the meantime fails its first query, which the
-# job retries or the client sees as one 503-able error. Idle longer, it is
-# probed, since that is when servers and firewalls drop connections.
+# A connection handed out less than this long ago is handed out again without
+# a probe: a round trip per checkout is a fifth of the instant request's
+# statements, and a connection broken in the meantime fails its first query,
+# which the job retries or the client sees as one 503-able error. Idle longer,
+# it is probed, since that is when servers and firewalls drop connections.
+# The clock starts when the connection is handed out, not when it comes back
+# (its idle time is at most that): a `reset` callback would note the return,
+# but with one psycopg_pool returns every connection through a worker task, a
+# hop through the event loop on every press (issue 21).
 PROBE_AFTER_IDLE_SECONDS = 5.0
-_returned_at: weakref.WeakKeyDictionary[Conn, float] = weakref.WeakKeyDictionary()
-
-
-async def _note_returned(conn: Conn) -> None:
-    _returned_at[conn] = time.monotonic()
+_handed_out_at: weakref.WeakKeyDictionary[Conn, float] = weakref.WeakKeyDictionary()
 
 
 async def _check_if_idle(conn: Conn) -> None:
-    if time.monotonic() - _returned_at.get(conn, 0.0) > PROBE_AFTER_IDLE_SECONDS:
+    now = time.monotonic()
+    if now - _handed_out_at.get(conn, 0.0) > PROBE_AFTER_IDLE_SECONDS:
         await AsyncConnectionPool.check_connection(conn)
+    _handed_out_at[conn] = now
 
 
 def make_pool(
@@ -181,7 +194,6 @@ def make_pool(
         connection_class=cast(Any, psycopg.AsyncConnection),
         open=False,
         check=_check_if_idle,
-        reset=_note_returned,
         name=name,
         timeout=timeout,
     )

@@ -9,6 +9,7 @@ statement of its own, so accepted and refused presses alike stay on record.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import uuid
@@ -73,8 +74,15 @@ class InstantRequest:
     @property
     def fingerprint(self) -> str:
         """What "the same body" means for a replay: the normalised amount."""
-        body = {"amount": str(self.amount) if self.amount is not None else None}
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        return _fingerprint(str(self.amount) if self.amount is not None else None)
+
+
+# Most presses ask for everything (no amount) or a round sum: the hash of the same
+# normalised body is computed once per process, not once per press.
+@functools.lru_cache(maxsize=1024)
+def _fingerprint(amount: str | None) -> str:
+    body = {"amount": amount}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

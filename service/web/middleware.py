@@ -15,6 +15,7 @@ import json
 import logging
 import time
 import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 # create metric series at will.
 UNMATCHED = "unmatched"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_METRICS: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
 
 class RequestContext:
@@ -80,8 +82,17 @@ class RequestContext:
         route = scope.get("route")
         template = getattr(route, "path", None) or UNMATCHED
         method = scope["method"] if scope["method"] in _METHODS else "other"
-        observability.HTTP_REQUESTS.labels(template, method, str(status)).inc()
-        observability.HTTP_SECONDS.labels(template).observe(seconds)
+        children = _METRICS.get((template, method, status))
+        if children is None:
+            # labels() validates and locks on every call: each series' children are looked
+            # up once (routes, methods and statuses are a small fixed set).
+            children = (
+                observability.HTTP_REQUESTS.labels(template, method, str(status)),
+                observability.HTTP_SECONDS.labels(template),
+            )
+            _METRICS[(template, method, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
         client = scope.get("client")
         access_logger.info(
             "%s %s %s",

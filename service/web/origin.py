@@ -10,6 +10,7 @@ address it saw last, so reading only the first line would believe the client.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any
 
@@ -20,6 +21,7 @@ from service.web.state import settings_of
 # Enough to tell browsers and integrations apart; an audit row is not a log dump.
 MAX_USER_AGENT = 256
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def client_details(request: Request) -> dict[str, Any]:
@@ -28,11 +30,11 @@ def client_details(request: Request) -> dict[str, Any]:
 
 
 def client_ip(request: Request) -> str | None:
-    peer = _address(request.client.host if request.client else None)
+    peer = _peer_address(request.client.host if request.client else None)
     if peer is None:
         return None
     trusted = settings_of(request).trusted_proxies
-    if not any(peer in net for net in trusted):
+    if not _is_trusted(peer, trusted):
         return str(peer)
     combined = ",".join(request.headers.getlist("x-forwarded-for"))
     hops = [h.strip() for h in combined.split(",")]
@@ -40,10 +42,25 @@ def client_ip(request: Request) -> str | None:
         address = _address(hop)
         if address is None:
             break  # a malformed hop: nothing left of it can be trusted
-        if not any(address in net for net in trusted):
+        if not _is_trusted(address, trusted):
             return str(address)
         peer = address
     return str(peer)
+
+
+# Parsing the peer's address and testing addresses against each trusted network are
+# done on every press for the same few peers and proxies: both are cached (entries of a
+# few hundred bytes). Hops of X-Forwarded-For are parsed uncached: their text is the
+# caller's, of any length.
+@functools.lru_cache(maxsize=4096)
+def _is_trusted(address: Address, trusted: tuple[Network, ...]) -> bool:
+    return any(address in net for net in trusted)
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_address(raw: str | None) -> Address | None:
+    """The socket peer's address (text from the OS, not the caller)."""
+    return _address(raw)
 
 
 def _address(raw: str | None) -> Address | None:
