@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service import db
+from service.core import db
 from tests.helpers.metrics import statements_sent
 
 
