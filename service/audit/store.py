@@ -18,7 +18,7 @@ from uuid import UUID
 
 from psycopg import sql
 
-from service.core import db
+from service.core import db, retry
 
 logger = logging.getLogger(__name__)
 Q = db.queries("audit")
@@ -122,7 +122,7 @@ async def ensure_partitions(
         if not missing:
             return created
         if attempt + 1 < attempts:
-            await asyncio.sleep(0.2 * 2**attempt)
+            await asyncio.sleep(retry.delay(attempt, base=0.2, cap=5.0))
     logger.warning(
         "audit_log: %d of the next %d monthly partitions still missing (lock timeouts); "
         "the next run tries again",
