@@ -58,16 +58,3 @@ WITH input AS (
 UPDATE parks SET last_periodic_attempt_at = created.created_at
 FROM created
 WHERE parks.park_id = created.park_id
-
--- take_lease --
--- Hold (or renew) the scan lease until now + ttl, by the database's clock.
--- No row: someone else holds a lease that has not expired.
-INSERT INTO scan_leases (name, holder, expires_at)
-VALUES (%(name)s, %(holder)s, statement_timestamp() + %(ttl)s)
-ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
-WHERE scan_leases.holder = excluded.holder OR scan_leases.expires_at < statement_timestamp()
-RETURNING holder
-
--- release_lease --
--- Let the next scan start at once.
-DELETE FROM scan_leases WHERE name = %(name)s AND holder = %(holder)s
