@@ -227,9 +227,12 @@ def next_periodic_payout_at(
     last_succeeded_at: datetime | None,
     last_periodic_attempt_at: datetime | None,
     period: timedelta,
+    on_hold: bool = False,
 ) -> datetime | None:
-    """The moment the park becomes due, by the rule of SPEC section 2."""
-    if not enabled:
+    """The moment the park becomes due, by the rule of SPEC section 2 (None: never, as it
+    stands). The scan's rule is the database's park_periodic_due (migrations/0018);
+    tests/integration/test_due_rule.py holds the two to the same answers."""
+    if not enabled or on_hold:
         return None
     anchor = max(t for t in (registered_at, last_succeeded_at, last_periodic_attempt_at) if t)
     return anchor + period

@@ -36,8 +36,8 @@ def park_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
         "last_payout_at": timestamp(row["last_payout_at"]),
         "next_periodic_payout_at": timestamp(
             next_periodic_payout_at(
-                # A park on hold is left alone by the scan until released.
-                enabled=row["periodic_payouts_enabled"] and row["hold_reason"] is None,
+                enabled=row["periodic_payouts_enabled"],
+                on_hold=row["hold_reason"] is not None,
                 registered_at=row["registered_at"],
                 last_succeeded_at=row["last_payout_at"],
                 last_periodic_attempt_at=row["last_periodic_attempt_at"],
