@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from service.payouts import wire
 from service.payouts.model import EVENT_TYPES, Kind, Status
 from service.web.errors import STATUS
 from service.web.params import HOLD_REASON_PATTERN
@@ -63,6 +64,31 @@ STORABLE_OBJECT = {
 }
 FEE = _object({"percent": PERCENT, "fixed": FEE_MONEY})
 
+
+def _wire(field: wire.Field) -> dict[str, Any]:
+    """A payout field's schema, by its wire type (service/payouts/wire.py)."""
+    if field.type is wire.Type.APPROVAL:
+        schema = _object({f.name: _wire(f) for f in wire.APPROVAL_FIELDS})
+    else:
+        by_type: dict[wire.Type, dict[str, Any]] = {
+            wire.Type.UUID: {"type": "string", "format": "uuid"},
+            wire.Type.PARK_ID: PARK_ID,
+            wire.Type.KIND: {"type": "string", "enum": list(KINDS)},
+            # The statuses are model.Status's: one list for the API, the enum
+            # and (by a test) the database.
+            wire.Type.STATUS: {"type": "string", "enum": [str(s) for s in Status]},
+            wire.Type.MONEY: MONEY,
+            wire.Type.TEXT: {"type": "string"},
+            wire.Type.TIMESTAMP: TIMESTAMP,
+        }
+        schema = by_type[field.type]
+    schema = _nullable(schema) if field.nullable else schema
+    return {**schema, "description": field.description} if field.description else schema
+
+
+# The payout object, field by field as service/payouts/wire.py defines it.
+PAYOUT = _object({f.name: _wire(f) for f in wire.PAYOUT_FIELDS})
+
 SCHEMAS: dict[str, Any] = {
     "StorableJson": {
         "description": "Any JSON value PostgreSQL can store: no NUL in a string or a key.",
@@ -84,50 +110,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["code", "message", "details"],
         "additionalProperties": False,
     },
-    "Payout": _object(
-        {
-            "id": {"type": "string", "format": "uuid"},
-            "park_id": PARK_ID,
-            "kind": {"type": "string", "enum": list(KINDS)},
-            # The statuses are domain.Status's: one list for the API, the enum
-            # and (by a test) the database.
-            "status": {"type": "string", "enum": [str(s) for s in Status]},
-            "requested_amount": _nullable(MONEY),
-            "amount": _nullable(MONEY),
-            "currency": _nullable({"type": "string"}),
-            "fee_amount": {
-                **_nullable(MONEY),
-                "description": "Instant payouts of a park with a fee: our revenue out of amount.",
-            },
-            "net_amount": {
-                **_nullable(MONEY),
-                "description": "What reaches the park: amount - fee_amount.",
-            },
-            "return_code": _nullable({"type": "string"}),
-            "returned_at": _nullable(TIMESTAMP),
-            "approval": _nullable(
-                {
-                    **_object(
-                        {
-                            "reason": _nullable({"type": "string"}),
-                            "approved_by": _nullable({"type": "string"}),
-                            "approved_at": _nullable(TIMESTAMP),
-                            "denied_by": _nullable({"type": "string"}),
-                            "denied_reason": _nullable({"type": "string"}),
-                        }
-                    ),
-                    "description": "Manual payouts only: the four-eyes record.",
-                }
-            ),
-            "billing_payout_id": _nullable({"type": "string"}),
-            "failure_code": _nullable({"type": "string"}),
-            "failure_message": _nullable({"type": "string"}),
-            "requested_by": _nullable({"type": "string"}),
-            "created_at": TIMESTAMP,
-            "updated_at": TIMESTAMP,
-            "completed_at": _nullable(TIMESTAMP),
-        }
-    ),
+    "Payout": PAYOUT,
     "Event": _object(
         {
             "id": {"type": "string", "description": "Opaque; consumers dedupe by it."},
