@@ -21,6 +21,7 @@ import psycopg.errors
 from service.audit import store as audit
 from service.billing.client import BillingClient
 from service.core import db, queue
+from service.core.codes import Code
 from service.core.invariant import InvariantError
 from service.core.settings import Settings
 from service.parks.fees import Fee
@@ -36,14 +37,15 @@ class Refused(Exception):
 
     def __init__(
         self,
-        code: str,
+        code: Code | str,
         message: str,
         *,
         details: dict[str, Any] | None = None,
         retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
-        self.code = code
+        # ValueError for a code that is not Code's (the press function's outcome included).
+        self.code = Code(code)
         self.message = message
         self.details = details or {}
         self.retry_after = retry_after
@@ -128,13 +130,13 @@ async def request_instant(conn: db.Conn, settings: Settings, req: InstantRequest
             if replay is None:
                 raise InvariantError("replay is not None") from None
             return Accepted(replay, replay=True)
-        conflict = Refused("payout_in_progress", "another payout for this park is in flight")
+        conflict = Refused(Code.PAYOUT_IN_PROGRESS, "another payout for this park is in flight")
         await _audit_refusal(conn, req, conflict)
         raise conflict from exc
 
 
 def _refusal_of(
-    code: str,
+    outcome: str,
     settings: Settings,
     req: InstantRequest,
     now: datetime,
@@ -142,24 +144,22 @@ def _refusal_of(
     subscription_ended: bool,
 ) -> Refused:
     """The refusal the press function named, with its message and details."""
-    if code == "park_not_found":
-        return Refused("park_not_found", f"park {req.park_id} is not registered")
-    if code == "idempotency_key_reused":
-        return Refused(
-            "idempotency_key_reused",
-            "this Idempotency-Key was used with a different request body",
-        )
-    if code == "amount_above_limit":
+    code = Code(outcome)
+    if code is Code.PARK_NOT_FOUND:
+        return Refused(code, f"park {req.park_id} is not registered")
+    if code is Code.IDEMPOTENCY_KEY_REUSED:
+        return Refused(code, "this Idempotency-Key was used with a different request body")
+    if code is Code.AMOUNT_ABOVE_LIMIT:
         limit = settings.payout_max_amount
         return Refused(
-            "amount_above_limit",
+            code,
             f"one payout moves at most {limit}",
             details={"max_amount": str(limit)},
         )
-    if code == "amount_below_minimum":
+    if code is Code.AMOUNT_BELOW_MINIMUM:
         minimum = settings.payout_min_amount
         return Refused(
-            "amount_below_minimum",
+            code,
             f"one payout moves at least {minimum}",
             details={"min_amount": str(minimum)},
         )
@@ -182,25 +182,25 @@ def _decide(park: payouts.Row, settings: Settings, now: datetime) -> Availabilit
 
 
 def _refusal(decision: Availability, now: datetime, *, subscription_ended: bool) -> Refused:
-    if decision.reason == "instant_payouts_disabled" and subscription_ended:
+    if decision.reason is Code.INSTANT_PAYOUTS_DISABLED and subscription_ended:
         return Refused(
-            "instant_payouts_disabled",
+            Code.INSTANT_PAYOUTS_DISABLED,
             "this park's subscription to instant payouts has ended",
             details={"reason": "subscription_ended"},
         )
-    if decision.reason == "instant_payouts_disabled":
-        return Refused("instant_payouts_disabled", "instant payouts are switched off for this park")
-    if decision.reason == "park_on_hold":
-        return Refused("park_on_hold", "payouts for this park are on hold")
-    if decision.reason == "payout_in_progress":
-        return Refused("payout_in_progress", "a payout for this park is already in flight")
-    if not (decision.reason == "cooldown_active" and decision.next_available_at is not None):
+    if decision.reason is Code.INSTANT_PAYOUTS_DISABLED:
+        return Refused(decision.reason, "instant payouts are switched off for this park")
+    if decision.reason is Code.PARK_ON_HOLD:
+        return Refused(decision.reason, "payouts for this park are on hold")
+    if decision.reason is Code.PAYOUT_IN_PROGRESS:
+        return Refused(decision.reason, "a payout for this park is already in flight")
+    if not (decision.reason is Code.COOLDOWN_ACTIVE and decision.next_available_at is not None):
         raise InvariantError(
-            'decision.reason == "cooldown_active" and decision.next_available_at is not None'
+            "decision.reason is Code.COOLDOWN_ACTIVE and decision.next_available_at is not None"
         )
     wait = decision.next_available_at - now
     return Refused(
-        "cooldown_active",
+        Code.COOLDOWN_ACTIVE,
         "an instant payout was made recently; try again later",
         details={"next_available_at": decision.next_available_at},
         retry_after=max(1, _ceil_seconds(wait)),
