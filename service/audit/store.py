@@ -18,7 +18,7 @@ from uuid import UUID
 
 from psycopg import sql
 
-from service.core import db, retry
+from service.core import db, listing, retry
 
 logger = logging.getLogger(__name__)
 Q = db.queries("audit")
@@ -62,37 +62,10 @@ class Filters:
 async def page(
     conn: db.Conn, filters: Filters, *, limit: int, after: tuple[datetime, int] | None
 ) -> list[dict[str, Any]]:
-    """Newest first, keyset pagination on (at, id).
-
-    The WHERE clause names only the filters given: with `(x IS NULL OR ...)`
-    a cached generic plan could not pick the park or actor index, and this
-    table grows for years.
-    """
-    conditions: list[sql.Composable] = []
-    params: dict[str, Any] = {"limit": limit}
-    for column, op in (
-        ("park_id", "="),
-        ("actor_id", "="),
-        ("action", "="),
-        ("since", ">="),
-        ("until", "<"),
-    ):
-        value = getattr(filters, column)
-        if value is not None:
-            target = "at" if column in ("since", "until") else column
-            conditions.append(
-                sql.SQL("{} {} {}").format(
-                    sql.Identifier(target), sql.SQL(op), sql.Placeholder(column)
-                )
-            )
-            params[column] = value
-    if after is not None:
-        conditions.append(sql.SQL("(at, id) < (%(after_at)s, %(after_id)s)"))
-        params.update(after_at=after[0], after_id=after[1])
-    where = sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true")
-    query = sql.SQL(
-        "SELECT {} FROM audit_log WHERE {} ORDER BY at DESC, id DESC LIMIT %(limit)s"
-    ).format(COLUMNS, where)
+    """Newest first, keyset pagination on (at, id), only the filters given (core/listing.py)."""
+    query, params = listing.newest_first(
+        table="audit_log", columns=COLUMNS, at="at", filters=filters, after=after, limit=limit
+    )
     cur = await conn.execute(query, params)
     return await cur.fetchall()
 

@@ -51,6 +51,44 @@ class Refused(Exception):
         self.retry_after = retry_after
 
 
+# The refusals that several use cases answer (press, manual request and approval, the
+# quote), each worded once.
+
+
+def park_not_found(park_id: str) -> Refused:
+    return Refused(Code.PARK_NOT_FOUND, f"park {park_id} is not registered")
+
+
+def key_reused() -> Refused:
+    return Refused(
+        Code.IDEMPOTENCY_KEY_REUSED, "this Idempotency-Key was used with a different request body"
+    )
+
+
+def above_limit(limit: Decimal) -> Refused:
+    return Refused(
+        Code.AMOUNT_ABOVE_LIMIT,
+        f"one payout moves at most {limit}",
+        details={"max_amount": str(limit)},
+    )
+
+
+def below_minimum(minimum: Decimal) -> Refused:
+    return Refused(
+        Code.AMOUNT_BELOW_MINIMUM,
+        f"one payout moves at least {minimum}",
+        details={"min_amount": str(minimum)},
+    )
+
+
+def on_hold() -> Refused:
+    return Refused(Code.PARK_ON_HOLD, "payouts for this park are on hold")
+
+
+def in_flight() -> Refused:
+    return Refused(Code.PAYOUT_IN_PROGRESS, "another payout for this park is in flight")
+
+
 @dataclasses.dataclass(frozen=True)
 class InstantRequest:
     park_id: str
@@ -81,6 +119,8 @@ class InstantRequest:
 
 @dataclasses.dataclass(frozen=True)
 class Accepted:
+    """A payout request accepted: the new payout, or the one its replay names."""
+
     payout: payouts.Row
     replay: bool
 
@@ -130,7 +170,7 @@ async def request_instant(conn: db.Conn, settings: Settings, req: InstantRequest
             if replay is None:
                 raise InvariantError("replay is not None") from None
             return Accepted(replay, replay=True)
-        conflict = Refused(Code.PAYOUT_IN_PROGRESS, "another payout for this park is in flight")
+        conflict = in_flight()
         await _audit_refusal(conn, req, conflict)
         raise conflict from exc
 
@@ -146,23 +186,13 @@ def _refusal_of(
     """The refusal the press function named, with its message and details."""
     code = Code(outcome)
     if code is Code.PARK_NOT_FOUND:
-        return Refused(code, f"park {req.park_id} is not registered")
+        return park_not_found(req.park_id)
     if code is Code.IDEMPOTENCY_KEY_REUSED:
-        return Refused(code, "this Idempotency-Key was used with a different request body")
+        return key_reused()
     if code is Code.AMOUNT_ABOVE_LIMIT:
-        limit = settings.payout_max_amount
-        return Refused(
-            code,
-            f"one payout moves at most {limit}",
-            details={"max_amount": str(limit)},
-        )
+        return above_limit(settings.payout_max_amount)
     if code is Code.AMOUNT_BELOW_MINIMUM:
-        minimum = settings.payout_min_amount
-        return Refused(
-            code,
-            f"one payout moves at least {minimum}",
-            details={"min_amount": str(minimum)},
-        )
+        return below_minimum(settings.payout_min_amount)
     return _refusal(
         Availability(False, code, next_available_at), now, subscription_ended=subscription_ended
     )
@@ -191,9 +221,9 @@ def _refusal(decision: Availability, now: datetime, *, subscription_ended: bool)
     if decision.reason is Code.INSTANT_PAYOUTS_DISABLED:
         return Refused(decision.reason, "instant payouts are switched off for this park")
     if decision.reason is Code.PARK_ON_HOLD:
-        return Refused(decision.reason, "payouts for this park are on hold")
+        return on_hold()
     if decision.reason is Code.PAYOUT_IN_PROGRESS:
-        return Refused(decision.reason, "a payout for this park is already in flight")
+        return in_flight()
     if not (decision.reason is Code.COOLDOWN_ACTIVE and decision.next_available_at is not None):
         raise InvariantError(
             "decision.reason is Code.COOLDOWN_ACTIVE and decision.next_available_at is not None"
@@ -269,7 +299,7 @@ async def fee_terms(conn: db.Conn, park_id: str) -> Fee | None:
     """The park's instant fee terms now; Refused("park_not_found") for an unknown park."""
     park = await payouts.park_state(conn, park_id, None)
     if park is None:
-        raise Refused("park_not_found", f"park {park_id} is not registered")
+        raise park_not_found(park_id)
     return fee_of(park)
 
 
