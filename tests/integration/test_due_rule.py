@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from psycopg.rows import DictRow
 
+from service.core import db
 from service.payouts.model import next_periodic_payout_at
 from tests.helpers.emulator import REPO_ROOT
 
@@ -78,3 +79,19 @@ def test_no_query_spells_the_due_rule_again() -> None:
     assert [] == [
         p.name for p in sorted((REPO_ROOT / "sql").glob("*.sql")) if anchor.search(p.read_text())
     ]
+
+
+def test_the_app_role_runs_the_due_scan(app_db_url: str, pg: psycopg.Connection[DictRow]) -> None:
+    """Logged in as the service's own role, the scan's two queries call the rule's functions."""
+    pg.execute(
+        "INSERT INTO parks (park_id, registered_at) VALUES ('due-park', now() - interval '8 days')"
+    )
+    queries = db.queries("periodic")
+    with psycopg.connect(app_db_url, autocommit=True) as app:
+        found = app.execute(queries["due_candidates"], {"period": N, "limit": 10}).fetchall()
+        assert [("due-park",)] == found
+        with app.transaction():
+            locked = app.execute(
+                queries["lock_due"], {"period": N, "park_ids": ["due-park"]}
+            ).fetchall()
+        assert [("due-park",)] == locked
