@@ -21,6 +21,9 @@ RETURN greatest(registered_at, last_payout_at, last_periodic_attempt_at);
 -- Whether the park's own row makes it due at `at` after `period`: periodic payouts on,
 -- not on hold, and its anchor at least `period` old. (Nothing in flight is the other
 -- half of the rule: a probe of payouts, which an inlinable function cannot hold.)
+-- The period is counted in UTC, as the service's sessions (service/core/db.py) and the
+-- API's Python rule count it: a session in a zone with DST (psql, a report) gets the
+-- same answer, not one an hour off around the change.
 CREATE FUNCTION park_periodic_due(
     enabled boolean,
     hold_reason text,
@@ -30,9 +33,9 @@ CREATE FUNCTION park_periodic_due(
     period interval,
     at timestamptz
 ) RETURNS boolean
--- STABLE, not IMMUTABLE: timestamptz - interval counts days in the session's TimeZone
--- (and the planner inlines no function declared stricter than its body).
-LANGUAGE sql STABLE PARALLEL SAFE
+-- IMMUTABLE: counted in UTC, the answer depends on the arguments alone (and the planner
+-- inlines no function declared stricter than its body).
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN enabled AND hold_reason IS NULL
        AND park_periodic_anchor(registered_at, last_payout_at, last_periodic_attempt_at)
-           <= at - period;
+           <= ((at AT TIME ZONE 'UTC') - period) AT TIME ZONE 'UTC';

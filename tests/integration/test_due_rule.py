@@ -35,16 +35,20 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin"])
 @pytest.mark.parametrize(("enabled", "on_hold", "registered", "paid", "attempted"), CASES)
 def test_the_python_rule_answers_as_the_scans(
     pg: psycopg.Connection[DictRow],
+    zone: str,
     enabled: bool,
     on_hold: bool,
     registered: datetime,
     paid: datetime | None,
     attempted: datetime | None,
 ) -> None:
-    """Due in SQL exactly when the Python rule's next payout time has come, to the microsecond."""
+    """Due in SQL exactly when the Python rule's next payout time has come, to the microsecond,
+    whatever the session's TimeZone (AT is the night Berlin's clocks go forward)."""
+    pg.execute(f"SET TimeZone = '{zone}'")
     row = pg.execute(
         "SELECT park_periodic_due(%(enabled)s, %(hold)s, %(registered)s, %(paid)s,"
         " %(attempted)s, %(period)s, %(at)s) AS due,"
@@ -70,7 +74,7 @@ def test_the_python_rule_answers_as_the_scans(
     )
     assert row["due"] == (next_at is not None and next_at <= AT)
     if next_at is not None:
-        assert row["anchor"] + N == next_at
+        assert next_at == row["anchor"].astimezone(UTC) + N
 
 
 def test_no_query_spells_the_due_rule_again() -> None:
