@@ -157,6 +157,12 @@ def _date(raw: str) -> date:
         raise argparse.ArgumentTypeError("a date is YYYY-MM-DD") from None
 
 
+def _listen_on(command: argparse.ArgumentParser, port: int) -> None:
+    """The address an HTTP server of ours listens on: this host only unless told."""
+    command.add_argument("--host", default="127.0.0.1")
+    command.add_argument("--port", type=_port, default=port)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fleet-payouts", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -165,8 +171,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_migrate)
 
     s = sub.add_parser("serve", help="run the HTTP API")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=_port, default=8080)
+    _listen_on(s, 8080)
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("worker", help="run a queue worker (periodic tasks included)")
@@ -175,8 +180,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_worker)
 
     s = sub.add_parser("billing-emulator", help="run the Billing emulator (a test double)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=_port, default=8081)
+    _listen_on(s, 8081)
     s.set_defaults(func=cmd_emulator)
 
     s = sub.add_parser("dev", help="the whole system on this machine, no set-up")

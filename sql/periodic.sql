@@ -1,16 +1,16 @@
 -- due_candidates --
--- Parks due for a periodic payout (SPEC section 2), the longest-waiting first.
+-- Parks due for a periodic payout (SPEC section 2; the rule: migrations/0018), the
+-- longest-waiting first.
 -- Read without locks: the batch is re-checked under lock before anything is written.
 SELECT park_id FROM parks k
-WHERE k.periodic_payouts_enabled
-  AND k.hold_reason IS NULL
-  AND greatest(k.registered_at, k.last_payout_at, k.last_periodic_attempt_at) <= now() - %(period)s
+WHERE park_periodic_due(k.periodic_payouts_enabled, k.hold_reason, k.registered_at,
+                        k.last_payout_at, k.last_periodic_attempt_at, %(period)s, now())
   -- "Nothing in flight" as one index probe per park (payouts_one_in_flight_per_park).
   -- NOT EXISTS lets the planner pick a join that, with statistics taken
   -- before a big batch, compares every candidate with every in-flight payout.
   AND (SELECT x.id FROM payouts x
        WHERE x.park_id = k.park_id AND x.status IN ('pending', 'processing')) IS NULL
-ORDER BY greatest(k.registered_at, k.last_payout_at, k.last_periodic_attempt_at)
+ORDER BY park_periodic_anchor(k.registered_at, k.last_payout_at, k.last_periodic_attempt_at)
 LIMIT %(limit)s
 
 -- lock_due --
@@ -18,9 +18,8 @@ LIMIT %(limit)s
 -- whose instant request holds its row now is simply left to the next tick.
 SELECT park_id FROM parks k
 WHERE k.park_id = ANY(%(park_ids)s)
-  AND k.periodic_payouts_enabled
-  AND k.hold_reason IS NULL
-  AND greatest(k.registered_at, k.last_payout_at, k.last_periodic_attempt_at) <= now() - %(period)s
+  AND park_periodic_due(k.periodic_payouts_enabled, k.hold_reason, k.registered_at,
+                        k.last_payout_at, k.last_periodic_attempt_at, %(period)s, now())
   -- "Nothing in flight" as one index probe per park (payouts_one_in_flight_per_park).
   -- NOT EXISTS lets the planner pick a join that, with statistics taken
   -- before a big batch, compares every candidate with every in-flight payout.
@@ -58,16 +57,3 @@ WITH input AS (
 UPDATE parks SET last_periodic_attempt_at = created.created_at
 FROM created
 WHERE parks.park_id = created.park_id
-
--- take_lease --
--- Hold (or renew) the scan lease until now + ttl, by the database's clock.
--- No row: someone else holds a lease that has not expired.
-INSERT INTO scan_leases (name, holder, expires_at)
-VALUES (%(name)s, %(holder)s, statement_timestamp() + %(ttl)s)
-ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
-WHERE scan_leases.holder = excluded.holder OR scan_leases.expires_at < statement_timestamp()
-RETURNING holder
-
--- release_lease --
--- Let the next scan start at once.
-DELETE FROM scan_leases WHERE name = %(name)s AND holder = %(holder)s

@@ -77,7 +77,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.billing.contract import KEY_RE, MAX_LIST_LIMIT, MAX_SELECT_PARK_IDS, Code, Path
+from service.billing.contract import KEY_RE, MAX_LIST_LIMIT, MAX_SELECT_PARK_IDS, BillingCode, Path
 from service.core.invariant import InvariantError
 from service.core.values import parse_timestamp
 
@@ -452,11 +452,15 @@ class EmulatorState:
         """Why Billing refuses this order for good, or None if it can be paid."""
         balance = self.balances.get(req.park_id)
         if balance is None:
-            return 404, Code.PARK_NOT_FOUND, f"unknown park {req.park_id!r}"
+            return 404, BillingCode.PARK_NOT_FOUND, f"unknown park {req.park_id!r}"
         if req.currency != balance.currency:
-            return 422, Code.CURRENCY_MISMATCH, f"park {req.park_id!r} is in {balance.currency}"
+            return (
+                422,
+                BillingCode.CURRENCY_MISMATCH,
+                f"park {req.park_id!r} is in {balance.currency}",
+            )
         if req.amount > balance.available:
-            return 409, Code.INSUFFICIENT_FUNDS, f"available {_money(balance.available)}"
+            return 409, BillingCode.INSUFFICIENT_FUNDS, f"available {_money(balance.available)}"
         return None
 
     def execute_payout(self, key: str, req: PayoutRequest) -> tuple[Response, Payout | None]:
@@ -469,7 +473,7 @@ class EmulatorState:
         decided = existing.request if existing is not None else refused[0] if refused else None
         if decided is not None and decided != req:
             return _error(
-                422, Code.IDEMPOTENCY_KEY_REUSED, "key already used with a different body"
+                422, BillingCode.IDEMPOTENCY_KEY_REUSED, "key already used with a different body"
             ), None
         if existing is not None:
             return JSONResponse(existing.to_json()), None
@@ -503,7 +507,7 @@ def _handles_bad_input(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except InvalidRequest as exc:
-            return _error(400, Code.INVALID_REQUEST, str(exc))
+            return _error(400, BillingCode.INVALID_REQUEST, str(exc))
 
     return wrapped
 
@@ -533,7 +537,7 @@ def _contract(handler: Handler) -> Handler:
         if faults.latency_ms > 0:
             await asyncio.sleep(faults.latency_ms / 1000)
         if not state.authorized(request):
-            return _error(401, Code.UNAUTHORIZED, "missing or wrong bearer token")
+            return _error(401, BillingCode.UNAUTHORIZED, "missing or wrong bearer token")
         roll = state.rng.random()
         if roll < faults.error_rate:
             return _error(503, "unavailable", "injected fault: error_rate")
@@ -541,7 +545,7 @@ def _contract(handler: Handler) -> Handler:
         if roll < faults.throttle_rate:
             return _error(
                 429,
-                Code.RATE_LIMITED,
+                BillingCode.RATE_LIMITED,
                 "injected fault: throttle_rate",
                 headers={"Retry-After": faults.retry_after_header()},
             )
@@ -562,7 +566,7 @@ async def get_balance(request: Request) -> Response:
     park_id = _parse_id(request.query_params.get("park_id"), "park_id")
     balance = _state(request).balances.get(park_id)
     if balance is None:
-        return _error(404, Code.PARK_NOT_FOUND, f"unknown park {park_id!r}")
+        return _error(404, BillingCode.PARK_NOT_FOUND, f"unknown park {park_id!r}")
     return JSONResponse(balance.to_json())
 
 
@@ -616,7 +620,7 @@ async def get_payout(request: Request) -> Response:
     key = request.path_params["key"]
     payout = _state(request).payouts_by_key.get(key)
     if payout is None:
-        return _error(404, Code.PAYOUT_NOT_FOUND, "no payout was made with this key")
+        return _error(404, BillingCode.PAYOUT_NOT_FOUND, "no payout was made with this key")
     return JSONResponse(payout.to_json())
 
 
@@ -663,7 +667,7 @@ async def post_return(request: Request) -> Response:
     if payout is None:
         if key in state.payouts_by_key:
             return _error(409, "already_returned", "this payout was returned already")
-        return _error(404, Code.PAYOUT_NOT_FOUND, "no payout was made with this key")
+        return _error(404, BillingCode.PAYOUT_NOT_FOUND, "no payout was made with this key")
     return JSONResponse(payout.to_admin_json())
 
 
@@ -703,7 +707,7 @@ async def put_balance(request: Request) -> Response:
 async def get_admin_balance(request: Request) -> Response:
     balance = _state(request).balances.get(request.path_params["park_id"])
     if balance is None:
-        return _error(404, Code.PARK_NOT_FOUND, "unknown park")
+        return _error(404, BillingCode.PARK_NOT_FOUND, "unknown park")
     return JSONResponse(balance.to_json())
 
 
@@ -726,14 +730,16 @@ async def post_outside_payout(request: Request) -> Response:
     )
     payout = _state(request).record_outside_payout(key, req)
     if payout is None:
-        return _error(409, Code.IDEMPOTENCY_KEY_REUSED, "a payout was already made with this key")
+        return _error(
+            409, BillingCode.IDEMPOTENCY_KEY_REUSED, "a payout was already made with this key"
+        )
     return JSONResponse(payout.to_admin_json(), status_code=201)
 
 
 async def delete_payout(request: Request) -> Response:
     payout = _state(request).forget_payout(request.path_params["key"])
     if payout is None:
-        return _error(404, Code.PAYOUT_NOT_FOUND, "no payout was made with this key")
+        return _error(404, BillingCode.PAYOUT_NOT_FOUND, "no payout was made with this key")
     return JSONResponse(payout.to_admin_json())
 
 

@@ -18,7 +18,7 @@ from uuid import UUID
 
 from psycopg import sql
 
-from service.core import db
+from service.core import db, listing, retry
 
 logger = logging.getLogger(__name__)
 Q = db.queries("audit")
@@ -88,37 +88,10 @@ class Filters:
 async def page(
     conn: db.Conn, filters: Filters, *, limit: int, after: tuple[datetime, int] | None
 ) -> list[Logged]:
-    """Newest first, keyset pagination on (at, id).
-
-    The WHERE clause names only the filters given: with `(x IS NULL OR ...)`
-    a cached generic plan could not pick the park or actor index, and this
-    table grows for years.
-    """
-    conditions: list[sql.Composable] = []
-    params: dict[str, Any] = {"limit": limit}
-    for column, op in (
-        ("park_id", "="),
-        ("actor_id", "="),
-        ("action", "="),
-        ("since", ">="),
-        ("until", "<"),
-    ):
-        value = getattr(filters, column)
-        if value is not None:
-            target = "at" if column in ("since", "until") else column
-            conditions.append(
-                sql.SQL("{} {} {}").format(
-                    sql.Identifier(target), sql.SQL(op), sql.Placeholder(column)
-                )
-            )
-            params[column] = value
-    if after is not None:
-        conditions.append(sql.SQL("(at, id) < (%(after_at)s, %(after_id)s)"))
-        params.update(after_at=after[0], after_id=after[1])
-    where = sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true")
-    query = sql.SQL(
-        "SELECT {} FROM audit_log WHERE {} ORDER BY at DESC, id DESC LIMIT %(limit)s"
-    ).format(COLUMNS, where)
+    """Newest first, keyset pagination on (at, id), only the filters given (core/listing.py)."""
+    query, params = listing.newest_first(
+        table="audit_log", columns=COLUMNS, at="at", filters=filters, after=after, limit=limit
+    )
     async with conn.cursor(row_factory=db.row_as(Logged)) as cur:
         await cur.execute(query, params)
         return await cur.fetchall()
@@ -151,7 +124,7 @@ async def ensure_partitions(
         if not missing:
             return created
         if attempt + 1 < attempts:
-            await asyncio.sleep(0.2 * 2**attempt)
+            await asyncio.sleep(retry.delay(attempt, base=0.2, cap=5.0))
     logger.warning(
         "audit_log: %d of the next %d monthly partitions still missing (lock timeouts); "
         "the next run tries again",

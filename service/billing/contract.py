@@ -24,7 +24,7 @@ def payout_path(key: str) -> str:
     return Path.PAYOUT.format(key=key)
 
 
-class Code(enum.StrEnum):
+class BillingCode(enum.StrEnum):
     """The codes of Billing's error body, `{"code": ..., "message": ...}`."""
 
     INVALID_REQUEST = "invalid_request"
@@ -55,15 +55,15 @@ KEY_RE: Final = re.compile(r"[\x21-\x7e]{1,255}")
 DECISIVE: Final[dict[str, frozenset[tuple[int, str]]]] = {
     "payout": frozenset(
         {
-            (409, Code.INSUFFICIENT_FUNDS),
-            (422, Code.CURRENCY_MISMATCH),
-            (404, Code.PARK_NOT_FOUND),
-            (400, Code.INVALID_REQUEST),
+            (409, BillingCode.INSUFFICIENT_FUNDS),
+            (422, BillingCode.CURRENCY_MISMATCH),
+            (404, BillingCode.PARK_NOT_FOUND),
+            (400, BillingCode.INVALID_REQUEST),
         }
     ),
-    "balance": frozenset({(404, Code.PARK_NOT_FOUND), (400, Code.INVALID_REQUEST)}),
-    "balances_select": frozenset({(400, Code.INVALID_REQUEST)}),
+    "balance": frozenset({(404, BillingCode.PARK_NOT_FOUND), (400, BillingCode.INVALID_REQUEST)}),
+    "balances_select": frozenset({(400, BillingCode.INVALID_REQUEST)}),
     # GET /v1/payouts/{K}: only Billing's own 404 means "no payout under K".
-    "payout_status": frozenset({(404, Code.PAYOUT_NOT_FOUND)}),
-    "payouts_list": frozenset({(400, Code.INVALID_REQUEST)}),
+    "payout_status": frozenset({(404, BillingCode.PAYOUT_NOT_FOUND)}),
+    "payouts_list": frozenset({(400, BillingCode.INVALID_REQUEST)}),
 }

@@ -28,7 +28,7 @@ import psycopg.rows
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from service.core import observability
+from service.core import observability, retry
 
 logger = logging.getLogger(__name__)
 
@@ -308,4 +308,4 @@ async def ddl_transaction(conn: Conn, body: Callable[[], Awaitable[None]], what:
             if attempt >= DDL_ATTEMPTS:
                 raise
             logger.warning("%s: a lock was not free within %s; retrying", what, DDL_LOCK_TIMEOUT)
-            await asyncio.sleep(min(5.0, 0.25 * 2**attempt))
+            await asyncio.sleep(retry.delay(attempt, base=0.25, cap=5.0))

@@ -19,7 +19,7 @@ from decimal import Decimal
 from typing import Any
 
 from service.core import db
-from service.payouts.wire import payout_json, timestamp
+from service.payouts.wire import from_snapshot, payout_json, timestamp
 
 Q = db.queries("events")
 Row = dict[str, Any]
@@ -206,9 +206,5 @@ def event_id(seq: int) -> str:
 
 
 def snapshot(text: str) -> Row:
-    """The payout columns the trigger stored, as the payouts table types them."""
-    payout: Row = json.loads(text, parse_float=Decimal)
-    for column in ("created_at", "updated_at", "completed_at"):
-        if payout[column] is not None:
-            payout[column] = datetime.fromisoformat(payout[column])
-    return payout
+    """The payout columns the trigger stored, as the payouts table types them (wire.py)."""
+    return from_snapshot(json.loads(text, parse_float=Decimal))

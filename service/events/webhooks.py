@@ -33,7 +33,6 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 import time
 import uuid
 
@@ -41,7 +40,7 @@ import httpx
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from service.core import db
+from service.core import db, retry
 from service.core.settings import Settings
 from service.events import outbox as events
 
@@ -279,7 +278,13 @@ class Dispatcher:
         for row in due.rows:
             error = await self._post(row)
             if error is not None:
-                return Outcome(due.park_id, delivered, sent, error, self._delay(due.failures))
+                return Outcome(
+                    due.park_id,
+                    delivered,
+                    sent,
+                    error,
+                    retry.delay(due.failures, cap=self.backoff_cap),
+                )
             delivered = int(row["position"])
             sent += 1
         return Outcome(due.park_id, delivered, sent)
@@ -298,10 +303,6 @@ class Dispatcher:
         if 200 <= response.status_code < 300:
             return None
         return f"HTTP {response.status_code}"
-
-    def _delay(self, failures: int) -> float:
-        """Exponential backoff with jitter, capped (RETRY_BACKOFF_CAP_SECONDS)."""
-        return min(self.backoff_cap, 2.0 ** min(failures, 16)) * random.uniform(0.75, 1.25)
 
 
 def _by_park(rows: list[events.Row]) -> list[_Due]:

@@ -48,7 +48,7 @@ import psycopg
 from service.audit import store as audit
 from service.billing import gate as billing_gate
 from service.billing.client import BillingClient, BillingPayout, Paused, PayoutPage, Transient
-from service.core import db, observability
+from service.core import db, observability, retry
 from service.core.invariant import InvariantError
 from service.core.settings import Settings
 from service.core.values import format_money, format_timestamp
@@ -79,6 +79,7 @@ PAGE = 500
 MAX_LOOKUPS = 1000
 # Billing errors (not pauses, which are waited out) tolerated per call.
 TRANSIENT_RETRIES = 5
+TRANSIENT_BACKOFF_CAP_SECONDS = 16.0  # 1 + 2 + 4 + 8 + 16 s: about half a minute in all
 # The daily run covers this many days up to now: each payout is looked at
 # by two runs, so one missed run (every worker down at its tick) loses nothing.
 RECONCILE_DAYS = 2
@@ -386,7 +387,7 @@ class _Patience:
         self.errors += 1
         if self.errors > TRANSIENT_RETRIES:
             raise ReconcileError(f"Billing unavailable: {exc}") from exc
-        await asyncio.sleep(2.0 ** (self.errors - 1))
+        await asyncio.sleep(retry.delay(self.errors - 1, cap=TRANSIENT_BACKOFF_CAP_SECONDS))
 
 
 # --- the daily run by the workers --------------------------------------------------------

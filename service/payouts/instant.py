@@ -15,13 +15,14 @@ import json
 import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg.errors
 
 from service.audit import store as audit
 from service.billing.client import BillingClient
 from service.core import db, queue
+from service.core.codes import Code
 from service.core.invariant import InvariantError
 from service.core.settings import Settings
 from service.parks.fees import Fee
@@ -37,17 +38,56 @@ class Refused(Exception):
 
     def __init__(
         self,
-        code: str,
+        code: Code | str,
         message: str,
         *,
         details: dict[str, Any] | None = None,
         retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
-        self.code = code
+        # ValueError for a code that is not Code's (the press function's outcome included).
+        self.code = Code(code)
         self.message = message
         self.details = details or {}
         self.retry_after = retry_after
+
+
+# The refusals that several use cases answer (press, manual request and approval, the
+# quote), each worded once.
+
+
+def park_not_found(park_id: str) -> Refused:
+    return Refused(Code.PARK_NOT_FOUND, f"park {park_id} is not registered")
+
+
+def key_reused() -> Refused:
+    return Refused(
+        Code.IDEMPOTENCY_KEY_REUSED, "this Idempotency-Key was used with a different request body"
+    )
+
+
+def above_limit(limit: Decimal) -> Refused:
+    return Refused(
+        Code.AMOUNT_ABOVE_LIMIT,
+        f"one payout moves at most {limit}",
+        details={"max_amount": str(limit)},
+    )
+
+
+def below_minimum(minimum: Decimal) -> Refused:
+    return Refused(
+        Code.AMOUNT_BELOW_MINIMUM,
+        f"one payout moves at least {minimum}",
+        details={"min_amount": str(minimum)},
+    )
+
+
+def on_hold() -> Refused:
+    return Refused(Code.PARK_ON_HOLD, "payouts for this park are on hold")
+
+
+def in_flight() -> Refused:
+    return Refused(Code.PAYOUT_IN_PROGRESS, "another payout for this park is in flight")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,13 +125,21 @@ def _fingerprint(amount: str | None) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+# The press reads its payout as a mapping (payouts.get), a manual request as a Record.
+P = TypeVar("P", payouts.Record, payouts.Row)
+
+
 @dataclasses.dataclass(frozen=True)
-class Accepted:
-    payout: payouts.Row
+class Accepted(Generic[P]):
+    """A payout request accepted: the new payout, or the one its replay names."""
+
+    payout: P
     replay: bool
 
 
-async def request_instant(conn: db.Conn, settings: Settings, req: InstantRequest) -> Accepted:
+async def request_instant(
+    conn: db.Conn, settings: Settings, req: InstantRequest
+) -> Accepted[payouts.Row]:
     """Accept the request (new or replayed) or raise Refused; audits either way.
 
     One round trip for an accepted or replayed press (one SQL function call in
@@ -136,13 +184,13 @@ async def request_instant(conn: db.Conn, settings: Settings, req: InstantRequest
             if replay is None:
                 raise InvariantError("replay is not None") from None
             return Accepted(replay, replay=True)
-        conflict = Refused("payout_in_progress", "another payout for this park is in flight")
+        conflict = in_flight()
         await _audit_refusal(conn, req, conflict)
         raise conflict from exc
 
 
 def _refusal_of(
-    code: str,
+    outcome: str,
     settings: Settings,
     req: InstantRequest,
     now: datetime,
@@ -150,27 +198,15 @@ def _refusal_of(
     subscription_ended: bool,
 ) -> Refused:
     """The refusal the press function named, with its message and details."""
-    if code == "park_not_found":
-        return Refused("park_not_found", f"park {req.park_id} is not registered")
-    if code == "idempotency_key_reused":
-        return Refused(
-            "idempotency_key_reused",
-            "this Idempotency-Key was used with a different request body",
-        )
-    if code == "amount_above_limit":
-        limit = settings.payout_max_amount
-        return Refused(
-            "amount_above_limit",
-            f"one payout moves at most {limit}",
-            details={"max_amount": str(limit)},
-        )
-    if code == "amount_below_minimum":
-        minimum = settings.payout_min_amount
-        return Refused(
-            "amount_below_minimum",
-            f"one payout moves at least {minimum}",
-            details={"min_amount": str(minimum)},
-        )
+    code = Code(outcome)
+    if code is Code.PARK_NOT_FOUND:
+        return park_not_found(req.park_id)
+    if code is Code.IDEMPOTENCY_KEY_REUSED:
+        return key_reused()
+    if code is Code.AMOUNT_ABOVE_LIMIT:
+        return above_limit(settings.payout_max_amount)
+    if code is Code.AMOUNT_BELOW_MINIMUM:
+        return below_minimum(settings.payout_min_amount)
     return _refusal(
         Availability(False, code, next_available_at), now, subscription_ended=subscription_ended
     )
@@ -190,25 +226,25 @@ def _decide(park: payouts.Row, settings: Settings, now: datetime) -> Availabilit
 
 
 def _refusal(decision: Availability, now: datetime, *, subscription_ended: bool) -> Refused:
-    if decision.reason == "instant_payouts_disabled" and subscription_ended:
+    if decision.reason is Code.INSTANT_PAYOUTS_DISABLED and subscription_ended:
         return Refused(
-            "instant_payouts_disabled",
+            Code.INSTANT_PAYOUTS_DISABLED,
             "this park's subscription to instant payouts has ended",
             details={"reason": "subscription_ended"},
         )
-    if decision.reason == "instant_payouts_disabled":
-        return Refused("instant_payouts_disabled", "instant payouts are switched off for this park")
-    if decision.reason == "park_on_hold":
-        return Refused("park_on_hold", "payouts for this park are on hold")
-    if decision.reason == "payout_in_progress":
-        return Refused("payout_in_progress", "a payout for this park is already in flight")
-    if not (decision.reason == "cooldown_active" and decision.next_available_at is not None):
+    if decision.reason is Code.INSTANT_PAYOUTS_DISABLED:
+        return Refused(decision.reason, "instant payouts are switched off for this park")
+    if decision.reason is Code.PARK_ON_HOLD:
+        return on_hold()
+    if decision.reason is Code.PAYOUT_IN_PROGRESS:
+        return in_flight()
+    if not (decision.reason is Code.COOLDOWN_ACTIVE and decision.next_available_at is not None):
         raise InvariantError(
-            'decision.reason == "cooldown_active" and decision.next_available_at is not None'
+            "decision.reason is Code.COOLDOWN_ACTIVE and decision.next_available_at is not None"
         )
     wait = decision.next_available_at - now
     return Refused(
-        "cooldown_active",
+        Code.COOLDOWN_ACTIVE,
         "an instant payout was made recently; try again later",
         details={"next_available_at": decision.next_available_at},
         retry_after=max(1, _ceil_seconds(wait)),
@@ -277,7 +313,7 @@ async def fee_terms(conn: db.Conn, park_id: str) -> Fee | None:
     """The park's instant fee terms now; Refused("park_not_found") for an unknown park."""
     park = await payouts.park_state(conn, park_id, None)
     if park is None:
-        raise Refused("park_not_found", f"park {park_id} is not registered")
+        raise park_not_found(park_id)
     return fee_of(park)
 
 

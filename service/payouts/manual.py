@@ -30,12 +30,13 @@ import psycopg.errors
 from psycopg import sql
 
 from service.audit import store as audit
-from service.core import db, observability, queue
+from service.core import db, listing, observability, queue
 from service.core.invariant import InvariantError
 from service.core.settings import Settings
 from service.parks import store as parks
+from service.payouts import instant
 from service.payouts import store as payouts
-from service.payouts.instant import Refused
+from service.payouts.instant import Accepted, Refused
 
 ACTION_REQUEST = "payout.manual.request"
 ACTION_APPROVE = "payout.manual.approve"
@@ -90,12 +91,6 @@ class Decision:
         return {"client": self.client, **({"via": self.via} if self.via else {})}
 
 
-@dataclasses.dataclass(frozen=True)
-class Accepted:
-    payout: payouts.Record
-    replay: bool
-
-
 class NotFound(Exception):
     """No manual payout with this id."""
 
@@ -103,7 +98,9 @@ class NotFound(Exception):
 # --- request ---------------------------------------------------------------------
 
 
-async def request(conn: db.Conn, settings: Settings, req: ManualRequest) -> Accepted:
+async def request(
+    conn: db.Conn, settings: Settings, req: ManualRequest
+) -> Accepted[payouts.Record]:
     """A new manual payout awaiting approval (or the same one, replayed), else Refused."""
     try:
         async with conn.transaction():
@@ -128,19 +125,18 @@ def _conflict(exc: psycopg.errors.UniqueViolation) -> Refused:
     name = exc.diag.constraint_name or ""
     if name == "payouts_one_awaiting_approval_per_park":
         return Refused("approval_pending", "a manual payout for this park awaits approval")
-    return Refused("idempotency_key_reused", "this Idempotency-Key was used for another request")
+    return instant.key_reused()
 
 
-async def _request(conn: db.Conn, settings: Settings, req: ManualRequest) -> Accepted:
+async def _request(
+    conn: db.Conn, settings: Settings, req: ManualRequest
+) -> Accepted[payouts.Record]:
     existing = await db.fetch_as(
         conn, payouts.Record, payouts.Q["manual_by_key"], idempotency_key=req.idempotency_key
     )
     if existing is not None:
         if existing.request_fingerprint != req.fingerprint:
-            raise Refused(
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with a different request body",
-            )
+            raise instant.key_reused()
         await audit.write(
             conn,
             _entry(
@@ -156,19 +152,11 @@ async def _request(conn: db.Conn, settings: Settings, req: ManualRequest) -> Acc
         return Accepted(existing, replay=True)
     limit, minimum = settings.payout_max_amount, settings.payout_min_amount
     if req.amount > limit:
-        raise Refused(
-            "amount_above_limit",
-            f"one payout moves at most {limit}",
-            details={"max_amount": str(limit)},
-        )
+        raise instant.above_limit(limit)
     if req.amount < minimum:
-        raise Refused(
-            "amount_below_minimum",
-            f"one payout moves at least {minimum}",
-            details={"min_amount": str(minimum)},
-        )
+        raise instant.below_minimum(minimum)
     if await parks.lock(conn, req.park_id) is None:
-        raise Refused("park_not_found", f"park {req.park_id} is not registered")
+        raise instant.park_not_found(req.park_id)
     waiting = await db.fetch_as(
         conn, payouts.Awaiting, payouts.Q["awaiting_approval"], park_id=req.park_id
     )
@@ -255,14 +243,14 @@ async def _decide(
         if exc.diag.constraint_name == "payouts_four_eyes":
             refusal = _self_approval()
         elif exc.diag.constraint_name == "payouts_decided_under_park_lock":
-            refusal = Refused("park_on_hold", "payouts for this park are on hold")
+            refusal = instant.on_hold()
         else:
             raise
     except psycopg.errors.UniqueViolation as exc:
         # The in-flight index, should a path ever skip the check above.
         if exc.diag.constraint_name != "payouts_one_in_flight_per_park":
             raise
-        refusal = Refused("payout_in_progress", "another payout for this park is in flight")
+        refusal = instant.in_flight()
     await _audit(conn, action, decision.user_id, park_id, decision.payout_id, decision, refusal)
     raise refusal
 
@@ -286,15 +274,11 @@ def _approval_refusal(
     if decision.user_id.lower() == str(row.requested_by).lower():
         return _self_approval()
     if row.hold_reason is not None:
-        return Refused("park_on_hold", "payouts for this park are on hold")
+        return instant.on_hold()
     if row.in_flight:
-        return Refused("payout_in_progress", "another payout for this park is in flight")
+        return instant.in_flight()
     if row.requested_amount is not None and row.requested_amount > settings.payout_max_amount:
-        return Refused(
-            "amount_above_limit",
-            f"one payout moves at most {settings.payout_max_amount}",
-            details={"max_amount": str(settings.payout_max_amount)},
-        )
+        return instant.above_limit(settings.payout_max_amount)
     return None
 
 
@@ -363,33 +347,17 @@ async def page(
 ) -> list[payouts.Record]:
     """Every park's payouts, newest first, filtered (the approvals queue, support's search).
 
-    The WHERE clause names only the filters given, so the planner can pick the
-    park's index or the global one (see audit.page for why).
+    Only the filters given, so the planner can pick the park's index or the global one
+    (core/listing.py).
     """
-    conditions: list[sql.Composable] = []
-    params: dict[str, Any] = {"limit": limit}
-    for name, column, op in (
-        ("park_id", "park_id", "="),
-        ("status", "status", "="),
-        ("kind", "kind", "="),
-        ("since", "created_at", ">="),
-        ("until", "created_at", "<"),
-    ):
-        value = getattr(filters, name)
-        if value is not None:
-            conditions.append(
-                sql.SQL("{} {} {}").format(
-                    sql.Identifier(column), sql.SQL(op), sql.Placeholder(name)
-                )
-            )
-            params[name] = value
-    if after is not None:
-        conditions.append(sql.SQL("(created_at, id) < (%(after_at)s, %(after_id)s)"))
-        params.update(after_at=after[0], after_id=after[1])
-    where = sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true")
-    query = sql.SQL(
-        "SELECT * FROM payouts WHERE {} ORDER BY created_at DESC, id DESC LIMIT %(limit)s"
-    ).format(where)
+    query, params = listing.newest_first(
+        table="payouts",
+        columns=sql.SQL("*"),
+        at="created_at",
+        filters=filters,
+        after=after,
+        limit=limit,
+    )
     async with conn.cursor(row_factory=db.row_as(payouts.Record)) as cur:
         await cur.execute(query, params)
         return await cur.fetchall()

@@ -14,6 +14,7 @@ import enum
 from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
 
+from service.core.codes import Code
 from service.core.values import CENT
 from service.parks.fees import Fee
 
@@ -192,7 +193,7 @@ class Availability:
     """Whether the "Pay out now" button is live, and if not, why and until when."""
 
     available: bool
-    reason: str | None
+    reason: Code | None
     next_available_at: datetime | None
 
 
@@ -208,15 +209,15 @@ def instant_availability(
 ) -> Availability:
     """Decide the button's state in the same order the request path checks the rules."""
     if not enabled or subscription_ended:
-        return Availability(False, "instant_payouts_disabled", None)
+        return Availability(False, Code.INSTANT_PAYOUTS_DISABLED, None)
     if on_hold:
-        return Availability(False, "park_on_hold", None)
+        return Availability(False, Code.PARK_ON_HOLD, None)
     if in_flight:
-        return Availability(False, "payout_in_progress", None)
+        return Availability(False, Code.PAYOUT_IN_PROGRESS, None)
     if last_counted_instant_at is not None:
         next_at = last_counted_instant_at + cooldown
         if next_at > now:
-            return Availability(False, "cooldown_active", next_at)
+            return Availability(False, Code.COOLDOWN_ACTIVE, next_at)
     return Availability(True, None, None)
 
 
@@ -227,9 +228,12 @@ def next_periodic_payout_at(
     last_succeeded_at: datetime | None,
     last_periodic_attempt_at: datetime | None,
     period: timedelta,
+    on_hold: bool = False,
 ) -> datetime | None:
-    """The moment the park becomes due, by the rule of SPEC section 2."""
-    if not enabled:
+    """The moment the park becomes due, by the rule of SPEC section 2 (None: never, as it
+    stands). The scan's rule is the database's park_periodic_due (migrations/0018);
+    tests/integration/test_due_rule.py holds the two to the same answers."""
+    if not enabled or on_hold:
         return None
     anchor = max(t for t in (registered_at, last_succeeded_at, last_periodic_attempt_at) if t)
     return anchor + period

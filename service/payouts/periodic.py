@@ -13,7 +13,7 @@ unusable (malformed, negative) gets no snapshot: its own job asks, decides
 and records why, and the rest of the batch goes on.
 
 One scan runs at a time across all hosts, under a lease with a deadline
-(table scan_leases, the database's clock) renewed at every batch: a worker
+(service/core/lease.py: scan_leases, the database's clock) renewed at every batch: a worker
 frozen mid-scan keeps nobody waiting longer than STALLED_JOB_SECONDS, after
 which it counts as dead anyway. The lease only
 saves Billing a second set of balance calls; two scans at once still pay no
@@ -23,8 +23,6 @@ park twice (the due rule, park row locks and the in-flight index).
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,6 +30,7 @@ from datetime import timedelta
 from service.billing.client import Balance, Rejected, Transient
 from service.billing.contract import MAX_SELECT_PARK_IDS
 from service.core import db, queue
+from service.core.lease import Lease
 from service.core.values import is_storable_balance
 from service.payouts.execution import Deps
 
@@ -55,10 +54,9 @@ class ScanResult:
 async def scan(deps: Deps, *, batch_size: int = BATCH) -> ScanResult:
     """Create the periodic payouts of every park due now; return how many."""
     created = batches = 0
-    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    lease = Lease(LEASE_NAME, timedelta(seconds=deps.settings.stalled_job_seconds))
     async with deps.pool.connection() as conn:
-        lease = timedelta(seconds=deps.settings.stalled_job_seconds)
-        if not await _lease(conn, holder, lease):
+        if not await lease.take(conn):
             logger.debug("periodic scan already running on another worker")
             return ScanResult(0, 0, skipped_busy=True)
         try:
@@ -79,7 +77,7 @@ async def scan(deps: Deps, *, batch_size: int = BATCH) -> ScanResult:
                     # reason to crash the scan job either.
                     logger.warning("periodic scan stopped, Billing unavailable: %s", exc)
                     break
-                if not await _lease(conn, holder, lease):
+                if not await lease.take(conn):
                     # Frozen past the lease: another scan took over.
                     logger.warning("periodic scan lost its lease; stopping")
                     break
@@ -91,15 +89,10 @@ async def scan(deps: Deps, *, batch_size: int = BATCH) -> ScanResult:
             if created >= ANALYZE_AFTER:
                 await conn.execute("ANALYZE procrastinate_jobs")
         finally:
-            await db.execute(conn, Q["release_lease"], name=LEASE_NAME, holder=holder)
+            await lease.release(conn)
     if created:
         logger.info("periodic scan created %s payouts in %s batches", created, batches)
     return ScanResult(created, batches)
-
-
-async def _lease(conn: db.Conn, holder: str, ttl: timedelta) -> bool:
-    row = await db.fetch_one(conn, Q["take_lease"], name=LEASE_NAME, holder=holder, ttl=ttl)
-    return row is not None
 
 
 def snapshot(balance: Balance | None) -> Balance | None:

@@ -21,18 +21,16 @@ which reports it as `returned_at_billing`.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import uuid
 from datetime import timedelta
 
 from service.billing.client import BillingReturn, Transient
 from service.core import db, observability
+from service.core.lease import Lease
 from service.payouts.execution import Deps
 
 logger = logging.getLogger(__name__)
 Q = db.queries("returns")
-LEASES = db.queries("periodic")
 LEASE_NAME = "returns"
 # Pages read per run at most: a backlog drains over a few runs, and one run
 # never holds the lease for long.
@@ -41,11 +39,10 @@ MAX_PAGES = 20
 
 async def read(deps: Deps) -> int:
     """Apply the returns Billing recorded since the last run; how many were applied."""
-    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    ttl = timedelta(seconds=deps.settings.stalled_job_seconds)
+    lease = Lease(LEASE_NAME, timedelta(seconds=deps.settings.stalled_job_seconds))
     applied = 0
     async with deps.pool.connection() as conn:
-        if not await _lease(conn, holder, ttl):
+        if not await lease.take(conn):
             return 0
         try:
             for _ in range(MAX_PAGES):
@@ -56,7 +53,7 @@ async def read(deps: Deps) -> int:
                 except Transient as exc:
                     logger.warning("returns feed unavailable: %s", exc)
                     break
-                if not await _lease(conn, holder, ttl):
+                if not await lease.take(conn):
                     logger.warning("returns reader lost its lease; stopping")
                     break
                 async with conn.transaction():
@@ -67,13 +64,8 @@ async def read(deps: Deps) -> int:
                 if not page.returns or page.next_cursor in (None, cursor):
                     break
         finally:
-            await db.execute(conn, LEASES["release_lease"], name=LEASE_NAME, holder=holder)
+            await lease.release(conn)
     return applied
-
-
-async def _lease(conn: db.Conn, holder: str, ttl: timedelta) -> bool:
-    row = await db.fetch_one(conn, LEASES["take_lease"], name=LEASE_NAME, holder=holder, ttl=ttl)
-    return row is not None
 
 
 async def apply(conn: db.Conn, item: BillingReturn) -> int:

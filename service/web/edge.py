@@ -46,7 +46,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.web.errors import RETRY_AFTER_SECONDS
+from service.core.codes import Code
+from service.web.errors import RETRY_AFTER_SECONDS, STATUS
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +89,10 @@ def protocol(limits: EdgeLimits) -> type[asyncio.Protocol]:
 
 
 def error_bytes(
-    status: int, code: str, message: str, default_headers: list[tuple[bytes, bytes]], **extra: str
+    code: Code, message: str, default_headers: list[tuple[bytes, bytes]], **extra: str
 ) -> bytes:
     """A complete HTTP/1.1 answer in the SPEC's error shape that closes the connection."""
+    status = STATUS[code]
     body = json.dumps({"code": code, "message": message, "details": {}}).encode()
     headers = [
         *default_headers,
@@ -150,8 +152,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(
                 error_bytes(
-                    503,
-                    "unavailable",
+                    Code.UNAVAILABLE,
                     "this server has too many connections; retry",
                     self.server_state.default_headers,
                     retry_after=str(RETRY_AFTER_SECONDS),
@@ -251,8 +252,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(
                 error_bytes(
-                    400,
-                    "invalid_request",
+                    Code.INVALID_REQUEST,
                     "malformed HTTP/1.1 request",
                     self.server_state.default_headers,
                 )
@@ -266,7 +266,9 @@ class GuardedProtocol(HttpToolsProtocol):
             414: f"request line over {MAX_REQUEST_LINE} bytes",
             431: f"request head over {MAX_HEAD} bytes",
         }[status]
-        code = {408: "request_timeout", 414: "uri_too_long", 431: "headers_too_large"}[status]
+        code = {408: Code.REQUEST_TIMEOUT, 414: Code.URI_TOO_LONG, 431: Code.HEADERS_TOO_LARGE}[
+            status
+        ]
         logger.info("edge: %d %s", status, message)
         if self.cycle is not None and not self.cycle.response_complete:
             # The app is waiting for a body that will not come: it sees a disconnect.
@@ -276,9 +278,7 @@ class GuardedProtocol(HttpToolsProtocol):
                 self.transport.close()
                 return
         if not self.transport.is_closing():
-            self.transport.write(
-                error_bytes(status, code, message, self.server_state.default_headers)
-            )
+            self.transport.write(error_bytes(code, message, self.server_state.default_headers))
             self.transport.close()
 
     # -- the write timer: a client that stops reading ---------------------------------------

@@ -14,42 +14,43 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from service.core.codes import Code
 from service.core.invariant import InvariantError
 
 logger = logging.getLogger(__name__)
 
-# Status of each code this API can answer with; handlers name the code only.
+# The HTTP status of each code (service/core/codes.py); handlers name the code only.
 STATUS: dict[str, int] = {
-    "invalid_request": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "instant_payouts_disabled": 403,
-    "park_on_hold": 403,
-    "self_approval_forbidden": 403,
-    "not_found": 404,
-    "park_not_found": 404,
-    "payout_not_found": 404,
-    "method_not_allowed": 405,
+    Code.INVALID_REQUEST: 400,
+    Code.UNAUTHORIZED: 401,
+    Code.FORBIDDEN: 403,
+    Code.INSTANT_PAYOUTS_DISABLED: 403,
+    Code.PARK_ON_HOLD: 403,
+    Code.SELF_APPROVAL_FORBIDDEN: 403,
+    Code.NOT_FOUND: 404,
+    Code.PARK_NOT_FOUND: 404,
+    Code.PAYOUT_NOT_FOUND: 404,
+    Code.METHOD_NOT_ALLOWED: 405,
     # Answered by the HTTP edge itself (service/web/edge.py), before any route.
-    "request_timeout": 408,
-    "uri_too_long": 414,
-    "headers_too_large": 431,
-    "payout_in_progress": 409,
-    "payout_not_cancellable": 409,
-    "payout_not_pending_approval": 409,
-    "approval_pending": 409,
-    "amount_above_limit": 422,
-    "amount_below_minimum": 422,
-    "idempotency_key_reused": 422,
-    "cursor_expired": 410,
-    "cooldown_active": 429,
-    "internal_error": 500,
-    "unavailable": 503,
+    Code.REQUEST_TIMEOUT: 408,
+    Code.URI_TOO_LONG: 414,
+    Code.HEADERS_TOO_LARGE: 431,
+    Code.PAYOUT_IN_PROGRESS: 409,
+    Code.PAYOUT_NOT_CANCELLABLE: 409,
+    Code.PAYOUT_NOT_PENDING_APPROVAL: 409,
+    Code.APPROVAL_PENDING: 409,
+    Code.AMOUNT_ABOVE_LIMIT: 422,
+    Code.AMOUNT_BELOW_MINIMUM: 422,
+    Code.IDEMPOTENCY_KEY_REUSED: 422,
+    Code.CURSOR_EXPIRED: 410,
+    Code.COOLDOWN_ACTIVE: 429,
+    Code.INTERNAL_ERROR: 500,
+    Code.UNAVAILABLE: 503,
 }
 
 # Answered by the HTTP edge before any route (service/web/edge.py): described once in
 # the OpenAPI's info, like not_found and method_not_allowed, not per operation.
-EDGE_CODES = frozenset({"request_timeout", "uri_too_long", "headers_too_large"})
+EDGE_CODES = frozenset({Code.REQUEST_TIMEOUT, Code.URI_TOO_LONG, Code.HEADERS_TOO_LARGE})
 
 # What a 503 tells the caller to wait before retrying: pool and statement
 # timeouts are seconds long, and a database failover takes a few of them.
@@ -61,7 +62,7 @@ class ApiError(Exception):
 
     def __init__(
         self,
-        code: str,
+        code: Code | str,
         message: str,
         details: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
@@ -69,8 +70,9 @@ class ApiError(Exception):
         audited: bool = False,
     ) -> None:
         super().__init__(message)
-        self.code = code
-        self.status = STATUS[code]
+        # ValueError for a code that is not Code's: no answer carries an unlisted code.
+        self.code = Code(code)
+        self.status = STATUS[self.code]
         self.message = message
         self.details = details or {}
         self.headers = headers or {}

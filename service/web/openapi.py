@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from service.core.codes import Code
+from service.payouts import wire
 from service.payouts.model import EVENT_TYPES, Kind, Status
 from service.web.errors import STATUS
 from service.web.params import HOLD_REASON_PATTERN
@@ -63,6 +65,31 @@ STORABLE_OBJECT = {
 }
 FEE = _object({"percent": PERCENT, "fixed": FEE_MONEY})
 
+
+def _wire(field: wire.Field) -> dict[str, Any]:
+    """A payout field's schema, by its wire type (service/payouts/wire.py)."""
+    if field.type is wire.Type.APPROVAL:
+        schema = _object({f.name: _wire(f) for f in wire.APPROVAL_FIELDS})
+    else:
+        by_type: dict[wire.Type, dict[str, Any]] = {
+            wire.Type.UUID: {"type": "string", "format": "uuid"},
+            wire.Type.PARK_ID: PARK_ID,
+            wire.Type.KIND: {"type": "string", "enum": list(KINDS)},
+            # The statuses are model.Status's: one list for the API, the enum
+            # and (by a test) the database.
+            wire.Type.STATUS: {"type": "string", "enum": [str(s) for s in Status]},
+            wire.Type.MONEY: MONEY,
+            wire.Type.TEXT: {"type": "string"},
+            wire.Type.TIMESTAMP: TIMESTAMP,
+        }
+        schema = by_type[field.type]
+    schema = _nullable(schema) if field.nullable else schema
+    return {**schema, "description": field.description} if field.description else schema
+
+
+# The payout object, field by field as service/payouts/wire.py defines it.
+PAYOUT = _object({f.name: _wire(f) for f in wire.PAYOUT_FIELDS})
+
 SCHEMAS: dict[str, Any] = {
     "StorableJson": {
         "description": "Any JSON value PostgreSQL can store: no NUL in a string or a key.",
@@ -84,50 +111,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["code", "message", "details"],
         "additionalProperties": False,
     },
-    "Payout": _object(
-        {
-            "id": {"type": "string", "format": "uuid"},
-            "park_id": PARK_ID,
-            "kind": {"type": "string", "enum": list(KINDS)},
-            # The statuses are domain.Status's: one list for the API, the enum
-            # and (by a test) the database.
-            "status": {"type": "string", "enum": [str(s) for s in Status]},
-            "requested_amount": _nullable(MONEY),
-            "amount": _nullable(MONEY),
-            "currency": _nullable({"type": "string"}),
-            "fee_amount": {
-                **_nullable(MONEY),
-                "description": "Instant payouts of a park with a fee: our revenue out of amount.",
-            },
-            "net_amount": {
-                **_nullable(MONEY),
-                "description": "What reaches the park: amount - fee_amount.",
-            },
-            "return_code": _nullable({"type": "string"}),
-            "returned_at": _nullable(TIMESTAMP),
-            "approval": _nullable(
-                {
-                    **_object(
-                        {
-                            "reason": _nullable({"type": "string"}),
-                            "approved_by": _nullable({"type": "string"}),
-                            "approved_at": _nullable(TIMESTAMP),
-                            "denied_by": _nullable({"type": "string"}),
-                            "denied_reason": _nullable({"type": "string"}),
-                        }
-                    ),
-                    "description": "Manual payouts only: the four-eyes record.",
-                }
-            ),
-            "billing_payout_id": _nullable({"type": "string"}),
-            "failure_code": _nullable({"type": "string"}),
-            "failure_message": _nullable({"type": "string"}),
-            "requested_by": _nullable({"type": "string"}),
-            "created_at": TIMESTAMP,
-            "updated_at": TIMESTAMP,
-            "completed_at": _nullable(TIMESTAMP),
-        }
-    ),
+    "Payout": PAYOUT,
     "Event": _object(
         {
             "id": {"type": "string", "description": "Opaque; consumers dedupe by it."},
@@ -376,9 +360,9 @@ def _json(schema_name: str, description: str, **headers: Any) -> dict[str, Any]:
     }
 
 
-def _errors(*codes: str) -> dict[str, Any]:
+def _errors(*codes: Code) -> dict[str, Any]:
     """One response per status, its `code` restricted to the codes this operation answers."""
-    by_status: dict[int, list[str]] = {}
+    by_status: dict[int, list[Code]] = {}
     for code in codes:
         by_status.setdefault(STATUS[code], []).append(code)
     responses: dict[str, Any] = {}
@@ -396,7 +380,7 @@ def _errors(*codes: str) -> dict[str, Any]:
 
 
 # Every authenticated operation can answer these; SPEC section 3.
-AUTH_ERRORS = ("invalid_request", "unauthorized", "forbidden", "unavailable")
+AUTH_ERRORS = (Code.INVALID_REQUEST, Code.UNAUTHORIZED, Code.FORBIDDEN, Code.UNAVAILABLE)
 API: list[dict[str, list[str]]] = [{"apiToken": []}]
 ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
 
@@ -418,14 +402,14 @@ PATHS: dict[str, Any] = {
                 "202": _json("Payout", "Accepted and queued; or a replay still pending"),
                 **_errors(
                     *AUTH_ERRORS,
-                    "instant_payouts_disabled",
-                    "park_on_hold",
-                    "park_not_found",
-                    "payout_in_progress",
-                    "amount_above_limit",
-                    "amount_below_minimum",
-                    "idempotency_key_reused",
-                    "cooldown_active",
+                    Code.INSTANT_PAYOUTS_DISABLED,
+                    Code.PARK_ON_HOLD,
+                    Code.PARK_NOT_FOUND,
+                    Code.PAYOUT_IN_PROGRESS,
+                    Code.AMOUNT_ABOVE_LIMIT,
+                    Code.AMOUNT_BELOW_MINIMUM,
+                    Code.IDEMPOTENCY_KEY_REUSED,
+                    Code.COOLDOWN_ACTIVE,
                 ),
             },
         }
@@ -437,7 +421,7 @@ PATHS: dict[str, Any] = {
             "parameters": [PARK_HEADER, REQUEST_ID],
             "responses": {
                 "200": _json("Availability", "The button's state"),
-                **_errors(*AUTH_ERRORS, "park_not_found"),
+                **_errors(*AUTH_ERRORS, Code.PARK_NOT_FOUND),
             },
         }
     },
@@ -452,7 +436,7 @@ PATHS: dict[str, Any] = {
             ],
             "responses": {
                 "200": _json("Quote", "The split; nothing is created"),
-                **_errors(*AUTH_ERRORS, "park_not_found"),
+                **_errors(*AUTH_ERRORS, Code.PARK_NOT_FOUND),
             },
         }
     },
@@ -468,7 +452,7 @@ PATHS: dict[str, Any] = {
             ],
             "responses": {
                 "200": _json("Payout", "The payout"),
-                **_errors(*AUTH_ERRORS, "payout_not_found"),
+                **_errors(*AUTH_ERRORS, Code.PAYOUT_NOT_FOUND),
             },
         }
     },
@@ -485,7 +469,7 @@ PATHS: dict[str, Any] = {
             ],
             "responses": {
                 "200": _json("Payout", "Cancelled (also when it already was)"),
-                **_errors(*AUTH_ERRORS, "payout_not_found", "payout_not_cancellable"),
+                **_errors(*AUTH_ERRORS, Code.PAYOUT_NOT_FOUND, Code.PAYOUT_NOT_CANCELLABLE),
             },
         }
     },
@@ -520,7 +504,7 @@ PATHS: dict[str, Any] = {
             ],
             "responses": {
                 "200": _json("EventPage", "Events committed after the cursor (maybe none)"),
-                **_errors(*AUTH_ERRORS, "cursor_expired"),
+                **_errors(*AUTH_ERRORS, Code.CURSOR_EXPIRED),
             },
         }
     },
@@ -547,7 +531,7 @@ PATHS: dict[str, Any] = {
             "parameters": [_path("park_id", PARK_ID), REQUEST_ID],
             "responses": {
                 "200": _json("Park", "The park"),
-                **_errors(*AUTH_ERRORS, "park_not_found"),
+                **_errors(*AUTH_ERRORS, Code.PARK_NOT_FOUND),
             },
         },
     },
@@ -567,11 +551,11 @@ PATHS: dict[str, Any] = {
                 "201": _json("Payout", "Created, awaiting approval"),
                 **_errors(
                     *AUTH_ERRORS,
-                    "park_not_found",
-                    "amount_above_limit",
-                    "amount_below_minimum",
-                    "approval_pending",
-                    "idempotency_key_reused",
+                    Code.PARK_NOT_FOUND,
+                    Code.AMOUNT_ABOVE_LIMIT,
+                    Code.AMOUNT_BELOW_MINIMUM,
+                    Code.APPROVAL_PENDING,
+                    Code.IDEMPOTENCY_KEY_REUSED,
                 ),
             },
         },
@@ -607,12 +591,12 @@ PATHS: dict[str, Any] = {
                 "200": _json("Payout", "Approved"),
                 **_errors(
                     *AUTH_ERRORS,
-                    "payout_not_found",
-                    "self_approval_forbidden",
-                    "park_on_hold",
-                    "payout_in_progress",
-                    "payout_not_pending_approval",
-                    "amount_above_limit",
+                    Code.PAYOUT_NOT_FOUND,
+                    Code.SELF_APPROVAL_FORBIDDEN,
+                    Code.PARK_ON_HOLD,
+                    Code.PAYOUT_IN_PROGRESS,
+                    Code.PAYOUT_NOT_PENDING_APPROVAL,
+                    Code.AMOUNT_ABOVE_LIMIT,
                 ),
             },
         }
@@ -634,7 +618,7 @@ PATHS: dict[str, Any] = {
             },
             "responses": {
                 "200": _json("Payout", "Denied"),
-                **_errors(*AUTH_ERRORS, "payout_not_found", "payout_not_pending_approval"),
+                **_errors(*AUTH_ERRORS, Code.PAYOUT_NOT_FOUND, Code.PAYOUT_NOT_PENDING_APPROVAL),
             },
         }
     },
@@ -671,7 +655,7 @@ PATHS: dict[str, Any] = {
             "security": [],
             "responses": {
                 "200": _json("Status", "Ready"),
-                **_errors("unavailable"),
+                **_errors(Code.UNAVAILABLE),
             },
         }
     },

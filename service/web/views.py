@@ -46,8 +46,8 @@ def park_json(park: Park, settings: Settings) -> dict[str, Any]:
         "last_payout_at": timestamp(park.last_payout_at),
         "next_periodic_payout_at": timestamp(
             next_periodic_payout_at(
-                # A park on hold is left alone by the scan until released.
-                enabled=park.periodic_payouts_enabled and park.hold_reason is None,
+                enabled=park.periodic_payouts_enabled,
+                on_hold=park.hold_reason is not None,
                 registered_at=park.registered_at,
                 last_succeeded_at=park.last_payout_at,
                 last_periodic_attempt_at=park.last_periodic_attempt_at,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -20,7 +19,7 @@ from procrastinate.exceptions import JobAborted
 from procrastinate.jobs import Job
 from procrastinate.retry import BaseRetryStrategy
 
-from service.core import db, observability, queue
+from service.core import db, observability, queue, retry
 from service.core.invariant import InvariantError
 from service.events import webhooks
 from service.payouts.execution import Deps, RetryLater
@@ -74,10 +73,8 @@ class PayoutRetry(BaseRetryStrategy):
                 extra={"payout_id": job.task_kwargs.get("payout_id"), "job_id": job.id},
             )
             return RetryDecision(retry_at=db.CLOCK.now())
-        base = min(cap, 2.0 ** min(job.attempts, 16))
-        delay = base * random.uniform(0.75, 1.25)
-        if isinstance(exception, RetryLater) and exception.retry_after is not None:
-            delay = max(delay, exception.retry_after)
+        retry_after = exception.retry_after if isinstance(exception, RetryLater) else None
+        delay = retry.delay(job.attempts, cap=cap, retry_after=retry_after)
         if not isinstance(exception, RetryLater):
             logger.exception("job %s failed; retrying in %.1fs", job.id, delay, exc_info=exception)
         return RetryDecision(retry_at=db.CLOCK.now() + timedelta(seconds=delay))

@@ -76,14 +76,14 @@ async def press_into_the_lock(
     change: str,
     *,
     commit_after: str | None = None,
-) -> instant.Accepted | instant.Refused:
+) -> instant.Accepted[Any] | instant.Refused:
     """Change the park in `admin` (holding its row), press, commit the change once the
     press waits for the lock (and, if given, once the database's clock has passed the
     park's `commit_after` column); the press's outcome."""
     admin.execute(f"UPDATE parks SET {change} WHERE park_id = %s", (PARK,))
     req = instant.InstantRequest(PARK, "user-1", "press-1", "req-1", Decimal("100.00"))
 
-    async def press() -> instant.Accepted | instant.Refused:
+    async def press() -> instant.Accepted[Any] | instant.Refused:
         async with await db.connect(db_url, name="press") as c:
             try:
                 return await instant.request_instant(c, make_settings(db_url), req)

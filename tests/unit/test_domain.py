@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import pytest
 
+from service.core.codes import Code
 from service.core.values import is_park_id, is_visible_ascii, parse_money
 from service.payouts.model import (
     Availability,
@@ -124,7 +125,7 @@ def test_instant_disabled_comes_before_every_other_reason() -> None:
         cooldown=K,
         now=T0 + timedelta(minutes=1),
     )
-    assert Availability(False, "instant_payouts_disabled", None) == result
+    assert Availability(False, Code.INSTANT_PAYOUTS_DISABLED, None) == result
 
 
 def test_hold_comes_before_in_flight_and_cooldown() -> None:
@@ -137,7 +138,7 @@ def test_hold_comes_before_in_flight_and_cooldown() -> None:
         cooldown=K,
         now=T0 + timedelta(minutes=1),
     )
-    assert Availability(False, "park_on_hold", None) == result
+    assert Availability(False, Code.PARK_ON_HOLD, None) == result
 
 
 def test_payout_in_progress_comes_before_cooldown() -> None:
@@ -150,7 +151,7 @@ def test_payout_in_progress_comes_before_cooldown() -> None:
         cooldown=K,
         now=T0 + timedelta(minutes=1),
     )
-    assert Availability(False, "payout_in_progress", None) == result
+    assert Availability(False, Code.PAYOUT_IN_PROGRESS, None) == result
 
 
 def test_cooldown_reports_when_the_button_comes_back() -> None:
@@ -163,7 +164,7 @@ def test_cooldown_reports_when_the_button_comes_back() -> None:
         cooldown=K,
         now=T0 + K - timedelta(seconds=1),
     )
-    assert Availability(False, "cooldown_active", T0 + K) == result
+    assert Availability(False, Code.COOLDOWN_ACTIVE, T0 + K) == result
 
 
 @pytest.mark.parametrize("elapsed", [K, K + timedelta(seconds=1), timedelta(days=30)])
