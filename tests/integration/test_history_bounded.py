@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import psycopg
@@ -243,3 +244,63 @@ async def test_webhooks_switched_on_start_at_the_feed_s_end(pg: Conn, db_url: st
     finally:
         await pool.close()
     assert [later] == sent
+
+
+def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+async def test_orphans_are_payouts_whose_job_is_finished_or_gone_found_by_key(
+    pg: Conn, conn: db.Conn
+) -> None:
+    """The completer's query finds the in-flight payouts whose job is gone or finished, not
+    those whose job is waiting or running, and probes each job by its key: it never scans
+    the queue table, however many finished jobs it holds (it hashed all of them every 15 s)."""
+    pg.execute(
+        "INSERT INTO procrastinate_jobs (queue_name, task_name, args, status)"
+        " SELECT 'payouts', 'execute_payout', '{}', 'succeeded' FROM generate_series(1, 20000)"
+    )
+    # 200 payouts in flight whose jobs wait their turn, as during a periodic batch.
+    pg.execute("INSERT INTO parks (park_id) SELECT 'busy-' || i FROM generate_series(1, 200) i")
+    pg.execute(
+        "INSERT INTO payouts (id, park_id, kind, max_amount)"
+        " SELECT gen_random_uuid(), park_id, 'periodic', 100000 FROM parks"
+    )
+    pg.execute(
+        "WITH j AS (INSERT INTO procrastinate_jobs (queue_name, task_name, args, lock)"
+        "  SELECT 'payouts', 'execute_payout', '{}', 'park:' || park_id FROM parks"
+        "  RETURNING id, lock)"
+        " UPDATE payouts p SET job_id = j.id FROM j WHERE j.lock = 'park:' || p.park_id"
+    )
+    register_parks(pg, "gone", "done", "todo", "doing")
+    jobs = {"gone": 10_000_000, "done": 1}
+    for status in ("todo", "doing"):
+        row = pg.execute(
+            "INSERT INTO procrastinate_jobs (queue_name, task_name, args, status)"
+            " VALUES ('payouts', 'execute_payout', '{}', %s) RETURNING id",
+            (status,),
+        ).fetchone()
+        assert row is not None
+        jobs[status] = row["id"]
+    for park, job in jobs.items():
+        pg.execute("UPDATE payouts SET job_id = %s WHERE id = %s", (job, insert_payout(pg, park)))
+    pg.execute("ANALYZE procrastinate_jobs")
+    pg.execute("ANALYZE payouts")
+    async with conn.transaction():
+        found = await payouts.orphans(conn, min_age_seconds=0, limit=500)
+        assert ["done", "gone"] == sorted(r["park_id"] for r in found)
+        cur = await conn.execute(
+            "EXPLAIN (FORMAT JSON) " + payouts.Q["orphans"],
+            {"min_age_seconds": 0, "limit": 500},
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    plan = row["QUERY PLAN"][0]["Plan"]
+    scans = [
+        n["Node Type"]
+        for n in plan_nodes(plan)
+        if n.get("Relation Name") == "procrastinate_jobs" and "Index" not in n["Node Type"]
+    ]
+    assert [] == scans
