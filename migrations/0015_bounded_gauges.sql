@@ -99,7 +99,8 @@ CREATE INDEX job_finished_unsuccessfully ON procrastinate_jobs (id)
 
 -- --- parks with a succeeded instant payout ----------------------------------------------
 
--- Each park's latest succeeded instant payout, kept as payouts succeed.
+-- Each park's latest succeeded instant payout, kept as payouts succeed (and as a
+-- returned one stops counting, as it stopped counting for the query this replaces).
 CREATE TABLE instant_payout_parks (
     park_id           text PRIMARY KEY,
     last_succeeded_at timestamptz NOT NULL
@@ -108,11 +109,25 @@ CREATE INDEX instant_payout_parks_last ON instant_payout_parks (last_succeeded_a
 
 CREATE FUNCTION instant_payout_parks_note() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+DECLARE
+    latest timestamptz;
 BEGIN
-    INSERT INTO instant_payout_parks AS k (park_id, last_succeeded_at)
-    VALUES (NEW.park_id, NEW.completed_at)
-    ON CONFLICT (park_id) DO UPDATE
-    SET last_succeeded_at = greatest(k.last_succeeded_at, excluded.last_succeeded_at);
+    IF NEW.status = 'succeeded' THEN
+        INSERT INTO instant_payout_parks AS k (park_id, last_succeeded_at)
+        VALUES (NEW.park_id, NEW.completed_at)
+        ON CONFLICT (park_id) DO UPDATE
+        SET last_succeeded_at = greatest(k.last_succeeded_at, excluded.last_succeeded_at);
+        RETURN NULL;
+    END IF;
+    -- No longer succeeded (returned): the park's latest success is another one, or none.
+    -- One park's payouts, newest first (payouts_park_created).
+    SELECT max(p.completed_at) INTO latest FROM payouts p
+    WHERE p.park_id = NEW.park_id AND p.kind = 'instant' AND p.status = 'succeeded';
+    IF latest IS NULL THEN
+        DELETE FROM instant_payout_parks WHERE park_id = NEW.park_id;
+    ELSE
+        UPDATE instant_payout_parks SET last_succeeded_at = latest WHERE park_id = NEW.park_id;
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -121,8 +136,8 @@ $$;
 LOCK TABLE payouts IN SHARE ROW EXCLUSIVE MODE;
 
 CREATE TRIGGER instant_payout_parks_note AFTER UPDATE OF status ON payouts
-    FOR EACH ROW WHEN (NEW.kind = 'instant' AND NEW.status = 'succeeded'
-                       AND OLD.status IS DISTINCT FROM NEW.status)
+    FOR EACH ROW WHEN (NEW.kind = 'instant' AND OLD.status IS DISTINCT FROM NEW.status
+                       AND 'succeeded' IN (OLD.status, NEW.status))
     EXECUTE FUNCTION instant_payout_parks_note();
 
 -- The gauge's longest window is 30 days: older successes cannot count again.

@@ -124,9 +124,9 @@ async def test_the_instant_parks_gauge_counts_parks_by_their_latest_success(
     pg: Conn, app_db_url: str, locked: Lock
 ) -> None:
     """Distinct parks with a succeeded instant payout in 1, 7 and 30 days, read from each
-    park's latest success while the payouts table is locked: periodic and failed payouts do
-    not count, a park with two successes counts once."""
-    register_parks(pg, "a", "b", "c", "d")
+    park's latest success while the payouts table is locked: periodic, failed and returned
+    payouts do not count, a park with two successes counts once."""
+    register_parks(pg, "a", "b", "c", "d", "e")
     finish(pg, insert_instant(pg, "a", 1), "succeeded")
     finish(pg, insert_instant(pg, "a", 2), "succeeded")
     # b's success completed 3 days ago.
@@ -138,6 +138,14 @@ async def test_the_instant_parks_gauge_counts_parks_by_their_latest_success(
     pg.execute(f"UPDATE payouts SET status = 'succeeded', {three_days_ago} WHERE id = %s", (b,))
     finish(pg, insert_instant(pg, "c", 4), "failed")
     finish(pg, insert_payout(pg, "d"), "succeeded")
+    # e's only success came back from the bank.
+    e = insert_instant(pg, "e", 5)
+    finish(pg, e, "succeeded")
+    pg.execute(
+        "UPDATE payouts SET status = 'returned', return_code = 'R01', returned_at = now()"
+        " WHERE id = %s",
+        (e,),
+    )
     locked("payouts")
     conn = await impatient(app_db_url)
     async with conn:
