@@ -42,6 +42,7 @@ from typing import Any
 
 import psycopg
 from procrastinate.sql import queries as pq
+from psycopg.types.json import Jsonb
 
 from service import (
     audit,
@@ -384,6 +385,22 @@ async def _heartbeat(conn: db.Conn, worker_id: int) -> None:
     await db.fetch_all(conn, pq["update_heartbeat"], worker_id=worker_id)
 
 
+async def _periodic_defer(conn: db.Conn, worker_id: int) -> None:
+    tick = int(time.time())
+    await _rolled_back(
+        conn,
+        pq["defer_periodic_job"],
+        queue=queue.QUEUE_MAINTENANCE,
+        lock=None,
+        queueing_lock=None,
+        task_name="maintenance",
+        priority=queue.PRIORITY_MAINTENANCE,
+        periodic_id="",
+        defer_timestamp=tick,
+        args=Jsonb({"timestamp": tick}),
+    )
+
+
 async def _verify(conn: db.Conn, worker_id: int) -> None:
     result = await audit_chain.verify(conn, report=lambda _: None, full=False, record=False)
     if isinstance(result, audit_chain.Broken):
@@ -424,6 +441,12 @@ def queries() -> list[Query]:
         # Job fetching and the worker's own upkeep (procrastinate's queries).
         Query("job fetch", "worker, each job and each poll", _fetch_job),
         Query("worker heartbeat", "worker, every 10 s", _heartbeat),
+        Query(
+            "jobs to abort",
+            "worker, every 5 s",
+            _q(pq["list_jobs_to_abort"], queue_name=None),
+        ),
+        Query("periodic defer", "worker, each periodic task's tick", _periodic_defer),
         # The maintenance task (every 15 s).
         Query(
             "stalled jobs",
@@ -573,6 +596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--keep", action="store_true", help="keep the databases (BENCH_DATABASE_URL)"
     )
+    parser.add_argument(
+        "--reuse", metavar="PREFIX", help="measure <PREFIX>_year and _empty kept by --keep"
+    )
     parser.add_argument("--fail-on-miss", action="store_true", help="exit 1 if a goal is missed")
     args = parser.parse_args(argv)
     # Under /var/tmp, traversable: the postgres account must reach the data dir when we are root.
@@ -586,23 +612,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(server_url: str, args: argparse.Namespace) -> int:
-    names = {label: f"fp_bench_history_{os.getpid()}_{label}" for label in ("empty", "year")}
+    prefix = args.reuse or f"fp_bench_history_{os.getpid()}"
+    names = {label: f"{prefix}_{label}" for label in ("empty", "year")}
     urls = {label: with_dbname(server_url, name) for label, name in names.items()}
     try:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            for name in names.values():
-                admin.execute(f'CREATE DATABASE "{name}"')
-        for url in urls.values():
-            asyncio.run(migrate.migrate(url))
         say(f"history bench: one year at {args.scale:,} payouts ({parks_for(args.scale):,} parks)")
-        fill_parks(urls["empty"], args.scale)
-        began = time.perf_counter()
-        fill(urls["year"], args.scale)
-        filled = time.perf_counter() - began
+        if args.reuse:
+            say(f"fill: reusing {names['year']} and {names['empty']} as they are")
+        else:
+            with psycopg.connect(server_url, autocommit=True) as admin:
+                for name in names.values():
+                    admin.execute(f'CREATE DATABASE "{name}"')
+            for url in urls.values():
+                asyncio.run(migrate.migrate(url))
+            fill_parks(urls["empty"], args.scale)
+            began = time.perf_counter()
+            fill(urls["year"], args.scale)
+            say(f"fill: {time.perf_counter() - began:.0f} s")
         rows = counts(urls["year"])
         say(
-            f"fill: {filled:.0f} s; "
-            + ", ".join(f"{table} {n:,}" for table, n in rows.items())
+            ", ".join(f"{table} {n:,}" for table, n in rows.items())
             + f"; database size {database_size(urls['year']) / 2**30:.2f} GiB "
             f"(empty: {database_size(urls['empty']) / 2**20:.0f} MiB, freshly migrated with "
             "the same parks and no history)"
@@ -619,7 +648,7 @@ def run(server_url: str, args: argparse.Namespace) -> int:
         return 1 if args.fail_on_miss and not met else 0
     finally:
         with psycopg.connect(server_url, autocommit=True) as admin:
-            for name in names.values() if not args.keep else ():
+            for name in names.values() if not (args.keep or args.reuse) else ():
                 admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
