@@ -107,29 +107,65 @@ CREATE TABLE instant_payout_parks (
 );
 CREATE INDEX instant_payout_parks_last ON instant_payout_parks (last_succeeded_at);
 
+-- How many parks have their latest success in each hour (UTC), in a few stripes so that
+-- successes finishing at once seldom wait on one row. A window's count is its whole
+-- hours' sums plus the parks of the hour it starts in, counted one by one: a few hundred
+-- rows whatever the fleet and the history.
+CREATE TABLE instant_payout_park_hours (
+    hour   timestamptz NOT NULL,
+    stripe smallint NOT NULL CHECK (stripe >= 0),
+    n      bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (hour, stripe)
+);
+
 CREATE FUNCTION instant_payout_parks_note() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $$
 DECLARE
-    latest timestamptz;
+    before_at timestamptz;
+    after_at  timestamptz;
 BEGIN
+    -- One park at a time (its first success has no row to lock yet).
+    PERFORM pg_advisory_xact_lock(hashtext('instant_payout_parks'), hashtext(NEW.park_id));
+    SELECT k.last_succeeded_at INTO before_at FROM instant_payout_parks k
+    WHERE k.park_id = NEW.park_id;
     IF NEW.status = 'succeeded' THEN
-        INSERT INTO instant_payout_parks AS k (park_id, last_succeeded_at)
-        VALUES (NEW.park_id, NEW.completed_at)
-        ON CONFLICT (park_id) DO UPDATE
-        SET last_succeeded_at = greatest(k.last_succeeded_at, excluded.last_succeeded_at);
+        after_at := greatest(before_at, NEW.completed_at);
+    ELSE
+        -- No longer succeeded (returned): the park's latest success is another one, or
+        -- none. One park's payouts (payouts_park_created).
+        SELECT max(p.completed_at) INTO after_at FROM payouts p
+        WHERE p.park_id = NEW.park_id AND p.kind = 'instant' AND p.status = 'succeeded';
+    END IF;
+    IF after_at IS NOT DISTINCT FROM before_at THEN
         RETURN NULL;
     END IF;
-    -- No longer succeeded (returned): the park's latest success is another one, or none.
-    -- One park's payouts, newest first (payouts_park_created).
-    SELECT max(p.completed_at) INTO latest FROM payouts p
-    WHERE p.park_id = NEW.park_id AND p.kind = 'instant' AND p.status = 'succeeded';
-    IF latest IS NULL THEN
+    IF after_at IS NULL THEN
         DELETE FROM instant_payout_parks WHERE park_id = NEW.park_id;
     ELSE
-        UPDATE instant_payout_parks SET last_succeeded_at = latest WHERE park_id = NEW.park_id;
+        INSERT INTO instant_payout_parks AS k (park_id, last_succeeded_at)
+        VALUES (NEW.park_id, after_at)
+        ON CONFLICT (park_id) DO UPDATE SET last_succeeded_at = excluded.last_succeeded_at;
     END IF;
+    -- The park moves from the hour of its previous latest success to its new one's.
+    INSERT INTO instant_payout_park_hours AS h (hour, stripe, n)
+    SELECT date_trunc('hour', t.at, 'UTC'), (pg_backend_pid() % 4)::smallint, sum(t.d)
+    FROM (VALUES (before_at, -1), (after_at, 1)) AS t(at, d)
+    WHERE t.at IS NOT NULL
+    GROUP BY 1 HAVING sum(t.d) <> 0 ORDER BY 1
+    ON CONFLICT (hour, stripe) DO UPDATE SET n = h.n + excluded.n;
     RETURN NULL;
 END
+$$;
+
+-- The count of one window (the gauge's 1, 7 and 30 days), exact: its whole hours' sums,
+-- and the parks of the hour it starts in one by one.
+CREATE FUNCTION instant_payout_parks_since(since timestamptz) RETURNS bigint
+LANGUAGE sql STABLE SET search_path = pg_catalog, public AS $$
+    SELECT (SELECT coalesce(sum(h.n), 0) FROM instant_payout_park_hours h
+            WHERE h.hour >= date_trunc('hour', since, 'UTC') + interval '1 hour')
+         + (SELECT count(*) FROM instant_payout_parks k
+            WHERE k.last_succeeded_at > since
+              AND k.last_succeeded_at < date_trunc('hour', since, 'UTC') + interval '1 hour')
 $$;
 
 -- Payout writes wait from here to this migration's commit: no success is missed.
@@ -145,3 +181,6 @@ INSERT INTO instant_payout_parks (park_id, last_succeeded_at)
 SELECT park_id, max(completed_at) FROM payouts
 WHERE kind = 'instant' AND status = 'succeeded' AND completed_at > now() - interval '30 days'
 GROUP BY park_id;
+INSERT INTO instant_payout_park_hours (hour, stripe, n)
+SELECT date_trunc('hour', last_succeeded_at, 'UTC'), 0, count(*) FROM instant_payout_parks
+GROUP BY 1;

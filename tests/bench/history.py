@@ -211,6 +211,20 @@ SELECT %(start)s::timestamptz + (now() - %(start)s::timestamptz) * (g::float8 / 
 FROM generate_series(0, %(count)s - 1) g
 """
 
+# What the triggers turned off for the fill keep as payouts and jobs change (0015).
+FILL_DERIVED = """
+INSERT INTO job_status_counts (status, stripe, n)
+SELECT status, 0, count(*) FROM procrastinate_jobs GROUP BY status
+ON CONFLICT (status, stripe) DO UPDATE SET n = excluded.n;
+INSERT INTO instant_payout_parks (park_id, last_succeeded_at)
+SELECT park_id, max(completed_at) FROM payouts
+WHERE kind = 'instant' AND status = 'succeeded' AND completed_at > now() - interval '30 days'
+GROUP BY park_id;
+INSERT INTO instant_payout_park_hours (hour, stripe, n)
+SELECT date_trunc('hour', last_succeeded_at, 'UTC'), 0, count(*) FROM instant_payout_parks
+GROUP BY 1;
+"""
+
 FILL_REST = """
 -- Webhooks on since the start; every park delivered up to the feed's end.
 INSERT INTO webhook_feed (position, started_at)
@@ -317,7 +331,7 @@ def fill(url: str, scale: int) -> None:
             f"({first - 1 + now_count:,} entries, {now_count:,} this month)"
         )
         conn.execute("SET session_replication_role = replica")
-        for part in FILL_REST.split(";\n"):
+        for part in (FILL_DERIVED + FILL_REST).split(";\n"):
             if part.strip():
                 conn.execute(part)
         began = time.perf_counter()

@@ -120,22 +120,25 @@ def insert_instant(pg: Conn, park: str, n: int) -> str:
     return str(row["id"])
 
 
+def succeed_ago(pg: Conn, payout_id: str, ago: str) -> None:
+    """pending -> processing -> succeeded, completed `ago` (an interval) before now."""
+    columns = FINAL_COLUMNS["succeeded"].replace(
+        "completed_at = now()", f"completed_at = now() - interval '{ago}'"
+    )
+    pg.execute("UPDATE payouts SET status = 'processing' WHERE id = %s", (payout_id,))
+    pg.execute(f"UPDATE payouts SET status = 'succeeded', {columns} WHERE id = %s", (payout_id,))
+
+
 async def test_the_instant_parks_gauge_counts_parks_by_their_latest_success(
     pg: Conn, app_db_url: str, locked: Lock
 ) -> None:
-    """Distinct parks with a succeeded instant payout in 1, 7 and 30 days, read from each
-    park's latest success while the payouts table is locked: periodic, failed and returned
-    payouts do not count, a park with two successes counts once."""
-    register_parks(pg, "a", "b", "c", "d", "e")
-    finish(pg, insert_instant(pg, "a", 1), "succeeded")
-    finish(pg, insert_instant(pg, "a", 2), "succeeded")
-    # b's success completed 3 days ago.
-    b = insert_instant(pg, "b", 3)
-    pg.execute("UPDATE payouts SET status = 'processing' WHERE id = %s", (b,))
-    three_days_ago = FINAL_COLUMNS["succeeded"].replace(
-        "completed_at = now()", "completed_at = now() - interval '3 days'"
-    )
-    pg.execute(f"UPDATE payouts SET status = 'succeeded', {three_days_ago} WHERE id = %s", (b,))
+    """Distinct parks with a succeeded instant payout in 1, 7 and 30 days, exact at the
+    windows' edges, read while the payouts table is locked: periodic, failed and returned
+    payouts do not count, a park with two successes counts once, at its latest."""
+    register_parks(pg, "a", "b", "c", "d", "e", "f", "g", "h")
+    succeed_ago(pg, insert_instant(pg, "a", 1), "20 days")
+    succeed_ago(pg, insert_instant(pg, "a", 2), "1 minute")
+    succeed_ago(pg, insert_instant(pg, "b", 3), "3 days")
     finish(pg, insert_instant(pg, "c", 4), "failed")
     finish(pg, insert_payout(pg, "d"), "succeeded")
     # e's only success came back from the bank.
@@ -146,11 +149,15 @@ async def test_the_instant_parks_gauge_counts_parks_by_their_latest_success(
         " WHERE id = %s",
         (e,),
     )
+    # Either side of the 1-day edge, inside the hour it falls in; h a month ago.
+    succeed_ago(pg, insert_instant(pg, "f", 6), "1 day - 1 minute")
+    succeed_ago(pg, insert_instant(pg, "g", 7), "1 day 1 minute")
+    succeed_ago(pg, insert_instant(pg, "h", 8), "31 days")
     locked("payouts")
     conn = await impatient(app_db_url)
     async with conn:
         parks = await payouts.instant_parks(conn)
-    assert (1, 2, 2) == (parks["d1"], parks["d7"], parks["d30"])
+    assert (2, 4, 4) == (parks["d1"], parks["d7"], parks["d30"])
 
 
 # The event procrastinate logs when a job enters a status, when not the status's own name.
