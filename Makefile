@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) -m tests.bench.billing
 	$(PY) -m tests.bench.http_client
 	$(PY) -m tests.bench.park_import
+	$(PY) -m tests.bench.history
 
 # The suite's two drills, each for DRILL_SECONDS: three hosts, one SIGKILLed, PostgreSQL
 # restarted and crashed, Billing faults (test_drill.py); then each host cut off from

@@ -22,13 +22,22 @@ def gauge_refresher(pool: db.Pool) -> Every:
     return Every(GAUGE_SECONDS, lambda: refresh_gauges(pool), "gauges").start()
 
 
+JOB_STATUSES = ("todo", "doing", "succeeded", "failed", "cancelled", "aborting", "aborted")
+
+
+async def job_counts(conn: db.Conn) -> dict[str, int]:
+    """procrastinate jobs by status (the queue-depth gauge): counted as they change
+    (migrations/0015), a few rows whatever the queue table holds."""
+    rows = await db.fetch_all(
+        conn, "SELECT status::text AS status, sum(n) AS n FROM job_status_counts GROUP BY 1"
+    )
+    return {r["status"]: int(r["n"]) for r in rows}
+
+
 async def refresh_gauges(pool: db.Pool) -> None:
     async with pool.connection() as conn:
-        jobs = await db.fetch_all(
-            conn, "SELECT status::text AS status, count(*) AS n FROM procrastinate_jobs GROUP BY 1"
-        )
-        counts = {r["status"]: r["n"] for r in jobs}
-        for status in ("todo", "doing", "succeeded", "failed", "cancelled", "aborting", "aborted"):
+        counts = await job_counts(conn)
+        for status in JOB_STATUSES:
             observability.JOBS.labels(status).set(counts.get(status, 0))
         oldest, oldest_order = await payouts.in_flight_ages(conn)
         observability.OLDEST_IN_FLIGHT.set(oldest)

@@ -78,3 +78,34 @@ async def expire_manual_payouts(deps: Deps) -> int:
     if expired:
         logger.info("%s manual payouts expired unapproved", expired)
     return expired
+
+
+# Finished jobs are deleted this many at a time, each batch a statement (and a
+# transaction) of its own, up to JOB_BATCHES_PER_RUN a run: a backlog (housekeeping
+# stopped for a while) is worked off over the hourly runs, never in one long delete.
+JOB_BATCH = 200
+JOB_BATCHES_PER_RUN = 500
+
+
+async def delete_finished_jobs(
+    deps: Deps, *, succeeded_hours: float, unsuccessful_days: float, queue_hours: dict[str, float]
+) -> int:
+    """Delete succeeded jobs `succeeded_hours` after they finished (`queue_hours`: sooner
+    for those queues), failed, cancelled and aborted ones `unsuccessful_days` after;
+    returns how many. Payout rows and the audit log keep the history."""
+    passes: list[tuple[str, dict[str, object]]] = [
+        ("delete_old_succeeded_jobs", {"hours": succeeded_hours}),
+        ("delete_old_unsuccessful_jobs", {"days": unsuccessful_days}),
+    ]
+    passes += [("delete_old_queue_jobs", {"queue": q, "hours": h}) for q, h in queue_hours.items()]
+    deleted = 0
+    async with deps.pool.connection() as conn:
+        for query, params in passes:
+            for _ in range(JOB_BATCHES_PER_RUN):
+                count = await db.execute(conn, Q[query], batch=JOB_BATCH, **params)
+                deleted += count
+                if count < JOB_BATCH:
+                    break
+    if deleted:
+        logger.info("deleted %s finished jobs", deleted)
+    return deleted

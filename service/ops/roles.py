@@ -129,6 +129,10 @@ TABLES: Mapping[str, Access] = {
     # The scheduled checks' verdicts (0010): updated by verify and reconcile, rows fixed.
     "ops_checks": Access(app=_p("SELECT", "UPDATE"), ops=_p("SELECT", "UPDATE")),
     "schema_migrations": Access(app=SELECT),
+    # Kept by triggers as the owner (0015), for the gauges.
+    "job_status_counts": Access(app=SELECT),
+    "instant_payout_parks": Access(app=SELECT),
+    "instant_payout_park_hours": Access(app=SELECT),
     # procrastinate's queue: its functions run with the caller's rights. Ops retries a
     # failed job (procrastinate_retry_job_v2: an UPDATE whose trigger logs an event) or
     # deletes it (a trigger unlinks its periodic defer; its events go by cascade).

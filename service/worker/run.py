@@ -35,6 +35,9 @@ HOUSEKEEPING_CRON = "17 * * * *"
 # Finished jobs are kept a week for support, then deleted so the queue
 # table stays small; payouts and audit_log keep the history.
 KEEP_FINISHED_JOBS_HOURS = 24 * 7
+# Failed, cancelled and aborted jobs are kept longer: the JobsFailed alert asks
+# someone to look at each (ops/runbooks/README.md, "JobsFailed").
+KEEP_FAILED_JOBS_DAYS = 30
 # Reconciliation with Billing once a day, at a quiet hour (UTC) and off the
 # hour, when housekeeping and everyone else's cron jobs run.
 RECONCILE_CRON = "40 3 * * *"
@@ -69,14 +72,19 @@ async def maintenance_task(context: JobContext, timestamp: int) -> None:
 
 @app.task(name="housekeeping", queue=queue.QUEUE_MAINTENANCE, pass_context=True)
 async def housekeeping(context: JobContext, timestamp: int) -> None:
-    """Audit partitions ahead, old finished jobs out of the queue table, old events out."""
+    """Audit partitions ahead, old finished jobs (failed ones too) out of the queue table,
+    old events out."""
     deps = tasks.deps_of(context)
     await maintenance.ensure_partitions(deps)
     async with deps.pool.connection() as conn:
         await events.expire(conn, deps.settings.events_retention_days)
-    await app.job_manager.delete_old_jobs(nb_hours=KEEP_FINISHED_JOBS_HOURS)
-    await app.job_manager.delete_old_jobs(
-        nb_hours=KEEP_WEBHOOK_JOBS_HOURS, queue=queue.QUEUE_WEBHOOKS
+    # In short batches by primary key: procrastinate's delete_old_jobs reads the whole
+    # queue table and its events at every run (seconds once it holds millions).
+    await maintenance.delete_finished_jobs(
+        deps,
+        succeeded_hours=KEEP_FINISHED_JOBS_HOURS,
+        unsuccessful_days=KEEP_FAILED_JOBS_DAYS,
+        queue_hours={queue.QUEUE_WEBHOOKS: KEEP_WEBHOOK_JOBS_HOURS},
     )
 
 

@@ -1,4 +1,4 @@
-"""The events, Billing budget and HTTP client benchmarks still run end to end at a tiny
+"""The events, Billing budget, HTTP client and history benchmarks still run end to end at a tiny
 scale, on the suite's server (their figures are not checked here: they are timing, and the
 suite shares its CPUs)."""
 
@@ -20,6 +20,10 @@ BENCHES = {
         ("before dump-restore", "after restore into a fresh cluster", "feed p99"),
     ),
     "http_client": (["--posts", "20"], ("ms CPU per POST",)),
+    "history": (
+        ["--scale", "2000", "--repeat", "2"],
+        ("fill:", "database size", "gauge: jobs by status", "audit verify", "history bench:"),
+    ),
     # Every configuration of `make bench`: each default budget, --concurrency 100 at the last
     # one, and the unbudgeted baseline.
     "billing": (
