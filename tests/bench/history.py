@@ -47,21 +47,15 @@ import psycopg
 from procrastinate.sql import queries as pq
 from psycopg.types.json import Jsonb
 
-from service import (
-    audit,
-    audit_chain,
-    checks,
-    db,
-    events,
-    gauges,
-    maintenance,
-    manual,
-    migrate,
-    payouts,
-    queue,
-    webhooks,
-)
-from service.audit_chain import next_month
+from service.audit import chain as audit_chain
+from service.audit import store as audit
+from service.audit.chain import next_month
+from service.core import db, queue
+from service.events import outbox as events
+from service.events import webhooks
+from service.ops import checks, gauges, maintenance, migrate
+from service.payouts import manual
+from service.payouts import store as payouts
 from service.worker import run as run_worker
 from tests.bench import audit as audit_bench
 from tests.bench.common import bench_server
@@ -454,7 +448,7 @@ def queries() -> list[Query]:
     worker15 = "worker, every 15 s"
     period = timedelta(days=PERIOD_DAYS)
     return [
-        # The gauges every process refreshes (service/gauges.py), in its order.
+        # The gauges every process refreshes (service/ops/gauges.py), in its order.
         Query("gauge: jobs by status", every, lambda c, w: gauges.job_counts(c)),
         Query("gauge: oldest in flight", every, lambda c, w: payouts.in_flight_ages(c)),
         Query("gauge: instant parks", every, lambda c, w: payouts.instant_parks(c)),

@@ -14,8 +14,11 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from service import db, gauges, maintenance, payouts, webhooks
-from service.execution import Deps
+from service.core import db
+from service.events import webhooks
+from service.ops import gauges, maintenance
+from service.payouts import store as payouts
+from service.payouts.execution import Deps
 from service.worker import run
 from tests.conftest import make_settings
 from tests.helpers.events import FINAL_COLUMNS, Conn, finish, insert_payout, register_parks
