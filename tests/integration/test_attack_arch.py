@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
+from typing import Any
 
+import psycopg
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, API_TOKEN
@@ -74,3 +77,88 @@ def test_malformed_sentry_dsn_is_a_configuration_error(dsn: str) -> None:
     assert "configuration error: SENTRY_DSN" in output
     assert "Traceback" not in output
     assert DSN_KEY not in output
+
+
+# --- the next release's expand migration, under this release's typed reads --------------
+
+NEXT_RELEASE_COLUMNS = [
+    "ALTER TABLE payouts ADD COLUMN zz_next_release text NOT NULL DEFAULT 'x'",
+    "ALTER TABLE parks ADD COLUMN aa_next_release numeric",
+    "ALTER TABLE events ADD COLUMN zz_next_release jsonb",
+    "ALTER TABLE audit_log ADD COLUMN zz_next_release int",
+    "ALTER TABLE billing_gate ADD COLUMN zz_next_release int",
+    "ALTER TABLE scan_leases ADD COLUMN zz_next_release int",
+]
+
+
+async def test_typed_reads_survive_the_next_release_s_added_columns(
+    sql: Any, deps: Any, db_url: str, billing_url: str
+) -> None:
+    """With a column added to payouts, parks, events, audit_log, billing_gate and scan_leases (an
+    expand migration of the next release), every read through the API, a payout's run, the
+    periodic scan and audit verify still answer as before: typed rows drop what they do not
+    declare."""
+    from service.audit import chain
+    from service.payouts import periodic
+    from service.payouts.execution import execute_payout
+    from tests.helpers.api import (
+        ADMIN,
+        app_client,
+        park_headers,
+        press_headers,
+        register,
+        set_balance,
+    )
+
+    for statement in NEXT_RELEASE_COLUMNS:
+        sql.execute(statement)
+    with app_client(db_url, billing_url=billing_url) as api:
+        register(api, "dba-1", instant=True, periodic=True)
+        register(api, "dba-2", instant=False, periodic=True)
+        set_balance(billing_url, "dba-1", "100.00")
+        set_balance(billing_url, "dba-2", "100.00")
+        sql.execute("UPDATE parks SET registered_at = now() - interval '30 days'")
+        pressed = api.post(
+            "/v1/payouts/instant", json={"amount": "10.00"}, headers=press_headers("dba-1")
+        )
+        assert 202 == pressed.status_code, pressed.text
+        payout_id = pressed.json()["id"]
+        assert "succeeded" == await execute_payout(deps, uuid.UUID(payout_id))
+        scanned = await periodic.scan(deps)
+        assert 1 <= scanned.created, scanned
+        reads = [
+            api.get(f"/v1/payouts/{payout_id}", headers=park_headers("dba-1")),
+            api.get("/v1/payouts", headers=park_headers("dba-1")),
+            api.get("/v1/payouts/instant/availability", headers=park_headers("dba-1")),
+            api.get("/v1/events", headers=park_headers("dba-1")),
+            api.get("/v1/parks/dba-1", headers=ADMIN),
+            api.get("/v1/admin/payouts", headers=ADMIN),
+            api.get("/v1/audit", headers=ADMIN),
+        ]
+        assert [200] * len(reads) == [r.status_code for r in reads], [r.text for r in reads]
+        assert "zz_next_release" not in reads[0].text
+    async with deps.pool.connection() as conn:
+        verdict = await chain.verify(conn, report=lambda month: None)
+    assert isinstance(verdict, chain.Summary), verdict
+
+
+def test_a_park_row_held_by_an_idle_transaction_answers_a_press_without_a_500(
+    db_url: str, billing_url: str
+) -> None:
+    """A psql session of the app role idle in a transaction that holds the park's row leaves a press on that park answered in bounded time with a JSON 4xx/503, never a 500 or
+    a hang."""
+    from tests.conftest import with_user
+    from tests.helpers.api import app_client, press_headers, register
+
+    with app_client(db_url, billing_url=billing_url) as api:
+        register(api, "held-park", instant=True)
+        with psycopg.connect(with_user(db_url, "fleet_payouts_app")) as dba:
+            dba.execute(
+                "SELECT 1 FROM parks WHERE park_id = 'held-park' FOR UPDATE"
+            )  # psycopg opens the transaction and leaves it idle
+            r = api.post(
+                "/v1/payouts/instant", json={"amount": "10.00"}, headers=press_headers("held-park")
+            )
+            dba.rollback()
+    assert r.status_code < 500 or r.status_code == 503, r.text
+    assert "code" in r.json()
