@@ -145,8 +145,8 @@ async def test_typed_reads_survive_the_next_release_s_added_columns(
 def test_a_park_row_held_by_an_idle_transaction_answers_a_press_without_a_500(
     db_url: str, billing_url: str
 ) -> None:
-    """A psql session of the app role idle in a transaction that holds the park's row leaves a press on that park answered in bounded time with a JSON 4xx/503, never a 500 or
-    a hang."""
+    """A psql session of the app role idle in a transaction that holds the park's row leaves
+    a press on that park answered in bounded time with a JSON 4xx/503, never a 500 or a hang."""
     from tests.conftest import with_user
     from tests.helpers.api import app_client, press_headers, register
 
