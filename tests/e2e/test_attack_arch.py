@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from tests.conftest import service_env
+from tests.e2e.test_events import SECRET, Consumer
 from tests.helpers.api import (
     admin_headers,
     get_payout,
@@ -32,7 +34,8 @@ from tests.helpers.api import (
     spacing_violations,
     wait_final,
 )
-from tests.helpers.emulator import REPO_ROOT
+from tests.helpers.emulator import REPO_ROOT, free_port
+from tests.helpers.events import stored
 from tests.helpers.procs import Cluster, Proc, cluster, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -160,8 +163,18 @@ def events_of(apis: list[str], park: str, limit: int = 100) -> list[dict[str, An
     return out
 
 
+@pytest.fixture
+def hooks() -> Iterator[Consumer]:
+    """A webhook consumer checking signatures (test_events'), stopped at the end."""
+    c = Consumer(free_port())
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
 def test_rolling_deploy_old_and_new_side_by_side(
-    old_release: Path, db_url: str, billing_url: str, tmp_path: Path
+    old_release: Path, db_url: str, billing_url: str, tmp_path: Path, hooks: Consumer
 ) -> None:
     """With the release before's API and worker beside this one's on one database, every press,
     manual payout and periodic payout is paid exactly once, a cancel holds, each API reads what the
@@ -172,7 +185,10 @@ def test_rolling_deploy_old_and_new_side_by_side(
         PAYOUT_PERIOD_DAYS=str(PERIOD.total_seconds() / 86400),
         PERIODIC_SCAN_CRON="* * * * * */1",
         INSTANT_COOLDOWN_HOURS="0",
+        WEBHOOK_URL=f"http://127.0.0.1:{hooks.port}/hooks",
+        WEBHOOK_SECRET=SECRET,
     )
+    hooks.start()
     pressed = [f"roll-press-{i}" for i in range(6)]
     periodic = [f"roll-periodic-{i}" for i in range(6)]
     manual = [f"roll-manual-{i}" for i in range(2)]
@@ -206,6 +222,14 @@ def test_rolling_deploy_old_and_new_side_by_side(
         assert (200, "cancelled") == (r.status_code, r.json()["status"]), r.text
         c.worker()
         old_worker(c, old_release)
+        # Deliveries start with what commits once a worker has switched webhooks on.
+        wait_for(
+            lambda: pg.execute("SELECT 1 FROM webhook_feed").fetchone(),
+            timeout=60,
+            what="a worker to switch webhooks on",
+        )
+        before = pg.execute("SELECT coalesce(max(seq), 0) AS seq FROM events").fetchone()
+        assert before is not None
         made: list[tuple[str, str]] = []
         for i, park in enumerate(pressed):
             made.append((park, press(apis[i % 2], park, "50.00")["id"]))
@@ -223,6 +247,21 @@ def test_rolling_deploy_old_and_new_side_by_side(
             what="two periodic payouts for every park",
         )
         assert "cancelled" == get_payout(new, pressed[0], cancelled["id"])["status"]
+        # The bank sends back one payout each version made; whichever reader holds the lease
+        # applies both, once.
+        sent_back = made[:2]
+        for _, payout_id in sent_back:
+            httpx.post(
+                f"{billing_url}/admin/payouts/{payout_id}/return", json={"code": "account_closed"}
+            ).raise_for_status()
+        wait_for(
+            lambda: all(
+                get_payout(apis[i % 2], park, payout_id)["return_code"] == "account_closed"
+                for i, (park, payout_id) in enumerate(sent_back)
+            ),
+            timeout=60,
+            what="both returns to be applied",
+        )
 
         # Billing paid each payout once, under its own key.
         paid = httpx.get(f"{billing_url}/admin/payouts", timeout=10).json()
@@ -236,6 +275,17 @@ def test_rolling_deploy_old_and_new_side_by_side(
             assert every == events_of([old], park)
             assert every == events_of([new, old], park, limit=1)
             assert every == events_of([old, new], park, limit=1)
+        ours = {e["id"] for e in stored(pg) if e["seq"] > before["seq"]}
+        wait_for(
+            lambda: ours <= {e["id"] for e in hooks.first_seen()},
+            timeout=60,
+            what="every event to reach the webhook consumer",
+        )
+        assert 0 == hooks.bad_signatures
+        delivered = {e["id"]: e for e in hooks.first_seen()}
+        for park in pressed[:2]:
+            feed = [e for e in events_of([new], park) if e["id"] in ours]
+            assert feed == [delivered[e["id"]] for e in feed]
         failed = pg.execute(
             "SELECT id, task_name, status FROM procrastinate_jobs WHERE status = 'failed'"
         ).fetchall()
