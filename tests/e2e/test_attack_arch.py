@@ -290,5 +290,6 @@ def test_rolling_deploy_old_and_new_side_by_side(
             "SELECT id, task_name, status FROM procrastinate_jobs WHERE status = 'failed'"
         ).fetchall()
         assert [] == failed
+        assert [200, 200] == [httpx.get(f"{api}/ready", timeout=10).status_code for api in apis]
         assert [] == server_errors(c)
         assert all(p.alive() for p in c.procs)
