@@ -206,3 +206,46 @@ def test_the_wheel_lists_every_package_and_data_file_of_the_tree() -> None:
             if not any(fnmatch.fnmatch(str(relative), g) for g in globs):
                 unshipped.append(f"{package}: {relative}")
     assert [] == unshipped
+
+
+# --- secrets in Sentry's frame variables ------------------------------------------------
+
+
+@pytest.mark.parametrize("password", ["ab\\cd1234XY", "q'u\"cd1234XY"])
+def test_a_secret_written_escaped_in_a_frame_variable_is_scrubbed(
+    password: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A password with a backslash (or both quotes) sits in a frame variable's repr escaped
+    (`ab\\\\cd...`), which the scrubber's plain search missed: the event sent to Sentry keeps
+    no form of it."""
+    import json
+
+    import sentry_sdk
+
+    from service.core import observability
+    from tests.conftest import make_settings
+    from tests.integration.test_sentry import Captured
+
+    transport = Captured()
+    quoted = password.replace("\\", "%5C").replace("'", "%27").replace('"', "%22")
+    settings = make_settings(f"postgresql://app:{quoted}@127.0.0.1:1/x", webhook_secret=password)
+    observability.init_sentry(settings, transport=transport)
+
+    def connect() -> None:
+        conninfo = settings.database_url.reveal().replace(quoted, password)
+        hook = f"signing with {settings.webhook_secret.reveal() if settings.webhook_secret else ''}"
+        raise RuntimeError(f"cannot connect ({len(conninfo)}, {len(hook)})")
+
+    try:
+        try:
+            connect()
+        except RuntimeError:
+            sentry_sdk.capture_exception()
+        sentry_sdk.flush()
+    finally:
+        sentry_sdk.get_client().close()
+        sentry_sdk.init()
+    assert 1 == len(transport.events)
+    frames = transport.events[0]["exception"]["values"][0]["stacktrace"]["frames"]
+    assert any("conninfo" in f.get("vars", {}) for f in frames), frames
+    assert "cd1234XY" not in json.dumps(transport.events)
