@@ -277,7 +277,7 @@ def _secrets(settings: Settings) -> tuple[str, ...]:
     # Every Secret setting (tokens, keys, the DSN, the database URL and its password), as
     # written and as a frame variable's repr or a JSON string writes it inside a longer text:
     # a backslash doubled, a quote escaped (a password `ab\cd` shows as `ab\\cd` there).
-    found = set()
+    found: set[str] = set()
     for text in secret_values(settings):
         found.update(
             (
