@@ -29,6 +29,7 @@ from tests.helpers.api import (
     park_headers,
     periodic_payouts,
     press,
+    press_headers,
     register,
     set_balance,
     spacing_violations,
@@ -232,7 +233,20 @@ def test_rolling_deploy_old_and_new_side_by_side(
         assert before is not None
         made: list[tuple[str, str]] = []
         for i, park in enumerate(pressed):
-            made.append((park, press(apis[i % 2], park, "50.00")["id"]))
+            # Pressed on one version, retried (same key and body) through the other: a replay.
+            headers = press_headers(park, user=f"user-of-{park}", key=uuid.uuid4().hex)
+            answers = [
+                httpx.post(
+                    f"{api}/v1/payouts/instant",
+                    json={"amount": "50.00"},
+                    headers=headers,
+                    timeout=10,
+                )
+                for api in (apis[i % 2], apis[(i + 1) % 2])
+            ]
+            assert [202, 200] == [a.status_code for a in answers], [a.text for a in answers]
+            assert answers[0].json()["id"] == answers[1].json()["id"]
+            made.append((park, answers[0].json()["id"]))
         for i, park in enumerate(manual):
             requested = request_manual(apis[i % 2], park, "7.00")
             approve(apis[(i + 1) % 2], requested["id"])
