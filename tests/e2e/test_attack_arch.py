@@ -1,6 +1,6 @@
-"""Issue 16's changes attacked from outside (attack16): a rolling deploy with the release before
-(tag pre-wave3) running beside this one on the same database and Billing, and the production
-wheel installed alone."""
+"""Issue 16's changes attacked from outside (attack16): a rolling deploy, the release before
+(tag pre-wave3, unpacked by git archive) running its API and worker beside this one's on the
+same database, Billing and webhook consumer."""
 
 from __future__ import annotations
 
