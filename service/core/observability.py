@@ -274,8 +274,21 @@ def _version() -> str:
 
 
 def _secrets(settings: Settings) -> tuple[str, ...]:
-    # Every Secret setting (tokens, keys, the DSN, the database URL and its password).
-    return secret_values(settings)
+    # Every Secret setting (tokens, keys, the DSN, the database URL and its password), as
+    # written and as a frame variable's repr or a JSON string writes it inside a longer text:
+    # a backslash doubled, a quote escaped (a password `ab\cd` shows as `ab\\cd` there).
+    found: set[str] = set()
+    for text in secret_values(settings):
+        found.update(
+            (
+                text,
+                repr(text)[1:-1],
+                repr(text + "'\"")[1:-4],  # the quotes force repr's escaped-quote style
+                json.dumps(text)[1:-1],
+                json.dumps(text, ensure_ascii=False)[1:-1],
+            )
+        )
+    return tuple(sorted(found, key=len, reverse=True))
 
 
 # Keys whose values never leave the process, wherever they sit in an event.

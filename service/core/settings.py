@@ -28,6 +28,8 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+import psycopg
+import sentry_sdk.utils
 from croniter import croniter
 
 from service.core.values import parse_money
@@ -295,6 +297,32 @@ def url(*schemes: str) -> Cast:
     return cast
 
 
+def postgres_url(text: str) -> str | None:
+    """A PostgreSQL URL libpq can parse. libpq's own refusal quotes the bad token, which
+    can be the password (a stray `%`): refused here, at start-up, without the text."""
+    value: str | None = url("postgresql", "postgres")(text)
+    if value:
+        try:
+            psycopg.conninfo.conninfo_to_dict(value)
+        except psycopg.ProgrammingError:
+            raise Invalid(
+                "libpq cannot parse it (its text not shown: a `%` in a password is written %25)"
+            ) from None
+    return value
+
+
+def sentry_dsn(text: str) -> str | None:
+    """A DSN Sentry's client accepts (else it fails start-up with a traceback, not a
+    configuration error): a host, a numeric project, a port in range."""
+    value: str | None = url("http", "https")(text)
+    if value:
+        try:
+            sentry_sdk.utils.Dsn(value)
+        except (sentry_sdk.utils.BadDsn, ValueError):
+            raise Invalid("not a Sentry DSN (https://KEY@HOST/PROJECT)") from None
+    return value
+
+
 def base_url(text: str) -> str | None:
     value: str | None = url("http", "https")(text)
     return value.rstrip("/") if value else value
@@ -379,7 +407,7 @@ class Settings:
     database_url: Secret = setting(
         "DATABASE_URL",
         "",
-        url("postgresql", "postgres"),
+        postgres_url,
         "PostgreSQL URL (its password is a secret)",
         required=True,
         secret=True,
@@ -455,7 +483,7 @@ class Settings:
     sentry_dsn: Secret | None = setting(
         "SENTRY_DSN",
         "",
-        url("http", "https"),
+        sentry_dsn,
         "error reporting (the DSN's key is a secret)",
         secret=True,
         documented="off",

@@ -1,0 +1,251 @@
+"""Issue 16's changes attacked from outside (attack16): secrets in what the real processes print
+when the configuration is wrong, and hostile input on the paths the change rewrote."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.conftest import ADMIN_TOKEN, API_TOKEN
+from tests.helpers.emulator import REPO_ROOT
+
+PASSWORD = "s3cr%ZZetPW"
+DSN_KEY = "SENTRYKEYabc0123"
+
+
+def run_cli(*args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m service ARGS` with a complete configuration plus `env`; its output merged."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SENTRY_", "DATABASE_"))}
+    full = {
+        **base,
+        "BILLING_URL": "http://127.0.0.1:9",
+        "API_TOKENS": API_TOKEN,
+        "ADMIN_TOKENS": ADMIN_TOKEN,
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        env=full,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("command", [["migrate"], ["serve", "--port", "21790"], ["worker"]])
+def test_password_libpq_cannot_parse_is_refused_without_its_text(command: list[str]) -> None:
+    """A DATABASE_URL whose password holds a stray `%` (libpq's refusal quotes the token: the
+    password) stops the command as a configuration error naming the variable, never printing
+    the password (before: migrate printed it, serve and worker logged it on every retry)."""
+    url = f"postgresql://app:{PASSWORD}@127.0.0.1:1/payouts"
+    try:
+        done = run_cli(*command, timeout=15, DATABASE_URL=url)
+    except subprocess.TimeoutExpired as exc:
+        printed = (exc.stdout or b"") + (exc.stderr or b"")
+        text = printed.decode() if isinstance(printed, bytes) else printed
+        pytest.fail(f"{command} kept running on a bad DATABASE_URL: {text[-600:]}")
+    output = done.stdout + done.stderr
+    assert 2 == done.returncode, output
+    assert "configuration error: DATABASE_URL" in output
+    assert "s3cr" not in output
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        f"https://{DSN_KEY}@sentry.example",
+        f"https://{DSN_KEY}@sentry.example/not-a-number",
+        f"https://{DSN_KEY}@sentry.example:99999/1",
+    ],
+)
+def test_malformed_sentry_dsn_is_a_configuration_error(dsn: str) -> None:
+    """A SENTRY_DSN Sentry's client refuses (no project, a non-numeric one, a port out of range)
+    is a configuration error naming the variable, not a start-up traceback, and its key is not
+    printed."""
+    done = run_cli(
+        "serve", "--port", "21791", DATABASE_URL="postgresql://app@127.0.0.1:1/x", SENTRY_DSN=dsn
+    )
+    output = done.stdout + done.stderr
+    assert 2 == done.returncode, output
+    assert "configuration error: SENTRY_DSN" in output
+    assert "Traceback" not in output
+    assert DSN_KEY not in output
+
+
+# --- the next release's expand migration, under this release's typed reads --------------
+
+NEXT_RELEASE_COLUMNS = [
+    "ALTER TABLE payouts ADD COLUMN zz_next_release text NOT NULL DEFAULT 'x'",
+    "ALTER TABLE parks ADD COLUMN aa_next_release numeric",
+    "ALTER TABLE events ADD COLUMN zz_next_release jsonb",
+    "ALTER TABLE audit_log ADD COLUMN zz_next_release int",
+    "ALTER TABLE billing_gate ADD COLUMN zz_next_release int",
+    "ALTER TABLE scan_leases ADD COLUMN zz_next_release int",
+]
+
+
+async def test_typed_reads_survive_the_next_release_s_added_columns(
+    sql: Any, deps: Any, db_url: str, billing_url: str
+) -> None:
+    """With a column added to payouts, parks, events, audit_log, billing_gate and scan_leases (an
+    expand migration of the next release), every read through the API, a payout's run, the
+    periodic scan and audit verify still answer as before: typed rows drop what they do not
+    declare."""
+    from service.audit import chain
+    from service.payouts import periodic
+    from service.payouts.execution import execute_payout
+    from tests.helpers.api import (
+        ADMIN,
+        app_client,
+        park_headers,
+        press_headers,
+        register,
+        set_balance,
+    )
+
+    for statement in NEXT_RELEASE_COLUMNS:
+        sql.execute(statement)
+    with app_client(db_url, billing_url=billing_url) as api:
+        register(api, "dba-1", instant=True, periodic=True)
+        register(api, "dba-2", instant=False, periodic=True)
+        set_balance(billing_url, "dba-1", "100.00")
+        set_balance(billing_url, "dba-2", "100.00")
+        sql.execute("UPDATE parks SET registered_at = now() - interval '30 days'")
+        pressed = api.post(
+            "/v1/payouts/instant", json={"amount": "10.00"}, headers=press_headers("dba-1")
+        )
+        assert 202 == pressed.status_code, pressed.text
+        payout_id = pressed.json()["id"]
+        assert "succeeded" == await execute_payout(deps, uuid.UUID(payout_id))
+        scanned = await periodic.scan(deps)
+        assert 1 <= scanned.created, scanned
+        reads = [
+            api.get(f"/v1/payouts/{payout_id}", headers=park_headers("dba-1")),
+            api.get("/v1/payouts", headers=park_headers("dba-1")),
+            api.get("/v1/payouts/instant/availability", headers=park_headers("dba-1")),
+            api.get("/v1/events", headers=park_headers("dba-1")),
+            api.get("/v1/parks/dba-1", headers=ADMIN),
+            api.get("/v1/admin/payouts", headers=ADMIN),
+            api.get("/v1/audit", headers=ADMIN),
+        ]
+        assert [200] * len(reads) == [r.status_code for r in reads], [r.text for r in reads]
+        assert "zz_next_release" not in reads[0].text
+    async with deps.pool.connection() as conn:
+        verdict = await chain.verify(conn, report=lambda month: None)
+    assert isinstance(verdict, chain.Summary), verdict
+
+
+def test_a_park_row_held_by_an_idle_transaction_answers_a_press_without_a_500(
+    db_url: str, billing_url: str
+) -> None:
+    """A psql session of the app role idle in a transaction that holds the park's row leaves
+    a press on that park answered in bounded time with a JSON 4xx/503, never a 500 or a hang."""
+    from tests.conftest import with_user
+    from tests.helpers.api import app_client, press_headers, register
+
+    with app_client(db_url, billing_url=billing_url) as api:
+        register(api, "held-park", instant=True)
+        with psycopg.connect(with_user(db_url, "fleet_payouts_app")) as dba:
+            dba.execute(
+                "SELECT 1 FROM parks WHERE park_id = 'held-park' FOR UPDATE"
+            )  # psycopg opens the transaction and leaves it idle
+            r = api.post(
+                "/v1/payouts/instant", json={"amount": "10.00"}, headers=press_headers("held-park")
+            )
+            dba.rollback()
+    assert r.status_code < 500 or r.status_code == 503, r.text
+    assert "code" in r.json()
+
+
+# --- what the production wheel ships ---------------------------------------------------
+
+
+def test_the_wheel_lists_every_package_and_data_file_of_the_tree() -> None:
+    """pyproject's explicit package list names every package directory under service/ (a package
+    left out is missing from the wheel, though every test passes from the clone), and its
+    package data globs match every non-Python file in them, sql/ and migrations/ included."""
+    import fnmatch
+    import tomllib
+
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    roots = {
+        "service": REPO_ROOT / "service",
+        **{k: REPO_ROOT / v for k, v in config["package-dir"].items()},
+    }
+    in_tree = {"service.sql", "service.migrations"} | {
+        ".".join(("service", *p.parent.relative_to(roots["service"]).parts)).rstrip(".")
+        for p in roots["service"].rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
+    assert sorted(in_tree) == sorted(listed)
+    unshipped = []
+    for package in sorted(listed):
+        where = roots.get(package) or REPO_ROOT.joinpath(*package.split("."))
+        globs = config["package-data"].get(package, [])
+        for path in where.rglob("*"):
+            relative = path.relative_to(where)
+            if (
+                not path.is_file()
+                or path.suffix in (".py", ".pyc")
+                or "__pycache__" in relative.parts
+            ):
+                continue
+            if (
+                relative.parts[0] != relative.name
+                and (where / relative.parts[0] / "__init__.py").exists()
+            ):
+                continue  # belongs to a subpackage, checked under its own name
+            if not any(fnmatch.fnmatch(str(relative), g) for g in globs):
+                unshipped.append(f"{package}: {relative}")
+    assert [] == unshipped
+
+
+# --- secrets in Sentry's frame variables ------------------------------------------------
+
+
+@pytest.mark.parametrize("password", ["ab\\cd1234XY", "q'u\"cd1234XY"])
+def test_a_secret_written_escaped_in_a_frame_variable_is_scrubbed(
+    password: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A password with a backslash (or both quotes) sits in a frame variable's repr escaped
+    (`ab\\\\cd...`), which the scrubber's plain search missed: the event sent to Sentry keeps
+    no form of it."""
+    import json
+
+    import sentry_sdk
+
+    from service.core import observability
+    from tests.conftest import make_settings
+    from tests.integration.test_sentry import Captured
+
+    transport = Captured()
+    quoted = password.replace("\\", "%5C").replace("'", "%27").replace('"', "%22")
+    settings = make_settings(f"postgresql://app:{quoted}@127.0.0.1:1/x", webhook_secret=password)
+    observability.init_sentry(settings, transport=transport)
+
+    def connect() -> None:
+        conninfo = settings.database_url.reveal().replace(quoted, password)
+        hook = f"signing with {settings.webhook_secret.reveal() if settings.webhook_secret else ''}"
+        raise RuntimeError(f"cannot connect ({len(conninfo)}, {len(hook)})")
+
+    try:
+        try:
+            connect()
+        except RuntimeError:
+            sentry_sdk.capture_exception()
+        sentry_sdk.flush()
+    finally:
+        sentry_sdk.get_client().close()
+        sentry_sdk.init()
+    assert 1 == len(transport.events)
+    frames = transport.events[0]["exception"]["values"][0]["stacktrace"]["frames"]
+    assert any("conninfo" in f.get("vars", {}) for f in frames), frames
+    assert "cd1234XY" not in json.dumps(transport.events)
