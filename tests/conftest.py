@@ -13,7 +13,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -25,9 +25,13 @@ from service.settings import Settings
 from tests.helpers.emulator import run_emulator
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from starlette.testclient import TestClient
 
     from service.execution import Deps
+    from tests.helpers.procs import Cluster
+    from tests.helpers.proxy import BillingProxy
 
 TEMPLATE = f"fp_template_{os.getpid()}"
 _counter = itertools.count()
@@ -141,6 +145,25 @@ async def deps(db_url: str, billing_url: str) -> AsyncIterator[Deps]:
         await pool.close()
 
 
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[db.Pool]:
+    """A pool of up to 8 connections on this test's database, as one worker process holds."""
+    p = db.make_pool(db_url, name="test", min_size=1, max_size=8)
+    await p.open(wait=True)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@pytest.fixture
+def admin(db_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """A second session on the test's database, in a transaction of its own (not autocommit):
+    an admin's change that holds its rows until the test commits it."""
+    with psycopg.connect(db_url) as c:
+        yield c
+
+
 @pytest.fixture(scope="session")
 def emulator_url() -> Iterator[str]:
     with run_emulator() as url:
@@ -154,6 +177,39 @@ def billing_url(emulator_url: str) -> str:
 
     httpx.post(f"{emulator_url}/admin/reset").raise_for_status()
     return emulator_url
+
+
+@pytest.fixture
+def proxy(billing_url: str) -> Iterator[BillingProxy]:
+    """A proxy in front of this test's emulator that the test can make hold, drop or answer
+    requests oddly."""
+    from tests.helpers.proxy import billing_proxy
+
+    with billing_proxy(billing_url) as p:
+        yield p
+
+
+@pytest.fixture
+async def via_proxy(deps: Deps, proxy: BillingProxy) -> AsyncIterator[Deps]:
+    """The job's dependencies, with Billing reached through the proxy."""
+    from service.billing.client import BillingClient, Budget
+    from service.execution import Deps
+
+    client = BillingClient(proxy.url, token=None, timeout=1.0, budget=Budget(1000))
+    try:
+        yield Deps(deps.pool, client, deps.settings)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def system(db_url: str, proxy: BillingProxy, tmp_path: Path) -> Iterator[Cluster]:
+    """The API and workers a test starts (none at first), Billing behind the proxy; all
+    stopped, their logs shown on a failure, at the end."""
+    from tests.helpers.procs import cluster
+
+    with cluster(service_env(db_url, proxy.url), tmp_path) as c:
+        yield c
 
 
 def make_settings(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import psycopg
@@ -30,13 +30,6 @@ T = TypeVar("T")
 HOLD = "hold_reason = 'dispute #42', hold_since = now(), hold_by = 'admin-1'"
 PERIODIC_OFF = "periodic_payouts_enabled = false"
 INSTANT_OFF = "instant_payouts_enabled = false"
-
-
-@pytest.fixture
-def admin(db_url: str) -> Iterator[psycopg.Connection[Any]]:
-    """A second session, in a transaction of its own (not autocommit)."""
-    with psycopg.connect(db_url) as c:
-        yield c
 
 
 async def insert_payout(conn: db.Conn, kind: str) -> uuid.UUID:

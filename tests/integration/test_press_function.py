@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -32,13 +31,6 @@ from tests.helpers.api import (
 )
 
 PARK = "press-fn-park"
-
-
-@pytest.fixture
-def admin(db_url: str) -> Iterator[psycopg.Connection[Any]]:
-    """A second session, in a transaction of its own (not autocommit)."""
-    with psycopg.connect(db_url) as c:
-        yield c
 
 
 async def register_park(conn: db.Conn) -> None:
