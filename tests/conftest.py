@@ -13,6 +13,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -25,8 +26,6 @@ from service.settings import Settings
 from tests.helpers.emulator import run_emulator
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from starlette.testclient import TestClient
 
     from service.execution import Deps
@@ -38,6 +37,18 @@ _counter = itertools.count()
 
 API_TOKEN = "test-api-token-0123456789"
 ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+E2E = Path(__file__).parent / "e2e"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `-n 2 --dist loadgroup` (make test) every end-to-end test runs on the same pytest
+    process, one at a time: their cases time real processes, and two such clusters at once on
+    two cores would turn their deadlines into a contest. The other process takes the rest."""
+    for item in items:
+        if item.path.is_relative_to(E2E):
+            item.add_marker(pytest.mark.xdist_group("e2e"))
 
 
 def with_dbname(url: str, name: str) -> str:
