@@ -268,6 +268,9 @@ def service_env(db_url: str, billing_url: str, **overrides: str) -> dict[str, st
             "BILLING_BREAKER_COOLOFF_SECONDS": "1",
             "WORKER_POLL_SECONDS": "0.5",
             "STALLED_JOB_SECONDS": "5",
+            # No load balancer to tell: an API stopped at a test's end exits at once, not 5 s
+            # later (tests/e2e/test_graceful_stop.py sets its own drain).
+            "API_DRAIN_SECONDS": "0",
             "LOG_LEVEL": "INFO",
         }
     )
