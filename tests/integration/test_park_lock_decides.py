@@ -21,7 +21,7 @@ from service import db, instant, periodic
 from service.domain import Status
 from service.execution import Deps, execute_payout
 from tests.conftest import make_settings
-from tests.helpers.api import set_balance
+from tests.helpers.api import lock_waiters, set_balance
 
 PARK = "lock-park"
 T = TypeVar("T")
@@ -50,17 +50,6 @@ async def register(conn: db.Conn) -> None:
         "VALUES (%s, true, now() - interval '30 days')",
         (PARK,),
     )
-
-
-async def lock_waiters(conn: db.Conn) -> int:
-    """Sessions of this database waiting for a lock right now."""
-    found = await db.fetch_one(
-        conn,
-        "SELECT count(*) AS n FROM pg_stat_activity "
-        "WHERE datname = current_database() AND wait_event_type = 'Lock'",
-    )
-    assert found is not None
-    return int(found["n"])
 
 
 async def run_into_the_lock(
