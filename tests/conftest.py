@@ -45,10 +45,12 @@ ADMIN_TOKEN = "test-admin-token-0123456789"
 E2E = Path(__file__).parent / "e2e"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under `-n 2 --dist loadgroup` (make test) every end-to-end test runs on the same pytest
     process, one at a time: their cases time real processes, and two such clusters at once on
     two cores would turn their deadlines into a contest. The other process takes the rest."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return  # `-p no:xdist`: one process, and no xdist_group marker to give
     for item in items:
         if item.path.is_relative_to(E2E):
             item.add_marker(pytest.mark.xdist_group("e2e"))
