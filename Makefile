@@ -24,8 +24,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check service devkit tests
 	$(VENV)/bin/mypy
 
+# Two pytest processes (PYTEST_WORKERS=0 for one): tests/e2e/ stays on one of them, one
+# test at a time (its cases time real processes), while the other takes the rest
+# (tests/conftest.py, pytest_xdist_make_scheduler).
+PYTEST_WORKERS ?= 2
+
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS))
 
 # wrk drives the HTTP figure: a Python load generator on the same two cores
 # steals the CPU it measures. Without wrk the bench falls back and says so.

@@ -11,7 +11,10 @@ import asyncio
 import dataclasses
 import itertools
 import os
-from collections.abc import AsyncIterator, Iterator
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -29,12 +32,31 @@ if TYPE_CHECKING:
     from starlette.testclient import TestClient
 
     from service.payouts.execution import Deps
+    from tests.helpers.procs import Cluster
+    from tests.helpers.proxy import BillingProxy
 
 TEMPLATE = f"fp_template_{os.getpid()}"
+CLONE_TIMEOUT_S = 120.0
 _counter = itertools.count()
 
 API_TOKEN = "test-api-token-0123456789"
 ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent under -p no:xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under `-n 2` (make test) every end-to-end test runs on the same pytest process, one at
+    a time: their cases time real processes, and two such clusters at once on two cores would
+    turn their deadlines into a contest. The other process takes the rest, test by test, and
+    the first to finish helps the other. (xdist's own --dist loadgroup would do this from a
+    marker, but it writes the group into a private attribute pytest 9.2 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]  # no py.typed
+
+    class EndToEndOnOneProcess(LoadScopeScheduling):  # type: ignore[misc]  # untyped base
+        def _split_scope(self, nodeid: str) -> str:
+            return "e2e" if nodeid.startswith("tests/e2e/") else nodeid
+
+    return EndToEndOnOneProcess(config, log)
 
 
 def with_dbname(url: str, name: str) -> str:
@@ -95,12 +117,64 @@ def drop_database(server_url: str, url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+class Clones:
+    """Clones of the template for the tests, made one ahead and dropped after use on a thread
+    of their own: a test waits for neither while that thread has kept up (~1 s a clone on a
+    busy machine, 0.1-0.2 s a drop)."""
+
+    def __init__(self, server_url: str, template: str) -> None:
+        self.server_url = server_url
+        self.template = template
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._made: queue.SimpleQueue[str | Exception] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="test-databases", daemon=True)
+        self._thread.start()
+        self._jobs.put(self._make)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def _make(self) -> None:
+        try:
+            self._made.put(create_database(self.server_url, template=self.template))
+        except Exception as exc:  # the test that takes it fails with it
+            self._made.put(exc)
+
+    def take(self) -> str:
+        """A fresh clone; the next one starts at once."""
+        made = self._made.get(timeout=CLONE_TIMEOUT_S)
+        self._jobs.put(self._make)
+        if isinstance(made, Exception):
+            raise made
+        return made
+
+    def drop(self, url: str) -> None:
+        self._jobs.put(lambda: drop_database(self.server_url, url))
+
+    def close(self) -> None:
+        """Drop what is left (the clone made ahead included), then stop the thread."""
+        self._jobs.put(None)
+        self._thread.join()
+        while not self._made.empty():
+            made = self._made.get()
+            if not isinstance(made, Exception):
+                drop_database(self.server_url, made)
+
+
+@pytest.fixture(scope="session")
+def clones(pg_server_url: str, template_url: str) -> Iterator[Clones]:
+    c = Clones(pg_server_url, TEMPLATE)
+    yield c
+    c.close()
+
+
 @pytest.fixture
-def db_url(pg_server_url: str, template_url: str) -> Iterator[str]:
+def db_url(clones: Clones) -> Iterator[str]:
     """A fresh, migrated database for this test alone."""
-    url = create_database(pg_server_url, template=TEMPLATE)
+    url = clones.take()
     yield url
-    drop_database(pg_server_url, url)
+    clones.drop(url)
 
 
 @pytest.fixture
@@ -142,6 +216,25 @@ async def deps(db_url: str, billing_url: str) -> AsyncIterator[Deps]:
         await pool.close()
 
 
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[db.Pool]:
+    """A pool of up to 8 connections on this test's database, as one worker process holds."""
+    p = db.make_pool(db_url, name="test", min_size=1, max_size=8)
+    await p.open(wait=True)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@pytest.fixture
+def admin(db_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """A second session on the test's database, in a transaction of its own (not autocommit):
+    an admin's change that holds its rows until the test commits it."""
+    with psycopg.connect(db_url) as c:
+        yield c
+
+
 @pytest.fixture(scope="session")
 def emulator_url() -> Iterator[str]:
     with run_emulator() as url:
@@ -167,6 +260,39 @@ TEST_ENV = {
     "RETRY_BACKOFF_CAP_SECONDS": "1",
     "WORKER_POLL_SECONDS": "0.5",
 }
+
+
+@pytest.fixture
+def proxy(billing_url: str) -> Iterator[BillingProxy]:
+    """A proxy in front of this test's emulator that the test can make hold, drop or answer
+    requests oddly."""
+    from tests.helpers.proxy import billing_proxy
+
+    with billing_proxy(billing_url) as p:
+        yield p
+
+
+@pytest.fixture
+async def via_proxy(deps: Deps, proxy: BillingProxy) -> AsyncIterator[Deps]:
+    """The job's dependencies, with Billing reached through the proxy."""
+    from service.billing.client import BillingClient, Budget
+    from service.payouts.execution import Deps
+
+    client = BillingClient(proxy.url, token=None, timeout=1.0, budget=Budget(1000))
+    try:
+        yield Deps(deps.pool, client, deps.settings)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def system(db_url: str, proxy: BillingProxy, tmp_path: Path) -> Iterator[Cluster]:
+    """The API and workers a test starts (none at first), Billing behind the proxy; all
+    stopped, their logs shown on a failure, at the end."""
+    from tests.helpers.procs import cluster
+
+    with cluster(service_env(db_url, proxy.url), tmp_path) as c:
+        yield c
 
 
 def make_settings(
@@ -204,6 +330,9 @@ def service_env(db_url: str, billing_url: str, **overrides: str) -> dict[str, st
             "BILLING_BREAKER_COOLOFF_SECONDS": "1",
             "WORKER_POLL_SECONDS": "0.5",
             "STALLED_JOB_SECONDS": "5",
+            # No load balancer to tell: an API stopped at a test's end exits at once, not 5 s
+            # later (tests/e2e/test_graceful_stop.py sets its own drain).
+            "API_DRAIN_SECONDS": "0",
             "LOG_LEVEL": "INFO",
         }
     )

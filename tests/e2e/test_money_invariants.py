@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypedDict
@@ -38,26 +37,13 @@ from tests.helpers.api import (
     wait_final,
 )
 from tests.helpers.procs import Cluster, cluster, wait_for
-from tests.helpers.proxy import BillingProxy, Order, billing_proxy
+from tests.helpers.proxy import BillingProxy, Order
 
 pytestmark = pytest.mark.e2e
 
 FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 EVERY_SECOND = "* * * * * */1"
 Pg = psycopg.Connection[dict[str, Any]]
-
-
-@pytest.fixture
-def proxy(billing_url: str) -> Iterator[BillingProxy]:
-    with billing_proxy(billing_url) as p:
-        yield p
-
-
-@pytest.fixture
-def system(db_url: str, proxy: BillingProxy, tmp_path: Path) -> Iterator[Cluster]:
-    """API and workers of this test, talking to Billing through the proxy."""
-    with cluster(service_env(db_url, proxy.url), tmp_path) as c:
-        yield c
 
 
 class Skew(TypedDict):

@@ -151,7 +151,7 @@ class Fleet:
         wait_for(
             lambda: all(condition(url) for url in self.worker_urls()),
             timeout=WORKER_GAUGE_WAIT,
-            interval=0.5,
+            interval=0.2,
             what=what,
         )
 

@@ -169,14 +169,14 @@ def test_faulty_billing_still_pays_every_payout_exactly_once(
         wait_for(
             lambda: count_final(pg, list(ids)) >= 40,
             timeout=60,
-            interval=0.5,
+            interval=0.1,
             what="most payouts to finish under faults",
         )
         set_faults(billing_url, **NO_FAULTS)
         wait_for(
             lambda: count_final(pg, list(ids)) == len(ids),
             timeout=60,
-            interval=0.5,
+            interval=0.1,
             what="every payout to finish once faults stopped",
         )
 

@@ -10,15 +10,12 @@ per park, Billing's transfers are exactly our succeeded payouts.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
-from tests.conftest import service_env
 from tests.helpers.api import (
     assert_books_agree,
     assert_error,
@@ -29,8 +26,8 @@ from tests.helpers.api import (
     transfers,
     wait_final,
 )
-from tests.helpers.procs import Cluster, cluster
-from tests.helpers.proxy import BillingProxy, Canned, billing_proxy
+from tests.helpers.procs import Cluster
+from tests.helpers.proxy import BillingProxy, Canned
 
 pytestmark = pytest.mark.e2e
 
@@ -44,19 +41,6 @@ GATEWAY_ANSWERS = {
     "302": Canned(302, headers={"Location": "https://login.example/"}),
     "200 junk": Canned(200, b'{"ok": true}', content_type="application/json"),
 }
-
-
-@pytest.fixture
-def proxy(billing_url: str) -> Iterator[BillingProxy]:
-    with billing_proxy(billing_url) as p:
-        yield p
-
-
-@pytest.fixture
-def system(db_url: str, proxy: BillingProxy, tmp_path: Path) -> Iterator[Cluster]:
-    """API and worker of this test (BILLING_TIMEOUT_SECONDS=1), Billing behind the proxy."""
-    with cluster(service_env(db_url, proxy.url), tmp_path) as c:
-        yield c
 
 
 @pytest.mark.parametrize("answer", GATEWAY_ANSWERS.values(), ids=GATEWAY_ANSWERS.keys())

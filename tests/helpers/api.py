@@ -7,7 +7,9 @@ client for the app (`app_client`, the `client` fixture), so the same helper serv
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import re
 import uuid
 from datetime import datetime, timedelta
@@ -19,6 +21,7 @@ import psycopg
 from psycopg.rows import DictRow
 from starlette.testclient import TestClient
 
+from service.core import db
 from service.web.app import create_app
 from tests.conftest import ADMIN_TOKEN, API_TOKEN, make_settings
 from tests.helpers.procs import wait_for
@@ -281,3 +284,31 @@ def stats(billing: str) -> dict[str, Any]:
 
 def set_faults(billing: str, **faults: float) -> None:
     httpx.put(f"{billing}/admin/faults", json=faults, timeout=TIMEOUT).raise_for_status()
+
+
+def bank_returns(billing: str, key: str, code: str = "account_closed") -> None:
+    """The bank sends the payout made under `key` back: Billing records a return."""
+    url = f"{billing}/admin/payouts/{key}/return"
+    httpx.post(url, json={"code": code}, timeout=TIMEOUT).raise_for_status()
+
+
+def outside_return(billing: str, key: str, code: str = "wrong_iban") -> None:
+    """Billing's returns feed names a key it made no payout under through us."""
+    body = {"idempotency_key": key, "code": code}
+    httpx.post(f"{billing}/admin/returns", json=body, timeout=TIMEOUT).raise_for_status()
+
+
+def cursor_of(value: Any) -> str:
+    """A cursor in the service's encoding, made up by the client from any JSON value."""
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+async def lock_waiters(conn: db.Conn) -> int:
+    """Sessions of this database waiting for a lock right now."""
+    found = await db.fetch_one(
+        conn,
+        "SELECT count(*) AS n FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    assert found is not None
+    return int(found["n"])

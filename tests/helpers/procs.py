@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from fleet_payouts_devkit.processes import free_port, stop_process
+from fleet_payouts_devkit.processes import free_port
 
 from tests.helpers.emulator import REPO_ROOT
 
@@ -57,6 +57,7 @@ class Proc:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        self._terminated = False
 
     @property
     def pid(self) -> int:
@@ -71,8 +72,20 @@ class Proc:
             self.popen.send_signal(signal.SIGKILL)
             self.popen.wait(timeout=10)
 
+    def terminate(self) -> None:
+        """SIGTERM, once (a second one would stop the process at once, not gracefully)."""
+        if self.alive() and not self._terminated:
+            self.popen.send_signal(signal.SIGTERM)
+        self._terminated = True
+
     def stop(self, timeout: float = 20.0) -> None:
-        stop_process(self.popen, timeout)
+        """SIGTERM (unless `terminate` sent it), then SIGKILL if still running after `timeout`."""
+        self.terminate()
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
         self._log_file.close()
 
     def tail(self, lines: int = 40) -> str:
@@ -116,6 +129,9 @@ class Cluster:
         return proc
 
     def stop(self) -> None:
+        """SIGTERM to every process at once, then wait for each: they stop side by side."""
+        for proc in self.procs:
+            proc.terminate()
         for proc in self.procs:
             proc.stop()
 

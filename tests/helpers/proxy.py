@@ -162,7 +162,16 @@ def billing_proxy(upstream: str) -> Iterator[BillingProxy]:
     app = Starlette(routes=[Route("/{path:path}", handle, methods=["GET", "POST", "PUT"])])
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            # At the test's end a request still held is one nobody waits for (its caller was
+            # stopped): cancel it after a second instead of waiting out the hold.
+            timeout_graceful_shutdown=1,
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
 from typing import Any
 
 import psycopg
@@ -13,7 +11,14 @@ from starlette.testclient import TestClient
 
 from service.core import db
 from service.events import outbox as events
-from tests.helpers.api import ADMIN_AUTH, assert_error, park_headers, press_headers, register
+from tests.helpers.api import (
+    ADMIN_AUTH,
+    assert_error,
+    cursor_of,
+    park_headers,
+    press_headers,
+    register,
+)
 from tests.helpers.events import (
     Conn,
     feed_page,
@@ -24,11 +29,6 @@ from tests.helpers.events import (
     stored,
 )
 from tests.helpers.metrics import statements_sent
-
-
-def cursor_of(value: Any) -> str:
-    """A cursor in the service's encoding, made up by the client."""
-    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
 
 
 def press(client: TestClient, park: str, key: str = "k1") -> dict[str, Any]:

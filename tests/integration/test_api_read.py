@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import uuid
@@ -22,6 +21,7 @@ from tests.helpers.api import (
     ADMIN_AUTH,
     app_client,
     assert_error,
+    cursor_of,
     finish,
     park_headers,
     parse_ts,
@@ -43,11 +43,6 @@ def availability(client: TestClient, park: str = "p1") -> dict[str, Any]:
     assert 200 == r.status_code, r.text
     body: dict[str, Any] = r.json()
     return body
-
-
-def cursor_of(value: Any) -> str:
-    """A cursor in the service's encoding, but made up by the client."""
-    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
 
 
 def insert_finished_payouts(

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from service.audit import store as audit
-from service.billing.client import BillingClient, BillingReturn, Budget
+from service.billing.client import BillingReturn
 from service.core import db
 from service.ops import roles
 from service.payouts import returns
@@ -26,7 +25,7 @@ from service.payouts.execution import Deps, RetryLater, execute_payout
 from service.payouts.model import Status
 from tests.helpers.audit import Pg, connect
 from tests.helpers.procs import wait_for
-from tests.helpers.proxy import BillingProxy, Canned, billing_proxy
+from tests.helpers.proxy import BillingProxy, Canned
 
 BOUNDS = """
 SELECT b.bound[1]::timestamptz AS low, b.bound[2]::timestamptz AS high
@@ -66,22 +65,6 @@ async def test_partitions_are_utc_months_whatever_the_database_time_zone(
         assert next_utc_month(low) == row["high"], row
         if following is not None:
             assert row["high"] == following["low"], (row, following)
-
-
-@pytest.fixture
-def proxy(billing_url: str) -> Iterator[BillingProxy]:
-    with billing_proxy(billing_url) as p:
-        yield p
-
-
-@pytest.fixture
-async def via_proxy(deps: Deps, proxy: BillingProxy) -> AsyncIterator[Deps]:
-    """The job's dependencies, with Billing reached through the proxy."""
-    client = BillingClient(proxy.url, token=None, timeout=1.0, budget=Budget(1000))
-    try:
-        yield Deps(deps.pool, client, deps.settings)
-    finally:
-        await client.aclose()
 
 
 async def periodic_payout(conn: db.Conn, park: str, snapshot: str) -> uuid.UUID:

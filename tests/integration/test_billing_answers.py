@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
 
-from service.billing.client import BillingClient, Budget, Undecided
+from service.billing.client import Undecided
 from service.core import db
 from service.ops import reconcile
 from service.payouts.execution import Deps, RetryLater, execute_payout
 from service.payouts.model import Status
-from tests.helpers.proxy import BillingProxy, Canned, billing_proxy
+from tests.helpers.proxy import BillingProxy, Canned
 
 PARK = "answers-park"
 
@@ -81,22 +80,6 @@ def emulator(billing_url: str, method: str, path: str, body: Any = None) -> Any:
 def transfers(billing_url: str) -> list[str]:
     """Keys of every payout Billing made."""
     return [p["idempotency_key"] for p in emulator(billing_url, "GET", "/admin/payouts")["payouts"]]
-
-
-@pytest.fixture
-def proxy(billing_url: str) -> Iterator[BillingProxy]:
-    with billing_proxy(billing_url) as p:
-        yield p
-
-
-@pytest.fixture
-async def via_proxy(deps: Deps, proxy: BillingProxy) -> AsyncIterator[Deps]:
-    """The job's dependencies, with Billing reached through the proxy."""
-    client = BillingClient(proxy.url, token=None, timeout=1.0, budget=Budget(1000))
-    try:
-        yield Deps(deps.pool, client, deps.settings)
-    finally:
-        await client.aclose()
 
 
 async def new_payout(conn: db.Conn, *, snapshot: str | None) -> uuid.UUID:

@@ -29,16 +29,6 @@ COOLOFF = 30.0
 
 
 @pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[db.Pool]:
-    p = db.make_pool(db_url, name="test", max_size=8)
-    await p.open(wait=True)
-    try:
-        yield p
-    finally:
-        await p.close()
-
-
-@pytest.fixture
 def make_gate(pool: db.Pool) -> Callable[..., SharedGate]:
     """A factory of gates on the test's database: each one a worker process of its own."""
 

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,34 +14,21 @@ import pytest
 from fleet_payouts_devkit.emulator import RateStats
 
 from tests.helpers.emulator import run_emulator
+from tests.helpers.procs import wait_for
 
 DEADLINE_S = 5.0
 
 
-@pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    with run_emulator() as url:
-        yield url
-
-
 @pytest.fixture
-def client(base_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=base_url, timeout=5.0) as c:
+def client(emulator_url: str) -> Iterator[httpx.Client]:
+    """A client of the session's emulator (reset before each test)."""
+    with httpx.Client(base_url=emulator_url, timeout=5.0) as c:
         yield c
 
 
 @pytest.fixture(autouse=True)
 def _reset(client: httpx.Client) -> None:
     client.post("/admin/reset").raise_for_status()
-
-
-def wait_for(condition: Callable[[], bool], deadline_s: float = DEADLINE_S) -> None:
-    """Poll ``condition`` until it holds; fail if it does not within the deadline."""
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {deadline_s}s")
-        time.sleep(0.02)
 
 
 def set_balance(client: httpx.Client, park: str, available: str, currency: str = "RUB") -> None:
@@ -356,7 +343,7 @@ def test_timeout_still_applies_the_payout_later(client: httpx.Client) -> None:
     with pytest.raises(httpx.TimeoutException):
         pay(client, "k1", timeout=0.1)
 
-    wait_for(lambda: len(executed(client)) == 1)
+    wait_for(lambda: len(executed(client)) == 1, timeout=DEADLINE_S, interval=0.02)
     assert "k1" == executed(client)[0]["idempotency_key"]
     assert "400.00" == available(client, "p1")
 

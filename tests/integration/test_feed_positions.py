@@ -5,14 +5,12 @@ and the app role can read events but never write them."""
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psycopg
@@ -26,7 +24,7 @@ from service.events import outbox as events
 from service.events import webhooks
 from service.ops import migrate
 from tests.conftest import drop_database, make_settings, with_dbname
-from tests.helpers.api import app_client, assert_error, park_headers
+from tests.helpers.api import app_client, assert_error, cursor_of, park_headers
 from tests.helpers.events import (
     Conn,
     feed_page,
@@ -39,11 +37,6 @@ from tests.helpers.events import (
 from tests.helpers.procs import wait_for
 
 SECRET = "whsec-test-0123456789abcdef"
-
-
-def cursor_of(value: Any) -> str:
-    """A cursor in the service's encoding (what v5 issued for (xid, seq))."""
-    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import psycopg
@@ -22,7 +22,7 @@ from service.payouts import instant, periodic
 from service.payouts.execution import Deps, execute_payout
 from service.payouts.model import Status
 from tests.conftest import make_settings
-from tests.helpers.api import set_balance
+from tests.helpers.api import lock_waiters, set_balance
 
 PARK = "lock-park"
 T = TypeVar("T")
@@ -31,13 +31,6 @@ T = TypeVar("T")
 HOLD = "hold_reason = 'dispute #42', hold_since = now(), hold_by = 'admin-1'"
 PERIODIC_OFF = "periodic_payouts_enabled = false"
 INSTANT_OFF = "instant_payouts_enabled = false"
-
-
-@pytest.fixture
-def admin(db_url: str) -> Iterator[psycopg.Connection[Any]]:
-    """A second session, in a transaction of its own (not autocommit)."""
-    with psycopg.connect(db_url) as c:
-        yield c
 
 
 async def insert_payout(conn: db.Conn, kind: str) -> uuid.UUID:
@@ -58,17 +51,6 @@ async def register(conn: db.Conn) -> None:
         "VALUES (%s, true, now() - interval '30 days')",
         (PARK,),
     )
-
-
-async def lock_waiters(conn: db.Conn) -> int:
-    """Sessions of this database waiting for a lock right now."""
-    found = await db.fetch_one(
-        conn,
-        "SELECT count(*) AS n FROM pg_stat_activity "
-        "WHERE datname = current_database() AND wait_event_type = 'Lock'",
-    )
-    assert found is not None
-    return int(found["n"])
 
 
 async def run_into_the_lock(

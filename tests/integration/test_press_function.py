@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 from psycopg import sql
@@ -27,6 +25,8 @@ from tests.conftest import make_settings
 from tests.helpers.api import (
     app_client,
     assert_error,
+    bank_returns,
+    lock_waiters,
     press_headers,
     register,
     set_balance,
@@ -35,30 +35,12 @@ from tests.helpers.api import (
 PARK = "press-fn-park"
 
 
-@pytest.fixture
-def admin(db_url: str) -> Iterator[psycopg.Connection[Any]]:
-    """A second session, in a transaction of its own (not autocommit)."""
-    with psycopg.connect(db_url) as c:
-        yield c
-
-
 async def register_park(conn: db.Conn) -> None:
     await conn.execute(
         "INSERT INTO parks (park_id, instant_payouts_enabled, registered_at) "
         "VALUES (%s, true, now() - interval '30 days')",
         (PARK,),
     )
-
-
-async def lock_waiters(conn: db.Conn) -> int:
-    """Sessions of this database waiting for a lock right now."""
-    found = await db.fetch_one(
-        conn,
-        "SELECT count(*) AS n FROM pg_stat_activity "
-        "WHERE datname = current_database() AND wait_event_type = 'Lock'",
-    )
-    assert found is not None
-    return int(found["n"])
 
 
 async def clock_passed(admin: psycopg.Connection[Any], column: str) -> bool:
@@ -206,12 +188,6 @@ async def test_the_press_runs_as_the_app_role(app_db_url: str, conn: db.Conn) ->
     ]
     jobs = await db.fetch_all(conn, "SELECT args->>'payout_id' AS id FROM procrastinate_jobs")
     assert [str(accepted.payout["id"])] == [j["id"] for j in jobs]
-
-
-def bank_returns(billing_url: str, key: str) -> None:
-    """The bank sends the payout under `key` back (the emulator's admin route)."""
-    url = f"{billing_url}/admin/payouts/{key}/return"
-    httpx.post(url, json={"code": "account_closed"}).raise_for_status()
 
 
 async def test_a_returned_payout_holds_no_cooldown_for_the_next_press(

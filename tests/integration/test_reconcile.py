@@ -23,7 +23,7 @@ from service.ops import reconcile
 from service.payouts.execution import Deps, execute_payout
 from service.payouts.model import Status
 from tests.conftest import service_env
-from tests.helpers.api import set_balance
+from tests.helpers.api import bank_returns, outside_return, set_balance
 from tests.helpers.emulator import REPO_ROOT
 
 
@@ -163,17 +163,6 @@ def test_cli_refuses_a_bad_date_before_doing_anything(when: str) -> None:
     )
     assert 2 == r.returncode
     assert "--since" in r.stderr
-
-
-def bank_returns(billing_url: str, key: str) -> None:
-    """The bank sends the payout made under `key` back (Billing records a return)."""
-    httpx.post(f"{billing_url}/admin/payouts/{key}/return", json={"code": "account_closed"})
-
-
-def outside_return(billing_url: str, key: str) -> None:
-    """Billing's returns feed names a key it made no payout under through us."""
-    body = {"idempotency_key": key, "code": "wrong_iban"}
-    httpx.post(f"{billing_url}/admin/returns", json=body).raise_for_status()
 
 
 async def test_fee_and_return_mismatches(deps: Deps, conn: db.Conn, billing_url: str) -> None:

@@ -21,7 +21,9 @@ from service.payouts.model import Status
 from tests.helpers.api import (
     ADMIN,
     app_client,
+    bank_returns,
     billing_balance,
+    outside_return,
     park_headers,
     press_headers,
     register,
@@ -35,16 +37,6 @@ PARK = "ret-park"
 def api(db_url: str) -> Iterator[TestClient]:
     with app_client(db_url) as c:
         yield c
-
-
-def bank_returns(billing_url: str, key: str, code: str = "account_closed") -> None:
-    httpx.post(f"{billing_url}/admin/payouts/{key}/return", json={"code": code}).raise_for_status()
-
-
-def outside_return(billing_url: str, key: str, code: str = "c") -> None:
-    """Billing records a return under a key it made no payout for through us."""
-    body = {"idempotency_key": key, "code": code}
-    httpx.post(f"{billing_url}/admin/returns", json=body).raise_for_status()
 
 
 def billing_calls(billing_url: str) -> int:

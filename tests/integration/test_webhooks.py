@@ -54,16 +54,6 @@ class Consumer:
 
 
 @pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[db.Pool]:
-    p = db.make_pool(db_url, name="test", min_size=1, max_size=4)
-    await p.open(wait=True)
-    try:
-        yield p
-    finally:
-        await p.close()
-
-
-@pytest.fixture
 def consumer() -> Consumer:
     return Consumer()
 

@@ -13,7 +13,7 @@ import select
 import socket
 import statistics
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,16 +124,6 @@ def consumer() -> Iterator[Consumer]:
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[db.Pool]:
-    p = db.make_pool(db_url, name="test", min_size=1, max_size=6)
-    await p.open(wait=True)
-    try:
-        yield p
-    finally:
-        await p.close()
 
 
 async def test_48_hanging_parks_delay_no_other_park(

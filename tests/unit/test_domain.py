@@ -115,83 +115,56 @@ def test_payout_amount_is_never_negative(available: str) -> None:
 # --- instant_availability ---------------------------------------------------------
 
 
-def test_instant_disabled_comes_before_every_other_reason() -> None:
-    """A park without the option is told so even while in flight and cooling down."""
+# One row per case: the park's state (enabled, on hold, in flight, last counted instant
+# payout), the time of the question, and the answer expected.
+AVAILABILITY_CASES = {
+    "disabled-before-every-other-reason": (
+        (False, True, True, T0, T0 + timedelta(minutes=1)),
+        Availability(False, Code.INSTANT_PAYOUTS_DISABLED, None),
+    ),
+    "hold-before-in-flight-and-cooldown": (
+        (True, True, True, T0, T0 + timedelta(minutes=1)),
+        Availability(False, Code.PARK_ON_HOLD, None),
+    ),
+    "in-flight-before-cooldown": (
+        (True, False, True, T0, T0 + timedelta(minutes=1)),
+        Availability(False, Code.PAYOUT_IN_PROGRESS, None),
+    ),
+    "cooldown-says-when-the-button-comes-back": (
+        (True, False, False, T0, T0 + K - timedelta(seconds=1)),
+        Availability(False, Code.COOLDOWN_ACTIVE, T0 + K),
+    ),
+    "cooldown-over-at-k": ((True, False, False, T0, T0 + K), Availability(True, None, None)),
+    "cooldown-over-after-k": (
+        (True, False, False, T0, T0 + K + timedelta(seconds=1)),
+        Availability(True, None, None),
+    ),
+    "cooldown-over-long-ago": (
+        (True, False, False, T0, T0 + timedelta(days=30)),
+        Availability(True, None, None),
+    ),
+    "never-paid-instantly": ((True, False, False, None, T0), Availability(True, None, None)),
+}
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"), AVAILABILITY_CASES.values(), ids=AVAILABILITY_CASES.keys()
+)
+def test_instant_availability_answers_the_first_reason_that_applies(
+    state: tuple[bool, bool, bool, datetime | None, datetime], expected: Availability
+) -> None:
+    """The button's answer is the first of: disabled, on hold, in flight, cooling down (with
+    when it comes back, the last counted instant payout plus K); otherwise available."""
+    enabled, on_hold, in_flight, last_counted_instant_at, now = state
     result = instant_availability(
-        enabled=False,
-        on_hold=True,
-        in_flight=True,
-        last_counted_instant_at=T0,
+        enabled=enabled,
+        on_hold=on_hold,
+        in_flight=in_flight,
+        last_counted_instant_at=last_counted_instant_at,
         cooldown=K,
-        now=T0 + timedelta(minutes=1),
+        now=now,
     )
-    assert Availability(False, Code.INSTANT_PAYOUTS_DISABLED, None) == result
-
-
-def test_hold_comes_before_in_flight_and_cooldown() -> None:
-    """A park on hold is told so even while a payout is in flight and it cools down."""
-    result = instant_availability(
-        enabled=True,
-        on_hold=True,
-        in_flight=True,
-        last_counted_instant_at=T0,
-        cooldown=K,
-        now=T0 + timedelta(minutes=1),
-    )
-    assert Availability(False, Code.PARK_ON_HOLD, None) == result
-
-
-def test_payout_in_progress_comes_before_cooldown() -> None:
-    """An in-flight payout is reported before an active cooldown."""
-    result = instant_availability(
-        enabled=True,
-        on_hold=False,
-        in_flight=True,
-        last_counted_instant_at=T0,
-        cooldown=K,
-        now=T0 + timedelta(minutes=1),
-    )
-    assert Availability(False, Code.PAYOUT_IN_PROGRESS, None) == result
-
-
-def test_cooldown_reports_when_the_button_comes_back() -> None:
-    """During the cooldown, next_available_at is the last counted instant payout plus K."""
-    result = instant_availability(
-        enabled=True,
-        on_hold=False,
-        in_flight=False,
-        last_counted_instant_at=T0,
-        cooldown=K,
-        now=T0 + K - timedelta(seconds=1),
-    )
-    assert Availability(False, Code.COOLDOWN_ACTIVE, T0 + K) == result
-
-
-@pytest.mark.parametrize("elapsed", [K, K + timedelta(seconds=1), timedelta(days=30)])
-def test_cooldown_over_means_available(elapsed: timedelta) -> None:
-    """Once K has passed since the last counted instant payout, the button is live."""
-    result = instant_availability(
-        enabled=True,
-        on_hold=False,
-        in_flight=False,
-        last_counted_instant_at=T0,
-        cooldown=K,
-        now=T0 + elapsed,
-    )
-    assert Availability(True, None, None) == result
-
-
-def test_never_paid_instantly_means_available() -> None:
-    """An enabled park with nothing in flight and no instant payout yet is available."""
-    result = instant_availability(
-        enabled=True,
-        on_hold=False,
-        in_flight=False,
-        last_counted_instant_at=None,
-        cooldown=K,
-        now=T0,
-    )
-    assert Availability(True, None, None) == result
+    assert expected == result
 
 
 # --- next_periodic_payout_at ------------------------------------------------------
