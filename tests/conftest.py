@@ -13,6 +13,7 @@ import itertools
 import os
 import queue
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,7 +105,10 @@ def template_url(pg_server_url: str) -> Iterator[str]:
 
 
 def create_database(server_url: str, *, template: str | None) -> str:
-    name = f"fp_test_{os.getpid()}_{next(_counter)}"
+    # Unique without a shared counter: test modules that import this file as
+    # `tests.conftest` get a second copy of it (pytest loaded it as `conftest`), whose
+    # counter would start again at 0 beside the clone thread's.
+    name = f"fp_test_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(server_url, autocommit=True) as conn:
         suffix = f' TEMPLATE "{template}"' if template else ""
         conn.execute(f'CREATE DATABASE "{name}"{suffix}')

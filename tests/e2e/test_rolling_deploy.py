@@ -88,6 +88,7 @@ class OldProc(Proc):
     def __init__(self, args: list[str], env: dict[str, str], log: Path, root: Path) -> None:
         self.args = args
         self.log = log
+        self._terminated = False
         self._log_file = log.open("wb")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "service", *args],
