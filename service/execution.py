@@ -4,7 +4,11 @@ A payout moves through named recovery points, each one committed row state
 (domain.Phase, the phases of rocket-rides-atomic); every run of its job reads
 the row and resumes from the phase it names:
 
-- NEW -> DECIDING: a run takes it (pending -> processing, attempts + 1).
+- NEW -> DECIDING: a run takes it (pending -> processing, attempts + 1). A
+  periodic payout with the scan's snapshot and something to pay goes straight
+  to ORDERED in that same statement (the take query, migration 0016): the
+  worker's round trips per payout are procrastinate's fetch, the take, the
+  final write and procrastinate's finish.
 - DECIDING: ask Billing for the balance (or use the periodic scan's
   snapshot), decide the amount. Nothing has been sent under the payout's key,
   so this phase may end it: ``skipped`` (nothing to pay), ``failed`` (Billing
@@ -81,7 +85,12 @@ async def execute_payout(deps: Deps, payout_id: UUID) -> Status | None:
     a small constant however many payouts it runs at once.
     """
     async with deps.pool.connection() as conn:
-        taken = await payouts.take(conn, payout_id, retry_window=deps.settings.billing_retry_window)
+        taken = await payouts.take(
+            conn,
+            payout_id,
+            retry_window=deps.settings.billing_retry_window,
+            min_amount=deps.settings.payout_min_amount,
+        )
         if taken is None:
             current = await payouts.get(conn, payout_id)
             if current is None:
