@@ -25,3 +25,12 @@ AS $$
                                       coalesce(p.requested_amount, p.max_amount)), 0), 2)
                      AS amount) x
 $$;
+
+-- billing_gate.reserved_until: the send slot a host with an instant (or manual)
+-- payout waiting asked to keep for it (sql/billing.sql, claim_slots). Until the
+-- ledger passes it, other hosts' claims for periodic calls take no slot at or
+-- before it, so a press waits for at most about one slot, not behind every
+-- host's periodic backlog. A host that dies holding one delays the others by one
+-- slot at most: the reservation lapses when the ledger's clock passes it. The
+-- previous code's claim ignores the column (it only yields priority, never budget).
+ALTER TABLE billing_gate ADD COLUMN reserved_until timestamptz;

@@ -110,6 +110,9 @@ class _Run:
         self.taken = taken
         self.payout: payouts.Payout = taken
         self.log = {"payout_id": str(taken.id), "park_id": taken.park_id}
+        # A press or an approved manual payout: someone is waiting on it, so its
+        # calls pass the Billing budget before any periodic one (gate.py).
+        self.urgent = taken.kind != "periodic"
 
     async def drive(self) -> Status | None:
         while True:
@@ -210,7 +213,7 @@ class _Run:
         p = self.payout
         if p.available is not None and p.currency is not None:
             return p.available, p.currency
-        balance = await self.deps.billing.balance(p.park_id)
+        balance = await self.deps.billing.balance(p.park_id, urgent=self.urgent)
         return balance.available, balance.currency
 
     # --- ORDERED ----------------------------------------------------------------
@@ -230,6 +233,7 @@ class _Run:
                 currency=p.currency,
                 params=p.billing_params,
                 fee=p.fee_amount,
+                urgent=self.urgent,
             )
         except Rejected as exc:
             # Only Billing's own refusal, one of the client's DECISIVE answers.

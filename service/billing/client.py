@@ -191,8 +191,8 @@ Outcome = Literal["answered", "failed", "throttled"]
 class Gate(Protocol):
     """What every call passes before and after it leaves (see module docstring)."""
 
-    async def acquire(self) -> Permit:
-        """Wait for the budget; raise Paused while calls are paused."""
+    async def acquire(self, *, urgent: bool = False) -> Permit:
+        """Wait for the budget (an urgent call first); raise Paused while calls are paused."""
         ...
 
     async def report(
@@ -220,7 +220,7 @@ class Budget:
         self._limiter = AsyncLimiter(1, 1 / total_rps)
         self._paused_until = 0.0
 
-    async def acquire(self) -> Permit:
+    async def acquire(self, *, urgent: bool = False) -> Permit:
         wait = self._paused_until - time.monotonic()
         if wait > 0:
             raise Paused(f"Billing asked us to wait {wait:.1f}s more", retry_after=wait)
@@ -267,8 +267,11 @@ class BillingClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def balance(self, park_id: str) -> Balance:
-        response = await self._request("balance", "GET", "/v1/balance", params={"park_id": park_id})
+    async def balance(self, park_id: str, *, urgent: bool = False) -> Balance:
+        """One park's balance; `urgent` (a press, a manual payout) passes the budget first."""
+        response = await self._request(
+            "balance", "GET", "/v1/balance", urgent=urgent, params={"park_id": park_id}
+        )
         return _balance(response.json())
 
     async def balances(self, park_ids: Sequence[str]) -> dict[str, Balance]:
@@ -304,7 +307,10 @@ class BillingClient:
         currency: str,
         params: dict[str, Any],
         fee: Decimal | None = None,
+        urgent: bool = False,
     ) -> BillingPayout:
+        """Order a payout under `key`; `urgent` (a press, a manual payout) passes the
+        budget before every periodic call waiting."""
         body: dict[str, Any] = {
             "park_id": park_id,
             "amount": format_money(amount),
@@ -315,7 +321,12 @@ class BillingClient:
             # Part of the one body under the key: the same fee on every resend.
             body["fee"] = format_money(fee)
         response = await self._request(
-            "payout", "POST", "/v1/payouts", json=body, headers={"Idempotency-Key": key}
+            "payout",
+            "POST",
+            "/v1/payouts",
+            urgent=urgent,
+            json=body,
+            headers={"Idempotency-Key": key},
         )
         made = _payout(response.json())
         if (made.park_id, made.amount, made.currency) != (park_id, amount, currency):
@@ -399,9 +410,11 @@ class BillingClient:
                 return
             cursor = page.next_cursor
 
-    async def _request(self, endpoint: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    async def _request(
+        self, endpoint: str, method: str, url: str, *, urgent: bool = False, **kwargs: Any
+    ) -> httpx.Response:
         waited = time.perf_counter()
-        permit = await self.budget.acquire()
+        permit = await self.budget.acquire(urgent=urgent)
         start = time.perf_counter()
         observability.BILLING_BUDGET_WAIT.observe(start - waited)
         outcome = "error"
