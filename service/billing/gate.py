@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import heapq
 import itertools
@@ -159,6 +160,9 @@ class SharedGate:
         self._arrivals = itertools.count()
         self._claimer: asyncio.Task[None] | None = None
         self._handed: collections.deque[float] = collections.deque()
+        # Set when an urgent call starts waiting: a claim asleep until the next free
+        # slot wakes and claims at once as urgent, reserving that slot for it.
+        self._urgent_arrived = asyncio.Event()
         self.state = GateState(-math.inf, False, 0, None)
         observability.BILLING_BUDGET_RPS.set(rps)
 
@@ -185,6 +189,8 @@ class SharedGate:
         """This call's slot, handed out in priority order from the process's claims."""
         waiter = _Waiter((0 if urgent else 1, next(self._arrivals)), urgent, loop.create_future())
         heapq.heappush(self._waiters, waiter)
+        if urgent:
+            self._urgent_arrived.set()
         try:
             while True:
                 self._hand_out(loop.time())
@@ -293,7 +299,12 @@ class SharedGate:
             if reserved is not None and not urgent and reserved >= free_at:
                 free_at = reserved + self.spacing_us / 1_000_000
             wake = clock.maybe_reached(free_at - LEASE_SECONDS)
-            await asyncio.sleep(max(0.0, wake - loop.time()))
+            if urgent:
+                await asyncio.sleep(max(0.0, wake - loop.time()))
+                continue
+            self._urgent_arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._urgent_arrived.wait(), max(0.0, wake - loop.time()))
 
     # --- after a call -----------------------------------------------------------------
 
