@@ -26,11 +26,11 @@ AS $$
                      AS amount) x
 $$;
 
--- billing_gate.reserved_until: the send slot a host with an instant (or manual)
--- payout waiting asked to keep for it (sql/billing.sql, claim_slots). Until the
--- ledger passes it, other hosts' claims for periodic calls take no slot at or
--- before it, so a press waits for at most about one slot, not behind every
--- host's periodic backlog. A host that dies holding one delays the others by one
--- slot at most: the reservation lapses when the ledger's clock passes it. The
--- previous code's claim ignores the column (it only yields priority, never budget).
+-- billing_gate.reserved_until: the send slots a host with an instant (or manual)
+-- payout waiting asked to keep for it (sql/billing.sql, claim_slots). Until an
+-- urgent claim takes them or the clock passes them, other hosts' claims for
+-- periodic calls take no slot at or before it, so a press waits for about one
+-- slot, not behind every host's periodic backlog. A host that dies holding one
+-- delays the others by two slots at most. The previous code's claim ignores the
+-- column (it only yields priority, never budget).
 ALTER TABLE billing_gate ADD COLUMN reserved_until timestamptz;

@@ -8,8 +8,11 @@
 -- host's probe is out. 'probe': the breaker's cool-off is over; this one slot
 -- is the probe, leased for %(probe_lease_us)s.
 -- An %(urgent)s claim (a press or an approved manual payout waits in that
--- process) that gets nothing reserves the next free slot: until the ledger is
--- past it, claims that are not urgent get no slot at or before it.
+-- process) that gets nothing reserves the next free slot and the one after it
+-- (room for an urgent claim that comes back late on a loaded host): until an
+-- urgent claim gets slots, or the clock passes the reservation, claims that are
+-- not urgent get no slot at or before it. reserved_until in the answer is the
+-- reservation as it stood when this claim was decided.
 WITH gate AS (
     SELECT * FROM billing_gate FOR UPDATE
 ), clocked AS (
@@ -45,8 +48,11 @@ WITH gate AS (
         probe_until = CASE WHEN s.state = 'probe' AND s.slots > 0
                            THEN s.at + %(probe_lease_us)s * interval '1 microsecond'
                            ELSE g.probe_until END,
-        reserved_until = CASE WHEN s.slots = 0 THEN greatest(g.reserved_until, s.first_at)
-                              ELSE g.reserved_until END,
+        reserved_until = CASE
+            WHEN s.slots = 0
+            THEN greatest(g.reserved_until, s.first_at + %(spacing_us)s * interval '1 microsecond')
+            WHEN %(urgent)s THEN NULL
+            ELSE g.reserved_until END,
         updated_at = s.at
     FROM granted s
     WHERE s.slots > 0 OR (%(urgent)s AND s.state = 'open')
@@ -56,8 +62,7 @@ SELECT state, slots,
        extract(epoch FROM at)::float8 AS now,
        extract(epoch FROM paused_until)::float8 AS paused_until,
        extract(epoch FROM probe_until)::float8 AS probe_until,
-       extract(epoch FROM CASE WHEN slots = 0 AND %(urgent)s AND state = 'open' THEN first_at
-                               ELSE reserved_until END)::float8 AS reserved_until,
+       extract(epoch FROM reserved_until)::float8 AS reserved_until,
        consecutive_failures, breaker_open, pause_reason
 FROM granted
 

@@ -207,7 +207,7 @@ class SharedGate:
                     if failed is not None:
                         # A pause, or the database: every waiting call hears it.
                         self._raise_if_paused(loop.time())
-                        raise failed
+                        raise failed.with_traceback(None)
         finally:
             if not waiter.slot.done():
                 waiter.slot.cancel()  # _hand_out passes over it
@@ -249,6 +249,9 @@ class SharedGate:
     async def _claim(self, loop: asyncio.AbstractEventLoop) -> None:
         """Claim slots for the waiting calls, waiting until some are within the lease."""
         while True:
+            # Cleared before the waiters are counted: an urgent call arriving after
+            # this (even during the claim's round trip) cuts the wait below short.
+            self._urgent_arrived.clear()
             want, urgent = self._wanted(loop.time())
             if want == 0:
                 return
@@ -297,12 +300,13 @@ class SharedGate:
             free_at = row["first_at"]
             reserved = row["reserved_until"]
             if reserved is not None and not urgent and reserved >= free_at:
-                free_at = reserved + self.spacing_us / 1_000_000
+                # Kept for an urgent call: come back when it has lapsed (sooner
+                # if this process gets an urgent call of its own).
+                free_at = reserved + LEASE_SECONDS
             wake = clock.maybe_reached(free_at - LEASE_SECONDS)
             if urgent:
                 await asyncio.sleep(max(0.0, wake - loop.time()))
                 continue
-            self._urgent_arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._urgent_arrived.wait(), max(0.0, wake - loop.time()))
 

@@ -361,23 +361,25 @@ async def test_an_urgent_call_passes_every_call_waiting_in_its_process(
     assert order.index("urgent") <= 2, order
 
 
-async def test_an_urgent_call_waits_about_one_slot_while_another_process_is_busy(
+async def test_an_urgent_call_waits_about_one_slot_while_other_processes_are_busy(
     make_gate: Callable[..., SharedGate],
 ) -> None:
-    """At BILLING_RPS=10 another process's eight eager periodic callers claim every slot they
-    can; each of eight urgent calls of this process still gets its permit within 0.3 s (one
-    slot is 0.105 s): its claim keeps the next free slot for it."""
-    busy, mine = make_gate(rps=10), make_gate(rps=10)
+    """At BILLING_RPS=10 three other processes' eager periodic callers claim every slot they
+    can; at least six of eight urgent calls of this process still get their permit within
+    0.25 s (one slot is 0.105 s): its claim keeps the next free slot for it. Racing the three
+    for each slot instead, about half of them would wait longer."""
+    busy = [make_gate(rps=10) for _ in range(3)]
+    mine = make_gate(rps=10)
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
 
-    async def eager() -> None:
+    async def eager(gate: SharedGate) -> None:
         while not done.is_set():
-            await busy.acquire()
+            await gate.acquire()
 
-    callers = [asyncio.create_task(eager()) for _ in range(8)]
+    callers = [asyncio.create_task(eager(g)) for g in busy for _ in range(4)]
     try:
-        await asyncio.sleep(0.3)  # the busy process is claiming
+        await asyncio.sleep(0.3)  # the busy processes are claiming
         waits = []
         for _ in range(8):
             started = loop.time()
@@ -389,4 +391,4 @@ async def test_an_urgent_call_waits_about_one_slot_while_another_process_is_busy
             task.cancel()
         await asyncio.gather(*callers, return_exceptions=True)
 
-    assert max(waits) < 0.3, waits
+    assert sum(1 for w in waits if w < 0.25) >= 6, waits
