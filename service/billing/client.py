@@ -277,9 +277,9 @@ class BillingClient:
     The transport is aiohttp (tests/bench/http_client.py: about a third of httpx's CPU
     per call for this one POST, which at 1,000 calls/s is most of a worker's budget);
     every rule of what an answer means is this module's own, whatever the transport.
-    Redirects are never followed (a 3xx is Undecided), every call is bounded by
-    `timeout` as a whole (connection, pool wait, send and answer), and at most
-    MAX_CONNECTIONS connections are open.
+    Redirects are never followed (a 3xx is Undecided), `timeout` bounds each phase
+    as httpx's did (the wait for a connection and connecting, then every read of the
+    answer), and at most MAX_CONNECTIONS connections are open.
     """
 
     def __init__(
@@ -292,7 +292,11 @@ class BillingClient:
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # httpx's timeouts, phase by phase: a free connection (pool) and connecting
+        # within `timeout` (connect), then each read of the answer (sock_read).
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=timeout, sock_connect=timeout, sock_read=timeout
+        )
         # Made in the event loop of the first call (aiohttp binds a session to one).
         self._session: aiohttp.ClientSession | None = None
         self.budget = budget
