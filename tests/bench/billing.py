@@ -424,14 +424,17 @@ def run_presses(
                 (backlog,),
             )
             conn.execute(
-                "WITH made AS ("
-                "  INSERT INTO payouts (id, park_id, kind, max_amount, available, currency)"
-                "  SELECT gen_random_uuid(), park_id, 'periodic', 1000, 10, 'RUB' FROM parks"
-                "  WHERE park_id LIKE 'backlog-%%' RETURNING id"
-                "), job AS ("
+                "INSERT INTO payouts (id, park_id, kind, max_amount, available, currency)"
+                " SELECT gen_random_uuid(), park_id, 'periodic', 1000, 10, 'RUB' FROM parks"
+                " WHERE park_id LIKE 'backlog-%%'"
+            )
+            # A statement of its own: an UPDATE does not see rows its own statement's
+            # CTEs inserted, and a payout without its job_id is re-driven as an orphan.
+            conn.execute(
+                "WITH job AS ("
                 "  INSERT INTO procrastinate_jobs (queue_name, task_name, priority, args)"
                 "  SELECT 'payouts', 'execute_payout', 0, jsonb_build_object('payout_id', id::text)"
-                "  FROM made RETURNING id, args"
+                "  FROM payouts WHERE park_id LIKE 'backlog-%%' RETURNING id, args"
                 ") UPDATE payouts p SET job_id = job.id FROM job"
                 " WHERE p.id = (job.args->>'payout_id')::uuid"
             )
