@@ -3,9 +3,16 @@
 -- none more than %(lease_us)s ahead of this database's clock, or say why not.
 -- The row lock orders claims from every host; the clock is read after it is
 -- taken. State 'open' or 'probe' with slots = 0: come back when first_at is
--- within the lease. 'paused': until paused_until. 'probing': another host's
--- probe is out. 'probe': the breaker's cool-off is over; this one slot is
--- the probe, leased for %(probe_lease_us)s.
+-- within the lease (and, for a claim that is not %(urgent)s, past the slot
+-- reserved_until names). 'paused': until paused_until. 'probing': another
+-- host's probe is out. 'probe': the breaker's cool-off is over; this one slot
+-- is the probe, leased for %(probe_lease_us)s.
+-- An %(urgent)s claim (a press or an approved manual payout waits in that
+-- process) that gets nothing reserves the next free slot and the one after it
+-- (room for an urgent claim that comes back late on a loaded host): until an
+-- urgent claim gets slots, or the clock passes the reservation, claims that are
+-- not urgent get no slot at or before it. reserved_until in the answer is the
+-- reservation as it stood when this claim was decided.
 WITH gate AS (
     SELECT * FROM billing_gate FOR UPDATE
 ), clocked AS (
@@ -29,6 +36,7 @@ WITH gate AS (
                WHEN p.state NOT IN ('open', 'probe')
                     OR p.first_at > p.at + %(lease_us)s * interval '1 microsecond' THEN 0
                WHEN p.state = 'probe' THEN 1
+               WHEN NOT %(urgent)s AND p.first_at <= p.reserved_until THEN 0
                ELSE least(%(want)s, 1 + floor(
                    (extract(epoch FROM p.at - p.first_at) * 1000000 + %(lease_us)s)
                    / %(spacing_us)s)::integer)
@@ -37,18 +45,24 @@ WITH gate AS (
 ), taken AS (
     UPDATE billing_gate g
     SET next_slot_at = s.first_at + s.slots * %(spacing_us)s * interval '1 microsecond',
-        probe_until = CASE WHEN s.state = 'probe'
+        probe_until = CASE WHEN s.state = 'probe' AND s.slots > 0
                            THEN s.at + %(probe_lease_us)s * interval '1 microsecond'
                            ELSE g.probe_until END,
+        reserved_until = CASE
+            WHEN s.slots = 0
+            THEN greatest(g.reserved_until, s.first_at + %(spacing_us)s * interval '1 microsecond')
+            WHEN %(urgent)s THEN NULL
+            ELSE g.reserved_until END,
         updated_at = s.at
     FROM granted s
-    WHERE s.slots > 0
+    WHERE s.slots > 0 OR (%(urgent)s AND s.state = 'open')
 )
 SELECT state, slots,
        extract(epoch FROM first_at)::float8 AS first_at,
        extract(epoch FROM at)::float8 AS now,
        extract(epoch FROM paused_until)::float8 AS paused_until,
        extract(epoch FROM probe_until)::float8 AS probe_until,
+       extract(epoch FROM reserved_until)::float8 AS reserved_until,
        consecutive_failures, breaker_open, pause_reason
 FROM granted
 

@@ -88,7 +88,17 @@ LIMIT %(limit)s
 -- the park's Billing params, the database's clock, and whether the retry
 -- window (for a payout that has ordered nothing yet) is over by that clock.
 -- No row: the payout is final (or gone).
-UPDATE payouts p SET status = 'processing', attempts = p.attempts + 1
+-- A periodic payout with the scan's balance snapshot and something to pay also
+-- records its order here (recovery point ORDERED, as record_order does): one
+-- round trip, not two. payouts_snapshot_order (migration 0016) decides, on the
+-- row as locked; anything else is decided in Python after the take, as before.
+UPDATE payouts p
+SET status = 'processing', attempts = p.attempts + 1,
+    amount = coalesce(payouts_snapshot_order(p, %(min_amount)s), p.amount),
+    billing_params = CASE WHEN payouts_snapshot_order(p, %(min_amount)s) IS NOT NULL
+                          THEN k.params ELSE p.billing_params END,
+    ordered_at = CASE WHEN payouts_snapshot_order(p, %(min_amount)s) IS NOT NULL
+                      THEN now() ELSE p.ordered_at END
 FROM parks k
 WHERE p.id = %(id)s AND k.park_id = p.park_id AND p.status IN ('pending', 'processing')
 RETURNING p.*, k.params AS park_params, statement_timestamp() AS db_now,

@@ -25,15 +25,16 @@ process alone, where nothing else calls Billing).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, Protocol
 
-import httpx
+import aiohttp
 from aiolimiter import AsyncLimiter
 
 from service.billing.contract import (
@@ -171,8 +172,8 @@ Outcome = Literal["answered", "failed", "throttled"]
 class Gate(Protocol):
     """What every call passes before and after it leaves (see module docstring)."""
 
-    async def acquire(self) -> Permit:
-        """Wait for the budget; raise Paused while calls are paused."""
+    async def acquire(self, *, urgent: bool = False) -> Permit:
+        """Wait for the budget (an urgent call first); raise Paused while calls are paused."""
         ...
 
     async def report(
@@ -200,7 +201,7 @@ class Budget:
         self._limiter = AsyncLimiter(1, 1 / total_rps)
         self._paused_until = 0.0
 
-    async def acquire(self) -> Permit:
+    async def acquire(self, *, urgent: bool = False) -> Permit:
         wait = self._paused_until - time.monotonic()
         if wait > 0:
             raise Paused(f"Billing asked us to wait {wait:.1f}s more", retry_after=wait)
@@ -224,7 +225,43 @@ def pause_seconds(retry_after: float | None) -> float:
     return min(retry_after, MAX_RETRY_AFTER_SECONDS)
 
 
+# Connections the client keeps to Billing, at most (one per call in flight).
+MAX_CONNECTIONS = 50
+
+
+@dataclasses.dataclass
+class _Answer:
+    """What came back from Billing: status, headers and the whole body, read."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    content: bytes
+    _parsed: Any = dataclasses.field(default=None, repr=False)
+    _parsed_ok: bool = dataclasses.field(default=False, repr=False)
+
+    def json(self) -> Any:
+        """The body as JSON (parsed once); ValueError when it is not JSON."""
+        if not self._parsed_ok:
+            self._parsed = json.loads(self.content)
+            self._parsed_ok = True
+        return self._parsed
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+
 class BillingClient:
+    """Billing's contract over one keep-alive connection pool.
+
+    The transport is aiohttp (tests/bench/http_client.py: about a third of httpx's CPU
+    per call for this one POST, which at 1,000 calls/s is most of a worker's budget);
+    every rule of what an answer means is this module's own, whatever the transport.
+    Redirects are never followed (a 3xx is Undecided), `timeout` bounds each phase
+    as httpx's did (the wait for a connection and connecting, then every read of the
+    answer), and at most MAX_CONNECTIONS connections are open.
+    """
+
     def __init__(
         self,
         base_url: str,
@@ -232,23 +269,38 @@ class BillingClient:
         token: str | None,
         timeout: float,
         budget: Gate,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout),
-            transport=transport,
-            limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
+        self._base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # httpx's timeouts, phase by phase: a free connection (pool) and connecting
+        # within `timeout` (connect), then each read of the answer (sock_read).
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=timeout, sock_connect=timeout, sock_read=timeout
         )
+        # Made in the event loop of the first call (aiohttp binds a session to one).
+        self._session: aiohttp.ClientSession | None = None
         self.budget = budget
 
-    async def aclose(self) -> None:
-        await self._http.aclose()
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
 
-    async def balance(self, park_id: str) -> Balance:
-        response = await self._request("balance", "GET", Path.BALANCE, params={"park_id": park_id})
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def balance(self, park_id: str, *, urgent: bool = False) -> Balance:
+        """One park's balance; `urgent` (a press, a manual payout) passes the budget first."""
+        response = await self._request(
+            "balance", "GET", Path.BALANCE, urgent=urgent, params={"park_id": park_id}
+        )
         return _balance(response.json())
 
     async def balances(self, park_ids: Sequence[str]) -> dict[str, Balance]:
@@ -284,7 +336,10 @@ class BillingClient:
         currency: str,
         params: dict[str, Any],
         fee: Decimal | None = None,
+        urgent: bool = False,
     ) -> BillingPayout:
+        """Order a payout under `key`; `urgent` (a press, a manual payout) passes the
+        budget before every periodic call waiting."""
         body: dict[str, Any] = {
             "park_id": park_id,
             "amount": format_money(amount),
@@ -295,7 +350,12 @@ class BillingClient:
             # Part of the one body under the key: the same fee on every resend.
             body["fee"] = format_money(fee)
         response = await self._request(
-            "payout", "POST", Path.PAYOUTS, json=body, headers={"Idempotency-Key": key}
+            "payout",
+            "POST",
+            Path.PAYOUTS,
+            urgent=urgent,
+            json=body,
+            headers={"Idempotency-Key": key},
         )
         made = _payout(response.json())
         if (made.park_id, made.amount, made.currency) != (park_id, amount, currency):
@@ -379,9 +439,19 @@ class BillingClient:
                 return
             cursor = page.next_cursor
 
-    async def _request(self, endpoint: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    async def _request(
+        self,
+        endpoint: str,
+        method: str,
+        url: str,
+        *,
+        urgent: bool = False,
+        params: Mapping[str, str | int] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> _Answer:
         waited = time.perf_counter()
-        permit = await self.budget.acquire()
+        permit = await self.budget.acquire(urgent=urgent)
         start = time.perf_counter()
         observability.BILLING_BUDGET_WAIT.observe(start - waited)
         outcome = "error"
@@ -390,11 +460,11 @@ class BillingClient:
         retry_after: float | None = None
         try:
             try:
-                response = await self._http.request(method, url, **kwargs)
-            except httpx.TimeoutException as exc:
+                response = await self._send(method, url, params=params, body=json, headers=headers)
+            except TimeoutError as exc:
                 outcome, heard = "timeout", "failed"
                 raise Transient(f"{endpoint}: timed out ({type(exc).__name__})") from exc
-            except httpx.TransportError as exc:
+            except (aiohttp.ClientError, OSError) as exc:
                 heard = "failed"
                 raise Transient(f"{endpoint}: {type(exc).__name__}: {exc}") from exc
             if response.status_code == 429:
@@ -431,6 +501,32 @@ class BillingClient:
             if heard is not None:
                 await self.budget.report(permit, heard, retry_after=retry_after)
 
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, str | int] | None,
+        body: Any,
+        headers: Mapping[str, str] | None,
+    ) -> _Answer:
+        """One HTTP exchange, the answer read whole, within the client's timeout."""
+        data = None
+        sent_headers = dict(headers or {})
+        if body is not None:
+            data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+            sent_headers["Content-Type"] = "application/json"
+        async with self._http().request(
+            method,
+            self._base_url + url,
+            params=params,
+            data=data,
+            headers=sent_headers,
+            allow_redirects=False,
+        ) as response:
+            content = await response.read()
+            return _Answer(response.status, response.headers, content)
+
 
 def _retry_after(raw: str | None) -> float | None:
     try:
@@ -439,7 +535,7 @@ def _retry_after(raw: str | None) -> float | None:
         return None
 
 
-def _decision(endpoint: str, response: httpx.Response) -> tuple[str, str] | None:
+def _decision(endpoint: str, response: _Answer) -> tuple[str, str] | None:
     """(code, message) when the answer is Billing's own refusal listed in DECISIVE, else None."""
     try:
         body = response.json()
@@ -454,7 +550,7 @@ def _decision(endpoint: str, response: httpx.Response) -> tuple[str, str] | None
     return code, (message if isinstance(message, str) and message else code)[:500]
 
 
-def _snippet(response: httpx.Response) -> str:
+def _snippet(response: _Answer) -> str:
     """The start of an answer's body, for the log and support: enough to tell who sent it."""
     text = " ".join(response.text[:120].split())
     return repr(text) if text else "(empty body)"

@@ -37,7 +37,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
+import heapq
+import itertools
 import logging
 import math
 from typing import Any
@@ -65,6 +68,11 @@ BUDGET_SHARE = 0.95
 # While another host's probe is out, look again this often (the probe's
 # lease can be as long as a Billing timeout).
 PROBE_RECHECK_SECONDS = 1.0
+# A claim takes, besides the slots its waiting calls need, what the next lease
+# will use at the rate slots were handed out over this long: at a high rate one
+# claim serves many calls, and at most one lease's worth goes unused when the
+# rate falls.
+RATE_WINDOW_SECONDS = 0.25
 
 
 def spacing_us(rps: float) -> int:
@@ -106,6 +114,15 @@ class _Slot:
     probe: bool
 
 
+@dataclasses.dataclass(order=True)
+class _Waiter:
+    """A call waiting for a slot: (0 urgent | 1 not, arrival) orders the hand-out."""
+
+    rank: tuple[int, int]
+    urgent: bool = dataclasses.field(compare=False)
+    slot: asyncio.Future[_Slot] = dataclasses.field(compare=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class GateState:
     """The shared pause and breaker as one process last saw them."""
@@ -136,52 +153,89 @@ class SharedGate:
         self._cooloff_us = round(breaker_cooloff_seconds * 1_000_000)
         self._probe_lease_us = round(probe_lease_seconds * 1_000_000)
         self._slots: collections.deque[_Slot] = collections.deque()
-        self._waiting = 0
-        self._claiming = asyncio.Lock()
+        # The calls waiting for a slot, urgent ones first, then first come first
+        # served; one claim at a time serves them all (and claims ahead what the
+        # next lease will use, judged by the hand-outs of the last RATE_WINDOW).
+        self._waiters: list[_Waiter] = []
+        self._arrivals = itertools.count()
+        self._claimer: asyncio.Task[None] | None = None
+        self._handed: collections.deque[float] = collections.deque()
+        # Set when an urgent call starts waiting: a claim asleep until the next free
+        # slot wakes and claims at once as urgent, reserving that slot for it.
+        self._urgent_arrived = asyncio.Event()
         self.state = GateState(-math.inf, False, 0, None)
         observability.BILLING_BUDGET_RPS.set(rps)
 
     # --- before a call ----------------------------------------------------------------
 
-    async def acquire(self) -> Permit:
+    async def acquire(self, *, urgent: bool = False) -> Permit:
+        """Wait for a send slot (an urgent call is served before any that is not)."""
         loop = asyncio.get_running_loop()
-        self._waiting += 1
-        needs_slot = True
+        while True:
+            self._raise_if_paused(loop.time())
+            slot = await self._slot(loop, urgent)
+            delay = slot.not_before - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if loop.time() >= slot.not_after:
+                # This event loop was too busy to send in time: the slot is
+                # gone, never used late.
+                observability.BILLING_SLOTS_DROPPED.inc()
+                continue
+            self._raise_if_paused(loop.time())
+            return Permit(probe=slot.probe)
+
+    async def _slot(self, loop: asyncio.AbstractEventLoop, urgent: bool) -> _Slot:
+        """This call's slot, handed out in priority order from the process's claims."""
+        waiter = _Waiter((0 if urgent else 1, next(self._arrivals)), urgent, loop.create_future())
+        heapq.heappush(self._waiters, waiter)
+        if urgent:
+            self._urgent_arrived.set()
         try:
             while True:
-                self._raise_if_paused(loop.time())
-                slot = self._next_slot(loop.time())
-                if slot is None:
-                    async with self._claiming:
-                        # Another waiter may have claimed while we queued for the lock.
-                        if self._next_slot(loop.time(), pop=False) is None:
-                            await self._claim(loop)
-                    continue
-                self._waiting -= 1
-                needs_slot = False
-                delay = slot.not_before - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if loop.time() >= slot.not_after:
-                    # This event loop was too busy to send in time: the slot is
-                    # gone, never used late.
-                    observability.BILLING_SLOTS_DROPPED.inc()
-                    self._waiting += 1
-                    needs_slot = True
-                    continue
-                self._raise_if_paused(loop.time())
-                return Permit(probe=slot.probe)
+                self._hand_out(loop.time())
+                if waiter.slot.done():
+                    return waiter.slot.result()
+                claimer = self._claimer
+                if claimer is None or claimer.done():
+                    claimer = self._claimer = loop.create_task(self._claim(loop))
+                    # Its failure is raised by the waiters; none may be left to hear it.
+                    claimer.add_done_callback(_heard)
+                await asyncio.wait((waiter.slot, claimer), return_when=asyncio.FIRST_COMPLETED)
+                if claimer.done() and not waiter.slot.done() and not claimer.cancelled():
+                    failed = claimer.exception()
+                    if failed is not None:
+                        # A pause, or the database: every waiting call hears it.
+                        self._raise_if_paused(loop.time())
+                        raise failed.with_traceback(None)
         finally:
-            if needs_slot:
-                self._waiting -= 1
+            if not waiter.slot.done():
+                waiter.slot.cancel()  # _hand_out passes over it
 
-    def _next_slot(self, now: float, *, pop: bool = True) -> _Slot | None:
+    def _hand_out(self, now: float) -> None:
+        """Give the slots held to the waiting calls, the most urgent the earliest."""
         while self._slots and self._slots[0].not_after <= now:
             self._slots.popleft()
             observability.BILLING_SLOTS_DROPPED.inc()
-        if not self._slots:
-            return None
-        return self._slots.popleft() if pop else self._slots[0]
+        while self._slots and self._waiters:
+            waiter = heapq.heappop(self._waiters)
+            if waiter.slot.done():
+                continue  # its call was cancelled
+            waiter.slot.set_result(self._slots.popleft())
+            self._handed.append(now)
+
+    def _wanted(self, now: float) -> tuple[int, bool]:
+        """How many slots to claim (the waiting calls not yet served, plus what the
+        next lease will use at the rate of the last RATE_WINDOW), and whether one of
+        the waiting calls is urgent."""
+        waiting = [w for w in self._waiters if not w.slot.done()]
+        while self._handed and self._handed[0] < now - RATE_WINDOW_SECONDS:
+            self._handed.popleft()
+        need = len(waiting) - len(self._slots)
+        if need <= 0:
+            return 0, False
+        ahead = math.ceil(len(self._handed) * LEASE_SECONDS / RATE_WINDOW_SECONDS)
+        return min(self._max_batch, need + ahead), any(w.urgent for w in waiting)
 
     def _raise_if_paused(self, now: float) -> None:
         remaining = self.state.paused_until - now
@@ -193,15 +247,21 @@ class SharedGate:
             )
 
     async def _claim(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Claim slots for the waiters, waiting until some are within the lease."""
+        """Claim slots for the waiting calls, waiting until some are within the lease."""
         while True:
-            want = max(1, min(self._waiting, self._max_batch))
+            # Cleared before the waiters are counted: an urgent call arriving after
+            # this (even during the claim's round trip) cuts the wait below short.
+            self._urgent_arrived.clear()
+            want, urgent = self._wanted(loop.time())
+            if want == 0:
+                return
             async with self._pool.connection() as conn:
                 sent = loop.time()
                 row = await db.fetch_one(
                     conn,
                     Q["claim_slots"],
                     want=want,
+                    urgent=urgent,
                     spacing_us=self.spacing_us,
                     lease_us=round(LEASE_SECONDS * 1_000_000),
                     probe_lease_us=self._probe_lease_us,
@@ -209,6 +269,7 @@ class SharedGate:
                 received = loop.time()
             if row is None:
                 raise RuntimeError("the billing_gate row is missing: run `fleet-payouts migrate`")
+            observability.BILLING_CLAIMS.inc()
             clock = _Clock(row["now"], sent, received)
             state = row["state"]
             if state == "probing":
@@ -232,11 +293,22 @@ class SharedGate:
                     )
                 if state == "probe":
                     logger.info("billing breaker: cool-off over, sending one probe call")
+                self._hand_out(loop.time())
                 return
-            # Every slot within the lease is taken: come back when the next
-            # free one is about to enter it.
-            wake = clock.maybe_reached(row["first_at"] - LEASE_SECONDS)
-            await asyncio.sleep(max(0.0, wake - loop.time()))
+            # Every slot within the lease is taken (or kept for another host's
+            # urgent call): come back when the next free one is about to enter it.
+            free_at = row["first_at"]
+            reserved = row["reserved_until"]
+            if reserved is not None and not urgent and reserved >= free_at:
+                # Kept for an urgent call: come back when it has lapsed (sooner
+                # if this process gets an urgent call of its own).
+                free_at = reserved + LEASE_SECONDS
+            wake = clock.maybe_reached(free_at - LEASE_SECONDS)
+            if urgent:
+                await asyncio.sleep(max(0.0, wake - loop.time()))
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._urgent_arrived.wait(), max(0.0, wake - loop.time()))
 
     # --- after a call -----------------------------------------------------------------
 
@@ -317,6 +389,11 @@ class SharedGate:
             pause_reason=row["pause_reason"] if paused_until is None else "breaker probe out",
         )
         observability.BILLING_PAUSED.set(1 if self.paused(clock.received) else 0)
+
+
+def _heard(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def from_settings(pool: db.Pool, settings: Settings) -> SharedGate:

@@ -44,6 +44,10 @@ BILLING_SLOTS_DROPPED = Counter(
     "fleet_payouts_billing_slots_dropped_total",
     "Send slots of the Billing budget given up because no call could leave in time.",
 )
+BILLING_CLAIMS = Counter(
+    "fleet_payouts_billing_slot_claims_total",
+    "Claims of Billing send slots this process made on the shared ledger (one round trip each).",
+)
 BILLING_BUDGET_RPS = Gauge(
     "fleet_payouts_billing_budget_rps",
     "The configured BILLING_RPS, so that rules and dashboards never hard-code it.",

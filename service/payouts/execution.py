@@ -4,7 +4,11 @@ A payout moves through named recovery points, each one committed row state
 (domain.Phase, the phases of rocket-rides-atomic); every run of its job reads
 the row and resumes from the phase it names:
 
-- NEW -> DECIDING: a run takes it (pending -> processing, attempts + 1).
+- NEW -> DECIDING: a run takes it (pending -> processing, attempts + 1). A
+  periodic payout with the scan's snapshot and something to pay goes straight
+  to ORDERED in that same statement (the take query, migration 0016): the
+  worker's round trips per payout are procrastinate's fetch, the take, the
+  final write and procrastinate's finish.
 - DECIDING: ask Billing for the balance (or use the periodic scan's
   snapshot), decide the amount. Nothing has been sent under the payout's key,
   so this phase may end it: ``skipped`` (nothing to pay), ``failed`` (Billing
@@ -76,7 +80,12 @@ async def execute_payout(deps: Deps, payout_id: UUID) -> Status | None:
     a small constant however many payouts it runs at once.
     """
     async with deps.pool.connection() as conn:
-        taken = await payouts.take(conn, payout_id, retry_window=deps.settings.billing_retry_window)
+        taken = await payouts.take(
+            conn,
+            payout_id,
+            retry_window=deps.settings.billing_retry_window,
+            min_amount=deps.settings.payout_min_amount,
+        )
         if taken is None:
             current = await payouts.get(conn, payout_id)
             if current is None:
@@ -96,6 +105,9 @@ class _Run:
         self.taken = taken
         self.payout: payouts.Payout = taken
         self.log = {"payout_id": str(taken.id), "park_id": taken.park_id}
+        # A press or an approved manual payout: someone is waiting on it, so its
+        # calls pass the Billing budget before any periodic one (gate.py).
+        self.urgent = taken.kind != "periodic"
 
     async def drive(self) -> Status | None:
         while True:
@@ -196,7 +208,7 @@ class _Run:
         p = self.payout
         if p.available is not None and p.currency is not None:
             return p.available, p.currency
-        balance = await self.deps.billing.balance(p.park_id)
+        balance = await self.deps.billing.balance(p.park_id, urgent=self.urgent)
         return balance.available, balance.currency
 
     # --- ORDERED ----------------------------------------------------------------
@@ -216,6 +228,7 @@ class _Run:
                 currency=p.currency,
                 params=p.billing_params,
                 fee=p.fee_amount,
+                urgent=self.urgent,
             )
         except Rejected as exc:
             # Only Billing's own refusal, one of the client's DECISIVE answers.

@@ -177,9 +177,17 @@ async def park_state(conn: db.Conn, park_id: str, idempotency_key: str | None) -
     )
 
 
-async def take(conn: db.Conn, payout_id: UUID, *, retry_window: timedelta) -> Taken | None:
-    """pending/processing -> processing; None when the payout is final or missing."""
-    return await db.fetch_as(conn, Taken, Q["take"], id=payout_id, retry_window=retry_window)
+async def take(
+    conn: db.Conn, payout_id: UUID, *, retry_window: timedelta, min_amount: Decimal
+) -> Taken | None:
+    """pending/processing -> processing; None when the payout is final or missing.
+
+    A periodic payout with a balance snapshot comes back ORDERED when it has
+    something to pay (see the take query): `min_amount` is PAYOUT_MIN_AMOUNT.
+    """
+    return await db.fetch_as(
+        conn, Taken, Q["take"], id=payout_id, retry_window=retry_window, min_amount=min_amount
+    )
 
 
 async def reload(conn: db.Conn, payout_id: UUID) -> Payout:

@@ -1,7 +1,8 @@
-"""Benchmark: how exactly three worker processes hold the global Billing budget, and what
-they cost when they, not the budget, are the limit.
+"""Benchmark: how exactly worker processes hold the global Billing budget, what they cost
+when they, not the budget, are the limit, and how soon a press passes a periodic backlog.
 
     .venv/bin/python -m tests.bench.billing [--rps 10,100,1000] [--seconds 8]
+        [--press-backlog 80000] [--presses 20]
 
 For each BILLING_RPS, three `fleet-payouts worker` processes drain a queue of periodic
 payouts (one POST /v1/payouts each: the scan left a balance snapshot) against the Billing
@@ -10,10 +11,24 @@ emulator (no latency). Figures, read from the emulator's request log:
 - peak one-second calls / BILLING_RPS, over the whole run (goal <= 1 + 1/BILLING_RPS);
 - achieved calls per second / BILLING_RPS between the 10th and the 90th percentile call,
   while the queue is full (goal >= 0.9);
+- round trips to PostgreSQL per payout, procrastinate's fetch and finish included (the
+  workers' own count of statements, their idle chores subtracted; goal <= 4);
+- DB connections per worker at --concurrency 10 and 100 (sampled);
 - beside each, its baseline: payouts per second per worker process and worker CPU per
   payout of the same three workers with no budget to speak of (BILLING_RPS at the
   setting's bound, 100,000) measured in the same run, so whether the workers or the
   budget are the limit can be read off.
+
+Then one worker alone on a pinned core at BILLING_RPS=1000: its process CPU per payout
+(goal <= 1.5 ms) and its achieved payouts/s over its CPU-bound rate, 1 / CPU per payout
+(goal >= 0.8: bounded by its CPU, not by its waits); from that, three workers' share of a
+1,000/s budget on this machine (its cores shared with PostgreSQL and the emulator) and on
+three 2-core hosts.
+
+Last, presses while a periodic backlog (--press-backlog payouts, parks Billing does not
+know: each still one POST, refused at once) drains at BILLING_RPS=10 through three workers:
+seconds from a press's 202 to Billing making its payout, p50 and p95 (goal p95 <= 0.5 s),
+beside the same presses with no backlog.
 
 PostgreSQL: BENCH_DATABASE_URL (a server whose user may create databases), or an embedded
 one in a temporary directory, fsync off.
@@ -26,13 +41,16 @@ import asyncio
 import dataclasses
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.billing import gate as billing_gate
 from service.core import db
@@ -44,7 +62,8 @@ from service.payouts.execution import Deps
 from service.worker.app import app as queue_app
 from tests.bench.common import bench_server
 from tests.conftest import create_database, drop_database, service_env, with_dbname
-from tests.helpers.emulator import billing_requests, peak_in_one_second, run_emulator
+from tests.helpers.api import press, register
+from tests.helpers.emulator import billing_requests, free_port, peak_in_one_second, run_emulator
 from tests.helpers.procs import Proc, wait_for
 
 WORKERS = 3
@@ -54,6 +73,15 @@ UNBUDGETED_RPS = MAX_RPS
 NEVER = "0 0 1 1 *"  # the workers' own periodic scan must not add payouts mid-run
 PARALLEL_PUTS = 32
 MAX_PAYOUTS = 3000
+# The goals of issue 21.
+ROUND_TRIPS_GOAL = 4.0
+CPU_MS_GOAL = 1.5
+CPU_BOUND_GOAL = 0.8
+PRESS_P95_GOAL_S = 0.5
+PRESS_RPS = 10.0
+# Statements the workers' chores send while idle are measured over this long, and
+# subtracted from a drain's count in proportion to its length.
+IDLE_WINDOW_S = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +95,16 @@ class Run:
     worker_cpu_s: float
     peak_connections: int  # the workers' pooled connections, all together, sampled
     concurrency: int
+    statements: float  # the workers' statements during the drain, idle chores subtracted
+    workers: int = WORKERS
 
     @property
     def payouts_per_worker_s(self) -> float:
-        return self.payouts / self.seconds / WORKERS
+        return self.payouts / self.seconds / self.workers
+
+    @property
+    def round_trips(self) -> float:
+        return self.statements / self.payouts
 
     @property
     def cpu_ms_per_payout(self) -> float:
@@ -112,6 +146,18 @@ async def fill_queue(settings: Settings, n: int) -> None:
         await pool.close()
 
 
+def statements_sent(ports: Sequence[int]) -> float:
+    """The workers' statements so far (fleet_payouts_db_queries_total, procrastinate's own
+    queries on their pools included)."""
+    total = 0.0
+    for port in ports:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            if family.name == "fleet_payouts_db_queries":
+                total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return total
+
+
 def worker_connections(url: str) -> int:
     """Connections the workers hold open right now (their pools, procrastinate's included)."""
     with psycopg.connect(url) as conn:
@@ -137,7 +183,12 @@ def run_once(
     rps: float,
     n: int,
     concurrency: int = CONCURRENCY,
+    *,
+    workers: int = WORKERS,
+    pin: bool = False,
 ) -> Run:
+    """Drain n periodic payouts through `workers` workers at `rps`; with `pin`, each worker
+    runs on one core of its own (the last ones), so its CPU time is its own core's."""
     url = create_database(server_url, template=template)
     procs: list[Proc] = []
     try:
@@ -153,20 +204,34 @@ def run_once(
         env = service_env(
             url, billing_url, BILLING_RPS=f"{rps:g}", PERIODIC_SCAN_CRON=NEVER, LOG_LEVEL="INFO"
         )
-        logs = workdir / f"rps-{rps:g}"
+        logs = workdir / f"rps-{rps:g}-w{workers}-c{concurrency}"
         logs.mkdir(exist_ok=True)
+        ports = [free_port() for _ in range(workers)]
         procs = [
-            Proc(["worker", "--concurrency", str(concurrency)], env, logs / f"worker-{i}.log")
-            for i in range(WORKERS)
+            Proc(
+                ["worker", "--concurrency", str(concurrency), "--metrics-port", str(port)],
+                env,
+                logs / f"worker-{i}.log",
+            )
+            for i, port in enumerate(ports)
         ]
+        if pin:
+            cores = sorted(os.sched_getaffinity(0))
+            for i, p in enumerate(procs):
+                os.sched_setaffinity(p.pid, {cores[-1 - i % len(cores)]})
 
         def registered() -> bool:
             with psycopg.connect(url) as conn:
                 row = conn.execute("SELECT count(*) FROM procrastinate_workers").fetchone()
-            return row is not None and row[0] == WORKERS
+            return row is not None and row[0] == workers
 
         wait_for(registered, timeout=60, interval=0.1, what="the workers to register")
+        wait_for(lambda: statements_sent(ports) > 0, timeout=30, what="the workers' metrics")
+        idle_from, idle_started = statements_sent(ports), time.monotonic()
+        time.sleep(IDLE_WINDOW_S)  # a measurement window, not a synchronisation
+        idle_rate = (statements_sent(ports) - idle_from) / (time.monotonic() - idle_started)
         cpu_before = sum(cpu_seconds(p.pid) for p in procs)
+        sent_before, started = statements_sent(ports), time.monotonic()
         asyncio.run(fill_queue(load_settings(env), n))
         peak = [0]
 
@@ -183,6 +248,8 @@ def run_once(
         if any(not p.alive() for p in procs):
             raise RuntimeError(f"a worker died:\n{procs[0].tail()}")
         cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_before
+        statements = statements_sent(ports) - sent_before
+        statements -= idle_rate * (time.monotonic() - started)
     finally:
         for p in procs:
             p.stop()
@@ -202,6 +269,8 @@ def run_once(
         worker_cpu_s=cpu,
         peak_connections=peak[0],
         concurrency=concurrency,
+        statements=max(0.0, statements),
+        workers=workers,
     )
 
 
@@ -212,8 +281,8 @@ def report(run: Run, unbudgeted: Run | None) -> bool:
     rate_ratio = run.achieved_rps / run.rps
     peak_ok, rate_ok = peak_ratio <= peak_goal + 1e-9, rate_ratio >= 0.9
     print(
-        f"\n== BILLING_RPS={run.rps:g}: {WORKERS} workers at --concurrency {run.concurrency}, "
-        f"{run.payouts:,} queued payouts =="
+        f"\n== BILLING_RPS={run.rps:g}: {run.workers} workers at --concurrency "
+        f"{run.concurrency}, {run.payouts:,} queued payouts =="
     )
     print(
         f"  peak one-second calls / limit : {peak_ratio:.3f}  ({run.peak_1s} calls; "
@@ -229,7 +298,12 @@ def report(run: Run, unbudgeted: Run | None) -> bool:
         f"{run.cpu_ms_per_payout:.2f} ms worker CPU per payout"
     )
     print(
-        f"  DB connections per worker      : {run.peak_connections / WORKERS:.1f} at most "
+        f"  round trips per payout         : {run.round_trips:.2f}  (goal <= "
+        f"{ROUND_TRIPS_GOAL:g}: fetch, take, final write, finish, gate claims shared)  "
+        f"{'PASS' if run.round_trips <= ROUND_TRIPS_GOAL else 'MISS'}"
+    )
+    print(
+        f"  DB connections per worker      : {run.peak_connections / run.workers:.1f} at most "
         f"(sampled; --concurrency {run.concurrency})"
     )
     if unbudgeted is not None:
@@ -243,6 +317,169 @@ def report(run: Run, unbudgeted: Run | None) -> bool:
     return peak_ok and rate_ok
 
 
+def report_one_worker(one: Run, three: Run | None) -> bool:
+    """One pinned worker at BILLING_RPS=1000: CPU per payout and how CPU-bound it is; with
+    the three workers' run at the same budget, their share of it here and on 2-core hosts."""
+    cpu_s = one.worker_cpu_s / one.payouts
+    achieved = one.payouts / one.seconds
+    bound = 1 / cpu_s if cpu_s > 0 else float("inf")
+    ratio = achieved / bound
+    cores = len(os.sched_getaffinity(0))
+    cpu_ok, ratio_ok = 1000 * cpu_s <= CPU_MS_GOAL, ratio >= CPU_BOUND_GOAL
+    print(
+        f"\n== one worker, pinned to one core, BILLING_RPS={one.rps:g}, --concurrency "
+        f"{one.concurrency}, {one.payouts:,} queued payouts =="
+    )
+    print(
+        f"  worker CPU per payout          : {1000 * cpu_s:.2f} ms  (process CPU time; goal <= "
+        f"{CPU_MS_GOAL:g} ms)  {'PASS' if cpu_ok else 'MISS'}"
+    )
+    print(
+        f"  achieved / CPU-bound rate      : {ratio:.2f}  ({achieved:.0f} payouts/s of "
+        f"{bound:.0f} = 1 / CPU per payout; goal >= {CPU_BOUND_GOAL:g})  "
+        f"{'PASS' if ratio_ok else 'MISS'}"
+    )
+    print(
+        f"  round trips per payout         : {one.round_trips:.2f}  (goal <= "
+        f"{ROUND_TRIPS_GOAL:g})  {'PASS' if one.round_trips <= ROUND_TRIPS_GOAL else 'MISS'}"
+    )
+    if three is not None:
+        here = min(three.rps, cores / cpu_s)
+        hosts = min(three.rps, 3 * 2 / cpu_s)
+        print(
+            f"  three workers, 1,000/s budget  : {three.achieved_rps / three.rps:.2f} of it "
+            f"here ({three.achieved_rps:.0f} calls/s; CPU limit: {cores} cores shared with "
+            f"PostgreSQL, the emulator and this bench, at most {cores / cpu_s:.0f} payouts/s "
+            f"if the workers had them all: {here / three.rps:.2f} of the budget); three "
+            f"2-core hosts: {3 * 2 / cpu_s:.0f} payouts/s of CPU = "
+            f"{hosts / three.rps:.2f} of the budget"
+        )
+    return cpu_ok and ratio_ok
+
+
+@dataclasses.dataclass(frozen=True)
+class Presses:
+    idle: list[float]  # seconds from a press's 202 to Billing making its payout
+    backlog: list[float]
+    backlog_size: int
+
+
+def _made_at(billing_url: str, key: str) -> datetime | None:
+    r = httpx.get(f"{billing_url}/admin/payouts", timeout=10)
+    r.raise_for_status()
+    for p in r.json()["payouts"]:
+        if p["idempotency_key"] == key:
+            return datetime.fromisoformat(p["created_at"].replace("Z", "+00:00"))
+    return None
+
+
+def _press_once(api: str, billing_url: str, park: str) -> float:
+    """Seconds from the press's answer to Billing making its payout (one host's wall clock)."""
+    from datetime import UTC
+
+    payout = press(api, park)
+    answered = datetime.now(UTC)
+    made = wait_for(
+        lambda: _made_at(billing_url, payout["id"]),
+        timeout=60,
+        interval=0.02,
+        what="the press's payout at Billing",
+    )
+    return float((made - answered).total_seconds())
+
+
+def run_presses(
+    server_url: str, template: str, billing_url: str, workdir: Path, backlog: int, presses: int
+) -> Presses:
+    """Presses with no backlog, then while `backlog` periodic payouts drain at PRESS_RPS."""
+    url = create_database(server_url, template=template)
+    procs: list[Proc] = []
+    try:
+        httpx.post(f"{billing_url}/admin/reset").raise_for_status()
+        env = service_env(url, billing_url, BILLING_RPS=f"{PRESS_RPS:g}", PERIODIC_SCAN_CRON=NEVER)
+        logs = workdir / "presses"
+        logs.mkdir(exist_ok=True)
+        port = free_port()
+        procs.append(Proc(["serve", "--port", str(port)], env, logs / "api.log"))
+        api = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(f"{api}/ping", timeout=1).status_code == 200, timeout=30)
+        parks = [f"press-{i}" for i in range(2 * presses)]
+        for park in parks:
+            register(api, park, periodic=False, status=201)
+        asyncio.run(set_balances(billing_url, parks))
+        procs += [
+            Proc(["worker", "--concurrency", str(CONCURRENCY)], env, logs / f"worker-{i}.log")
+            for i in range(WORKERS)
+        ]
+
+        def registered() -> bool:
+            with psycopg.connect(url) as conn:
+                row = conn.execute("SELECT count(*) FROM procrastinate_workers").fetchone()
+            return row is not None and row[0] == WORKERS
+
+        wait_for(registered, timeout=60, interval=0.1, what="the workers to register")
+        idle = [_press_once(api, billing_url, park) for park in parks[:presses]]
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO parks (park_id, params) "
+                "SELECT 'backlog-' || g, '{\"iban\": \"X\"}' FROM generate_series(1, %s) g",
+                (backlog,),
+            )
+            conn.execute(
+                "INSERT INTO payouts (id, park_id, kind, max_amount, available, currency)"
+                " SELECT gen_random_uuid(), park_id, 'periodic', 1000, 10, 'RUB' FROM parks"
+                " WHERE park_id LIKE 'backlog-%%'"
+            )
+            # A statement of its own: an UPDATE does not see rows its own statement's
+            # CTEs inserted, and a payout without its job_id is re-driven as an orphan.
+            conn.execute(
+                "WITH job AS ("
+                "  INSERT INTO procrastinate_jobs (queue_name, task_name, priority, args)"
+                "  SELECT 'payouts', 'execute_payout', 0, jsonb_build_object('payout_id', id::text)"
+                "  FROM payouts WHERE park_id LIKE 'backlog-%%' RETURNING id, args"
+                ") UPDATE payouts p SET job_id = job.id FROM job"
+                " WHERE p.id = (job.args->>'payout_id')::uuid"
+            )
+            conn.execute("ANALYZE procrastinate_jobs")
+            conn.execute("ANALYZE payouts")
+
+        def draining() -> bool:
+            return len(billing_requests(billing_url)) >= 2 * presses + 3 * PRESS_RPS
+
+        wait_for(draining, timeout=60, interval=0.2, what="the backlog to drain")
+        busy = [_press_once(api, billing_url, park) for park in parks[presses:]]
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"a process died:\n{p.tail()}")
+    finally:
+        for p in procs:
+            p.stop()
+        drop_database(server_url, url)
+    return Presses(idle, busy, backlog)
+
+
+def report_presses(result: Presses) -> bool:
+    def p95(xs: list[float]) -> float:
+        return sorted(xs)[max(0, round(0.95 * len(xs)) - 1)]
+
+    busy, idle = result.backlog, result.idle
+    ok = p95(busy) <= PRESS_P95_GOAL_S
+    print(
+        f"\n== presses while {result.backlog_size:,} periodic payouts drain at "
+        f"BILLING_RPS={PRESS_RPS:g} ({WORKERS} workers at --concurrency {CONCURRENCY}) =="
+    )
+    print(
+        f"  press to Billing, with backlog : p50 {statistics.median(busy):.3f} s, p95 "
+        f"{p95(busy):.3f} s, max {max(busy):.3f} s over {len(busy)} presses  (goal p95 <= "
+        f"{PRESS_P95_GOAL_S:g} s)  {'PASS' if ok else 'MISS'}"
+    )
+    print(
+        f"  baseline, no backlog           : p50 {statistics.median(idle):.3f} s, p95 "
+        f"{p95(idle):.3f} s over {len(idle)} presses"
+    )
+    return ok
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the figures; 0 when every run finished (a missed goal is printed, not an error)."""
     parser = argparse.ArgumentParser(prog="python -m tests.bench.billing", description=__doc__)
@@ -251,12 +488,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--concurrency", default="10,100", help="worker --concurrency values, at the last budget"
     )
+    parser.add_argument(
+        "--press-backlog", type=int, default=80_000, help="periodic payouts queued for presses"
+    )
+    parser.add_argument("--presses", type=int, default=20, help="presses measured, each case")
     args = parser.parse_args(argv)
     budgets = [float(r) for r in args.rps.split(",")]
     workdir = Path(tempfile.mkdtemp(dir="/tmp", prefix="fp-bench-billing-"))
     workdir.chmod(0o755)  # the postgres account must reach the data dir when we are root
     template = f"fp_bench_billing_{os.getpid()}"
     started = time.monotonic()
+    print(f"billing bench: load average {os.getloadavg()[0]:.2f} at the start", flush=True)
     try:
         with bench_server(workdir) as server_url, run_emulator() as billing_url:
             with psycopg.connect(server_url, autocommit=True) as conn:
@@ -277,14 +519,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]
             n = max(r.payouts for r in runs)
             unbudgeted = run_once(server_url, template, billing_url, workdir, UNBUDGETED_RPS, n)
+            one = run_once(
+                server_url,
+                template,
+                billing_url,
+                workdir,
+                1000.0,
+                size(1000.0, args.seconds),
+                workers=1,
+                pin=True,
+            )
+            presses = run_presses(
+                server_url, template, billing_url, workdir, args.press_backlog, args.presses
+            )
             met = [report(run, unbudgeted) for run in runs]
+            at_1000 = next(
+                (r for r in runs if r.rps == 1000.0 and r.concurrency == CONCURRENCY), None
+            )
+            met.append(report_one_worker(one, at_1000))
+            met.append(report_presses(presses))
             with psycopg.connect(server_url, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(
-        f"\nbilling budget: {sum(met)}/{len(met)} budgets met both goals, "
-        f"{time.monotonic() - started:.0f} s"
+        f"\nbilling bench: {sum(met)}/{len(met)} sets of figures met their goals, "
+        f"{time.monotonic() - started:.0f} s; load average {os.getloadavg()[0]:.2f} at the end"
     )
     return 0
 

@@ -27,12 +27,18 @@ BENCHES = {
     # Every configuration of `make bench`: each default budget, --concurrency 100 at the last
     # one, and the unbudgeted baseline.
     "billing": (
-        ["--seconds", "0.05"],
+        ["--seconds", "0.05", "--press-backlog", "200", "--presses", "3"],
         (
             "peak one-second calls / limit",
             "achieved rate / limit",
             "baseline, no budget",
             "DB connections per worker",
+            "round trips per payout",
+            "worker CPU per payout",
+            "achieved / CPU-bound rate",
+            "three workers, 1,000/s budget",
+            "press to Billing, with backlog",
+            "baseline, no backlog",
         ),
     ),
 }

@@ -76,6 +76,7 @@ async def test_concurrent_claims_never_hand_out_slots_closer_than_one_spacing(
                     conn,
                     billing_gate.Q["claim_slots"],
                     want=3,
+                    urgent=False,
                     spacing_us=spacing,
                     lease_us=10_000_000,  # always grant: only the spacing is under test
                     probe_lease_us=1,
@@ -128,6 +129,7 @@ async def test_a_vanished_process_takes_no_more_than_its_lease_with_it(
             conn,
             billing_gate.Q["claim_slots"],
             want=10_000,
+            urgent=False,
             spacing_us=survivor.spacing_us,
             lease_us=round(billing_gate.LEASE_SECONDS * 1e6),
             probe_lease_us=1,
@@ -299,3 +301,84 @@ async def test_breaker_stops_calls_to_a_failing_billing(
         with pytest.raises(Paused):
             await client.balance("p1")
     assert 3 == stats(billing_url)["requests"]
+
+
+# --- claims and priorities ---------------------------------------------------------------
+
+
+async def test_calls_one_after_another_share_claims_at_a_high_rate(
+    make_gate: Callable[..., SharedGate], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 calls made one after another at BILLING_RPS=1000 cost at most 30 claims: each claim
+    takes ahead what the next lease uses at the rate of the last ones, not one slot per call."""
+    gate = make_gate(rps=1000)
+    claims = []
+    fetch_one = db.fetch_one
+
+    async def counted(conn: Any, query: Any, **params: Any) -> Any:
+        if query == billing_gate.Q["claim_slots"]:
+            claims.append(params["want"])
+        return await fetch_one(conn, query, **params)
+
+    monkeypatch.setattr(db, "fetch_one", counted)
+    before = REGISTRY.get_sample_value("fleet_payouts_billing_slot_claims_total") or 0.0
+
+    for _ in range(300):
+        await gate.acquire()
+
+    assert len(claims) <= 30, claims
+    after = REGISTRY.get_sample_value("fleet_payouts_billing_slot_claims_total") or 0.0
+    assert len(claims) == after - before
+
+
+async def test_an_urgent_call_passes_every_call_waiting_in_its_process(
+    make_gate: Callable[..., SharedGate],
+) -> None:
+    """With ten periodic calls waiting at BILLING_RPS=20, an urgent call that arrives after them
+    gets its permit before at least eight of them."""
+    gate = make_gate(rps=20)
+    order: list[str] = []
+
+    async def call(name: str, urgent: bool) -> None:
+        await gate.acquire(urgent=urgent)
+        order.append(name)
+
+    periodic = [asyncio.create_task(call(f"p{i}", False)) for i in range(10)]
+    await asyncio.sleep(0)  # they are all waiting before the urgent one arrives
+    await call("urgent", True)
+    await asyncio.gather(*periodic)
+
+    assert order.index("urgent") <= 2, order
+
+
+async def test_an_urgent_call_waits_about_one_slot_while_other_processes_are_busy(
+    make_gate: Callable[..., SharedGate],
+) -> None:
+    """At BILLING_RPS=10 three other processes' eager periodic callers claim every slot they
+    can; at least six of eight urgent calls of this process still get their permit within
+    0.25 s (one slot is 0.105 s): its claim keeps the next free slot for it. Racing the three
+    for each slot instead, about half of them would wait longer."""
+    busy = [make_gate(rps=10) for _ in range(3)]
+    mine = make_gate(rps=10)
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    async def eager(gate: SharedGate) -> None:
+        while not done.is_set():
+            await gate.acquire()
+
+    callers = [asyncio.create_task(eager(g)) for g in busy for _ in range(4)]
+    try:
+        await asyncio.sleep(0.3)  # the busy processes are claiming
+        waits = []
+        for _ in range(8):
+            started = loop.time()
+            await mine.acquire(urgent=True)
+            waits.append(loop.time() - started)
+    finally:
+        done.set()
+        for task in callers:
+            task.cancel()
+        await asyncio.gather(*callers, return_exceptions=True)
+
+    assert sum(1 for w in waits if w < 0.25) >= 6, waits

@@ -323,3 +323,68 @@ async def test_runs_hold_no_connection_while_billing_answers(
         await billing.aclose()
         await pool.close()
     assert [Status.SUCCEEDED] * 8 == done
+
+
+async def test_a_snapshot_payout_costs_two_statements_of_its_own(
+    deps: Deps, conn: db.Conn, billing_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A periodic payout with the scan's snapshot takes and records its order in one
+    statement: 2 of the worker's own round trips per payout (take, finish), not 3."""
+    emulator(billing_url, "PUT", f"/admin/balances/{PARK}", {"available": "90.00"})
+    payout_id = await new_payout(conn, snapshot="90.00")
+    sent: list[str] = []
+    execute = db.CountingCursor.execute
+
+    async def counted(self: Any, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        # Not a new pooled connection's set-up, nor the probe of one idle for long.
+        if "SET TimeZone" not in str(query) and str(query):
+            sent.append(str(query))
+        return await execute(self, query, params, **kwargs)
+
+    monkeypatch.setattr(db.CountingCursor, "execute", counted)
+
+    assert Status.SUCCEEDED == await execute_payout(deps, payout_id)
+
+    assert 2 == len(sent), sent
+    done = await row(conn, payout_id)
+    assert (Decimal("90.00"), {"iban": "X1"}) == (done["amount"], done["billing_params"])
+
+
+async def test_the_take_decides_the_amount_as_order_amount_does(conn: db.Conn) -> None:
+    """payouts_snapshot_order (SQL, the take) names the same amount as domain.order_amount
+    (Python, every other decision) for every combination of balance, cap and minimum,
+    and nothing (NULL) where Python would not order."""
+    from service.payouts.model import order_amount
+
+    balances = ["0", "0.01", "0.99", "1.00", "5.55", "999.99", "1000.00", "1000.01", "5000"]
+    caps = ["1.00", "1000.00", "250.50"]
+    minimums: list[str | None] = [None, "0.01", "1.00", "10.00", "1000.00"]
+    defaults = ["1.00", "0.01", "100.00"]
+    cases = []
+    for available in balances:
+        for cap in caps:
+            for minimum in minimums:
+                payout_id = uuid.uuid4()
+                # One park each: a park has one payout in flight at most.
+                await conn.execute("INSERT INTO parks (park_id) VALUES (%s)", (f"g-{payout_id}",))
+                await conn.execute(
+                    "INSERT INTO payouts (id, park_id, kind, max_amount, min_amount, available,"
+                    " currency) VALUES (%s, %s, 'periodic', %s, %s, %s, 'RUB')",
+                    (payout_id, f"g-{payout_id}", cap, minimum, available),
+                )
+                cases.append((payout_id, available, cap, minimum))
+    for default in defaults:
+        for payout_id, available, cap, minimum in cases:
+            found = await db.fetch_one(
+                conn,
+                "SELECT payouts_snapshot_order(p, %(d)s) AS amount"
+                " FROM payouts p WHERE id = %(id)s",
+                d=Decimal(default),
+                id=payout_id,
+            )
+            assert found is not None
+            floor = Decimal(minimum) if minimum is not None else Decimal(0)
+            expected = order_amount(
+                Decimal(available), Decimal(cap), None, floor or Decimal(default)
+            )
+            assert expected == found["amount"], (available, cap, minimum, default)
