@@ -121,7 +121,11 @@ def _install_probes(dump: Path) -> None:
 
     def write() -> None:
         dump.write_text(
-            json.dumps({k: [_WALL[k], _CALLS[k]] for k in _WALL}, indent=1, sort_keys=True)
+            json.dumps(
+                {k: [_WALL.get(k, 0.0), _CALLS[k]] for k in {*_WALL, *_CALLS}},
+                indent=1,
+                sort_keys=True,
+            )
         )
 
     atexit.register(write)
