@@ -292,6 +292,7 @@ def main() -> int:
         emulator.free_port = bench_free_port()
     workdir = Path(tempfile.mkdtemp(dir="/tmp", prefix="fp-worker-profile-"))
     workdir.chmod(0o755)
+    args.all_cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
     # PostgreSQL, the emulator and their children inherit the other core.
     os.sched_setaffinity(0, {args.other_core})
     try:
@@ -341,13 +342,13 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         )
         probes = [workdir / f"probes-{i}.json" for i in range(args.workers)]
         logs = [(workdir / f"worker-{i}.log").open("wb") for i in range(args.workers)]
-        # The first worker is the one profiled, on its core; any others share that core.
+        # The first worker is the one profiled, on its core; any others on every core.
         workers = [
             subprocess.Popen(
                 [
                     shutil.which("taskset") or "taskset",
                     "-c",
-                    str(args.worker_core),
+                    str(args.worker_core) if i == 0 else args.all_cores,
                     sys.executable,
                     "-m",
                     "tests.bench.worker_profile",
@@ -362,7 +363,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-            for probe, log in zip(probes, logs, strict=True)
+            for i, (probe, log) in enumerate(zip(probes, logs, strict=True))
         ]
         worker = workers[0]
         try:
