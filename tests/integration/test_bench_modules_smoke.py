@@ -36,6 +36,7 @@ BENCHES = {
             "round trips per payout",
             "worker CPU per payout",
             "achieved / CPU-bound rate",
+            "its wall time (schedstat)",
             "three workers, 1,000/s budget",
             "press to Billing, with backlog",
             "baseline, no backlog",
