@@ -256,6 +256,12 @@ def kind(query: str) -> str:
     return "ours"
 
 
+def spy_program() -> str:
+    """py-spy on PATH or beside this Python, else ''."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else "")
+
+
 def bench_free_port() -> Callable[[], int]:
     """The port picker _ports_from installed (PostgreSQL's and the emulator's ports)."""
     from tests.bench import service
@@ -272,8 +278,9 @@ def main() -> int:
     parser.add_argument(
         "--workers", type=int, default=1, help="more workers (the first one is profiled)"
     )
-    parser.add_argument("--worker-core", type=int, default=1)
-    parser.add_argument("--other-core", type=int, default=0)
+    cores = sorted(os.sched_getaffinity(0))
+    parser.add_argument("--worker-core", type=int, default=cores[-1])
+    parser.add_argument("--other-core", type=int, default=cores[0])
     parser.add_argument("--spy", help="keep py-spy's collapsed stacks here")
     parser.add_argument("--no-spy", action="store_true", help="no py-spy (waits and counts)")
     parser.add_argument("--statements", type=int, default=12, help="top statements printed")
@@ -290,6 +297,9 @@ def main() -> int:
         first, _, last = ports.partition("-")
         _ports_from(int(first), int(last))
         emulator.free_port = bench_free_port()
+    if not args.no_spy and not spy_program():
+        print("py-spy not found: `pip install py-spy`, or --no-spy", file=sys.stderr)
+        return 2
     workdir = Path(tempfile.mkdtemp(dir="/tmp", prefix="fp-worker-profile-"))
     workdir.chmod(0o755)
     args.all_cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
@@ -381,7 +391,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
                 spy_out = Path(args.spy) if args.spy else workdir / "spy.txt"
                 spy = subprocess.Popen(
                     [
-                        shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+                        spy_program(),
                         "record",
                         "--nonblocking",
                         "-r",
@@ -421,7 +431,11 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             for w in workers:
                 w.terminate()
             for w, log in zip(workers, logs, strict=True):
-                w.wait(timeout=30)
+                try:
+                    w.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    w.kill()
+                    w.wait()
                 log.close()
         posts = sorted(r["at"] for r in billing_requests(billing_url) if r["method"] == "POST")
         drain = posts[-1] - posts[0] if len(posts) > 1 else wall
