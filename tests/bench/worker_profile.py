@@ -456,6 +456,8 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     if spy is not None:
         sent = sum(calls for _, calls, _ in statements) / n
         print("\n".join(spy_table(spy_out, cpu_ms, sent, len(posts) / n)))
+    else:
+        print("  (--no-spy)")
     print(
         f"\n2. wall time over the drain ({wall:.2f} s from the scan's start): on CPU "
         f"{on:.2f} s ({100 * on / wall:.0f}%), runnable but waiting for its core "
