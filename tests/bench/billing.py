@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -97,6 +98,11 @@ class Run:
     concurrency: int
     statements: float  # the workers' statements during the drain, idle chores subtracted
     workers: int = WORKERS
+    # The first worker's wall time during the drain: on CPU, and runnable but waiting for
+    # its core (/proc/PID/schedstat; the rest it slept, waiting on I/O or timers).
+    on_cpu_s: float = 0.0
+    runnable_s: float = 0.0
+    measured_s: float = 0.0  # the window those two were read over (the queue filled, drained)
 
     @property
     def payouts_per_worker_s(self) -> float:
@@ -109,6 +115,17 @@ class Run:
     @property
     def cpu_ms_per_payout(self) -> float:
         return 1000 * self.worker_cpu_s / self.payouts
+
+
+def schedstat(pid: int) -> tuple[float, float]:
+    """Seconds on CPU and seconds runnable but waiting for a core, of every thread."""
+    on = wait = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            fields = (task / "schedstat").read_text().split()
+            on += int(fields[0]) / 1e9
+            wait += int(fields[1]) / 1e9
+    return on, wait
 
 
 def cpu_seconds(pid: int) -> float:
@@ -231,6 +248,7 @@ def run_once(
         time.sleep(IDLE_WINDOW_S)  # a measurement window, not a synchronisation
         idle_rate = (statements_sent(ports) - idle_from) / (time.monotonic() - idle_started)
         cpu_before = sum(cpu_seconds(p.pid) for p in procs)
+        sched_before = schedstat(procs[0].pid)
         sent_before, started = statements_sent(ports), time.monotonic()
         asyncio.run(fill_queue(load_settings(env), n))
         peak = [0]
@@ -248,6 +266,10 @@ def run_once(
         if any(not p.alive() for p in procs):
             raise RuntimeError(f"a worker died:\n{procs[0].tail()}")
         cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_before
+        on_cpu, runnable = (
+            a - b for a, b in zip(schedstat(procs[0].pid), sched_before, strict=True)
+        )
+        measured = time.monotonic() - started
         statements = statements_sent(ports) - sent_before
         statements -= idle_rate * (time.monotonic() - started)
     finally:
@@ -271,6 +293,9 @@ def run_once(
         concurrency=concurrency,
         statements=max(0.0, statements),
         workers=workers,
+        on_cpu_s=on_cpu,
+        runnable_s=runnable,
+        measured_s=measured,
     )
 
 
@@ -342,6 +367,14 @@ def report_one_worker(one: Run, three: Run | None) -> bool:
     print(
         f"  round trips per payout         : {one.round_trips:.2f}  (goal <= "
         f"{ROUND_TRIPS_GOAL:g})  {'PASS' if one.round_trips <= ROUND_TRIPS_GOAL else 'MISS'}"
+    )
+    wall = one.measured_s or 1.0
+    asleep = max(0.0, wall - one.on_cpu_s - one.runnable_s)
+    print(
+        f"  its wall time (schedstat)      : on CPU {100 * one.on_cpu_s / wall:.0f}%, runnable "
+        f"but waiting for its core {100 * one.runnable_s / wall:.0f}% (other processes on "
+        f"it), asleep {100 * asleep / wall:.0f}%; where the rest goes: "
+        "python -m tests.bench.worker_profile"
     )
     if three is not None:
         here = min(three.rps, cores / cpu_s)

@@ -24,6 +24,15 @@ BENCHES = {
         ["--scale", "2000", "--repeat", "2"],
         ("fill:", "database size", "gauge: jobs by status", "audit verify", "history bench:"),
     ),
+    "worker_profile": (
+        ["--payouts", "40", "--workers", "2", "--no-spy"],
+        (
+            "worker CPU:",
+            "wall time over the drain",
+            "gate claims, all 2 worker(s)",
+            "statements during the drain",
+        ),
+    ),
     # Every configuration of `make bench`: each default budget, --concurrency 100 at the last
     # one, and the unbudgeted baseline.
     "billing": (
@@ -36,6 +45,7 @@ BENCHES = {
             "round trips per payout",
             "worker CPU per payout",
             "achieved / CPU-bound rate",
+            "its wall time (schedstat)",
             "three workers, 1,000/s budget",
             "press to Billing, with backlog",
             "baseline, no backlog",
