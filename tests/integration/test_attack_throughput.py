@@ -1,0 +1,232 @@
+"""Issue 21's aiohttp client attacked from the wire: a server that answers as no Billing
+would (a trickle, a decompression bomb, broken framing), over real TCP sockets.
+
+Each hostile answer must end the call in bounded time and memory as one of the client's own
+exceptions (the order stays in flight, resent only by our own logic), and the order must
+reach the server exactly once: the transport never re-sends a POST by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import tracemalloc
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import pytest
+
+from service.billing.client import (
+    MAX_ANSWER_BYTES,
+    BillingClient,
+    BillingPayout,
+    Budget,
+    Transient,
+    Undecided,
+)
+
+PAYOUT = b'{"id":"po-1","park_id":"p1","amount":"70.00","currency":"RUB","status":"done"}'
+TIMEOUT = 1.0
+
+Writer = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+
+def answer(body: bytes, extra: bytes = b"", status: bytes = b"200 OK") -> bytes:
+    """One HTTP/1.1 answer with a Content-Length, `extra` header lines added."""
+    return (
+        b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n" + extra
+        + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )  # fmt: skip
+
+
+@dataclass
+class RawServer:
+    """A TCP server that reads each request whole and answers with raw bytes."""
+
+    write: Writer
+    requests: list[bytes] = field(default_factory=list)
+    url: str = ""
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head + await reader.readexactly(length)
+
+
+@contextlib.asynccontextmanager
+async def raw_server(write: Writer) -> AsyncIterator[RawServer]:
+    server = RawServer(write)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                server.requests.append(await _read_request(reader))
+                await write(writer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    tcp = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server.url = f"http://127.0.0.1:{tcp.sockets[0].getsockname()[1]}"
+    try:
+        yield server
+    finally:
+        tcp.close()
+
+
+async def order(url: str) -> BillingPayout:
+    client = BillingClient(url, token="t", timeout=TIMEOUT, budget=Budget(1000))
+    try:
+        return await client.order_payout(
+            "key-1", park_id="p1", amount=Decimal("70.00"), currency="RUB", params={}
+        )
+    finally:
+        await client.aclose()
+
+
+async def test_an_answer_trickled_a_byte_at_a_time_ends_the_order_in_bounded_time() -> None:
+    """An answer whose every read comes within the timeout but never ends (a byte each
+    0.2 s) ends the order as Transient within three timeouts, not never."""
+
+    async def trickle(writer: asyncio.StreamWriter) -> None:
+        for byte in answer(PAYOUT + b" " * 10_000):
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.2)
+
+    async with raw_server(trickle) as server:
+        started = time.monotonic()
+        with pytest.raises(Transient, match="timed out"):
+            # The guard only stops a hung test; the client must end first.
+            await asyncio.wait_for(order(server.url), 6 * TIMEOUT)
+        assert 1 == len(server.requests)
+    assert time.monotonic() - started < 3 * TIMEOUT + 1
+
+
+async def test_a_compressed_bomb_is_refused_without_inflating_it_into_memory() -> None:
+    """A gzip answer that inflates to ten times MAX_ANSWER_BYTES (a valid payout padded with
+    blanks) is Undecided, and the client holds under twice the cap in memory reading it."""
+    inflated = 10 * MAX_ANSWER_BYTES
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = squeeze.compress(PAYOUT)
+    blanks = b" " * (1 << 20)
+    bomb += b"".join(squeeze.compress(blanks) for _ in range(inflated >> 20))
+    bomb += squeeze.flush()
+
+    async def send_bomb(writer: asyncio.StreamWriter) -> None:
+        writer.write(answer(bomb, b"Content-Encoding: gzip\r\n"))
+
+    async with raw_server(send_bomb) as server:
+        tracemalloc.start()
+        try:
+            with pytest.raises(Undecided, match="larger than"):
+                await order(server.url)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert 1 == len(server.requests)
+    assert peak < 2 * MAX_ANSWER_BYTES, f"peak {peak} bytes"
+
+
+PAYOUT_TO_ANOTHER_REQUEST = (
+    b'HTTP/1.1 200 OK\r\nContent-Length: 80\r\n\r\n{"id":"po-EVIL","park_id":"p1",'
+    b'"amount":"70.00","currency":"RUB","status":"done"}'
+)
+
+# Answers no Billing sends; each must end the order as the client's own exception.
+HOSTILE: dict[str, bytes] = {
+    "chunked body cut mid-way": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n50\r\n"
+    + PAYOUT[:10],
+    "Content-Length shorter than it says": answer(PAYOUT)[:-10],
+    "chunked and Content-Length together": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+    b"Content-Length: 5\r\n\r\n50\r\n" + PAYOUT[:80] + b"\r\n0\r\n\r\n",
+    "two Content-Lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 9\r\n\r\n"
+    + PAYOUT,
+    "garbage gzip": answer(b"not gzip at all", b"Content-Encoding: gzip\r\n"),
+    "brotli (no decoder installed)": answer(b"\x8b\x03\x80" + PAYOUT, b"Content-Encoding: br\r\n"),
+    "a header line of 100 kB": answer(PAYOUT, b"X-Big: " + b"a" * 100_000 + b"\r\n"),
+    "20,000 headers": answer(PAYOUT, b"".join(b"X-%d: a\r\n" % i for i in range(20_000))),
+    "NUL in a header": answer(PAYOUT, b"X-N: a\x00b\r\n"),
+    "no HTTP at all": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+    "a four-digit status": b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
+    "non-UTF-8 JSON": answer(b'{"id":"po-\xff","park_id":"p1","amount":"70.00","currency":"RUB"}'),
+    "duplicate key changing the amount": answer(PAYOUT[:-1] + b',"amount":"7000.00"}'),
+    "a 307 back to the same path": answer(b"", b"Location: /v1/payouts\r\n", b"307 Redirect"),
+    "a 200 with the next answer smuggled after it": answer(b"{}") + PAYOUT_TO_ANOTHER_REQUEST,
+    "closed before any answer": b"",
+}
+
+
+@pytest.mark.parametrize("raw", HOSTILE.values(), ids=HOSTILE.keys())
+async def test_a_hostile_answer_ends_the_order_as_transient_and_it_was_sent_once(
+    raw: bytes,
+) -> None:
+    """Each answer no Billing sends ends the order as Transient (Undecided included), with the
+    order sent once: aiohttp neither re-sends a POST nor reads a smuggled answer as ours."""
+
+    async def hostile(writer: asyncio.StreamWriter) -> None:
+        writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    async with raw_server(hostile) as server:
+        with pytest.raises(Transient):
+            await asyncio.wait_for(order(server.url), 6 * TIMEOUT)
+        assert 1 == len(server.requests)
+
+
+async def test_answers_billing_may_send_oddly_framed_still_pay() -> None:
+    """An HTTP/1.0 answer read to the close, a 100 Continue first, a Set-Cookie and an unknown
+    Content-Encoding on a plain body each still give the order's payout, one request each."""
+    for raw in (
+        b"HTTP/1.0 200 OK\r\n\r\n" + PAYOUT,
+        b"HTTP/1.1 100 Continue\r\n\r\n" + answer(PAYOUT),
+        answer(PAYOUT, b"Set-Cookie: session=evil; Path=/\r\n"),
+        answer(PAYOUT, b"Content-Encoding: identity\r\n"),
+    ):
+
+        async def odd(writer: asyncio.StreamWriter, raw: bytes = raw) -> None:
+            writer.write(raw)
+            await writer.drain()
+            writer.close()
+
+        async with raw_server(odd) as server:
+            made = await asyncio.wait_for(order(server.url), 6 * TIMEOUT)
+            assert ("po-1", Decimal("70.00")) == (made.id, made.amount)
+            assert 1 == len(server.requests)
+
+
+async def test_a_keep_alive_connection_closed_between_orders_never_resends_one() -> None:
+    """When the server closes the kept-alive connection after each answer (no Connection:
+    close said), each order reaches it at most once, and exactly the orders it answered pay:
+    one sent on the stale connection ends Transient, never re-sent by aiohttp."""
+    paid: list[bytes] = []
+    async with raw_server(lambda writer: _answer_and_close(writer)) as server:
+        client = BillingClient(server.url, token="t", timeout=TIMEOUT, budget=Budget(1000))
+        try:
+            for n in range(5):
+                with contextlib.suppress(Transient):
+                    await client.order_payout(
+                        f"key-{n}", park_id="p1", amount=Decimal("70.00"), currency="RUB",
+                        params={},
+                    )  # fmt: skip
+                    paid.append(f"key-{n}".encode())
+        finally:
+            await client.aclose()
+        keys = [r.split(b"Idempotency-Key: ", 1)[1].split(b"\r\n", 1)[0] for r in server.requests]
+    assert paid == keys
+
+
+async def _answer_and_close(writer: asyncio.StreamWriter) -> None:
+    writer.write(answer(PAYOUT))
+    await writer.drain()
+    writer.close()
