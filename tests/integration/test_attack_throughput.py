@@ -16,6 +16,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -230,3 +231,121 @@ async def _answer_and_close(writer: asyncio.StreamWriter) -> None:
     writer.write(answer(PAYOUT))
     await writer.drain()
     writer.close()
+
+
+# --- the job counts kept by triggers (migrations/0015) ----------------------------------
+
+JOB_OPS = (
+    # procrastinate's own functions, as its workers and its admin call them
+    "SELECT procrastinate_defer_jobs_v1(ARRAY[ROW('q', 't', 0, NULL, NULL, '{}'::jsonb,"
+    " NULL)::procrastinate_job_to_defer_v1, ROW('q', 't', 0, NULL, NULL, '{}'::jsonb,"
+    " NULL)::procrastinate_job_to_defer_v1])",
+    "SELECT procrastinate_fetch_job_v2(ARRAY['q'], NULL)",
+    "SELECT procrastinate_finish_job_v1(id, 'succeeded', false) FROM procrastinate_jobs"
+    " WHERE status = 'doing' ORDER BY random() LIMIT 1",
+    "SELECT procrastinate_finish_job_v1(id, 'failed', false) FROM procrastinate_jobs"
+    " WHERE status = 'doing' ORDER BY random() LIMIT 1",
+    "SELECT procrastinate_finish_job_v1(id, 'succeeded', true) FROM procrastinate_jobs"
+    " WHERE status = 'doing' ORDER BY random() LIMIT 1",
+    "SELECT procrastinate_retry_job_v2(id, now(), NULL, NULL, NULL) FROM procrastinate_jobs"
+    " WHERE status = 'doing' AND NOT abort_requested ORDER BY random() LIMIT 1",
+    "SELECT procrastinate_cancel_job_v1(id, false, false) FROM procrastinate_jobs"
+    " WHERE status = 'todo' ORDER BY random() LIMIT 1",
+    "SELECT procrastinate_cancel_job_v1(id, true, false) FROM procrastinate_jobs"
+    " WHERE status = 'doing' ORDER BY random() LIMIT 1",
+    "SELECT procrastinate_cancel_job_v1(id, false, true) FROM procrastinate_jobs"
+    " WHERE status = 'todo' ORDER BY random() LIMIT 1",
+    # a DBA by hand, and housekeeping's kind of batch
+    "DELETE FROM procrastinate_jobs WHERE id IN (SELECT id FROM procrastinate_jobs"
+    " WHERE status IN ('failed', 'cancelled', 'succeeded') ORDER BY id LIMIT 3)",
+    "UPDATE procrastinate_jobs SET status = 'todo', abort_requested = false"
+    " WHERE id IN (SELECT id FROM procrastinate_jobs WHERE status = 'failed'"
+    " ORDER BY random() LIMIT 1)",
+)
+
+
+def _counts_agree(pg: Any) -> tuple[dict[str, int], dict[str, int]]:
+    kept = {
+        r["status"]: int(r["n"])
+        for r in pg.execute(
+            "SELECT status::text AS status, sum(n) AS n FROM job_status_counts GROUP BY 1"
+        )
+        if r["n"]
+    }
+    counted = {
+        r["status"]: int(r["n"])
+        for r in pg.execute(
+            "SELECT status::text AS status, count(*) AS n FROM procrastinate_jobs GROUP BY 1"
+        )
+    }
+    return counted, kept
+
+
+def test_job_counts_equal_count_star_after_concurrent_sessions_and_rollbacks(
+    db_url: str, pg: Any
+) -> None:
+    """After eight sessions run procrastinate's defer, fetch, finish, retry, cancel and abort,
+    a DBA's DELETE and UPDATE, a third of them rolled back, the kept counts equal count(*)
+    by status, and no session met a deadlock."""
+    import random
+    import threading
+
+    import psycopg
+
+    deadlocks: list[str] = []
+    others: list[str] = []
+
+    def session(seed: int) -> None:
+        rng = random.Random(seed)
+        with psycopg.connect(db_url) as c:
+            for _ in range(150):
+                try:
+                    with c.transaction():
+                        # One statement per transaction, as procrastinate and the service
+                        # run them (several in random order deadlock on the jobs' own rows).
+                        c.execute(rng.choice(JOB_OPS))
+                        if rng.random() < 0.33:
+                            raise _Rollback
+                except _Rollback:
+                    pass
+                except psycopg.errors.DeadlockDetected as exc:
+                    deadlocks.append(str(exc).replace("\n", " | "))
+                except (psycopg.errors.RaiseException, psycopg.errors.CheckViolation):
+                    # procrastinate's "job not found" when another session won it, and its
+                    # retry of a job whose abort was asked meanwhile (its own race)
+                    pass
+                except psycopg.Error as exc:
+                    others.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=session, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    counted, kept = _counts_agree(pg)
+    assert counted == kept
+    assert sum(counted.values()) > 0
+    assert [] == deadlocks, "\n".join(deadlocks)
+    assert [] == others
+
+
+class _Rollback(Exception):
+    """Ends a transaction by rolling it back."""
+
+
+def test_job_counts_follow_truncate_in_a_transaction_and_its_rollback(pg: Any) -> None:
+    """TRUNCATE (with CASCADE, inside a transaction with inserts after it) empties the counts
+    with the table, and its rollback brings both back: the counts equal count(*) each time."""
+    pg.execute(JOB_OPS[0])
+    pg.execute(JOB_OPS[1])
+    with contextlib.suppress(_Rollback), pg.transaction():
+        pg.execute("TRUNCATE procrastinate_jobs CASCADE")
+        pg.execute(JOB_OPS[0])
+        assert _counts_agree(pg)[0] == _counts_agree(pg)[1]
+        raise _Rollback
+    counted, kept = _counts_agree(pg)
+    assert {"todo": 1, "doing": 1} == counted
+    assert counted == kept
+    pg.execute("TRUNCATE procrastinate_jobs CASCADE")
+    pg.execute(JOB_OPS[0])
+    assert ({"todo": 2}, {"todo": 2}) == _counts_agree(pg)
