@@ -349,3 +349,44 @@ def test_job_counts_follow_truncate_in_a_transaction_and_its_rollback(pg: Any) -
     pg.execute("TRUNCATE procrastinate_jobs CASCADE")
     pg.execute(JOB_OPS[0])
     assert ({"todo": 2}, {"todo": 2}) == _counts_agree(pg)
+
+
+# --- the shared gate's ledger (sql/billing.sql, claim_slots) -----------------------------
+
+
+async def test_an_urgent_claim_that_gets_nothing_never_moves_the_next_slot_back(
+    pool: Any,
+) -> None:
+    """At BILLING_RPS=0.5 (slots 2.1 s apart), an urgent claim made right after a slot was
+    handed out gets its own slot no less than one spacing after it: a claim that got nothing
+    must not pull the ledger's next slot back to within a second (two calls in one second)."""
+    from service.billing import gate as billing_gate
+    from service.core import db
+
+    spacing_us = billing_gate.spacing_us(0.5)
+
+    async def claim(conn: Any, *, urgent: bool) -> Any:
+        return await db.fetch_one(
+            conn,
+            billing_gate.Q["claim_slots"],
+            want=1,
+            urgent=urgent,
+            spacing_us=spacing_us,
+            lease_us=round(billing_gate.LEASE_SECONDS * 1_000_000),
+            probe_lease_us=1,
+        )
+
+    async with pool.connection() as conn:
+        first = await claim(conn, urgent=False)
+        assert 1 == first["slots"]
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 2 * spacing_us / 1e6 + 1
+        while True:
+            # The urgent caller comes back as the gate does, until a slot is its own.
+            second = await claim(conn, urgent=True)
+            if second["slots"] or loop.time() > give_up:
+                break
+            await asyncio.sleep(0.02)
+    assert 1 == second["slots"]
+    gap = second["first_at"] - first["first_at"]
+    assert gap >= spacing_us / 1e6 - 1e-6, f"two slots {gap:.3f} s apart at 0.5 calls/s"
