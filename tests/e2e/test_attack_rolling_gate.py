@@ -16,8 +16,8 @@ from psycopg.rows import DictRow
 from tests.conftest import service_env
 from tests.e2e.test_instant_first import made, queue_periodic_backlog
 from tests.helpers.api import press, register, set_balance
-from tests.helpers.emulator import billing_requests, peak_in_one_second
-from tests.helpers.procs import REPO_ROOT, cluster, wait_for
+from tests.helpers.emulator import REPO_ROOT, billing_requests, peak_in_one_second
+from tests.helpers.procs import cluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
