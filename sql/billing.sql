@@ -27,8 +27,16 @@ WITH gate AS (
            END AS state,
            -- Never before now (unused slots of the past are gone), and never
            -- more than a second ahead: a clock stepped back must not stall
-           -- the budget for as long as the step.
-           greatest(least(c.next_slot_at, c.at + interval '1 second'), c.at) AS first_at
+           -- the budget for as long as the step. Nor less than a lease and a
+           -- spacing ahead, as far as a slot handed out can put it: below about
+           -- 1.1 calls/s the urgent claim that gets nothing (and writes first_at
+           -- back) would otherwise pull the next slot to within a second of the
+           -- last one handed out.
+           greatest(least(c.next_slot_at,
+                          c.at + greatest(interval '1 second',
+                                          (%(lease_us)s + %(spacing_us)s)
+                                          * interval '1 microsecond')),
+                    c.at) AS first_at
     FROM clocked c
 ), granted AS (
     SELECT p.*,

@@ -227,6 +227,18 @@ def pause_seconds(retry_after: float | None) -> float:
 
 # Connections the client keeps to Billing, at most (one per call in flight).
 MAX_CONNECTIONS = 50
+# The largest answer read, after decompression (a page of MAX_LIST_LIMIT payouts is
+# ~0.4 MB): a larger one, or a compressed bomb, is not read whole into memory.
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
+_READ_CHUNK = 64 * 1024
+
+
+class _AnswerTooLarge(Exception):
+    """The answer's body went past MAX_ANSWER_BYTES: not Billing's (see _send)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"an answer larger than {MAX_ANSWER_BYTES} bytes")
+        self.status = status
 
 
 @dataclasses.dataclass
@@ -273,9 +285,11 @@ class BillingClient:
         self._base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         # httpx's timeouts, phase by phase: a free connection (pool) and connecting
-        # within `timeout` (connect), then each read of the answer (sock_read).
+        # within `timeout` (connect), then each read of the answer (sock_read); and the
+        # whole exchange within the sum of its three phases, so that an answer trickled a
+        # byte at a time (each read in time) cannot hold a payout forever.
         self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=timeout, sock_connect=timeout, sock_read=timeout
+            total=3 * timeout, connect=timeout, sock_connect=timeout, sock_read=timeout
         )
         # Made in the event loop of the first call (aiohttp binds a session to one).
         self._session: aiohttp.ClientSession | None = None
@@ -464,6 +478,10 @@ class BillingClient:
             except TimeoutError as exc:
                 outcome, heard = "timeout", "failed"
                 raise Transient(f"{endpoint}: timed out ({type(exc).__name__})") from exc
+            except _AnswerTooLarge as exc:
+                # Something answered, not with Billing's answer (no page is this large).
+                heard = "answered"
+                raise Undecided(f"{endpoint}: {exc}", status=exc.status) from exc
             except (aiohttp.ClientError, OSError) as exc:
                 heard = "failed"
                 raise Transient(f"{endpoint}: {type(exc).__name__}: {exc}") from exc
@@ -524,8 +542,14 @@ class BillingClient:
             headers=sent_headers,
             allow_redirects=False,
         ) as response:
-            content = await response.read()
-            return _Answer(response.status, response.headers, content)
+            # Read by chunks up to the cap (aiohttp decompresses a chunk at a time), never
+            # more: a compressed bomb or an endless body costs MAX_ANSWER_BYTES at most.
+            content = bytearray()
+            async for chunk in response.content.iter_chunked(_READ_CHUNK):
+                content += chunk
+                if len(content) > MAX_ANSWER_BYTES:
+                    raise _AnswerTooLarge(response.status)
+            return _Answer(response.status, response.headers, bytes(content))
 
 
 def _retry_after(raw: str | None) -> float | None:
