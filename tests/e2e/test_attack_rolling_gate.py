@@ -21,15 +21,18 @@ from tests.helpers.procs import cluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
+# The release before this one (tagged pre-wave3 here): a commit of main's own history.
+OLD_TAG = "4d9b39f7458354c0ff1baa52b2e48ebfed033499"
+
 
 def old_release(into: Path) -> Path:
     """The tree of tag pre-wave3, extracted beside the test."""
     into.mkdir()
     found = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "archive", "pre-wave3"], check=False, capture_output=True
+        ["git", "-C", str(REPO_ROOT), "archive", OLD_TAG], check=False, capture_output=True
     )
     if found.returncode != 0:
-        pytest.skip(f"no tag pre-wave3 in this clone: {found.stderr.decode()[:200]}")
+        pytest.skip(f"no commit {OLD_TAG} in this clone: {found.stderr.decode()[:200]}")
     archive = found.stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into

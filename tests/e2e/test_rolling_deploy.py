@@ -41,7 +41,9 @@ from tests.helpers.procs import Cluster, Proc, cluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
-OLD_TAG = "pre-wave3"
+# The release production ran before this one (tagged pre-wave3 here): a commit of main's
+# own history, so any full clone of main has it, tags or not.
+OLD_TAG = "4d9b39f7458354c0ff1baa52b2e48ebfed033499"
 PERIOD = timedelta(seconds=3)
 
 
