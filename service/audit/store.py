@@ -66,16 +66,6 @@ class Logged:
     details: dict[str, Any]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Partitions:
-    created: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Missing:
-    missing: int
-
-
 @dataclasses.dataclass(frozen=True)
 class Filters:
     park_id: str | None = None
@@ -115,12 +105,13 @@ async def ensure_partitions(
             # of UTC, or one with DST, the month would end days or hours off the UTC month,
             # leaving a gap no insert fits (or an overlap that stops every later month).
             await conn.execute("SET LOCAL TimeZone = 'UTC'")
-            made = await db.fetch_as(
-                conn, _Partitions, Q["ensure_partitions"], months_ahead=months_ahead
+            made = await db.fetch_value(
+                conn, int, Q["ensure_partitions"], months_ahead=months_ahead
             )
-        created += made.created if made else 0
-        left = await db.fetch_as(conn, _Missing, Q["missing_partitions"], months_ahead=months_ahead)
-        missing = left.missing if left else 0
+        created += made or 0
+        missing = (
+            await db.fetch_value(conn, int, Q["missing_partitions"], months_ahead=months_ahead) or 0
+        )
         if not missing:
             return created
         if attempt + 1 < attempts:

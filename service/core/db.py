@@ -29,6 +29,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from service.core import observability, retry
+from service.core.invariant import InvariantError
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +263,19 @@ async def fetch_as(conn: Conn, cls: type[T], query: LiteralString, **params: Any
     async with conn.cursor(row_factory=row_as(cls)) as cur:
         await cur.execute(query, _adapt(params))
         return await cur.fetchone()
+
+
+async def fetch_value(conn: Conn, cls: type[T], query: LiteralString, **params: Any) -> T | None:
+    """The first column of the first row, checked to be a `cls`; None for no row or NULL.
+
+    For the one-number answers (a count, a flag, a clock): no dataclass of one field."""
+    async with conn.cursor(row_factory=psycopg.rows.tuple_row) as cur:
+        await cur.execute(query, _adapt(params))
+        row = await cur.fetchone()
+    value = None if row is None else row[0]
+    if value is not None and not isinstance(value, cls):
+        raise InvariantError(f"expected {cls.__name__}, the query answered {type(value).__name__}")
+    return value
 
 
 async def fetch_all_as(conn: Conn, cls: type[T], query: LiteralString, **params: Any) -> list[T]:

@@ -80,21 +80,6 @@ class _PageRow:
         return Event(self.seq, self.position, self.type, self.created_at, self.payout)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Stamped:
-    stamped: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Position:
-    position: int | None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Deleted:
-    deleted: int
-
-
 @dataclasses.dataclass(frozen=True)
 class Page:
     events: list[Event]
@@ -132,15 +117,13 @@ SEQUENCE_BATCH = 10_000
 
 async def sequence(conn: db.Conn, batch: int = READ_BATCH) -> int:
     """Give up to `batch` committed events their positions (autocommit: they commit at once)."""
-    row = await db.fetch_as(conn, _Stamped, Q["sequence"], batch=batch)
-    return row.stamped if row else 0
+    return await db.fetch_value(conn, int, Q["sequence"], batch=batch) or 0
 
 
 async def legacy_position(conn: db.Conn, xid: int, seq: int) -> int | None:
     """The position that resumes a v5 (xid, seq) cursor; None if we cannot have issued it."""
     await sequence(conn)
-    row = await db.fetch_as(conn, _Position, Q["legacy_position"], xid=str(xid), seq=seq)
-    return None if row is None else row.position
+    return await db.fetch_value(conn, int, Q["legacy_position"], xid=str(xid), seq=seq)
 
 
 async def page(conn: db.Conn, *, after: int, limit: int, park_id: str | None) -> Page:
@@ -177,8 +160,7 @@ async def expire(conn: db.Conn, days: float) -> int:
     """Delete the events older than `days` (EVENTS_RETENTION_DAYS), a batch at a time."""
     deleted = 0
     for _ in range(EXPIRE_BATCHES_PER_RUN):
-        row = await db.fetch_as(conn, _Deleted, Q["expire"], days=days, batch=EXPIRE_BATCH)
-        count = row.deleted if row else 0
+        count = await db.fetch_value(conn, int, Q["expire"], days=days, batch=EXPIRE_BATCH) or 0
         deleted += count
         if count < EXPIRE_BATCH:
             break

@@ -74,21 +74,6 @@ class PayoutEvent:
     created_at: datetime
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Count:
-    n: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _SignedOut:
-    signed_out: bool
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Now:
-    now: datetime
-
-
 def like_prefix(prefix: str) -> str:
     """A LIKE pattern matching ids that start with `prefix` (its `_` taken literally)."""
     escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -142,16 +127,16 @@ async def signed_out(
     conn: db.Conn, *, action: str, user_id: str, issued_at: datetime, session: str
 ) -> bool:
     """Whether the console session `session` of `user_id` has been signed out."""
-    row = await db.fetch_as(
+    answer = await db.fetch_value(
         conn,
-        _SignedOut,
+        bool,
         Q["signed_out"],
         action=action,
         user_id=user_id,
         issued_at=issued_at,
         session=session,
     )
-    return bool(row and row.signed_out)
+    return bool(answer)
 
 
 async def lock_sign_ins(conn: db.Conn, *, ip: str) -> None:
@@ -161,14 +146,14 @@ async def lock_sign_ins(conn: db.Conn, *, ip: str) -> None:
 
 async def failed_sign_ins(conn: db.Conn, *, action: str, ip: str, minutes: int) -> int:
     """Refused sign-ins from `ip` in the last `minutes`, by the database's clock."""
-    row = await db.fetch_as(
-        conn, _Count, Q["failed_sign_ins"], action=action, ip=ip, minutes=minutes
+    return (
+        await db.fetch_value(conn, int, Q["failed_sign_ins"], action=action, ip=ip, minutes=minutes)
+        or 0
     )
-    return row.n if row else 0
 
 
 async def now(conn: db.Conn) -> datetime:
-    row = await db.fetch_as(conn, _Now, Q["now"])
-    if row is None:
-        raise InvariantError("row is not None")
-    return row.now
+    clock = await db.fetch_value(conn, datetime, Q["now"])
+    if clock is None:
+        raise InvariantError("SELECT now() answered no row")
+    return clock
