@@ -238,9 +238,19 @@ def _adapt(params: Mapping[str, Any]) -> dict[str, Any]:
 T = TypeVar("T")
 
 
+def _fields(cls: type[Any]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def build(cls: type[T], row: Mapping[str, Any]) -> T:
+    """A frozen dataclass from a row read as a mapping (one whose other columns a caller
+    reads first); columns it does not declare are dropped, as by `row_as`."""
+    return cls(**{name: row[name] for name in _fields(cls)})
+
+
 def row_as(cls: type[T]) -> psycopg.rows.BaseRowFactory[T]:
     """Rows as instances of a frozen dataclass; columns it does not declare are dropped."""
-    fields = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
+    fields = _fields(cls)
     names = set(fields)
 
     def factory(cursor: Any) -> Any:

@@ -70,7 +70,7 @@ async def cancel(conn: db.Conn, req: CancelRequest) -> payouts.Record:
     if done is not None:
         observability.PAYOUTS.labels(done.kind, done.status).inc()
         return done
-    current = await payouts.record(conn, req.payout_id, park_id=req.park_id)
+    current = await payouts.get(conn, req.payout_id, park_id=req.park_id)
     if current is None:
         outcome = "payout_not_found"
     elif current.status == "cancelled":

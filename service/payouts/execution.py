@@ -91,7 +91,7 @@ async def execute_payout(deps: Deps, payout_id: UUID) -> Status | None:
             if current is None:
                 logger.warning("payout %s does not exist; dropping its job", payout_id)
                 return None
-            return Status(current["status"])
+            return Status(current.status)
     db.CLOCK.observe(taken.db_now)
     observability.bind(park_id=taken.park_id, kind=taken.kind)
     return await _Run(deps, taken).drive()
@@ -103,7 +103,7 @@ class _Run:
     def __init__(self, deps: Deps, taken: payouts.Taken) -> None:
         self.deps = deps
         self.taken = taken
-        self.payout: payouts.Payout = taken
+        self.payout: payouts.Record = taken
         self.log = {"payout_id": str(taken.id), "park_id": taken.park_id}
         # A press or an approved manual payout: someone is waiting on it, so its
         # calls pass the Billing budget before any periodic one (gate.py).

@@ -15,7 +15,7 @@ import json
 import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import psycopg.errors
 
@@ -125,21 +125,15 @@ def _fingerprint(amount: str | None) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-# The press reads its payout as a mapping (payouts.get), a manual request as a Record.
-P = TypeVar("P", payouts.Record, payouts.Row)
-
-
 @dataclasses.dataclass(frozen=True)
-class Accepted(Generic[P]):
+class Accepted:
     """A payout request accepted: the new payout, or the one its replay names."""
 
-    payout: P
+    payout: payouts.Record
     replay: bool
 
 
-async def request_instant(
-    conn: db.Conn, settings: Settings, req: InstantRequest
-) -> Accepted[payouts.Row]:
+async def request_instant(conn: db.Conn, settings: Settings, req: InstantRequest) -> Accepted:
     """Accept the request (new or replayed) or raise Refused; audits either way.
 
     One round trip for an accepted or replayed press (one SQL function call in
@@ -169,7 +163,7 @@ async def request_instant(
         next_available_at: datetime | None = row.pop("next_available_at")
         subscription_ended: bool = row.pop("subscription_ended")
         if outcome in ("ok", "replay"):
-            return Accepted(row, replay=outcome == "replay")
+            return Accepted(db.build(payouts.Record, row), replay=outcome == "replay")
         raise _refusal_of(outcome, settings, req, now, next_available_at, subscription_ended)
     except Refused as refusal:
         await _audit_refusal(conn, req, refusal)

@@ -98,9 +98,7 @@ class NotFound(Exception):
 # --- request ---------------------------------------------------------------------
 
 
-async def request(
-    conn: db.Conn, settings: Settings, req: ManualRequest
-) -> Accepted[payouts.Record]:
+async def request(conn: db.Conn, settings: Settings, req: ManualRequest) -> Accepted:
     """A new manual payout awaiting approval (or the same one, replayed), else Refused."""
     try:
         async with conn.transaction():
@@ -128,9 +126,7 @@ def _conflict(exc: psycopg.errors.UniqueViolation) -> Refused:
     return instant.key_reused()
 
 
-async def _request(
-    conn: db.Conn, settings: Settings, req: ManualRequest
-) -> Accepted[payouts.Record]:
+async def _request(conn: db.Conn, settings: Settings, req: ManualRequest) -> Accepted:
     existing = await db.fetch_as(
         conn, payouts.Record, payouts.Q["manual_by_key"], idempotency_key=req.idempotency_key
     )
@@ -208,7 +204,7 @@ async def _decide(
     refusal: Refused | None = None
     try:
         async with conn.transaction():
-            found = await payouts.record(conn, decision.payout_id)
+            found = await payouts.get(conn, decision.payout_id)
             if found is None or found.kind != "manual":
                 raise NotFound(str(decision.payout_id))
             park_id = found.park_id

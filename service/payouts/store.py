@@ -17,47 +17,10 @@ Q = db.queries("payouts")
 Row = dict[str, Any]
 
 
-@dataclasses.dataclass(frozen=True)
-class Payout:
-    """One row of `payouts`, as the execution of a payout sees it."""
-
-    id: UUID
-    park_id: str
-    kind: str
-    status: str
-    requested_amount: Decimal | None
-    max_amount: Decimal
-    min_amount: Decimal | None
-    available: Decimal | None
-    amount: Decimal | None
-    currency: str | None
-    billing_params: dict[str, Any] | None
-    ordered_at: datetime | None
-    billing_payout_id: str | None
-    follows: UUID | None
-    attempts: int
-    created_at: datetime
-    # The park's fee terms when the payout was created (instant only), and
-    # the fee fixed with the order.
-    fee_percent: Decimal | None
-    fee_fixed: Decimal | None
-    fee_amount: Decimal | None
-    net_amount: Decimal | None
-
-    @property
-    def fee(self) -> Fee | None:
-        if self.fee_percent is None or self.fee_fixed is None:
-            return None
-        return Fee(self.fee_percent, self.fee_fixed)
-
-    @property
-    def phase(self) -> Phase:
-        return phase_of(Status(self.status), self.ordered_at is not None)
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class Record:
-    """One whole row of `payouts`, as the API, the console and support read it."""
+    """One whole row of `payouts`: what every reader of a payout gets (the API, the press,
+    the worker's run, the console, support)."""
 
     id: UUID
     park_id: str
@@ -98,6 +61,17 @@ class Record:
     denied_by: str | None
     denied_reason: str | None
 
+    @property
+    def fee(self) -> Fee | None:
+        """The park's fee terms when the payout was created (instant only)."""
+        if self.fee_percent is None or self.fee_fixed is None:
+            return None
+        return Fee(self.fee_percent, self.fee_fixed)
+
+    @property
+    def phase(self) -> Phase:
+        return phase_of(Status(self.status), self.ordered_at is not None)
+
     def wire_row(self) -> dict[str, Any]:
         """The columns as wire.payout_json reads them (the shape of the events' snapshot)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -129,8 +103,8 @@ class Waiting:
     oldest_seconds: float
 
 
-@dataclasses.dataclass(frozen=True)
-class Taken(Payout):
+@dataclasses.dataclass(frozen=True, slots=True)
+class Taken(Record):
     """A payout a run has just taken, with what that run needs besides the row."""
 
     park_params: dict[str, Any]
@@ -140,15 +114,7 @@ class Taken(Payout):
     retry_window_over: bool
 
 
-async def get(conn: db.Conn, payout_id: UUID, *, park_id: str | None = None) -> Row | None:
-    """The payout as a mapping: what the press (instant.py) and the worker's execution
-    still read; everything else reads `record`, which this goes into once they do."""
-    if park_id is None:
-        return await db.fetch_one(conn, Q["get"], id=payout_id)
-    return await db.fetch_one(conn, Q["get_for_park"], id=payout_id, park_id=park_id)
-
-
-async def record(conn: db.Conn, payout_id: UUID, *, park_id: str | None = None) -> Record | None:
+async def get(conn: db.Conn, payout_id: UUID, *, park_id: str | None = None) -> Record | None:
     """The payout, if it exists (and belongs to `park_id`, when given)."""
     if park_id is None:
         return await db.fetch_as(conn, Record, Q["get"], id=payout_id)
@@ -190,8 +156,8 @@ async def take(
     )
 
 
-async def reload(conn: db.Conn, payout_id: UUID) -> Payout:
-    row = await db.fetch_as(conn, Payout, Q["get"], id=payout_id)
+async def reload(conn: db.Conn, payout_id: UUID) -> Record:
+    row = await db.fetch_as(conn, Record, Q["get"], id=payout_id)
     if row is None:  # payouts are never deleted (the trigger refuses it)
         raise InvariantError("row is not None")
     return row
@@ -207,11 +173,11 @@ async def record_order(
     billing_params: dict[str, Any],
     fee_amount: Decimal | None = None,
     net_amount: Decimal | None = None,
-) -> Payout | None:
+) -> Record | None:
     """Recovery point ORDERED; None if another run recorded an order first."""
     return await db.fetch_as(
         conn,
-        Payout,
+        Record,
         Q["record_order"],
         id=payout_id,
         available=available,
@@ -235,11 +201,11 @@ async def finish(
     failure_message: str | None = None,
     available: Decimal | None = None,
     currency: str | None = None,
-) -> Payout | None:
+) -> Record | None:
     """processing -> final, with the park's clock and the audit entry; None if already final."""
     return await db.fetch_as(
         conn,
-        Payout,
+        Record,
         Q["finish"],
         id=payout_id,
         status=str(status),
@@ -255,17 +221,17 @@ async def finish(
 
 async def follow_up(
     conn: db.Conn,
-    refused: Payout,
+    refused: Record,
     new_id: UUID,
     *,
     reason: str,
     max_amount: Decimal,
     min_amount: Decimal,
-) -> Payout | None:
+) -> Record | None:
     """A fresh periodic payout following `refused`; None if the park is off schedule."""
     return await db.fetch_as(
         conn,
-        Payout,
+        Record,
         Q["follow_up"],
         id=new_id,
         follows=refused.id,

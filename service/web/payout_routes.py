@@ -52,8 +52,8 @@ async def post_instant(request: Request) -> Response:
             }
             # Refusals by the rules are audited by the use case, in its transaction.
             raise ApiError(refusal.code, refusal.message, details, headers, audited=True) from None
-    observability.bind(payout_id=str(accepted.payout["id"]))
-    status = 200 if accepted.replay and accepted.payout["status"] != "pending" else 202
+    observability.bind(payout_id=str(accepted.payout.id))
+    status = 200 if accepted.replay and accepted.payout.status != "pending" else 202
     return JSONResponse(views.payout_json(accepted.payout), status_code=status)
 
 

@@ -19,10 +19,9 @@ from service.payouts.wire import money, timestamp
 __all__ = ["audit_json", "availability_json", "money", "park_json", "payout_json", "timestamp"]
 
 
-def payout_json(payout: Record | dict[str, Any]) -> dict[str, Any]:
-    """SPEC section 3's payout, from a typed row (or a row another module still reads
-    as a mapping: payouts.get, the press)."""
-    return wire.payout_json(payout.wire_row() if isinstance(payout, Record) else payout)
+def payout_json(payout: Record) -> dict[str, Any]:
+    """SPEC section 3's payout."""
+    return wire.payout_json(payout.wire_row())
 
 
 def park_json(park: Park, settings: Settings) -> dict[str, Any]:

@@ -58,14 +58,14 @@ async def press_into_the_lock(
     change: str,
     *,
     commit_after: str | None = None,
-) -> instant.Accepted[Any] | instant.Refused:
+) -> instant.Accepted | instant.Refused:
     """Change the park in `admin` (holding its row), press, commit the change once the
     press waits for the lock (and, if given, once the database's clock has passed the
     park's `commit_after` column); the press's outcome."""
     admin.execute(f"UPDATE parks SET {change} WHERE park_id = %s", (PARK,))
     req = instant.InstantRequest(PARK, "user-1", "press-1", "req-1", Decimal("100.00"))
 
-    async def press() -> instant.Accepted[Any] | instant.Refused:
+    async def press() -> instant.Accepted | instant.Refused:
         async with await db.connect(db_url, name="press") as c:
             try:
                 return await instant.request_instant(c, make_settings(db_url), req)
@@ -102,8 +102,8 @@ async def test_fee_terms_committed_while_a_press_waits_are_the_payouts(
         (r["fee_percent"], r["fee_fixed"]) for r in rows
     ]
     assert (Decimal("2.50"), Decimal("1.00")) == (
-        outcome.payout["fee_percent"],
-        outcome.payout["fee_fixed"],
+        outcome.payout.fee_percent,
+        outcome.payout.fee_fixed,
     )
 
 
@@ -172,10 +172,10 @@ async def test_the_press_runs_as_the_app_role(app_db_url: str, conn: db.Conn) ->
         with pytest.raises(instant.Refused) as refused:
             await instant.request_instant(app, settings, second)
 
-    assert (False, True, accepted.payout["id"]) == (
+    assert (False, True, accepted.payout.id) == (
         accepted.replay,
         replayed.replay,
-        replayed.payout["id"],
+        replayed.payout.id,
     )
     assert "payout_in_progress" == refused.value.code
     outcomes = await db.fetch_all(
@@ -187,7 +187,7 @@ async def test_the_press_runs_as_the_app_role(app_db_url: str, conn: db.Conn) ->
         (o["outcome"], o["replay"]) for o in outcomes
     ]
     jobs = await db.fetch_all(conn, "SELECT args->>'payout_id' AS id FROM procrastinate_jobs")
-    assert [str(accepted.payout["id"])] == [j["id"] for j in jobs]
+    assert [str(accepted.payout.id)] == [j["id"] for j in jobs]
 
 
 async def test_a_returned_payout_holds_no_cooldown_for_the_next_press(

@@ -683,7 +683,7 @@ async def _payout_page(
     status_code: int = 200,
 ) -> Response:
     async with admin_pool_of(request).connection() as conn:
-        row = await payouts.record(conn, payout_id)
+        row = await payouts.get(conn, payout_id)
         if row is None:
             raise Refusal("payout_not_found")
         trail = await support.payout_audit(conn, row.park_id, payout_id, limit=200)
@@ -710,7 +710,7 @@ async def _payout_page(
 async def payout_cancel(request: Request, session: sessions.Session) -> Response:
     payout_id = payout_id_of(request)
     async with admin_pool_of(request).connection() as conn:
-        row = await payouts.record(conn, payout_id)
+        row = await payouts.get(conn, payout_id)
     if row is None:
         raise Refusal("payout_not_found")
     req = cancel.CancelRequest(
