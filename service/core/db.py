@@ -239,9 +239,14 @@ T = TypeVar("T")
 
 
 # Walked once per class: fetch_as and build run on the press's and the gate's hot paths.
-@functools.cache
+_FIELDS: dict[type[Any], tuple[str, ...]] = {}
+
+
 def _fields(cls: type[Any]) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+    found = _FIELDS.get(cls)
+    if found is None:
+        found = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls) if f.init)
+    return found
 
 
 def build(cls: type[T], row: Mapping[str, Any]) -> T:
