@@ -19,6 +19,7 @@ from psycopg import sql
 
 from service.core import db
 from service.payouts import instant, returns
+from service.payouts import store as payouts
 from service.payouts.execution import Deps, execute_payout
 from service.payouts.model import Status
 from tests.conftest import make_settings
@@ -226,7 +227,7 @@ async def _press_hits_the_unique_backstop(
     fetch_one = db.fetch_one
 
     async def violating(c: db.Conn, query: Any, **params: Any) -> Any:
-        if query == instant.payouts.Q["press_instant"]:
+        if query == payouts.Q["press_instant"]:
             raise psycopg.errors.UniqueViolation("duplicate key value")
         return await fetch_one(c, query, **params)
 
