@@ -65,13 +65,13 @@ WITH gate AS (
     FROM granted s
     WHERE s.slots > 0 OR (%(urgent)s AND s.state = 'open')
 )
-SELECT state, slots,
-       extract(epoch FROM first_at)::float8 AS first_at,
-       extract(epoch FROM at)::float8 AS now,
+SELECT extract(epoch FROM at)::float8 AS now,
        extract(epoch FROM paused_until)::float8 AS paused_until,
        extract(epoch FROM probe_until)::float8 AS probe_until,
-       extract(epoch FROM reserved_until)::float8 AS reserved_until,
-       consecutive_failures, breaker_open, pause_reason
+       consecutive_failures, breaker_open, pause_reason,
+       state, slots,
+       extract(epoch FROM first_at)::float8 AS first_at,
+       extract(epoch FROM reserved_until)::float8 AS reserved_until
 FROM granted
 
 -- gate_state --

@@ -140,7 +140,7 @@ WHERE id
 -- (counted up to a cap), those the dispatcher has not reached (positions are
 -- consecutive: a subtraction) and those parks are owed (kept as they change).
 -- A few index probes, whatever the history. Zero while webhooks were never on.
-SELECT f.owed + (s.last_position - f.position) + u.n AS n,
+SELECT f.owed + (s.last_position - f.position) + u.n AS events,
        coalesce(extract(epoch FROM now() - least(
            (SELECT e.created_at FROM events e WHERE e.position = f.position + 1),
            (SELECT min(oldest_owed_at) FROM webhook_feed_parks),

@@ -43,13 +43,13 @@ import heapq
 import itertools
 import logging
 import math
-from typing import Any
 
 import psycopg
 import psycopg_pool
 
 from service.billing.client import BillingClient, Outcome, Paused, Permit, pause_seconds
 from service.core import db, observability
+from service.core.invariant import InvariantError
 from service.core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,75 @@ class _Waiter:
     rank: tuple[int, int]
     urgent: bool = dataclasses.field(compare=False)
     slot: asyncio.Future[_Slot] = dataclasses.field(compare=False)
+
+
+# --- the queries (sql/billing.sql), their rows typed -------------------------------------
+# Times are epoch seconds on the database's clock; `now` is that clock when the row was
+# read, so a _Clock converts the others to this process's monotonic time. Each query
+# selects its dataclass's fields in order: db.row_as builds the row positionally.
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Shared:
+    """The billing_gate row's pause and breaker, as gate_state and the record_* queries
+    answer."""
+
+    now: float
+    paused_until: float
+    probe_until: float | None
+    consecutive_failures: int
+    breaker_open: bool
+    pause_reason: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Claim(_Shared):
+    """A claim's answer: `slots` send slots from `first_at` on, or why none (`state`,
+    and the slot an urgent claim keeps until `reserved_until`)."""
+
+    state: str
+    slots: int
+    first_at: float
+    reserved_until: float | None
+
+
+async def _claim_slots(
+    conn: db.Conn, *, want: int, urgent: bool, spacing_us: int, lease_us: int, probe_lease_us: int
+) -> _Claim | None:
+    return await db.fetch_as(
+        conn,
+        _Claim,
+        Q["claim_slots"],
+        want=want,
+        urgent=urgent,
+        spacing_us=spacing_us,
+        lease_us=lease_us,
+        probe_lease_us=probe_lease_us,
+    )
+
+
+async def _record_throttle(conn: db.Conn, *, pause_us: int) -> _Shared | None:
+    return await db.fetch_as(conn, _Shared, Q["record_throttle"], pause_us=pause_us)
+
+
+async def _record_failure(
+    conn: db.Conn, *, threshold: int, cooloff_us: int, probe: bool
+) -> _Shared | None:
+    return await db.fetch_as(
+        conn, _Shared, Q["record_failure"], threshold=threshold, cooloff_us=cooloff_us, probe=probe
+    )
+
+
+async def _record_answer(conn: db.Conn) -> _Shared | None:
+    """None when there was nothing to reset (no failure counted, breaker closed)."""
+    return await db.fetch_as(conn, _Shared, Q["record_answer"])
+
+
+async def _gate_state(conn: db.Conn) -> _Shared | None:
+    return await db.fetch_as(conn, _Shared, Q["gate_state"])
+
+
+# --- the gate -------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,9 +326,8 @@ class SharedGate:
                 return
             async with self._pool.connection() as conn:
                 sent = loop.time()
-                row = await db.fetch_one(
+                row = await _claim_slots(
                     conn,
-                    Q["claim_slots"],
                     want=want,
                     urgent=urgent,
                     spacing_us=self.spacing_us,
@@ -270,20 +338,22 @@ class SharedGate:
             if row is None:
                 raise RuntimeError("the billing_gate row is missing: run `fleet-payouts migrate`")
             observability.BILLING_CLAIMS.inc()
-            clock = _Clock(row["now"], sent, received)
-            state = row["state"]
+            clock = _Clock(row.now, sent, received)
+            state = row.state
             if state == "probing":
                 # Another host's probe decides; look again soon.
-                recheck = min(row["probe_until"], row["now"] + PROBE_RECHECK_SECONDS)
+                if row.probe_until is None:  # the claim says 'probing' only while it is set
+                    raise InvariantError("a probe is out until probe_until")
+                recheck = min(row.probe_until, row.now + PROBE_RECHECK_SECONDS)
                 self._learn(row, clock, paused_until=recheck)
             else:
                 self._learn(row, clock)
             self._raise_if_paused(loop.time())
-            slots = int(row["slots"])
+            slots = row.slots
             if slots:
                 spacing = self.spacing_us / 1_000_000
                 for i in range(slots):
-                    at = row["first_at"] + i * spacing
+                    at = row.first_at + i * spacing
                     self._slots.append(
                         _Slot(
                             not_before=clock.surely_reached(at),
@@ -297,8 +367,8 @@ class SharedGate:
                 return
             # Every slot within the lease is taken (or kept for another host's
             # urgent call): come back when the next free one is about to enter it.
-            free_at = row["first_at"]
-            reserved = row["reserved_until"]
+            free_at = row.first_at
+            reserved = row.reserved_until
             if reserved is not None and not urgent and reserved >= free_at:
                 # Kept for an urgent call: come back when it has lapsed (sooner
                 # if this process gets an urgent call of its own).
@@ -326,20 +396,17 @@ class SharedGate:
                 sent = loop.time()
                 if outcome == "throttled":
                     seconds = pause_seconds(retry_after)
-                    row = await db.fetch_one(
-                        conn, Q["record_throttle"], pause_us=round(seconds * 1_000_000)
-                    )
+                    row = await _record_throttle(conn, pause_us=round(seconds * 1_000_000))
                     logger.warning("Billing answered 429: every host pauses %.1fs", seconds)
                 elif outcome == "failed":
-                    row = await db.fetch_one(
+                    row = await _record_failure(
                         conn,
-                        Q["record_failure"],
                         threshold=self._breaker_failures,
                         cooloff_us=self._cooloff_us,
                         probe=permit.probe,
                     )
                 else:
-                    row = await db.fetch_one(conn, Q["record_answer"])
+                    row = await _record_answer(conn)
                 received = loop.time()
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             # The call's result matters more than the bookkeeping: the next
@@ -350,12 +417,12 @@ class SharedGate:
             self.state = dataclasses.replace(self.state, breaker_open=False, consecutive_failures=0)
             return
         was_open = self.state.breaker_open
-        self._learn(row, _Clock(row["now"], sent, received))
+        self._learn(row, _Clock(row.now, sent, received))
         if self.state.breaker_open and not was_open:
             logger.warning(
                 "billing breaker open after %s transient failures in a row: "
                 "calls paused for a cool-off, then one probe",
-                row["consecutive_failures"],
+                row.consecutive_failures,
             )
         elif was_open and not self.state.breaker_open:
             logger.info("billing breaker closed: Billing answered")
@@ -367,10 +434,10 @@ class SharedGate:
         loop = asyncio.get_running_loop()
         async with self._pool.connection() as conn:
             sent = loop.time()
-            row = await db.fetch_one(conn, Q["gate_state"])
+            row = await _gate_state(conn)
             received = loop.time()
         if row is not None:
-            self._learn(row, _Clock(row["now"], sent, received))
+            self._learn(row, _Clock(row.now, sent, received))
 
     def paused(self, now: float | None = None) -> bool:
         """Calls are paused: a pause in force, or the breaker open (awaiting its probe)."""
@@ -378,15 +445,13 @@ class SharedGate:
             now = asyncio.get_running_loop().time()
         return self.state.breaker_open or self.state.paused_until > now
 
-    def _learn(
-        self, row: dict[str, Any], clock: _Clock, *, paused_until: float | None = None
-    ) -> None:
-        until = row["paused_until"] if paused_until is None else paused_until
+    def _learn(self, row: _Shared, clock: _Clock, *, paused_until: float | None = None) -> None:
+        until = row.paused_until if paused_until is None else paused_until
         self.state = GateState(
             paused_until=clock.surely_reached(until),
-            breaker_open=bool(row["breaker_open"]),
-            consecutive_failures=int(row["consecutive_failures"]),
-            pause_reason=row["pause_reason"] if paused_until is None else "breaker probe out",
+            breaker_open=row.breaker_open,
+            consecutive_failures=row.consecutive_failures,
+            pause_reason=row.pause_reason if paused_until is None else "breaker probe out",
         )
         observability.BILLING_PAUSED.set(1 if self.paused(clock.received) else 0)
 

@@ -238,8 +238,15 @@ def _adapt(params: Mapping[str, Any]) -> dict[str, Any]:
 T = TypeVar("T")
 
 
-def _fields(cls: type[Any]) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls) if f.init]
+# Walked once per class: fetch_as and build run on the press's and the gate's hot paths.
+_FIELDS: dict[type[Any], tuple[str, ...]] = {}
+
+
+def _fields(cls: type[Any]) -> tuple[str, ...]:
+    found = _FIELDS.get(cls)
+    if found is None:
+        found = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls) if f.init)
+    return found
 
 
 def build(cls: type[T], row: Mapping[str, Any]) -> T:
@@ -254,7 +261,7 @@ def row_as(cls: type[T]) -> psycopg.rows.BaseRowFactory[T]:
     names = set(fields)
 
     def factory(cursor: Any) -> Any:
-        columns = [c.name for c in cursor.description or ()]
+        columns = tuple(c.name for c in cursor.description or ())
         if columns == fields:
             # The query selects exactly the fields, in order (audit verify reads
             # millions so): positional, without a dict per row.

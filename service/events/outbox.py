@@ -167,13 +167,8 @@ async def expire(conn: db.Conn, days: float) -> int:
     return deleted
 
 
-def event_json(event: Event | Row) -> dict[str, Any]:
-    """The API's event object (SPEC section 3) of an event read by this module (or, as
-    a mapping, by the webhook dispatcher's queries)."""
-    if not isinstance(event, Event):
-        event = Event(
-            event["seq"], event["position"], event["type"], event["created_at"], event["payout"]
-        )
+def event_json(event: Event) -> dict[str, Any]:
+    """The API's event object (SPEC section 3): the feed's and the webhooks' alike."""
     return {
         "id": event_id(event.seq),
         "type": event.type,

@@ -35,6 +35,7 @@ import json
 import logging
 import time
 import uuid
+from datetime import datetime
 
 import httpx
 import psycopg
@@ -80,9 +81,9 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     return f"t={timestamp},v1={digest.hexdigest()}"
 
 
-def body_of(row: events.Row) -> bytes:
+def body_of(event: events.Event) -> bytes:
     """The POST body: the event's JSON, exactly the bytes that are signed."""
-    return json.dumps(events.event_json(row), separators=(",", ":")).encode()
+    return json.dumps(events.event_json(event), separators=(",", ":")).encode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +111,7 @@ class _Due:
     park_id: str
     failures: int
     pending: int
-    rows: list[events.Row]
+    events: list[events.Event]
 
 
 class Dispatcher:
@@ -182,8 +183,7 @@ class Dispatcher:
         if not self._started:
             await self.start()
         async with self.pool.connection() as conn:
-            held = await db.fetch_one(conn, Q["acquire"], holder=self.holder, seconds=LEASE_SECONDS)
-            if not held:
+            if not await _acquire(conn, self.holder):
                 # Lost it (this process stalled past the lease): another holder
                 # serves these parks now; ours stop, and are sent again.
                 for task in self.running.values():
@@ -196,15 +196,7 @@ class Dispatcher:
                 free = slots - self._busy[failing]
                 if free <= 0:
                     continue
-                rows = await db.fetch_all(
-                    conn,
-                    Q["due"],
-                    busy=list(self.running),
-                    failing=failing,
-                    parks=free,
-                    per_park=EVENTS_PER_PARK,
-                )
-                for due in _by_park(rows):
+                for due in await _due(conn, busy=list(self.running), failing=failing, parks=free):
                     self._busy[failing] += 1
                     self.running[due.park_id] = asyncio.create_task(self._serve(due, failing))
         return True
@@ -270,13 +262,13 @@ class Dispatcher:
 
     async def deliver(self, due: _Due) -> Outcome:
         """POST one park's events in order; stop at the first failure."""
-        if not due.rows:
+        if not due.events:
             # What it was owed is gone (retention): nothing left to send.
             return Outcome(due.park_id, due.pending)
         delivered: int | None = None
         sent = 0
-        for row in due.rows:
-            error = await self._post(row)
+        for event in due.events:
+            error = await self._post(event)
             if error is not None:
                 return Outcome(
                     due.park_id,
@@ -285,13 +277,13 @@ class Dispatcher:
                     error,
                     retry.delay(due.failures, cap=self.backoff_cap),
                 )
-            delivered = int(row["position"])
+            delivered = event.position
             sent += 1
         return Outcome(due.park_id, delivered, sent)
 
-    async def _post(self, row: events.Row) -> str | None:
+    async def _post(self, event: events.Event) -> str | None:
         """Send one event; None on a 2xx, else what went wrong (never the URL)."""
-        body = body_of(row)
+        body = body_of(event)
         headers = {
             "Content-Type": "application/json",
             SIGNATURE_HEADER: sign(self._secret.reveal(), int(time.time()), body),
@@ -305,25 +297,67 @@ class Dispatcher:
         return f"HTTP {response.status_code}"
 
 
-def _by_park(rows: list[events.Row]) -> list[_Due]:
-    """The due query's rows, one entry per park, in the query's order."""
-    parks: dict[str, _Due] = {}
+# --- the queries (sql/webhooks.sql) ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _DueRow:
+    """A row of the due query: a park, and one event it is owed (all None when the events
+    it was owed are gone)."""
+
+    park_id: str
+    failures: int
+    pending: int
+    seq: int | None
+    position: int | None
+    type: str | None
+    created_at: datetime | None
+    payout: str | None
+
+    def event(self) -> events.Event | None:
+        if (
+            self.seq is None
+            or self.position is None
+            or self.type is None
+            or self.created_at is None
+            or self.payout is None
+        ):
+            return None
+        return events.Event(self.seq, self.position, self.type, self.created_at, self.payout)
+
+
+async def _acquire(conn: db.Conn, holder: str) -> bool:
+    """Take or renew the feed's lease; False when another holder has it."""
+    held = await db.fetch_value(conn, str, Q["acquire"], holder=holder, seconds=LEASE_SECONDS)
+    return held is not None
+
+
+async def _due(conn: db.Conn, *, busy: list[str], failing: bool, parks: int) -> list[_Due]:
+    """One lane's due parks, each with the events it is owed, in the query's order."""
+    rows = await db.fetch_all_as(
+        conn,
+        _DueRow,
+        Q["due"],
+        busy=busy,
+        failing=failing,
+        parks=parks,
+        per_park=EVENTS_PER_PARK,
+    )
+    found: dict[str, _Due] = {}
     for row in rows:
-        due = parks.get(row["park_id"])
+        due = found.get(row.park_id)
         if due is None:
-            due = parks[row["park_id"]] = _Due(
-                row["park_id"], row["failures"], int(row["pending"]), []
-            )
-        if row["seq"] is not None:
-            due.rows.append(row)
-    return list(parks.values())
+            due = found[row.park_id] = _Due(row.park_id, row.failures, row.pending, [])
+        event = row.event()
+        if event is not None:
+            due.events.append(event)
+    return list(found.values())
 
 
 async def _hand_out(conn: db.Conn) -> int:
     handed = 0
     for _ in range(HAND_OUT_BATCHES_PER_TURN):
-        row = await db.fetch_one(conn, Q["hand_out"], limit=HAND_OUT_BATCH)
-        count = int(row["handed"]) if row else 0
+        count = await db.fetch_value(conn, int, Q["hand_out"], limit=HAND_OUT_BATCH) or 0
         handed += count
         if count < HAND_OUT_BATCH:
             break
@@ -342,7 +376,7 @@ async def _record(conn: db.Conn, outcomes: list[Outcome]) -> None:
     )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Backlog:
     """Events not yet delivered to WEBHOOK_URL, and how long the oldest has waited."""
 
@@ -352,10 +386,8 @@ class Backlog:
 
 async def backlog(conn: db.Conn) -> Backlog:
     """The webhook backlog (zero if webhooks were never switched on)."""
-    row = await db.fetch_one(conn, Q["undelivered"], cap=UNSTAMPED_CAP)
-    if row is None:
-        return Backlog(0, 0.0)
-    return Backlog(int(row["n"]), float(row["oldest_seconds"]))
+    found = await db.fetch_as(conn, Backlog, Q["undelivered"], cap=UNSTAMPED_CAP)
+    return Backlog(0, 0.0) if found is None else found
 
 
 async def tick(dispatcher: Dispatcher | None) -> None:

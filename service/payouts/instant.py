@@ -173,8 +173,12 @@ async def request_instant(conn: db.Conn, settings: Settings, req: InstantRequest
         # backstop if someone writes payouts without taking it. A payout made
         # with our key in the meantime is a replay, anything else a conflict.
         existing = await payouts.park_state(conn, req.park_id, req.idempotency_key)
-        if existing and existing["existing_fingerprint"] == req.fingerprint:
-            replay = await payouts.get(conn, existing["existing_id"])
+        if (
+            existing is not None
+            and existing.existing_id is not None
+            and existing.existing_fingerprint == req.fingerprint
+        ):
+            replay = await payouts.get(conn, existing.existing_id)
             if replay is None:
                 raise InvariantError("replay is not None") from None
             return Accepted(replay, replay=True)
@@ -206,16 +210,16 @@ def _refusal_of(
     )
 
 
-def _decide(park: payouts.Row, settings: Settings, now: datetime) -> Availability:
-    """The rules that draw the button and refuse a press, applied to a park_state row."""
+def _decide(park: payouts.ParkState, settings: Settings) -> Availability:
+    """The rules that draw the button and refuse a press, applied to a park's state."""
     return instant_availability(
-        enabled=park["instant_payouts_enabled"],
-        on_hold=park["hold_reason"] is not None,
-        in_flight=park["in_flight"],
-        subscription_ended=park["subscription_ended"],
-        last_counted_instant_at=park["last_counted_instant_at"],
+        enabled=park.instant_payouts_enabled,
+        on_hold=park.hold_reason is not None,
+        in_flight=park.in_flight,
+        subscription_ended=park.subscription_ended,
+        last_counted_instant_at=park.last_counted_instant_at,
         cooldown=settings.instant_cooldown,
-        now=now,
+        now=park.db_now,
     )
 
 
@@ -289,18 +293,11 @@ async def availability(conn: db.Conn, settings: Settings, park_id: str) -> ParkA
     if park is None:
         return None
     return ParkAvailability(
-        decision=_decide(park, settings, park["db_now"]),
-        fee=fee_of(park),
-        subscription_ended=park["subscription_ended"],
-        instant_payouts_until=park["instant_payouts_until"],
+        decision=_decide(park, settings),
+        fee=park.fee,
+        subscription_ended=park.subscription_ended,
+        instant_payouts_until=park.instant_payouts_until,
     )
-
-
-def fee_of(park: payouts.Row) -> Fee | None:
-    """A park row's instant fee terms, or None when its instant payouts are free."""
-    if park["instant_fee_percent"] is None:
-        return None
-    return Fee(park["instant_fee_percent"], park["instant_fee_fixed"])
 
 
 async def fee_terms(conn: db.Conn, park_id: str) -> Fee | None:
@@ -308,7 +305,7 @@ async def fee_terms(conn: db.Conn, park_id: str) -> Fee | None:
     park = await payouts.park_state(conn, park_id, None)
     if park is None:
         raise park_not_found(park_id)
-    return fee_of(park)
+    return park.fee
 
 
 async def quote(

@@ -61,13 +61,9 @@ async def scan(deps: Deps, *, batch_size: int = BATCH) -> ScanResult:
             return ScanResult(0, 0, skipped_busy=True)
         try:
             while True:
-                rows = await db.fetch_all(
-                    conn,
-                    Q["due_candidates"],
-                    period=deps.settings.payout_period,
-                    limit=batch_size,
+                park_ids = await _due_candidates(
+                    conn, period=deps.settings.payout_period, limit=batch_size
                 )
-                park_ids = [r["park_id"] for r in rows]
                 if not park_ids:
                     break
                 try:
@@ -103,26 +99,46 @@ def snapshot(balance: Balance | None) -> Balance | None:
 async def create_batch(
     conn: db.Conn, deps: Deps, park_ids: list[str], balances: dict[str, Balance]
 ) -> int:
-    """One transaction: lock the still-due parks, insert their payouts, jobs and audit entries."""
+    """One transaction: lock the still-due parks, insert their payouts, jobs and audit entries;
+    how many payouts it made (a park with a payout in flight gets none)."""
     async with conn.transaction():
-        locked = [
-            r["park_id"]
-            for r in await db.fetch_all(
-                conn, Q["lock_due"], park_ids=park_ids, period=deps.settings.payout_period
-            )
-        ]
+        locked = await _lock_due(conn, park_ids, period=deps.settings.payout_period)
         if not locked:
             return 0
         known = [snapshot(balances.get(p)) for p in locked]
-        await db.execute(
-            conn,
-            Q["insert"],
-            ids=[uuid.uuid4() for _ in locked],
-            park_ids=locked,
-            available=[b.available if b else None for b in known],
-            currency=[b.currency if b else None for b in known],
-            max_amount=deps.settings.payout_max_amount,
-            min_amount=deps.settings.payout_min_amount,
-            **queue.payout_job("periodic"),
-        )
-    return len(locked)
+        return await _insert(conn, deps, locked, known)
+
+
+# --- the queries (sql/periodic.sql) ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Park:
+    park_id: str
+
+
+async def _due_candidates(conn: db.Conn, *, period: timedelta, limit: int) -> list[str]:
+    rows = await db.fetch_all_as(conn, _Park, Q["due_candidates"], period=period, limit=limit)
+    return [r.park_id for r in rows]
+
+
+async def _lock_due(conn: db.Conn, park_ids: list[str], *, period: timedelta) -> list[str]:
+    rows = await db.fetch_all_as(conn, _Park, Q["lock_due"], park_ids=park_ids, period=period)
+    return [r.park_id for r in rows]
+
+
+async def _insert(
+    conn: db.Conn, deps: Deps, park_ids: list[str], known: list[Balance | None]
+) -> int:
+    """The parks' payouts, jobs, audit entries and attempt clocks; how many payouts."""
+    return await db.execute(
+        conn,
+        Q["insert"],
+        ids=[uuid.uuid4() for _ in park_ids],
+        park_ids=park_ids,
+        available=[b.available if b else None for b in known],
+        currency=[b.currency if b else None for b in known],
+        max_amount=deps.settings.payout_max_amount,
+        min_amount=deps.settings.payout_min_amount,
+        **queue.payout_job("periodic"),
+    )

@@ -27,6 +27,7 @@ from datetime import timedelta
 from service.billing.client import BillingReturn, Transient
 from service.core import db, observability
 from service.core.lease import Lease
+from service.payouts import store as payouts
 from service.payouts.execution import Deps
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,7 @@ async def read(deps: Deps) -> int:
             return 0
         try:
             for _ in range(MAX_PAGES):
-                row = await db.fetch_one(conn, Q["cursor"])
-                cursor = row["cursor"] if row else None
+                cursor = await _cursor(conn)
                 try:
                     page = await deps.billing.returns_page(cursor)
                 except Transient as exc:
@@ -60,7 +60,7 @@ async def read(deps: Deps) -> int:
                     for item in page.returns:
                         applied += await apply(conn, item)
                     if page.next_cursor is not None and page.next_cursor != cursor:
-                        await db.execute(conn, Q["save_cursor"], cursor=page.next_cursor)
+                        await _save_cursor(conn, page.next_cursor)
                 if not page.returns or page.next_cursor in (None, cursor):
                     break
         finally:
@@ -72,22 +72,20 @@ async def apply(conn: db.Conn, item: BillingReturn) -> int:
     """Apply one return inside the caller's transaction: 1 if applied, 0 if not ours to apply."""
     payout_id = _our_id(item.idempotency_key)
     if payout_id is not None:
-        await db.fetch_one(conn, Q["lock_park"], id=payout_id)
-        done = await db.fetch_one(
-            conn, Q["apply"], id=payout_id, code=item.code, returned_at=item.returned_at
-        )
+        await _lock_park(conn, payout_id)
+        done = await _apply(conn, payout_id, item)
         if done is not None:
             observability.RETURNS.labels(item.code).inc()
             logger.warning(
                 "payout %s returned by the bank (%s); park %s put on hold",
                 payout_id,
                 item.code,
-                done["park_id"],
-                extra={"payout_id": str(payout_id), "park_id": done["park_id"]},
+                done.park_id,
+                extra={"payout_id": str(payout_id), "park_id": done.park_id},
             )
             return 1
-        ours = await db.fetch_one(conn, Q["status"], id=payout_id)
-        if ours is not None and ours["status"] == "returned":
+        ours = await _status(conn, payout_id)
+        if ours == "returned":
             return 0  # read again after a lost cursor: applied already
     else:
         ours = None
@@ -96,14 +94,7 @@ async def apply(conn: db.Conn, item: BillingReturn) -> int:
         item.code,
         item.idempotency_key[:128],
     )
-    await db.execute(
-        conn,
-        Q["unmatched"],
-        key=item.idempotency_key[:255],
-        code=item.code,
-        returned_at=item.returned_at,
-        our_status=ours["status"] if ours else None,
-    )
+    await _unmatched(conn, item, our_status=ours)
     return 0
 
 
@@ -113,3 +104,46 @@ def _our_id(key: str) -> uuid.UUID | None:
         return uuid.UUID(key)
     except ValueError:
         return None
+
+
+# --- the queries (sql/returns.sql) ----------------------------------------------------
+
+
+async def _cursor(conn: db.Conn) -> str | None:
+    return await db.fetch_value(conn, str, Q["cursor"])
+
+
+async def _save_cursor(conn: db.Conn, cursor: str) -> None:
+    await db.execute(conn, Q["save_cursor"], cursor=cursor)
+
+
+async def _lock_park(conn: db.Conn, payout_id: uuid.UUID) -> None:
+    await db.execute(conn, Q["lock_park"], id=payout_id)
+
+
+async def _apply(conn: db.Conn, payout_id: uuid.UUID, item: BillingReturn) -> payouts.Record | None:
+    """The payout as returned; None when it is not succeeded here."""
+    return await db.fetch_as(
+        conn,
+        payouts.Record,
+        Q["apply"],
+        id=payout_id,
+        code=item.code,
+        returned_at=item.returned_at,
+    )
+
+
+async def _status(conn: db.Conn, payout_id: uuid.UUID) -> str | None:
+    """Our status of the payout; None when there is no such payout."""
+    return await db.fetch_value(conn, str, Q["status"], id=payout_id)
+
+
+async def _unmatched(conn: db.Conn, item: BillingReturn, *, our_status: str | None) -> None:
+    await db.execute(
+        conn,
+        Q["unmatched"],
+        key=item.idempotency_key[:255],
+        code=item.code,
+        returned_at=item.returned_at,
+        our_status=our_status,
+    )

@@ -89,6 +89,31 @@ class ManualDecision(Record):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ParkState:
+    """What the instant rules need about one park (the park_state query)."""
+
+    instant_payouts_enabled: bool
+    hold_reason: str | None
+    instant_fee_percent: Decimal | None
+    instant_fee_fixed: Decimal | None
+    instant_payouts_until: datetime | None
+    subscription_ended: bool
+    # The payout made with the request's Idempotency-Key, if any, and its body's hash.
+    existing_id: UUID | None
+    existing_fingerprint: str | None
+    in_flight: bool
+    last_counted_instant_at: datetime | None
+    db_now: datetime
+
+    @property
+    def fee(self) -> Fee | None:
+        """The park's instant fee terms, or None when its instant payouts are free."""
+        if self.instant_fee_percent is None or self.instant_fee_fixed is None:
+            return None
+        return Fee(self.instant_fee_percent, self.instant_fee_fixed)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Awaiting:
     """The park's manual payout awaiting approval (its id)."""
 
@@ -136,10 +161,10 @@ async def page(
     )
 
 
-async def park_state(conn: db.Conn, park_id: str, idempotency_key: str | None) -> Row | None:
+async def park_state(conn: db.Conn, park_id: str, idempotency_key: str | None) -> ParkState | None:
     """What the instant rules need about a park (see the park_state query); None if unknown."""
-    return await db.fetch_one(
-        conn, Q["park_state"], park_id=park_id, idempotency_key=idempotency_key
+    return await db.fetch_as(
+        conn, ParkState, Q["park_state"], park_id=park_id, idempotency_key=idempotency_key
     )
 
 

@@ -108,16 +108,16 @@ def _install_probes(dump: Path) -> None:
         _statement_kind, db.CountingCursor.execute
     )
 
-    fetch_one = db.fetch_one
+    fetch_as = db.fetch_as
     claim = gate.Q["claim_slots"]
 
-    async def counted(conn: Any, query: Any, **params: Any) -> Any:
-        row = await fetch_one(conn, query, **params)
+    async def counted(conn: Any, cls: Any, query: Any, **params: Any) -> Any:
+        row = await fetch_as(conn, cls, query, **params)
         if query is claim and row is not None:
-            _CALLS["gate: claim that took no slot" if not row["slots"] else "gate: claim won"] += 1
+            _CALLS["gate: claim that took no slot" if not row.slots else "gate: claim won"] += 1
         return row
 
-    gate.db.fetch_one = counted  # type: ignore[attr-defined]
+    gate.db.fetch_as = counted  # type: ignore[attr-defined]
 
     def write() -> None:
         dump.write_text(

@@ -315,14 +315,14 @@ async def test_calls_one_after_another_share_claims_at_a_high_rate(
     machine, where the calls' own rate, which sizes each claim, is lower.)"""
     gate = make_gate(rps=1000)
     claims = []
-    fetch_one = db.fetch_one
+    fetch_as = db.fetch_as
 
-    async def counted(conn: Any, query: Any, **params: Any) -> Any:
+    async def counted(conn: Any, cls: Any, query: Any, **params: Any) -> Any:
         if query == billing_gate.Q["claim_slots"]:
             claims.append(params["want"])
-        return await fetch_one(conn, query, **params)
+        return await fetch_as(conn, cls, query, **params)
 
-    monkeypatch.setattr(db, "fetch_one", counted)
+    monkeypatch.setattr(db, "fetch_as", counted)
     before = REGISTRY.get_sample_value("fleet_payouts_billing_slot_claims_total") or 0.0
 
     for _ in range(300):

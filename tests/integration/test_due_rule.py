@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import psycopg
 import pytest
 from psycopg.rows import DictRow
 
-from service.core import db
+from service.core import db, queue
 from service.payouts.model import next_periodic_payout_at
 from tests.helpers.emulator import REPO_ROOT
 
@@ -86,7 +88,8 @@ def test_no_query_spells_the_due_rule_again() -> None:
 
 
 def test_the_app_role_runs_the_due_scan(app_db_url: str, pg: psycopg.Connection[DictRow]) -> None:
-    """Logged in as the service's own role, the scan's two queries call the rule's functions."""
+    """Logged in as the service's own role, the scan's queries call the rule's functions and
+    its insert draws the job's id from procrastinate's sequence."""
     pg.execute(
         "INSERT INTO parks (park_id, registered_at) VALUES ('due-park', now() - interval '8 days')"
     )
@@ -98,4 +101,19 @@ def test_the_app_role_runs_the_due_scan(app_db_url: str, pg: psycopg.Connection[
             locked = app.execute(
                 queries["lock_due"], {"period": N, "park_ids": ["due-park"]}
             ).fetchall()
+            made = app.execute(
+                queries["insert"],
+                {
+                    "ids": [uuid.uuid4()],
+                    "park_ids": ["due-park"],
+                    "available": [None],
+                    "currency": [None],
+                    "max_amount": Decimal("1000"),
+                    "min_amount": Decimal("1"),
+                    **queue.payout_job("periodic"),
+                },
+            ).rowcount
         assert [("due-park",)] == locked
+        assert 1 == made
+    jobs = pg.execute("SELECT p.job_id = j.id AS same FROM payouts p, procrastinate_jobs j")
+    assert [True] == [r["same"] for r in jobs.fetchall()]

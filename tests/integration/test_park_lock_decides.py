@@ -117,6 +117,37 @@ async def test_a_change_committed_after_the_scan_read_its_candidates_wins(
     assert [] == await db.fetch_all(conn, "SELECT id FROM payouts")
 
 
+async def test_a_press_committed_after_the_scan_read_its_candidates_leaves_the_park_alone(
+    deps: Deps, conn: db.Conn, db_url: str
+) -> None:
+    """A park whose instant payout committed between the scan's candidate read and its batch
+    gets no periodic payout, job, audit entry or attempt clock from the batch: the insert's
+    in-flight index decides, and the batch counts only what it created."""
+    await register(conn)
+    candidates = await db.fetch_all(
+        conn, periodic.Q["due_candidates"], period=deps.settings.payout_period, limit=10
+    )
+    assert [PARK] == [r["park_id"] for r in candidates]
+    req = instant.InstantRequest(PARK, "user-1", "press-1", "req-1", None)
+    async with await db.connect(db_url, name="press") as other:
+        pressed = await instant.request_instant(other, make_settings(db_url), req)
+
+    assert 0 == await periodic.create_batch(conn, deps, [PARK], {})
+    payouts = await db.fetch_all(conn, "SELECT id, kind FROM payouts")
+    assert [(pressed.payout.id, "instant")] == [(r["id"], r["kind"]) for r in payouts]
+    jobs = await db.fetch_all(conn, "SELECT id FROM procrastinate_jobs")
+    assert [pressed.payout.job_id] == [r["id"] for r in jobs]
+    created = await db.fetch_all(
+        conn, "SELECT id FROM audit_log WHERE action = 'payout.periodic.create'"
+    )
+    assert [] == created
+    park = await db.fetch_one(
+        conn, "SELECT last_periodic_attempt_at FROM parks WHERE park_id = %(p)s", p=PARK
+    )
+    assert park is not None
+    assert None is park["last_periodic_attempt_at"]
+
+
 @pytest.mark.parametrize(
     ("change", "code"),
     [(HOLD, "park_on_hold"), (INSTANT_OFF, "instant_payouts_disabled")],

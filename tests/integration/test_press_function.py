@@ -19,6 +19,7 @@ from psycopg import sql
 
 from service.core import db
 from service.payouts import instant, returns
+from service.payouts import store as payouts
 from service.payouts.execution import Deps, execute_payout
 from service.payouts.model import Status
 from tests.conftest import make_settings
@@ -216,3 +217,66 @@ async def test_a_returned_payout_holds_no_cooldown_for_the_next_press(
         )
 
     assert 202 == after.status_code, after.text
+
+
+async def _press_hits_the_unique_backstop(
+    conn: db.Conn, db_url: str, monkeypatch: pytest.MonkeyPatch, req: instant.InstantRequest
+) -> instant.Accepted | instant.Refused:
+    """Press as if a payout written without the park's lock had made the press function's
+    insert violate a unique index (the backstop the lock makes unreachable)."""
+    fetch_one = db.fetch_one
+
+    async def violating(c: db.Conn, query: Any, **params: Any) -> Any:
+        if query == payouts.Q["press_instant"]:
+            raise psycopg.errors.UniqueViolation("duplicate key value")
+        return await fetch_one(c, query, **params)
+
+    monkeypatch.setattr(db, "fetch_one", violating)
+    try:
+        return await instant.request_instant(conn, make_settings(db_url), req)
+    except instant.Refused as refusal:
+        return refusal
+
+
+async def test_a_unique_violation_under_our_key_and_body_is_a_replay(
+    conn: db.Conn, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A press whose insert hits the unique indexes, with a payout already made under its key
+    and body, answers that payout as a replay (read through the park's typed state)."""
+    await register_park(conn)
+    req = instant.InstantRequest(PARK, "user-1", "press-1", "req-1", Decimal("100.00"))
+    made = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO payouts (id, park_id, kind, max_amount, idempotency_key, "
+        "request_fingerprint, requested_by) VALUES (%s, %s, 'instant', 1000, %s, %s, 'user-1')",
+        (made, PARK, req.idempotency_key, req.fingerprint),
+    )
+
+    outcome = await _press_hits_the_unique_backstop(conn, db_url, monkeypatch, req)
+
+    assert isinstance(outcome, instant.Accepted)
+    assert (made, True) == (outcome.payout.id, outcome.replay)
+
+
+async def test_a_unique_violation_under_another_payout_is_refused_as_in_flight(
+    conn: db.Conn, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A press whose insert hits the unique indexes with no payout under its key is refused
+    payout_in_progress, and the refusal is audited."""
+    await register_park(conn)
+    req = instant.InstantRequest(PARK, "user-1", "press-1", "req-1", Decimal("100.00"))
+    await conn.execute(
+        "INSERT INTO payouts (id, park_id, kind, max_amount) VALUES (%s, %s, 'periodic', 1000)",
+        (uuid.uuid4(), PARK),
+    )
+
+    outcome = await _press_hits_the_unique_backstop(conn, db_url, monkeypatch, req)
+
+    assert isinstance(outcome, instant.Refused)
+    assert "payout_in_progress" == outcome.code
+    audited = await db.fetch_all(
+        conn,
+        "SELECT outcome FROM audit_log WHERE action = 'payout.instant.request' AND park_id = %(p)s",
+        p=PARK,
+    )
+    assert ["payout_in_progress"] == [r["outcome"] for r in audited]

@@ -42,13 +42,6 @@ def _is_store(path: str) -> bool:
 # Still indexing rows, and why. Each entry goes when its module is typed; the
 # second test below makes sure a stale entry cannot stay to hide a new lookup.
 EXCEPTIONS = {
-    # Opened by other helpers while rows were typed (issue 16): typing them is
-    # their next step, with the stores' dataclasses this one added.
-    "service/payouts/instant.py": "park_state's row (the press helper's open file)",
-    "service/billing/gate.py": "the gate's rows (the worker helper's open file)",
-    "service/payouts/periodic.py": "the scan's rows (the concepts helper's open file)",
-    "service/payouts/returns.py": "the returns feed's rows (the concepts helper's open file)",
-    "service/events/webhooks.py": "the dispatcher's rows (the concepts helper's open file)",
     # The one wire shape renders both a payouts row and an event's JSON snapshot
     # (a document, not a row); the concepts helper is reshaping it.
     "service/payouts/wire.py": "payout_json takes the snapshot mapping",
