@@ -523,6 +523,12 @@ class Settings:
     stalled_job_seconds: float = seconds(
         "STALLED_JOB_SECONDS", "60", "a worker silent this long is dead: its jobs are requeued"
     )
+    # Every process reads its database-backed gauges (queue depth, in-flight ages,
+    # checks owed, webhooks) this often, never at scrape time: a scrape never waits
+    # on the database. Alerts wait minutes (`for:`), so 15 s costs nothing.
+    gauge_seconds: float = seconds(
+        "GAUGE_SECONDS", "15", "how often each process reads its gauges from the database"
+    )
     # Backoff between retries of one payout grows to this cap: a minute keeps
     # a recovering Billing from a thundering herd, and payouts moving soon after.
     retry_backoff_cap_seconds: float = seconds(

@@ -1,7 +1,7 @@
 """Database-backed gauges: queue depth, in-flight ages, product metric, audit runway, webhooks.
 
-Read from the database every GAUGE_SECONDS by every process (API and worker
-alike), not at scrape time: a scrape never waits on the database.
+Read from the database every GAUGE_SECONDS (15 by default) by every process (API and
+worker alike), not at scrape time: a scrape never waits on the database.
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ from service.ops import checks
 from service.payouts import manual
 from service.payouts import store as payouts
 
-GAUGE_SECONDS = 15.0
-
-
-def gauge_refresher(pool: db.Pool) -> Every:
-    """Start refreshing the database-backed gauges of this process."""
-    return Every(GAUGE_SECONDS, lambda: refresh_gauges(pool), "gauges").start()
+def gauge_refresher(pool: db.Pool, seconds: float) -> Every:
+    """Start refreshing the database-backed gauges of this process every `seconds`."""
+    return Every(seconds, lambda: refresh_gauges(pool), "gauges").start()
 
 
 JOB_STATUSES = ("todo", "doing", "succeeded", "failed", "cancelled", "aborting", "aborted")

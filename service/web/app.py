@@ -109,7 +109,7 @@ def create_app(settings: Settings, *, drain: Drain | None = None) -> ASGIApp:
         # down, and /ready says whether it is up.
         await pool.open(wait=False)
         await admin_pool.open(wait=False)
-        refresher = gauges.gauge_refresher(admin_pool)
+        refresher = gauges.gauge_refresher(admin_pool, settings.gauge_seconds)
         # Quotes read a balance: within the one global budget every host shares.
         billing = billing_gate.client(admin_pool, settings)
         try:

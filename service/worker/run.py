@@ -187,14 +187,16 @@ async def run_worker(settings: Settings, *, concurrency: int, metrics_port: int 
         background = [
             # The pause gauge must fall back to 0 on hosts that are not calling.
             Every(GATE_REFRESH_SECONDS, deps.billing.budget.refresh, "billing gate").start(),
-            gauges.gauge_refresher(deps.pool),
+            gauges.gauge_refresher(deps.pool, settings.gauge_seconds),
             Every(
-                gauges.GAUGE_SECONDS,
+                settings.gauge_seconds,
                 lambda: reconcile.refresh_gauges(deps.pool),
                 "reconciliation gauge",
             ).start(),
             Every(
-                gauges.GAUGE_SECONDS, lambda: gauges.refresh_check_gauges(deps.pool), "check gauges"
+                settings.gauge_seconds,
+                lambda: gauges.refresh_check_gauges(deps.pool),
+                "check gauges",
             ).start(),
         ]
         if dispatcher is not None:

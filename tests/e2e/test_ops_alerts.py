@@ -41,7 +41,10 @@ HOSTS = ("host1", "host2", "host3")
 # The scrape's moment is this far into promtool's timeline; samples hold for DURATION.
 ORIGIN = 3 * 3600.0
 STEPS = 420  # one-minute samples: seven hours, past every eval time
-WORKER_GAUGE_WAIT = 40.0  # the workers refresh database gauges every 15 s
+# The workers refresh their database gauges every GAUGE_SECONDS (15 in production, 0.5
+# here: each step waits for one refresh, not for a quarter of a minute).
+GAUGE_SECONDS = "0.5"
+WORKER_GAUGE_WAIT = 40.0
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -199,7 +202,7 @@ def test_alerts_on_a_real_fleet(
     """On real scrapes: checks owed for 3 days and never run fire their NotRunning alerts, a fresh
     install does not; a healthy fleet fires nothing; a broken chain and one worker with another
     BILLING_RPS fire theirs."""
-    env = service_env(app_db_url, billing_url, BILLING_RPS="10")
+    env = service_env(app_db_url, billing_url, BILLING_RPS="10", GAUGE_SECONDS=GAUGE_SECONDS)
     ports = [free_port(), free_port()]
     with cluster(env, tmp_path) as c:
         c.api()
