@@ -44,20 +44,43 @@ API_TOKEN = "test-api-token-0123456789"
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
+# End-to-end files whose cases time nothing tighter than a generous wait (a fuzz, a browser,
+# `dev`, the events feed's order, racing presses, alerts on real scrapes, a rolling deploy's
+# exactly-once): they may run beside another end-to-end test. The others (budgets per
+# second, drills, frozen workers and skewed clocks, faults, drains, slow clients, sign-in
+# floods timed per answer) keep one process to themselves, one at a time.
+E2E_SHARING = frozenset(
+    f"tests/e2e/test_{name}.py"
+    for name in (
+        "api_fuzz",
+        "console_browser",
+        "dev",
+        "events",
+        "instant_concurrency",
+        "ops_alerts",
+        "rolling_deploy",
+    )
+)
+
+
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent under -p no:xdist
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """Under `-n 2` (make test) every end-to-end test runs on the same pytest process, one at
-    a time: their cases time real processes, and two such clusters at once on two cores would
-    turn their deadlines into a contest. The other process takes the rest, test by test, and
-    the first to finish helps the other. (xdist's own --dist loadgroup would do this from a
-    marker, but it writes the group into a private attribute pytest 9.2 no longer reads.)"""
+    """Under `-n 2` (make test) the timed end-to-end tests run on the same pytest process, one
+    at a time: they time real processes, and two such clusters at once on two cores would
+    turn their deadlines into a contest. The other process takes the rest (E2E_SHARING among
+    them), test by test, and the first to finish helps the other. (xdist's own --dist
+    loadgroup would do this from a marker, but it writes the group into a private attribute
+    pytest 9.2 no longer reads.)"""
     from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]  # no py.typed
 
-    class EndToEndOnOneProcess(LoadScopeScheduling):  # type: ignore[misc]  # untyped base
+    class TimedEndToEndOnOneProcess(LoadScopeScheduling):  # type: ignore[misc]  # untyped base
         def _split_scope(self, nodeid: str) -> str:
-            return "e2e" if nodeid.startswith("tests/e2e/") else nodeid
+            path = nodeid.split("::", 1)[0]
+            if path.startswith("tests/e2e/") and path not in E2E_SHARING:
+                return "e2e"
+            return nodeid
 
-    return EndToEndOnOneProcess(config, log)
+    return TimedEndToEndOnOneProcess(config, log)
 
 
 def with_dbname(url: str, name: str) -> str:
