@@ -79,12 +79,6 @@ async def periodic_payout(conn: db.Conn, park: str, snapshot: str) -> uuid.UUID:
     return payout_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nothing ties Billing's payout to our key: the POST answer carries no key, and "
-    "payouts.billing_payout_id has no unique index (needs a migration: a unique partial index "
-    "on billing_payout_id, and finish() turning its violation into Undecided)",
-)
 async def test_billings_answer_for_an_earlier_payout_does_not_settle_a_new_one(
     via_proxy: Deps, proxy: BillingProxy, conn: db.Conn, billing_url: str
 ) -> None:
@@ -106,6 +100,13 @@ async def test_billings_answer_for_an_earlier_payout_does_not_settle_a_new_one(
         conn, "SELECT id FROM payouts WHERE billing_payout_id = %(b)s", b=made["id"]
     )
     assert [first] == [r["id"] for r in rows]
+    assert Status.PROCESSING == (await payouts.reload(conn, second)).status
+
+    # Asked again through an honest path, Billing's own answer settles it.
+    proxy.answer_order = None
+    assert Status.SUCCEEDED == await execute_payout(via_proxy, second)
+    own = (await payouts.reload(conn, second)).billing_payout_id
+    assert own is not None and own != made["id"]
 
 
 def ordered_payout(pg: Pg, park: str, kind: str = "periodic") -> uuid.UUID:
