@@ -25,9 +25,10 @@ ONE_PER_BILLING_PAYOUT = "payouts_one_per_billing_payout"
 class BillingPayoutTaken(Exception):
     """The Billing payout id already settles another payout of ours: not this one's answer."""
 
-    def __init__(self, billing_payout_id: str) -> None:
-        super().__init__(f"Billing payout {billing_payout_id} already settles another payout")
+    def __init__(self, billing_payout_id: str, holder: UUID | None) -> None:
+        super().__init__(f"Billing payout {billing_payout_id} already settles payout {holder}")
         self.billing_payout_id = billing_payout_id
+        self.holder = holder
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -238,7 +239,10 @@ async def finish(
     except psycopg.errors.UniqueViolation as exc:
         if exc.diag.constraint_name != ONE_PER_BILLING_PAYOUT or billing_payout_id is None:
             raise
-        raise BillingPayoutTaken(billing_payout_id) from exc
+        holder = await db.fetch_value(
+            conn, UUID, Q["settled_by"], billing_payout_id=billing_payout_id
+        )
+        raise BillingPayoutTaken(billing_payout_id, holder) from exc
 
 
 async def follow_up(

@@ -101,7 +101,9 @@ async def test_billings_answer_for_an_earlier_payout_does_not_settle_a_new_one(
         conn, "SELECT id FROM payouts WHERE billing_payout_id = %(b)s", b=made["id"]
     )
     assert [first] == [r["id"] for r in rows]
-    assert Status.PROCESSING == (await payouts.reload(conn, second)).status
+    waiting = await payouts.reload(conn, second)
+    assert Status.PROCESSING == waiting.status
+    assert f"{made['id']} already settles payout {first}" in (waiting.failure_message or "")
 
     # Asked again through an honest path, Billing's own answer settles it.
     proxy.answer_order = None
