@@ -244,8 +244,8 @@ async def _sparing_shared_rows(
     cur = await conn.execute(
         sql.SQL(
             "SELECT ({key})::text AS value, array_agg(({rows})::text ORDER BY ({rows})::text)"
-            " AS rows FROM {table} WHERE {predicate} GROUP BY {key} HAVING count(*) > 1"
-            " ORDER BY 1"
+            " FILTER (WHERE ({rows}) IS NOT NULL) AS rows, count(*) AS n"
+            " FROM {table} WHERE {predicate} GROUP BY {key} HAVING count(*) > 1 ORDER BY 1"
         ).format(
             key=key,
             rows=rows,
@@ -255,8 +255,7 @@ async def _sparing_shared_rows(
     )
     shared = await cur.fetchall()
     named = "; ".join(
-        f"{r['value']}: {', '.join(r['rows'] or ['(rows without a one-column key)'])}"
-        for r in shared
+        f"{r['value']}: {', '.join(r['rows'] or [str(r['n']) + ' rows'])}" for r in shared
     )
     where = f"{parts['table_name']} ({parts['key']}), by {primary_key or 'no one-column key'}"
     spared = [row for r in shared for row in (r["rows"] or [])[1:]]

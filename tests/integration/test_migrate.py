@@ -16,6 +16,7 @@ import pytest
 
 from service.core import db
 from service.ops import migrate
+from service.ops.migrate import Migration
 from tests.helpers.audit import Pg, connect
 from tests.helpers.emulator import REPO_ROOT
 from tests.helpers.procs import wait_for
@@ -281,3 +282,22 @@ def test_writes_to_payouts_go_on_while_0020_builds_its_index(db_url: str, pg: Pg
         holder.commit()
         assert [FILE_0020] == built.result(timeout=60)
     assert {"valid": True} == {"valid": (index_0020(pg) or {}).get("valid")}
+
+
+async def test_a_table_without_a_one_column_key_is_refused_naming_the_shared_values(
+    db_url: str, pg: Pg
+) -> None:
+    """Rows that share a value of a concurrent unique index on a table with no one-column key
+    cannot be left out by key: migrate refuses, naming each value and how many rows share it,
+    and leaves no half-built index behind."""
+    pg.execute("CREATE TABLE scratch (k text, n int)")
+    pg.execute("INSERT INTO scratch VALUES ('a', 1), ('a', 2), ('b', 3)")
+    file = Migration(
+        "0099_scratch.sql",
+        f"{migrate.CONCURRENTLY}\nCREATE UNIQUE INDEX CONCURRENTLY scratch_k ON scratch (k);\n",
+    )
+    conn = await db.connect(db_url, name="test")
+    async with conn:
+        with pytest.raises(migrate.MigrationError, match=r"0099_scratch\.sql: .*a: 2 rows"):
+            await migrate._build_concurrently(conn, file, "scratch_k")
+    assert {"i": None} == pg.execute("SELECT to_regclass('scratch_k') AS i").fetchone()
