@@ -26,3 +26,31 @@ WHERE tbl.relnamespace = 'public'::regnamespace
       SELECT 1 FROM pg_inherits ii JOIN pg_index ci ON ci.indexrelid = ii.inhrelid
       WHERE ii.inhparent = pi.indexrelid AND ci.indrelid = part.oid)
 ORDER BY 1, 2
+
+-- index_valid --
+-- Whether the index of that name is valid; no row: there is none. An invalid one
+-- is what a CREATE INDEX CONCURRENTLY that failed or was interrupted leaves.
+SELECT i.indisvalid AS valid
+FROM pg_index i
+WHERE i.indexrelid = to_regclass(quote_ident(%(name)s))
+
+-- unique_index_parts --
+-- A unique index's definition, in the catalog's words, to find the rows that break
+-- it and to build it again without them: its table, its key, its predicate, its
+-- definition without the predicate, and its table's primary key when that is one
+-- column (NULL otherwise).
+SELECT i.indrelid::regclass::text AS table_name,
+       (SELECT string_agg(pg_get_indexdef(i.indexrelid, k, false), ', ' ORDER BY k)
+        FROM generate_series(1, i.indnkeyatts) k) AS key,
+       pg_get_expr(i.indpred, i.indrelid) AS predicate,
+       left(d.def, length(d.def)
+                   - coalesce(length(' WHERE ' || pg_get_expr(i.indpred, i.indrelid)), 0))
+           AS definition,
+       (SELECT quote_ident(a.attname)
+        FROM pg_index pk
+        JOIN pg_attribute a ON a.attrelid = pk.indrelid AND a.attnum = pk.indkey[0]
+        WHERE pk.indrelid = i.indrelid AND pk.indisprimary AND pk.indnkeyatts = 1)
+           AS primary_key
+FROM pg_index i
+CROSS JOIN LATERAL (SELECT pg_get_indexdef(i.indexrelid) AS def) d
+WHERE i.indexrelid = to_regclass(quote_ident(%(name)s)) AND i.indisunique

@@ -192,6 +192,10 @@ RETURNING job.id AS job_id
 UPDATE payouts SET failure_message = %(failure_message)s
 WHERE id = %(id)s AND status = 'processing'
 
+-- settled_by --
+-- The payout a Billing payout id already settles (migration 0020: at most one).
+SELECT id FROM payouts WHERE billing_payout_id = %(billing_payout_id)s
+
 -- instant_parks --
 -- The product metric: distinct parks with a succeeded instant payout per window, from
 -- the parks' latest successes counted by hour as payouts succeed (migrations/0015): a

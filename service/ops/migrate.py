@@ -9,6 +9,10 @@ procrastinate tracks nothing itself: on an empty database we apply its full
 schema and record every upgrade file it ships as already applied; later
 versions' upgrade files are then applied in version order.
 
+A file whose first line is `-- migrate: concurrently` holds one CREATE [UNIQUE] INDEX
+CONCURRENTLY and runs outside a transaction, so that no write waits for the build (see
+_build_concurrently: an interrupted build, and rows that already break a unique one).
+
 Around the files: the database roles (service/ops/roles.py) before, so that what the
 files create belongs to fleet_payouts_owner, and their privileges after; then the
 audit partitions ahead, and the partition indexes that a migration created
@@ -19,12 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import pathlib
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import LiteralString, cast
 
+import psycopg
 from procrastinate.schema import SchemaManager
 from psycopg import sql
 
@@ -42,6 +49,19 @@ MIGRATION_LOCK_KEY = 0x666C_7065_6D69_6772 & 0x7FFF_FFFF_FFFF_FFFF
 LOCK_POLL_SECONDS = 0.2
 PROCRASTINATE_BASE = "procrastinate/schema"
 
+CONCURRENTLY = "-- migrate: concurrently"
+_CONCURRENT_INDEX = re.compile(
+    r"^CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?P<name>[a-z_][a-z0-9_]*)\s+ON\s",
+    re.IGNORECASE | re.MULTILINE,
+)
+# A unique index built over rows that already break it: a build that meets them is
+# tried again without them (after the first try, and once more if a release before
+# wrote another meanwhile), then migrate gives up and names them.
+CONCURRENT_ATTEMPTS = 3
+# More rows than this sharing values is no stray record but a wrong index or wrong
+# data: migrate refuses, naming them, rather than list them all in the predicate.
+MAX_SPARED_ROWS = 1000
+
 CREATE_LEDGER: LiteralString = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     name       text PRIMARY KEY,
@@ -58,6 +78,22 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    @property
+    def concurrent_index(self) -> str | None:
+        """The index a `-- migrate: concurrently` file builds; None for the other files."""
+        if not self.sql.startswith(CONCURRENTLY + "\n"):
+            return None
+        statement = "\n".join(
+            line for line in self.sql.splitlines() if not line.lstrip().startswith("--")
+        ).strip()
+        found = _CONCURRENT_INDEX.match(statement)
+        if found is None or ";" in statement.rstrip(";"):
+            raise MigrationError(
+                f"{self.name}: a `{CONCURRENTLY}` file holds exactly one "
+                "CREATE [UNIQUE] INDEX CONCURRENTLY statement"
+            )
+        return found["name"]
 
 
 Q_MIGRATE = db.queries("migrate")
@@ -121,9 +157,14 @@ async def migrate(url: str, *, role_names: roles.Roles = roles.ROLES) -> list[st
 
             for migration in pending:
                 logger.info("applying migration %s", migration.name)
-                await db.ddl_transaction(
-                    conn, _applying(conn, migration), f"migration {migration.name}"
-                )
+                index = migration.concurrent_index
+                if index is not None:
+                    await _build_concurrently(conn, migration, index)
+                    await _record(conn, migration)
+                else:
+                    await db.ddl_transaction(
+                        conn, _applying(conn, migration), f"migration {migration.name}"
+                    )
                 applied_now.append(migration.name)
 
             await audit.ensure_partitions(conn)
@@ -150,6 +191,103 @@ def _applying(conn: db.Conn, migration: Migration) -> Callable[[], Awaitable[Non
         await _record(conn, migration)
 
     return apply
+
+
+async def _build_concurrently(conn: db.Conn, migration: Migration, index: str) -> None:
+    """Build the file's index CONCURRENTLY: writes to the table go on while it builds.
+
+    A build that failed or was interrupted leaves the index invalid (enforcing and
+    slowing writes, serving no read): it is dropped and built again. A unique index
+    that meets rows already sharing a value is built again without them, as long as the
+    table's key names them and they are few: they are records, which cannot be edited,
+    and a migrate that refused would keep every host it runs on from starting. They are
+    logged at error level and stay visible in the index's predicate (pg_indexes).
+    """
+    statement = migration.sql
+    for attempt in itertools.count(1):
+        valid = await db.fetch_value(conn, bool, Q_MIGRATE["index_valid"], name=index)
+        if valid is True:
+            return  # built by a run that stopped before recording the file
+        if valid is False:
+            await _drop_index(conn, index)
+        try:
+            await conn.execute(statement)
+            return
+        except psycopg.errors.UniqueViolation as exc:
+            try:
+                statement = await _sparing_shared_rows(conn, migration, index, exc, attempt)
+            except MigrationError:
+                await _drop_index(conn, index)
+                raise
+
+
+async def _drop_index(conn: db.Conn, index: str) -> None:
+    await conn.execute(sql.SQL("DROP INDEX CONCURRENTLY {}").format(sql.Identifier(index)))
+
+
+async def _sparing_shared_rows(
+    conn: db.Conn,
+    migration: Migration,
+    index: str,
+    exc: psycopg.errors.UniqueViolation,
+    attempt: int,
+) -> str:
+    """The index's statement again, without the rows that already share a value (read
+    from the invalid index the failed build left); MigrationError if it cannot be."""
+    parts = await db.fetch_one(conn, Q_MIGRATE["unique_index_parts"], name=index)
+    if parts is None:
+        raise MigrationError(f"{migration.name}: {exc}") from exc
+    key = sql.SQL(cast(LiteralString, parts["key"]))
+    primary_key = parts["primary_key"]
+    rows = sql.SQL(cast(LiteralString, primary_key or "NULL"))
+    predicate = parts["predicate"]
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT ({key})::text AS value, array_agg(({rows})::text ORDER BY ({rows})::text)"
+            " FILTER (WHERE ({rows}) IS NOT NULL) AS rows, count(*) AS n"
+            " FROM {table} WHERE {predicate} GROUP BY {key} HAVING count(*) > 1 ORDER BY 1"
+        ).format(
+            key=key,
+            rows=rows,
+            table=sql.SQL(cast(LiteralString, parts["table_name"])),
+            predicate=sql.SQL(cast(LiteralString, predicate or "true")),
+        )
+    )
+    shared = await cur.fetchall()
+    named = "; ".join(
+        f"{r['value']}: {', '.join(r['rows'] or [str(r['n']) + ' rows'])}" for r in shared
+    )
+    where = f"{parts['table_name']} ({parts['key']}), by {primary_key or 'no one-column key'}"
+    spared = [row for r in shared for row in (r["rows"] or [])[1:]]
+    if primary_key is None or len(spared) > MAX_SPARED_ROWS or attempt >= CONCURRENT_ATTEMPTS:
+        raise MigrationError(
+            f"{migration.name}: unique index {index} cannot be built: rows of {where} "
+            f"share a value it must keep unique: {named or exc}"
+        ) from exc
+    logger.error(
+        "%s: rows of %s already share a value that unique index %s keeps unique; "
+        "they are records, left as they are and outside the index (the first of each stays "
+        "in it, so no new row takes the value): %s",
+        migration.name,
+        where,
+        index,
+        named,
+    )
+    spare = sql.SQL("{} NOT IN ({})").format(
+        sql.SQL(cast(LiteralString, primary_key)),
+        sql.SQL(", ").join(sql.Literal(row) for row in spared),
+    )
+    rebuilt = sql.SQL("{} WHERE {}").format(
+        sql.SQL(cast(LiteralString, parts["definition"])),
+        sql.SQL("({}) AND {}").format(sql.SQL(cast(LiteralString, predicate)), spare)
+        if predicate
+        else spare,
+    )
+    text = rebuilt.as_string(conn)
+    prefix = "CREATE UNIQUE INDEX "
+    if not text.startswith(prefix):
+        raise MigrationError(f"{migration.name}: unexpected definition of {index}: {text}")
+    return prefix + "CONCURRENTLY " + text[len(prefix) :]
 
 
 async def complete_partition_indexes(conn: db.Conn) -> int:

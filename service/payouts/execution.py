@@ -263,17 +263,29 @@ class _Run:
                 p.park_id,
                 extra=self.log,
             )
-        return await self.finish(
-            Status.SUCCEEDED,
-            "ok",
-            {
-                "amount": str(p.amount),
-                "currency": p.currency,
-                "billing_payout_id": done.id,
-                **({"fee_amount": str(p.fee_amount)} if p.fee_amount is not None else {}),
-            },
-            billing_payout_id=done.id,
-        )
+        try:
+            return await self.finish(
+                Status.SUCCEEDED,
+                "ok",
+                {
+                    "amount": str(p.amount),
+                    "currency": p.currency,
+                    "billing_payout_id": done.id,
+                    **({"fee_amount": str(p.fee_amount)} if p.fee_amount is not None else {}),
+                },
+                billing_payout_id=done.id,
+            )
+        except payouts.BillingPayoutTaken as exc:
+            # Billing's answer names no key, and this payout object already settles
+            # another payout of ours: something between us and Billing (a gateway, a
+            # cache) answered this order with an earlier one's. That is no answer to
+            # this order: it stays in flight and is asked again, like a proxy's page.
+            logger.error(
+                "order answered with a Billing payout that settles another payout: %s",
+                exc,
+                extra=self.log,
+            )
+            await self.wait(Undecided(f"answered with another order's payout: {exc}", status=200))
 
     async def refused(self, exc: Rejected) -> Status | None:
         """Billing decided the key: no money moved, for good. Maybe follow with fresh figures."""

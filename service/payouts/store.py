@@ -8,6 +8,8 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
+import psycopg
+
 from service.core import db, queue
 from service.core.invariant import InvariantError
 from service.parks.fees import Fee
@@ -15,6 +17,18 @@ from service.payouts.model import Phase, Status, phase_of
 
 Q = db.queries("payouts")
 Row = dict[str, Any]
+
+# Migration 0020: one Billing payout settles at most one payout of ours.
+ONE_PER_BILLING_PAYOUT = "payouts_one_per_billing_payout"
+
+
+class BillingPayoutTaken(Exception):
+    """The Billing payout id already settles another payout of ours: not this one's answer."""
+
+    def __init__(self, billing_payout_id: str, holder: UUID | None) -> None:
+        super().__init__(f"Billing payout {billing_payout_id} already settles payout {holder}")
+        self.billing_payout_id = billing_payout_id
+        self.holder = holder
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -227,21 +241,33 @@ async def finish(
     available: Decimal | None = None,
     currency: str | None = None,
 ) -> Record | None:
-    """processing -> final, with the park's clock and the audit entry; None if already final."""
-    return await db.fetch_as(
-        conn,
-        Record,
-        Q["finish"],
-        id=payout_id,
-        status=str(status),
-        outcome=outcome,
-        details=details,
-        billing_payout_id=billing_payout_id,
-        failure_code=failure_code,
-        failure_message=failure_message,
-        available=available,
-        currency=currency,
-    )
+    """processing -> final, with the park's clock and the audit entry; None if already final.
+
+    BillingPayoutTaken if `billing_payout_id` already settles another payout: the one
+    statement wrote nothing (a caller's open transaction is aborted by it).
+    """
+    try:
+        return await db.fetch_as(
+            conn,
+            Record,
+            Q["finish"],
+            id=payout_id,
+            status=str(status),
+            outcome=outcome,
+            details=details,
+            billing_payout_id=billing_payout_id,
+            failure_code=failure_code,
+            failure_message=failure_message,
+            available=available,
+            currency=currency,
+        )
+    except psycopg.errors.UniqueViolation as exc:
+        if exc.diag.constraint_name != ONE_PER_BILLING_PAYOUT or billing_payout_id is None:
+            raise
+        holder = await db.fetch_value(
+            conn, UUID, Q["settled_by"], billing_payout_id=billing_payout_id
+        )
+        raise BillingPayoutTaken(billing_payout_id, holder) from exc
 
 
 async def follow_up(

@@ -18,11 +18,12 @@ from psycopg.types.json import Jsonb
 from service.audit import store as audit
 from service.billing.client import BillingReturn
 from service.core import db
-from service.ops import roles
+from service.ops import reconcile, roles
 from service.payouts import returns
 from service.payouts import store as payouts
 from service.payouts.execution import Deps, RetryLater, execute_payout
 from service.payouts.model import Status
+from tests.helpers.api import bank_returns
 from tests.helpers.audit import Pg, connect
 from tests.helpers.procs import wait_for
 from tests.helpers.proxy import BillingProxy, Canned
@@ -79,12 +80,6 @@ async def periodic_payout(conn: db.Conn, park: str, snapshot: str) -> uuid.UUID:
     return payout_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nothing ties Billing's payout to our key: the POST answer carries no key, and "
-    "payouts.billing_payout_id has no unique index (needs a migration: a unique partial index "
-    "on billing_payout_id, and finish() turning its violation into Undecided)",
-)
 async def test_billings_answer_for_an_earlier_payout_does_not_settle_a_new_one(
     via_proxy: Deps, proxy: BillingProxy, conn: db.Conn, billing_url: str
 ) -> None:
@@ -106,6 +101,51 @@ async def test_billings_answer_for_an_earlier_payout_does_not_settle_a_new_one(
         conn, "SELECT id FROM payouts WHERE billing_payout_id = %(b)s", b=made["id"]
     )
     assert [first] == [r["id"] for r in rows]
+    waiting = await payouts.reload(conn, second)
+    assert Status.PROCESSING == waiting.status
+    assert f"{made['id']} already settles payout {first}" in (waiting.failure_message or "")
+
+    # Asked again through an honest path, Billing's own answer settles it.
+    proxy.answer_order = None
+    assert Status.SUCCEEDED == await execute_payout(via_proxy, second)
+    own = (await payouts.reload(conn, second)).billing_payout_id
+    assert own is not None and own != made["id"]
+
+
+async def test_after_a_replayed_answer_reconcile_and_returns_see_each_payout_once(
+    via_proxy: Deps, proxy: BillingProxy, conn: db.Conn, billing_url: str
+) -> None:
+    """Once the payout a gateway answered with an earlier payout's object is paid by Billing's
+    own answer, reconcile finds both sides agreeing and a bank return of the earlier payout
+    returns it alone."""
+    park = f"attack-db-{uuid.uuid4().hex[:8]}"
+    async with httpx.AsyncClient(base_url=billing_url) as billing:
+        balance = {"available": "500.00", "currency": "RUB"}
+        (await billing.put(f"/admin/balances/{park}", json=balance)).raise_for_status()
+        first = await periodic_payout(conn, park, "70.00")
+        assert Status.SUCCEEDED == await execute_payout(via_proxy, first)
+        made = (await billing.get(f"/v1/payouts/{first}")).json()
+    second = await periodic_payout(conn, park, "70.00")
+    proxy.answer_order = lambda n: Canned(200, json.dumps(made).encode(), "application/json")
+    with pytest.raises(RetryLater):
+        await execute_payout(via_proxy, second)
+    proxy.answer_order = None
+    assert Status.SUCCEEDED == await execute_payout(via_proxy, second)
+    window = await db.fetch_one(conn, reconcile.Q["daily_window"], days=1)
+    assert window is not None
+    found: list[reconcile.Mismatch] = []
+
+    summary = await reconcile.reconcile(
+        conn, via_proxy.billing, window["since"], window["until"], found.append
+    )
+    assert ([], 0, 2) == (found, summary.mismatches, summary.billing_listed)
+
+    bank_returns(billing_url, str(first))
+    assert 1 == await returns.read(via_proxy)
+    assert (Status.RETURNED, Status.SUCCEEDED) == (
+        (await payouts.reload(conn, first)).status,
+        (await payouts.reload(conn, second)).status,
+    )
 
 
 def ordered_payout(pg: Pg, park: str, kind: str = "periodic") -> uuid.UUID:
