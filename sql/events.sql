@@ -7,8 +7,8 @@ SELECT events_sequence(%(batch)s) AS stamped
 -- Every park's events after the cursor, in position order. The sequencer's
 -- last position comes back even when the page is empty (a cursor past it was
 -- never issued), with the oldest position kept: one indexed query either way.
-SELECT s.last_position, o.oldest, e.seq, e.position, e.type, e.created_at,
-       e.payout::text AS payout
+SELECT e.seq, e.position, e.type, e.created_at, e.payout::text AS payout,
+       s.last_position, o.oldest
 FROM events_sequencer s
 CROSS JOIN LATERAL (
     SELECT coalesce(min(position), s.last_position + 1) AS oldest
@@ -24,8 +24,8 @@ ORDER BY e.position
 
 -- park_page --
 -- One park's events after the cursor, in position order (as `page`).
-SELECT s.last_position, o.oldest, e.seq, e.position, e.type, e.created_at,
-       e.payout::text AS payout
+SELECT e.seq, e.position, e.type, e.created_at, e.payout::text AS payout,
+       s.last_position, o.oldest
 FROM events_sequencer s
 CROSS JOIN LATERAL (
     SELECT coalesce(min(position), s.last_position + 1) AS oldest

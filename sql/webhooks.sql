@@ -76,8 +76,8 @@ RETURNING last.n AS handed
 -- under way in this dispatcher, soonest first, each with the events it is owed, oldest first (at most
 -- per_park). A park owed events that are gone (retention) comes back once,
 -- with no event, to be cleared.
-SELECT w.park_id, w.failures, w.pending,
-       e.seq, e.position, e.type, e.created_at, e.payout::text AS payout
+SELECT e.seq, e.position, e.type, e.created_at, e.payout::text AS payout,
+       w.park_id, w.failures, w.pending
 FROM (
     SELECT * FROM webhook_feed_parks
     WHERE next_attempt_at <= now() AND (failures > 0) = %(failing)s

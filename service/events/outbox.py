@@ -57,11 +57,10 @@ class Event:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _PageRow:
-    """A row of the page queries: the feed's ends, and an event (all None on an empty page)."""
+class EventColumns:
+    """An event's columns in a row that may carry none (an empty page, a park whose owed
+    events are gone): the rows that read them extend this, their own columns after."""
 
-    last_position: int
-    oldest: int
     seq: int | None
     position: int | None
     type: str | None
@@ -78,6 +77,14 @@ class _PageRow:
         ):
             return None
         return Event(self.seq, self.position, self.type, self.created_at, self.payout)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _PageRow(EventColumns):
+    """A row of the page queries: an event (all None on an empty page), the feed's ends."""
+
+    last_position: int
+    oldest: int
 
 
 @dataclasses.dataclass(frozen=True)

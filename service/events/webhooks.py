@@ -35,7 +35,6 @@ import json
 import logging
 import time
 import uuid
-from datetime import datetime
 
 import httpx
 import psycopg
@@ -301,29 +300,13 @@ class Dispatcher:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _DueRow:
-    """A row of the due query: a park, and one event it is owed (all None when the events
-    it was owed are gone)."""
+class _DueRow(events.EventColumns):
+    """A row of the due query: one event a park is owed (all None when the events it was
+    owed are gone), and the park."""
 
     park_id: str
     failures: int
     pending: int
-    seq: int | None
-    position: int | None
-    type: str | None
-    created_at: datetime | None
-    payout: str | None
-
-    def event(self) -> events.Event | None:
-        if (
-            self.seq is None
-            or self.position is None
-            or self.type is None
-            or self.created_at is None
-            or self.payout is None
-        ):
-            return None
-        return events.Event(self.seq, self.position, self.type, self.created_at, self.payout)
 
 
 async def _acquire(conn: db.Conn, holder: str) -> bool:
