@@ -14,6 +14,7 @@ from service.ops import checks
 from service.payouts import manual
 from service.payouts import store as payouts
 
+
 def gauge_refresher(pool: db.Pool, seconds: float) -> Every:
     """Start refreshing the database-backed gauges of this process every `seconds`."""
     return Every(seconds, lambda: refresh_gauges(pool), "gauges").start()

@@ -249,3 +249,35 @@ def test_a_secret_written_escaped_in_a_frame_variable_is_scrubbed(
     frames = transport.events[0]["exception"]["values"][0]["stacktrace"]["frames"]
     assert any("conninfo" in f.get("vars", {}) for f in frames), frames
     assert "cd1234XY" not in json.dumps(transport.events)
+
+
+# --- attack16b: this session's changes from outside ---------------------------------------
+
+
+def test_an_expand_migration_run_beside_a_warm_api_leaves_its_reads_answering(
+    sql: Any, db_url: str, billing_url: str
+) -> None:
+    """A column added to payouts while the API runs (a rolling deploy's expand step, after the
+    pool's connections have prepared their reads) leaves every payout read answering 200, as
+    before the column: no `cached plan must not change result type` surfacing as a 500."""
+    from tests.helpers.api import ADMIN, app_client, park_headers, press_headers, register
+
+    with app_client(db_url, billing_url=billing_url) as api:
+        register(api, "warm-1", instant=True)
+        pressed = api.post(
+            "/v1/payouts/instant", json={"amount": "10.00"}, headers=press_headers("warm-1")
+        )
+        assert 202 == pressed.status_code, pressed.text
+        payout_id = pressed.json()["id"]
+
+        def reads() -> list[int]:
+            return [
+                api.get(f"/v1/payouts/{payout_id}", headers=park_headers("warm-1")).status_code,
+                api.get("/v1/payouts", headers=park_headers("warm-1")).status_code,
+                api.get("/v1/admin/payouts", headers=ADMIN).status_code,
+            ]
+
+        for _ in range(12):  # past psycopg's prepare threshold (5) on each connection
+            assert [200, 200, 200] == reads()
+        sql.execute("ALTER TABLE payouts ADD COLUMN zz_next_release int")
+        assert [[200, 200, 200]] * 12 == [reads() for _ in range(12)]
