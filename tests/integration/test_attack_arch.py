@@ -281,3 +281,84 @@ def test_an_expand_migration_run_beside_a_warm_api_leaves_its_reads_answering(
             assert [200, 200, 200] == reads()
         sql.execute("ALTER TABLE payouts ADD COLUMN zz_next_release int")
         assert [[200, 200, 200]] * 12 == [reads() for _ in range(12)]
+
+
+# One INSERT of three entries whose third row, evaluated after the second's trigger ran,
+# points every stripe's tail setting back at the first entry (stashed by the second row):
+# the app role's own SQL forging the trigger's pointer mid-statement.
+FORK_FROM_FIRST = """
+INSERT INTO audit_log (actor_type, actor_id, action, outcome, details)
+SELECT 'system', 'forger', 'forge', 'ok', jsonb_build_object('n', g, 'forged', CASE
+    WHEN g = 2 THEN (
+        SELECT string_agg(set_config('x.saved_' || s, coalesce(current_setting(
+            'fleet_payouts.audit_tail_' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMM') || '_' || s,
+            true), ''), true), ',')
+        FROM generate_series(0, audit_chain_stripes() - 1) s)
+    WHEN g = 3 THEN (
+        SELECT string_agg(set_config(
+            'fleet_payouts.audit_tail_' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMM') || '_' || s,
+            current_setting('x.saved_' || s), true), ',')
+        FROM generate_series(0, audit_chain_stripes() - 1) s)
+    END)
+FROM generate_series(1, 3) g
+RETURNING id, chain_stripe, chain_seq
+"""
+
+
+async def test_a_tail_pointer_forged_mid_statement_by_the_app_role_is_named_by_verify(
+    db_url: str, deps: Any
+) -> None:
+    """The app role rewriting the chain trigger's tail setting between the rows of one INSERT
+    (a fork: two entries linked to the same predecessor) is named by `audit verify` as a
+    broken link, never passed as intact."""
+    from service.audit import chain
+    from tests.conftest import with_user
+
+    with psycopg.connect(with_user(db_url, "fleet_payouts_app"), autocommit=True) as app:
+        rows = app.execute(FORK_FROM_FIRST).fetchall()
+    seqs = [r[2] for r in rows]
+    async with deps.pool.connection() as conn:
+        verdict = await chain.verify(conn, report=lambda month: None)
+    assert isinstance(verdict, chain.Broken), (seqs, verdict)
+
+
+def test_a_concurrent_build_held_by_an_idle_transaction_names_the_session_it_waits_for(
+    db_url: str, pg: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While 0020's CONCURRENTLY build waits for a session idle in a REPEATABLE READ transaction
+    (a DBA's psql or a pg_dump: no timeout ends it), migrate says so at warning level, naming
+    that session's pid, and completes once it ends (before: it waited silently, for ever)."""
+    import asyncio
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.ops import migrate
+    from tests.helpers.procs import wait_for
+
+    monkeypatch.setattr(migrate, "WAIT_REPORT_SECONDS", 0.2, raising=False)
+    pg.execute("DROP INDEX payouts_one_per_billing_payout")
+    pg.execute(
+        "DELETE FROM schema_migrations WHERE name = '0020_one_payout_per_billing_payout.sql'"
+    )
+    with (
+        caplog.at_level(logging.WARNING, logger="service.ops.migrate"),
+        ThreadPoolExecutor(1) as pool,
+        psycopg.connect(db_url) as idle,
+    ):
+        # A snapshot kept (pg_dump's REPEATABLE READ, a DBA's BEGIN), then idle in it.
+        idle.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        idle.execute("SELECT count(*) FROM payouts")
+        idle_pid = idle.info.backend_pid
+        built = pool.submit(asyncio.run, migrate.migrate(db_url))
+
+        def named() -> bool:
+            return any(
+                f"pid {idle_pid}" in r.getMessage() and "idle in transaction" in r.getMessage()
+                for r in caplog.records
+            )
+
+        try:
+            wait_for(named, timeout=20, what="migrate to name the session it waits for")
+        finally:
+            idle.rollback()
+        assert ["0020_one_payout_per_billing_payout.sql"] == built.result(timeout=60)
