@@ -362,3 +362,26 @@ def test_a_concurrent_build_held_by_an_idle_transaction_names_the_session_it_wai
         finally:
             idle.rollback()
         assert ["0020_one_payout_per_billing_payout.sql"] == built.result(timeout=60)
+
+
+@pytest.mark.parametrize(
+    "value", ["0", "-1", "nan", "inf", "1e9", "9" * 5000, "1e-9", "0.001", "1_5"]
+)
+def test_a_gauge_period_no_process_should_run_stops_start_up_naming_the_variable(
+    value: str,
+) -> None:
+    """GAUGE_SECONDS that is not a plain number of seconds from 0.1 to a day (a nanosecond
+    period would read the gauges in a busy loop on every process; `1_5` is Python's 15, no
+    operator's) is refused at load with an error naming the variable."""
+    from service.core import settings
+
+    env = {
+        "DATABASE_URL": "postgresql://a@127.0.0.1:1/x",
+        "BILLING_URL": "http://127.0.0.1:9",
+        "API_TOKENS": API_TOKEN,
+        "ADMIN_TOKENS": ADMIN_TOKEN,
+        "GAUGE_SECONDS": value,
+    }
+    with pytest.raises(settings.ConfigError) as refused:
+        settings.load(env)
+    assert str(refused.value).startswith("GAUGE_SECONDS: ")
