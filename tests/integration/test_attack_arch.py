@@ -3,6 +3,8 @@ when the configuration is wrong, and hostile input on the paths the change rewro
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -385,3 +387,55 @@ def test_a_gauge_period_no_process_should_run_stops_start_up_naming_the_variable
     with pytest.raises(settings.ConfigError) as refused:
         settings.load(env)
     assert str(refused.value).startswith("GAUGE_SECONDS: ")
+
+
+async def test_a_gateway_answering_a_new_order_first_with_an_in_flight_order_s_payout(
+    via_proxy: Any, proxy: Any, conn: Any, billing_url: str
+) -> None:
+    """A gateway that answers a new order FIRST with the object Billing made for an order whose
+    own answer was lost (still in flight; so another park's, one in flight per park) leaves
+    the new payout unsettled by it: each ends succeeded with the Billing payout of its key."""
+    import httpx
+
+    from service.payouts import store as payouts
+    from service.payouts.execution import RetryLater, execute_payout
+    from service.payouts.model import Status
+    from tests.helpers.proxy import Canned
+
+    park = f"lie-first-{uuid.uuid4().hex[:8]}"
+
+    async def pending(park: str) -> uuid.UUID:
+        payout_id = uuid.uuid4()
+        await conn.execute(
+            "INSERT INTO payouts (id, park_id, kind, max_amount, available, currency) "
+            "VALUES (%s, %s, 'periodic', 1000, 70, 'RUB')",
+            (payout_id, park),
+        )
+        return payout_id
+
+    # One payout in flight per park: the lie can only name another park's order.
+    parks = [f"{park}-a", f"{park}-b"]
+    async with httpx.AsyncClient(base_url=billing_url) as billing:
+        for each in parks:
+            await conn.execute("INSERT INTO parks (park_id) VALUES (%s)", (each,))
+            balance = {"available": "500.00", "currency": "RUB"}
+            (await billing.put(f"/admin/balances/{each}", json=balance)).raise_for_status()
+        first = await pending(parks[0])
+        # Billing pays the first order; its answer is lost on the way back.
+        proxy.answer_order = lambda n: Canned(502, b"bad gateway", forward=True)
+        with pytest.raises(RetryLater):
+            await execute_payout(via_proxy, first)
+        made = (await billing.get(f"/v1/payouts/{first}")).json()
+    second = await pending(parks[1])
+    proxy.answer_order = lambda n: Canned(200, json.dumps(made).encode(), "application/json")
+    with contextlib.suppress(RetryLater):
+        await execute_payout(via_proxy, second)
+
+    proxy.answer_order = None  # honest from here on
+    for payout_id in (first, second):
+        with contextlib.suppress(RetryLater):
+            await execute_payout(via_proxy, payout_id)
+    done = {p: await payouts.reload(conn, p) for p in (first, second)}
+    assert [Status.SUCCEEDED, Status.SUCCEEDED] == [done[p].status for p in (first, second)]
+    assert made["id"] == done[first].billing_payout_id
+    assert made["id"] != done[second].billing_payout_id
