@@ -67,3 +67,17 @@ SELECT a.pid, a.usename AS "user", a.application_name, a.client_addr::text AS cl
 FROM pg_stat_activity a
 WHERE a.pid = ANY (pg_blocking_pids(%(pid)s))
 ORDER BY a.pid
+
+-- lock_holder --
+-- The session holding the migration lock (a bigint advisory lock: classid its high 32
+-- bits, objid its low ones), as blockers names a session; no row: none now.
+SELECT a.pid, a.usename AS "user", a.application_name, a.client_addr::text AS client,
+       coalesce(a.state, 'state hidden') AS state,
+       date_trunc('second', now() - a.backend_start)::text AS connected_for,
+       left(regexp_replace(a.query, '\s+', ' ', 'g'), 80) AS query
+FROM pg_locks l
+JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid::bigint = (%(key)s::bigint >> 32)
+  AND l.objid::bigint = (%(key)s::bigint & 4294967295)

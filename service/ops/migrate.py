@@ -183,11 +183,31 @@ async def migrate(url: str, *, role_names: roles.Roles = roles.ROLES) -> list[st
 
 
 async def _lock(conn: db.Conn) -> None:
+    """Take the migration lock, saying every WAIT_REPORT_SECONDS which session holds it
+    (another host's migrate, or the server session of one killed mid-build, which goes
+    on building until its statement ends)."""
+    loop = asyncio.get_running_loop()
+    report_at = loop.time() + WAIT_REPORT_SECONDS
     while True:
         cur = await conn.execute("SELECT pg_try_advisory_lock(%s) AS got", (MIGRATION_LOCK_KEY,))
         row = await cur.fetchone()
         if row and row["got"]:
             return
+        if loop.time() >= report_at:
+            report_at = loop.time() + WAIT_REPORT_SECONDS
+            holder = await db.fetch_one(conn, Q_MIGRATE["lock_holder"], key=MIGRATION_LOCK_KEY)
+            if holder is not None:
+                logger.warning(
+                    "waiting for the migration lock, held by pid %s (user %s, %s from %s, %s, "
+                    "connected %s, last: %s)",
+                    holder["pid"],
+                    holder["user"],
+                    holder["application_name"] or "no app",
+                    holder["client"] or "local",
+                    holder["state"],
+                    holder["connected_for"],
+                    holder["query"],
+                )
         await asyncio.sleep(LOCK_POLL_SECONDS)
 
 

@@ -439,3 +439,91 @@ async def test_a_gateway_answering_a_new_order_first_with_an_in_flight_order_s_p
     assert [Status.SUCCEEDED, Status.SUCCEEDED] == [done[p].status for p in (first, second)]
     assert made["id"] == done[first].billing_payout_id
     assert made["id"] != done[second].billing_payout_id
+
+
+async def test_three_hosts_migrating_at_once_build_0020_once(db_url: str, pg: Any) -> None:
+    """Three `migrate` runs started together on a database before 0020 (three hosts starting
+    at once) apply it exactly once between them, all succeed, and leave the index valid."""
+    import asyncio
+
+    from service.ops import migrate
+
+    pg.execute("DROP INDEX payouts_one_per_billing_payout")
+    pg.execute(
+        "DELETE FROM schema_migrations WHERE name = '0020_one_payout_per_billing_payout.sql'"
+    )
+    runs = await asyncio.wait_for(
+        asyncio.gather(*(migrate.migrate(db_url) for _ in range(3))), timeout=120
+    )
+    assert [["0020_one_payout_per_billing_payout.sql"], [], []] == sorted(runs, key=len)[::-1]
+    row = pg.execute(
+        "SELECT indisvalid AS valid FROM pg_index"
+        " WHERE indexrelid = to_regclass('payouts_one_per_billing_payout')"
+    ).fetchone()
+    assert {"valid": True} == row
+
+
+def test_a_migrate_killed_mid_build_leaves_the_next_one_waiting_by_name_then_done(
+    db_url: str, pg: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migrate process killed (SIGKILL) while 0020's build waits for an old transaction leaves
+    its server session building under the migration lock: the next migrate says at warning
+    level which session holds that lock, then, once the old transaction ends, finds the index
+    valid and records 0020."""
+    import asyncio
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.ops import migrate
+    from tests.helpers.procs import wait_for
+
+    monkeypatch.setattr(migrate, "WAIT_REPORT_SECONDS", 0.2)
+    pg.execute("DROP INDEX payouts_one_per_billing_payout")
+    pg.execute(
+        "DELETE FROM schema_migrations WHERE name = '0020_one_payout_per_billing_payout.sql'"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SENTRY_", "DATABASE_"))}
+    with psycopg.connect(db_url) as idle:
+        idle.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        idle.execute("SELECT count(*) FROM payouts")
+        first = subprocess.Popen(
+            [sys.executable, "-m", "service", "migrate"],
+            env={**env, "DATABASE_URL": db_url},
+            cwd=REPO_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+
+            def building() -> int | None:
+                row = pg.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name ="
+                    " 'fleet-payouts-migrate' AND wait_event = 'virtualxid'"
+                ).fetchone()
+                return None if row is None else int(row["pid"])
+
+            builder = wait_for(building, timeout=30, what="the first migrate to wait")
+        finally:
+            first.kill()
+            first.wait(timeout=10)
+        with (
+            caplog.at_level(logging.WARNING, logger="service.ops.migrate"),
+            ThreadPoolExecutor(1) as pool,
+        ):
+            second = pool.submit(asyncio.run, migrate.migrate(db_url))
+            try:
+                wait_for(
+                    lambda: any(f"pid {builder}" in r.getMessage() for r in caplog.records),
+                    timeout=20,
+                    what="the next migrate to name the session holding the lock",
+                )
+                assert not second.done()
+            finally:
+                idle.rollback()
+            assert ["0020_one_payout_per_billing_payout.sql"] == second.result(timeout=60)
+        assert any(f"pid {builder}" in r.getMessage() for r in caplog.records), caplog.text
+    row = pg.execute(
+        "SELECT indisvalid AS valid FROM pg_index"
+        " WHERE indexrelid = to_regclass('payouts_one_per_billing_payout')"
+    ).fetchone()
+    assert {"valid": True} == row
