@@ -266,6 +266,7 @@ def test_an_expand_migration_run_beside_a_warm_api_leaves_its_reads_answering(
 
     with app_client(db_url, billing_url=billing_url) as api:
         register(api, "warm-1", instant=True)
+        register(api, "warm-2", instant=True)
         pressed = api.post(
             "/v1/payouts/instant", json={"amount": "10.00"}, headers=press_headers("warm-1")
         )
@@ -283,6 +284,11 @@ def test_an_expand_migration_run_beside_a_warm_api_leaves_its_reads_answering(
             assert [200, 200, 200] == reads()
         sql.execute("ALTER TABLE payouts ADD COLUMN zz_next_release int")
         assert [[200, 200, 200]] * 12 == [reads() for _ in range(12)]
+        # The press (its function returns a payouts row) goes on too.
+        again = api.post(
+            "/v1/payouts/instant", json={"amount": "10.00"}, headers=press_headers("warm-2")
+        )
+        assert 202 == again.status_code, again.text
 
 
 # One INSERT of three entries whose third row, evaluated after the second's trigger ran,
