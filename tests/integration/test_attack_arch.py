@@ -533,3 +533,39 @@ def test_a_migrate_killed_mid_build_leaves_the_next_one_waiting_by_name_then_don
         " WHERE indexrelid = to_regclass('payouts_one_per_billing_payout')"
     ).fetchone()
     assert {"valid": True} == row
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DROP INDEX payouts_one_per_billing_payout",
+        "ALTER INDEX payouts_one_per_billing_payout RENAME TO gone",
+        "REINDEX INDEX payouts_one_per_billing_payout",
+        "SET session_replication_role = replica",
+        "ALTER TABLE audit_log DISABLE TRIGGER zz_audit_log_chain",
+        "INSERT INTO audit_log (at, actor_type, action, outcome)"
+        " VALUES ('2026-01-15', 'system', 'backdated', 'ok')",
+        "INSERT INTO audit_log (id, actor_type, action, outcome) OVERRIDING SYSTEM VALUE"
+        " VALUES (1, 'system', 'chosen-id', 'ok')",
+        "PARTITION",
+    ],
+)
+def test_the_app_role_cannot_unmake_the_index_or_route_around_the_chain(
+    db_url: str, pg: Any, statement: str
+) -> None:
+    """The app role (its password is in every host's environment) is refused dropping, renaming
+    or rebuilding 0020's index, replica mode (which would skip the chain trigger), disabling
+    the trigger, dating or numbering an audit entry itself, and writing a partition directly."""
+    from tests.conftest import with_user
+
+    if statement == "PARTITION":
+        part = pg.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'audit_log'::regclass ORDER BY 1 LIMIT 1"
+        ).fetchone()["relname"]
+        statement = f"INSERT INTO {part} (actor_type, action, outcome) VALUES ('system', 'x', 'ok')"
+    with (
+        psycopg.connect(with_user(db_url, "fleet_payouts_app"), autocommit=True) as app,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        app.execute(statement)
