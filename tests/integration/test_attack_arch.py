@@ -569,3 +569,51 @@ def test_the_app_role_cannot_unmake_the_index_or_route_around_the_chain(
         pytest.raises(psycopg.errors.InsufficientPrivilege),
     ):
         app.execute(statement)
+
+
+async def test_two_scans_batching_the_same_parks_at_once_make_one_payout_and_job_each(
+    deps: Any, pg: Any
+) -> None:
+    """Two scan batches over the same due parks at once, in opposite orders (a scan frozen past
+    its lease and the one that took over), beside procrastinate's own defer drawing from the
+    same job sequence, make one payout per park, one job per payout, and no job naming no
+    payout; neither deadlocks."""
+    import asyncio
+    from decimal import Decimal
+
+    from service.billing.client import Balance
+    from service.payouts import periodic
+
+    parks = [f"twin-{n:03d}" for n in range(60)]
+    pg.execute(
+        "INSERT INTO parks (park_id, registered_at) SELECT p, now() - interval '30 days'"
+        " FROM unnest(%s::text[]) p",
+        (parks,),
+    )
+    balances = {p: Balance(p, Decimal("50.00"), "RUB") for p in parks}
+
+    async def batch(order: list[str]) -> int:
+        async with deps.pool.connection() as conn:
+            return await periodic.create_batch(conn, deps, order, balances)
+
+    async def defer() -> None:
+        async with deps.pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO procrastinate_jobs (queue_name, task_name, args)"
+                " VALUES ('other', 'other_task', '{}')"
+            )
+
+    made = await asyncio.wait_for(
+        asyncio.gather(batch(parks), batch(parks[::-1]), *(defer() for _ in range(5))),
+        timeout=60,
+    )
+    assert len(parks) == made[0] + made[1]
+    counts = pg.execute(
+        "SELECT (SELECT count(*) FROM payouts WHERE park_id LIKE 'twin-%%') AS payouts,"
+        " (SELECT count(DISTINCT park_id) FROM payouts WHERE park_id LIKE 'twin-%%') AS parks,"
+        " (SELECT count(*) FROM procrastinate_jobs j JOIN payouts p ON p.job_id = j.id"
+        "   AND (j.args ->> 'payout_id')::uuid = p.id WHERE p.park_id LIKE 'twin-%%') AS jobs,"
+        " (SELECT count(*) FROM procrastinate_jobs j WHERE j.args ? 'payout_id' AND NOT EXISTS"
+        "   (SELECT 1 FROM payouts p WHERE p.id = (j.args ->> 'payout_id')::uuid)) AS orphans"
+    ).fetchone()
+    assert {"payouts": 60, "parks": 60, "jobs": 60, "orphans": 0} == counts
