@@ -96,6 +96,11 @@ def connect_kwargs(
         **(session or {}),
     }
     return {
+        # No server-side prepared statements: a column added by an expand migration
+        # (a rolling deploy runs it beside warm pools) would fail every prepared
+        # `SELECT p.*` with `cached plan must not change result type` until the
+        # process restarts. Planning these short statements costs far less.
+        "prepare_threshold": None,
         "row_factory": psycopg.rows.dict_row,
         "cursor_factory": CountingCursor,
         "application_name": application_name,

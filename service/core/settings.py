@@ -225,6 +225,9 @@ def setting(
 
 
 def number(text: str) -> float:
+    # float() also reads `1_5` as 15 and other scripts' digits: no operator means those.
+    if not text.isascii() or "_" in text:
+        raise Invalid(f"expected a number, got {text!r}")
     try:
         value = float(text)
     except ValueError:
@@ -526,8 +529,14 @@ class Settings:
     # Every process reads its database-backed gauges (queue depth, in-flight ages,
     # checks owed, webhooks) this often, never at scrape time: a scrape never waits
     # on the database. Alerts wait minutes (`for:`), so 15 s costs nothing.
-    gauge_seconds: float = seconds(
-        "GAUGE_SECONDS", "15", "how often each process reads its gauges from the database"
+    # At least 0.1 s: a shorter period reads the database in a busy loop on every process.
+    gauge_seconds: float = setting(
+        "GAUGE_SECONDS",
+        "15",
+        number,
+        "how often each process reads its gauges from the database",
+        minimum=0.1,
+        maximum=MAX_SECONDS,
     )
     # Backoff between retries of one payout grows to this cap: a minute keeps
     # a recovering Billing from a thundering herd, and payouts moving soon after.

@@ -29,7 +29,7 @@ import pathlib
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import LiteralString, cast
+from typing import LiteralString, TypeVar, cast
 
 import psycopg
 from procrastinate.schema import SchemaManager
@@ -40,6 +40,7 @@ from service.core import db
 from service.ops import roles
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Arbitrary but fixed: every host must take the same lock.
 MIGRATION_LOCK_KEY = 0x666C_7065_6D69_6772 & 0x7FFF_FFFF_FFFF_FFFF
@@ -61,6 +62,11 @@ CONCURRENT_ATTEMPTS = 3
 # More rows than this sharing values is no stray record but a wrong index or wrong
 # data: migrate refuses, naming them, rather than list them all in the predicate.
 MAX_SPARED_ROWS = 1000
+# A CONCURRENTLY build waits for every transaction older than its snapshots, in any
+# session of the database: a psql left idle in a transaction (no timeout ends a DBA's)
+# holds it for as long as it stays open. Migrate waits -- ending someone's session is
+# not its decision -- but says this often which sessions it waits for.
+WAIT_REPORT_SECONDS = 10.0
 
 CREATE_LEDGER: LiteralString = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -159,7 +165,7 @@ async def migrate(url: str, *, role_names: roles.Roles = roles.ROLES) -> list[st
                 logger.info("applying migration %s", migration.name)
                 index = migration.concurrent_index
                 if index is not None:
-                    await _build_concurrently(conn, migration, index)
+                    await _build_concurrently(conn, migration, index, url=url)
                     await _record(conn, migration)
                 else:
                     await db.ddl_transaction(
@@ -168,7 +174,7 @@ async def migrate(url: str, *, role_names: roles.Roles = roles.ROLES) -> list[st
                 applied_now.append(migration.name)
 
             await audit.ensure_partitions(conn)
-            await complete_partition_indexes(conn)
+            await complete_partition_indexes(conn, url=url)
             await roles.grant(conn, role_names)
         finally:
             await conn.execute("RESET ROLE")
@@ -177,11 +183,31 @@ async def migrate(url: str, *, role_names: roles.Roles = roles.ROLES) -> list[st
 
 
 async def _lock(conn: db.Conn) -> None:
+    """Take the migration lock, saying every WAIT_REPORT_SECONDS which session holds it
+    (another host's migrate, or the server session of one killed mid-build, which goes
+    on building until its statement ends)."""
+    loop = asyncio.get_running_loop()
+    report_at = loop.time() + WAIT_REPORT_SECONDS
     while True:
         cur = await conn.execute("SELECT pg_try_advisory_lock(%s) AS got", (MIGRATION_LOCK_KEY,))
         row = await cur.fetchone()
         if row and row["got"]:
             return
+        if loop.time() >= report_at:
+            report_at = loop.time() + WAIT_REPORT_SECONDS
+            holder = await db.fetch_one(conn, Q_MIGRATE["lock_holder"], key=MIGRATION_LOCK_KEY)
+            if holder is not None:
+                logger.warning(
+                    "waiting for the migration lock, held by pid %s (user %s, %s from %s, %s, "
+                    "connected %s, last: %s)",
+                    holder["pid"],
+                    holder["user"],
+                    holder["application_name"] or "no app",
+                    holder["client"] or "local",
+                    holder["state"],
+                    holder["connected_for"],
+                    holder["query"],
+                )
         await asyncio.sleep(LOCK_POLL_SECONDS)
 
 
@@ -193,7 +219,9 @@ def _applying(conn: db.Conn, migration: Migration) -> Callable[[], Awaitable[Non
     return apply
 
 
-async def _build_concurrently(conn: db.Conn, migration: Migration, index: str) -> None:
+async def _build_concurrently(
+    conn: db.Conn, migration: Migration, index: str, *, url: str | None = None
+) -> None:
     """Build the file's index CONCURRENTLY: writes to the table go on while it builds.
 
     A build that failed or was interrupted leaves the index invalid (enforcing and
@@ -211,7 +239,7 @@ async def _build_concurrently(conn: db.Conn, migration: Migration, index: str) -
         if valid is False:
             await _drop_index(conn, index)
         try:
-            await conn.execute(statement)
+            await _reporting_waits(conn, url, index, conn.execute(statement))
             return
         except psycopg.errors.UniqueViolation as exc:
             try:
@@ -219,6 +247,46 @@ async def _build_concurrently(conn: db.Conn, migration: Migration, index: str) -
             except MigrationError:
                 await _drop_index(conn, index)
                 raise
+
+
+async def _reporting_waits(
+    conn: db.Conn, url: str | None, index: str, statement: Awaitable[T]
+) -> T:
+    """Await `statement` (a CONCURRENTLY build on `conn`); every WAIT_REPORT_SECONDS it
+    runs, log at warning level the sessions it waits for, read on a second connection
+    to `url` (none: it waits silently)."""
+    running = asyncio.ensure_future(statement)
+    watch: db.Conn | None = None
+    try:
+        while True:
+            done, _ = await asyncio.wait({running}, timeout=WAIT_REPORT_SECONDS)
+            if done or url is None:
+                return await running
+            try:
+                watch = watch or await db.connect(url, name="migrate-watch")
+                blockers = await db.fetch_all(
+                    watch, Q_MIGRATE["blockers"], pid=conn.info.backend_pid
+                )
+            except psycopg.Error as exc:
+                logger.warning("building index %s; cannot tell what it waits for: %s", index, exc)
+                continue
+            if blockers:
+                logger.warning(
+                    "building index %s CONCURRENTLY: waiting for %s to end (a build waits for "
+                    "every older transaction; end it, or pg_terminate_backend(pid))",
+                    index,
+                    "; ".join(
+                        f"pid {b['pid']} (user {b['user']}, {b['application_name'] or 'no app'}"
+                        f" from {b['client'] or 'local'}, {b['state']}, transaction open "
+                        f"{b['open_for']}, last: {b['query']})"
+                        for b in blockers
+                    ),
+                )
+    finally:
+        if not running.done():
+            running.cancel()
+        if watch is not None:
+            await watch.close()
 
 
 async def _drop_index(conn: db.Conn, index: str) -> None:
@@ -290,7 +358,7 @@ async def _sparing_shared_rows(
     return prefix + "CONCURRENTLY " + text[len(prefix) :]
 
 
-async def complete_partition_indexes(conn: db.Conn) -> int:
+async def complete_partition_indexes(conn: db.Conn, *, url: str | None = None) -> int:
     """Build, CONCURRENTLY, each partition's share of an index that a migration created
     `ON ONLY` a partitioned table, and attach it; the parent index turns valid once
     every partition has its share. Returns how many it built.
@@ -307,11 +375,10 @@ async def complete_partition_indexes(conn: db.Conn) -> int:
         if row["child_valid"] is not True:
             # Catalog text (pg_get_indexdef) after its "USING": method and columns.
             method_and_columns = sql.SQL(cast(LiteralString, row["using_clause"]))
-            await conn.execute(
-                sql.SQL("CREATE INDEX CONCURRENTLY {} ON {}{}").format(
-                    child, sql.Identifier(row["partition"]), method_and_columns
-                )
+            build = sql.SQL("CREATE INDEX CONCURRENTLY {} ON {}{}").format(
+                child, sql.Identifier(row["partition"]), method_and_columns
             )
+            await _reporting_waits(conn, url, row["child"], conn.execute(build))
             built += 1
         await conn.execute(
             sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
