@@ -99,7 +99,8 @@ def connect_kwargs(
         # No server-side prepared statements: a column added by an expand migration
         # (a rolling deploy runs it beside warm pools) would fail every prepared
         # `SELECT p.*` with `cached plan must not change result type` until the
-        # process restarts. Planning these short statements costs far less.
+        # process restarts (psycopg's maintainer advises exactly this). The price,
+        # measured: a one-row read by key 0.20-0.24 ms prepared, 0.44-0.45 unprepared.
         "prepare_threshold": None,
         "row_factory": psycopg.rows.dict_row,
         "cursor_factory": CountingCursor,
