@@ -178,11 +178,6 @@ class Bounds:
     high: datetime
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Month:
-    month: date
-
-
 @dataclasses.dataclass(frozen=True)
 class Verified:
     """A closed month an earlier run walked intact (audit_verified_months)."""
@@ -486,7 +481,7 @@ def _missing(missing: list[date]) -> Broken:
 async def _missing_months(conn: db.Conn, first: date, last: date) -> list[date]:
     """Months of [first, last] that neither a partition holds nor an archive record names."""
     bounds = await db.fetch_all_as(conn, Bounds, Q["partition_bounds"])
-    archived = {r.month for r in await db.fetch_all_as(conn, Month, Q["archived_months"])}
+    archived = set(await db.fetch_values(conn, date, Q["archived_months"]))
     missing = []
     for month in months(first, last):
         end = next_month(month)

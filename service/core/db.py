@@ -296,7 +296,20 @@ async def fetch_value(conn: Conn, cls: type[T], query: LiteralString, **params: 
         await cur.execute(query, _adapt(params))
         row = await cur.fetchone()
     value = None if row is None else row[0]
-    if value is not None and not isinstance(value, cls):
+    return None if value is None else _checked(cls, value)
+
+
+async def fetch_values(conn: Conn, cls: type[T], query: LiteralString, **params: Any) -> list[T]:
+    """The first column of every row, each checked to be a `cls` (a NULL among them is an
+    InvariantError): a list of keys or statements, no dataclass of one field."""
+    async with conn.cursor(row_factory=psycopg.rows.tuple_row) as cur:
+        await cur.execute(query, _adapt(params))
+        rows = await cur.fetchall()
+    return [_checked(cls, row[0]) for row in rows]
+
+
+def _checked(cls: type[T], value: object) -> T:
+    if not isinstance(value, cls):
         raise InvariantError(f"expected {cls.__name__}, the query answered {type(value).__name__}")
     return value
 

@@ -268,13 +268,6 @@ class Membership:
 
 
 @dataclass(frozen=True, slots=True)
-class ForeignOwned:
-    """An object another role owns, as the statement that hands it to the owner."""
-
-    statement: str
-
-
-@dataclass(frozen=True, slots=True)
 class Relation:
     """A table, partition, view or sequence of the schema with the privileges held on it
     (explicit grants; column ones as 'role:PRIVILEGE:column')."""
@@ -304,13 +297,6 @@ class Function:
     public: bool
     app: bool
     ops: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Unpinned:
-    """A PL/pgSQL function of ours whose search_path is not pinned."""
-
-    signature: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,28 +457,29 @@ async def _schema_privileges(conn: db.Conn, roles: Roles, me: Me) -> None:
 async def _adopt(conn: db.Conn, roles: Roles) -> None:
     """Give the owner every object it does not own yet (a database that predates the
     roles, where the schema belonged to whoever ran migrate)."""
-    rows = await db.fetch_all_as(conn, ForeignOwned, Q["foreign_owned"], owner=roles.owner)
-    if not rows:
+    # Each object another role owns, as the statement that hands it to the owner.
+    statements = await db.fetch_values(conn, str, Q["foreign_owned"], owner=roles.owner)
+    if not statements:
         return
 
     async def hand_over() -> None:
-        for row in rows:
+        for statement in statements:
             # Catalog-built text: format() quoted every identifier in it.
-            await conn.execute(row.statement)
+            await conn.execute(statement)
 
-    await db.ddl_transaction(conn, hand_over, f"handing {len(rows)} objects to {roles.owner}")
-    logger.info("handed %d objects to %s", len(rows), roles.owner)
+    await db.ddl_transaction(conn, hand_over, f"handing {len(statements)} objects to {roles.owner}")
+    logger.info("handed %d objects to %s", len(statements), roles.owner)
 
 
 async def _warn_foreign_owned(conn: db.Conn, roles: Roles) -> None:
-    rows = await db.fetch_all_as(conn, ForeignOwned, Q["foreign_owned"], owner=roles.owner)
-    if rows:
+    statements = await db.fetch_values(conn, str, Q["foreign_owned"], owner=roles.owner)
+    if statements:
         logger.warning(
             "fleet-payouts migrate: %d objects are not %s's yet (e.g. %s); run migrate once "
             "as a superuser to hand them over.",
-            len(rows),
+            len(statements),
             roles.owner,
-            rows[0].statement,
+            statements[0],
         )
 
 
@@ -673,8 +660,8 @@ async def _pinned_search_paths(conn: db.Conn) -> list[sql.Composed]:
     tables, and one named `events` or `parks` must never stand in for ours inside a
     definer function or a guard trigger (whatever migration made the function)."""
     return [
-        sql.SQL("ALTER FUNCTION {} SET search_path = public, pg_temp").format(sql.SQL(fn.signature))
-        for fn in await db.fetch_all_as(conn, Unpinned, Q["unpinned_functions"])
+        sql.SQL("ALTER FUNCTION {} SET search_path = public, pg_temp").format(sql.SQL(signature))
+        for signature in await db.fetch_values(conn, str, Q["unpinned_functions"])
     ]
 
 

@@ -153,14 +153,15 @@ async def _request(conn: db.Conn, settings: Settings, req: ManualRequest) -> Acc
         raise instant.below_minimum(minimum)
     if await parks.lock(conn, req.park_id) is None:
         raise instant.park_not_found(req.park_id)
-    waiting = await db.fetch_as(
-        conn, payouts.Awaiting, payouts.Q["awaiting_approval"], park_id=req.park_id
+    # The park's manual payout awaiting approval, if any.
+    waiting = await db.fetch_value(
+        conn, uuid.UUID, payouts.Q["awaiting_approval"], park_id=req.park_id
     )
     if waiting is not None:
         raise Refused(
             "approval_pending",
             "a manual payout for this park awaits approval",
-            details={"payout_id": str(waiting.id)},
+            details={"payout_id": str(waiting)},
         )
     row = await db.fetch_as(
         conn,

@@ -112,19 +112,12 @@ async def create_batch(
 # --- the queries (sql/periodic.sql) ---------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Park:
-    park_id: str
-
-
 async def _due_candidates(conn: db.Conn, *, period: timedelta, limit: int) -> list[str]:
-    rows = await db.fetch_all_as(conn, _Park, Q["due_candidates"], period=period, limit=limit)
-    return [r.park_id for r in rows]
+    return await db.fetch_values(conn, str, Q["due_candidates"], period=period, limit=limit)
 
 
 async def _lock_due(conn: db.Conn, park_ids: list[str], *, period: timedelta) -> list[str]:
-    rows = await db.fetch_all_as(conn, _Park, Q["lock_due"], park_ids=park_ids, period=period)
-    return [r.park_id for r in rows]
+    return await db.fetch_values(conn, str, Q["lock_due"], park_ids=park_ids, period=period)
 
 
 async def _insert(

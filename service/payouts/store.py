@@ -128,13 +128,6 @@ class ParkState:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Awaiting:
-    """The park's manual payout awaiting approval (its id)."""
-
-    id: UUID
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class Waiting:
     """The approvals queue: its length and its oldest request's age in seconds."""
 
