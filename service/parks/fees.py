@@ -26,6 +26,13 @@ class Fee:
         return min(amount, share + self.fixed)
 
 
+def terms(percent: Decimal | None, fixed: Decimal | None) -> Fee | None:
+    """The fee terms a row's two columns hold (both or neither, by a CHECK); None: free."""
+    if percent is None or fixed is None:
+        return None
+    return Fee(percent, fixed)
+
+
 MAX_FEE_PERCENT = Decimal(100)
 
 

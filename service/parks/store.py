@@ -9,6 +9,7 @@ from typing import Any
 
 from service.core import db
 from service.core.invariant import InvariantError
+from service.parks import fees
 from service.parks.fees import Fee
 
 Q = db.queries("parks")
@@ -43,10 +44,8 @@ class Park:
 
     @property
     def fee(self) -> Fee | None:
-        """The instant fee, when the park has one (both parts or neither, by a CHECK)."""
-        if self.instant_fee_percent is None or self.instant_fee_fixed is None:
-            return None
-        return Fee(self.instant_fee_percent, self.instant_fee_fixed)
+        """The instant fee, when the park has one."""
+        return fees.terms(self.instant_fee_percent, self.instant_fee_fixed)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ import psycopg
 
 from service.core import db, queue
 from service.core.invariant import InvariantError
+from service.parks import fees
 from service.parks.fees import Fee
 from service.payouts.model import Phase, Status, phase_of
 
@@ -78,9 +79,7 @@ class Record:
     @property
     def fee(self) -> Fee | None:
         """The park's fee terms when the payout was created (instant only)."""
-        if self.fee_percent is None or self.fee_fixed is None:
-            return None
-        return Fee(self.fee_percent, self.fee_fixed)
+        return fees.terms(self.fee_percent, self.fee_fixed)
 
     @property
     def phase(self) -> Phase:
@@ -122,9 +121,7 @@ class ParkState:
     @property
     def fee(self) -> Fee | None:
         """The park's instant fee terms, or None when its instant payouts are free."""
-        if self.instant_fee_percent is None or self.instant_fee_fixed is None:
-            return None
-        return Fee(self.instant_fee_percent, self.instant_fee_fixed)
+        return fees.terms(self.instant_fee_percent, self.instant_fee_fixed)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

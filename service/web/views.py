@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 from service.audit.store import Logged
@@ -39,7 +38,7 @@ def park_json(park: Park, settings: Settings) -> dict[str, Any]:
             if park.hold_reason is not None
             else None
         ),
-        "instant_fee": fee_json(park.instant_fee_percent, park.instant_fee_fixed),
+        "instant_fee": fee_json(park.fee),
         "instant_payouts_until": timestamp(park.instant_payouts_until),
         "registered_at": timestamp(park.registered_at),
         "last_payout_at": timestamp(park.last_payout_at),
@@ -71,10 +70,10 @@ def audit_json(entry: Logged) -> dict[str, Any]:
     }
 
 
-def fee_json(percent: Decimal | None, fixed: Decimal | None) -> dict[str, str] | None:
-    if percent is None or fixed is None:
+def fee_json(fee: Fee | None) -> dict[str, str] | None:
+    if fee is None:
         return None
-    return {"percent": format_money(percent), "fixed": format_money(fixed)}
+    return {"percent": format_money(fee.percent), "fixed": format_money(fee.fixed)}
 
 
 def availability_json(
@@ -95,7 +94,7 @@ def availability_json(
         "max_amount": money(settings.payout_max_amount),
         "min_amount": money(settings.payout_min_amount),
         "cooldown_hours": int(hours) if hours.is_integer() else hours,
-        "fee": fee_json(fee.percent, fee.fixed) if fee else None,
+        "fee": fee_json(fee),
         # Why instant payouts are off, when it is the end of the subscription
         # (the press is refused with the same details.reason).
         "details": {"reason": "subscription_ended"} if subscription_ended else None,
