@@ -58,11 +58,11 @@ WHERE i.indexrelid = to_regclass(quote_ident(%(name)s)) AND i.indisunique
 -- blockers --
 -- The sessions a backend waits for (a CONCURRENTLY build waits for every transaction
 -- older than its snapshots, in any session of the database), as an operator would
--- look them up: pid, who, from where, what state, open for how long, and its last
+-- look them up: pid, who, from where, what state, its transaction's age, and its last
 -- statement's start. Without pg_read_all_stats another role's state and query read NULL.
 SELECT a.pid, a.usename AS "user", a.application_name, a.client_addr::text AS client,
        coalesce(a.state, 'state hidden') AS state,
-       date_trunc('second', now() - a.xact_start)::text AS open_for,
+       date_trunc('second', now() - a.xact_start)::text AS age,
        left(regexp_replace(a.query, '\s+', ' ', 'g'), 80) AS query
 FROM pg_stat_activity a
 WHERE a.pid = ANY (pg_blocking_pids(%(pid)s))
@@ -70,10 +70,11 @@ ORDER BY a.pid
 
 -- lock_holder --
 -- The session holding the migration lock (a bigint advisory lock: classid its high 32
--- bits, objid its low ones), as blockers names a session; no row: none now.
+-- bits, objid its low ones), as blockers names a session (age: since it connected);
+-- no row: none now.
 SELECT a.pid, a.usename AS "user", a.application_name, a.client_addr::text AS client,
        coalesce(a.state, 'state hidden') AS state,
-       date_trunc('second', now() - a.backend_start)::text AS connected_for,
+       date_trunc('second', now() - a.backend_start)::text AS age,
        left(regexp_replace(a.query, '\s+', ' ', 'g'), 80) AS query
 FROM pg_locks l
 JOIN pg_stat_activity a ON a.pid = l.pid

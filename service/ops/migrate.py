@@ -29,7 +29,7 @@ import pathlib
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import LiteralString, TypeVar, cast
+from typing import Any, LiteralString, TypeVar, cast
 
 import psycopg
 from procrastinate.schema import SchemaManager
@@ -198,15 +198,7 @@ async def _lock(conn: db.Conn) -> None:
             holder = await db.fetch_one(conn, Q_MIGRATE["lock_holder"], key=MIGRATION_LOCK_KEY)
             if holder is not None:
                 logger.warning(
-                    "waiting for the migration lock, held by pid %s (user %s, %s from %s, %s, "
-                    "connected %s, last: %s)",
-                    holder["pid"],
-                    holder["user"],
-                    holder["application_name"] or "no app",
-                    holder["client"] or "local",
-                    holder["state"],
-                    holder["connected_for"],
-                    holder["query"],
+                    "waiting for the migration lock, held by %s", _session(holder, "connected")
                 )
         await asyncio.sleep(LOCK_POLL_SECONDS)
 
@@ -275,18 +267,21 @@ async def _reporting_waits(
                     "building index %s CONCURRENTLY: waiting for %s to end (a build waits for "
                     "every older transaction; end it, or pg_terminate_backend(pid))",
                     index,
-                    "; ".join(
-                        f"pid {b['pid']} (user {b['user']}, {b['application_name'] or 'no app'}"
-                        f" from {b['client'] or 'local'}, {b['state']}, transaction open "
-                        f"{b['open_for']}, last: {b['query']})"
-                        for b in blockers
-                    ),
+                    "; ".join(_session(b, "transaction open") for b in blockers),
                 )
     finally:
         if not running.done():
             running.cancel()
         if watch is not None:
             await watch.close()
+
+
+def _session(row: dict[str, Any], age: str) -> str:
+    """A session as the blockers and lock_holder queries name it, `age` saying since what."""
+    return (
+        f"pid {row['pid']} (user {row['user']}, {row['application_name'] or 'no app'} from "
+        f"{row['client'] or 'local'}, {row['state']}, {age} {row['age']}, last: {row['query']})"
+    )
 
 
 async def _drop_index(conn: db.Conn, index: str) -> None:
