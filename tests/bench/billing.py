@@ -146,6 +146,20 @@ async def set_balances(billing_url: str, parks: list[str]) -> None:
         await asyncio.gather(*(put(p) for p in parks))
 
 
+def add_due_parks(url: str, billing_url: str, n: int) -> None:
+    """n parks bench-1..n, due for a periodic payout, each with 100.00 RUB at a reset
+    emulator."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO parks (park_id, registered_at) "
+            "SELECT 'bench-' || g, now() - interval '30 days' FROM generate_series(1, %s) g",
+            (n,),
+        )
+        conn.execute("ANALYZE parks")
+    httpx.post(f"{billing_url}/admin/reset").raise_for_status()
+    asyncio.run(set_balances(billing_url, [f"bench-{i}" for i in range(1, n + 1)]))
+
+
 async def fill_queue(settings: Settings, n: int) -> None:
     """The periodic scan, in this process, makes n due parks' payouts and jobs; its own
     Billing calls (one per 1,000 parks) take their slots from the same shared budget."""
@@ -209,15 +223,7 @@ def run_once(
     url = create_database(server_url, template=template)
     procs: list[Proc] = []
     try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(
-                "INSERT INTO parks (park_id, registered_at) "
-                "SELECT 'bench-' || g, now() - interval '30 days' FROM generate_series(1, %s) g",
-                (n,),
-            )
-            conn.execute("ANALYZE parks")
-        httpx.post(f"{billing_url}/admin/reset").raise_for_status()
-        asyncio.run(set_balances(billing_url, [f"bench-{i}" for i in range(1, n + 1)]))
+        add_due_parks(url, billing_url, n)
         env = service_env(
             url, billing_url, BILLING_RPS=f"{rps:g}", PERIODIC_SCAN_CRON=NEVER, LOG_LEVEL="INFO"
         )

@@ -42,7 +42,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
 
 # -- the child: a worker with wall-time probes ------------------------------------------
@@ -315,7 +314,7 @@ def main() -> int:
 def run(args: argparse.Namespace, workdir: Path) -> None:
     from service.core.settings import load as load_settings
     from service.ops import migrate
-    from tests.bench.billing import NEVER, cpu_seconds, fill_queue, final_count, set_balances
+    from tests.bench.billing import NEVER, add_due_parks, cpu_seconds, fill_queue, final_count
     from tests.bench.common import bench_server
     from tests.conftest import create_database, drop_database, service_env
     from tests.helpers.emulator import REPO_ROOT, billing_requests, run_emulator
@@ -335,14 +334,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         fill_url = parts._replace(netloc=f"fp_profile_fill:fill@{host}").geturl()
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            conn.execute(
-                "INSERT INTO parks (park_id, registered_at) "
-                "SELECT 'bench-' || g, now() - interval '30 days' FROM generate_series(1, %s) g",
-                (n,),
-            )
-            conn.execute("ANALYZE parks")
-        httpx.post(f"{billing_url}/admin/reset").raise_for_status()
-        asyncio.run(set_balances(billing_url, [f"bench-{i}" for i in range(1, n + 1)]))
+        add_due_parks(url, billing_url, n)
         env = service_env(
             url,
             billing_url,
