@@ -177,6 +177,24 @@ def finish(pg: psycopg.Connection[DictRow], payout_id: str, status: str) -> None
         )
 
 
+def ordered_payout(pg: psycopg.Connection[DictRow], park: str, kind: str = "periodic") -> uuid.UUID:
+    """A payout of `park` (registered if it is not) taken by a worker and ordered at Billing
+    (70.00 RUB), still processing."""
+    pg.execute("INSERT INTO parks (park_id) VALUES (%s) ON CONFLICT DO NOTHING", (park,))
+    payout_id = uuid.uuid4()
+    pg.execute(
+        "INSERT INTO payouts (id, park_id, kind, max_amount) VALUES (%s, %s, %s, 1000)",
+        (payout_id, park, kind),
+    )
+    pg.execute("UPDATE payouts SET status = 'processing' WHERE id = %s", (payout_id,))
+    pg.execute(
+        "UPDATE payouts SET available = 70, amount = 70, currency = 'RUB', billing_params = '{}',"
+        " ordered_at = now() WHERE id = %s",
+        (payout_id,),
+    )
+    return payout_id
+
+
 def count_final(pg: psycopg.Connection[DictRow], ids: list[str]) -> int:
     """How many of these payouts have reached a final status."""
     row = rows(

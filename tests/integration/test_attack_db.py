@@ -23,7 +23,7 @@ from service.payouts import returns
 from service.payouts import store as payouts
 from service.payouts.execution import Deps, RetryLater, execute_payout
 from service.payouts.model import Status
-from tests.helpers.api import bank_returns
+from tests.helpers.api import bank_returns, ordered_payout
 from tests.helpers.audit import Pg, connect
 from tests.helpers.procs import wait_for
 from tests.helpers.proxy import BillingProxy, Canned
@@ -146,22 +146,6 @@ async def test_after_a_replayed_answer_reconcile_and_returns_see_each_payout_onc
         (await payouts.reload(conn, first)).status,
         (await payouts.reload(conn, second)).status,
     )
-
-
-def ordered_payout(pg: Pg, park: str, kind: str = "periodic") -> uuid.UUID:
-    """A payout of `park` taken by a worker and ordered at Billing (70.00 RUB), still processing."""
-    payout_id = uuid.uuid4()
-    pg.execute(
-        "INSERT INTO payouts (id, park_id, kind, max_amount) VALUES (%s, %s, %s, 1000)",
-        (payout_id, park, kind),
-    )
-    pg.execute("UPDATE payouts SET status = 'processing' WHERE id = %s", (payout_id,))
-    pg.execute(
-        "UPDATE payouts SET available = 70, amount = 70, currency = 'RUB', billing_params = '{}',"
-        " ordered_at = now() WHERE id = %s",
-        (payout_id,),
-    )
-    return payout_id
 
 
 def waiting_for_lock(pg: Pg, pid: int) -> bool:

@@ -17,6 +17,7 @@ import pytest
 from service.core import db
 from service.ops import migrate
 from service.ops.migrate import Migration
+from tests.helpers.api import ordered_payout
 from tests.helpers.audit import Pg, connect
 from tests.helpers.emulator import REPO_ROOT
 from tests.helpers.procs import wait_for
@@ -145,23 +146,6 @@ def index_0020(pg: Pg) -> dict[str, object] | None:
     ).fetchone()
 
 
-def ordered(pg: Pg, park: str) -> uuid.UUID:
-    """A payout of `park` taken and ordered at Billing, still processing."""
-    pg.execute("INSERT INTO parks (park_id) VALUES (%s) ON CONFLICT DO NOTHING", (park,))
-    payout_id = uuid.uuid4()
-    pg.execute(
-        "INSERT INTO payouts (id, park_id, kind, max_amount) VALUES (%s, %s, 'periodic', 1000)",
-        (payout_id, park),
-    )
-    pg.execute("UPDATE payouts SET status = 'processing' WHERE id = %s", (payout_id,))
-    pg.execute(
-        "UPDATE payouts SET available = 70, amount = 70, currency = 'RUB', billing_params = '{}',"
-        " ordered_at = now() WHERE id = %s",
-        (payout_id,),
-    )
-    return payout_id
-
-
 def settle(pg: Pg, payout_id: uuid.UUID, billing_payout_id: str) -> None:
     pg.execute(
         "UPDATE payouts SET status = 'succeeded', billing_payout_id = %s, completed_at = now()"
@@ -172,7 +156,7 @@ def settle(pg: Pg, payout_id: uuid.UUID, billing_payout_id: str) -> None:
 
 def succeeded(pg: Pg, park: str, billing_payout_id: str) -> uuid.UUID:
     """A payout of `park` that succeeded with `billing_payout_id`."""
-    payout_id = ordered(pg, park)
+    payout_id = ordered_payout(pg, park)
     settle(pg, payout_id, billing_payout_id)
     return payout_id
 
@@ -198,7 +182,7 @@ async def test_payouts_already_sharing_a_billing_payout_stay_outside_the_new_ind
     assert f"b-shared: {shared[0]}, {shared[1]}" in logged
     for taken in ("b-shared", "b-own"):
         with pytest.raises(psycopg.errors.UniqueViolation) as refused:
-            settle(pg, ordered(pg, f"mig-{taken}"), taken)
+            settle(pg, ordered_payout(pg, f"mig-{taken}"), taken)
         assert INDEX_0020 == refused.value.diag.constraint_name
     # The records stay as they were, and a bank return still applies to the one spared.
     pg.execute(
@@ -269,7 +253,7 @@ def test_writes_to_payouts_go_on_while_0020_builds_its_index(db_url: str, pg: Pg
     goes through at once (a plain CREATE INDEX would queue it behind its lock), and the build
     completes once that transaction ends."""
     as_before_0020(pg)
-    writing, other = ordered(pg, "mig-p"), ordered(pg, "mig-q")
+    writing, other = ordered_payout(pg, "mig-p"), ordered_payout(pg, "mig-q")
     # The holder ends (commits or, on a failure here, rolls back) before the pool waits.
     with ThreadPoolExecutor(1) as pool, connect(db_url, autocommit=False) as holder:
         holder.execute("UPDATE payouts SET failure_message = 'x' WHERE id = %s", (writing,))
